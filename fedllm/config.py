@@ -1,0 +1,160 @@
+"""One typed configuration for model, LoRA, data, privacy and training.
+
+The same keys are used everywhere: Flower's run config (``[tool.flwr.app.config]`` in
+``pyproject.toml``, ``flwr run --run-config "lora-r=16"``), TOML files and command-line flags
+(``--lora-r 16``). Keys are written with hyphens on the outside and map to the underscored
+field names below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+@dataclass
+class Settings:
+    """Everything one local fine-tune needs; defaults are the tuned, documented defaults."""
+
+    # model
+    model: str = field(
+        default="", metadata={"help": "HF BERT path or hub id; '' = embedded MiniLM"}
+    )
+    pooling: str = field(default="mean", metadata={"help": "sentence pooling: 'mean' or 'cls'"})
+    max_length: int = field(default=128, metadata={"help": "tokens per text (truncated)"})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
+    lora_targets: str = field(
+        default="query,value", metadata={"help": "comma-separated module names to adapt"}
+    )
+    # data
+    dataset: str = field(
+        default="drug-reviews",
+        metadata={"help": "'bbc-news', 'drug-reviews', or a CSV/TSV/JSONL file / HF dataset dir"},
+    )
+    test_file: str = field(default="", metadata={"help": "held-out file ('' = built-in split)"})
+    text_column: str = field(default="text", metadata={"help": "column holding the text"})
+    label_column: str = field(default="label", metadata={"help": "column holding the label"})
+    test_fraction: float = field(default=0.2, metadata={"help": "held-out share when no test file"})
+    # training
+    epochs: int = field(default=5, metadata={"help": "local epochs"})
+    max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0 = off)"})
+    batch_size: int = field(default=32, metadata={"help": "(expected) batch size"})
+    lr: float = field(default=5e-3, metadata={"help": "learning rate (AdamW)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    schedule: str = field(default="linear", metadata={"help": "'linear' decay or 'constant'"})
+    class_weighting: bool = field(
+        default=True, metadata={"help": "weight the loss by inverse class frequency"}
+    )
+    seed: int = field(default=42, metadata={"help": "seed for splits, init and sampling"})
+    device: str = field(default="auto", metadata={"help": "'auto', 'cpu', 'cuda', 'cuda:1'"})
+    # privacy
+    target_epsilon: float = field(
+        default=8.0, metadata={"help": "epsilon for the whole planned training; inf = no DP"}
+    )
+    delta: float = field(default=0.0, metadata={"help": "DP delta; 0 = min(1e-5, 1/(10 n))"})
+    noise_multiplier: float = field(
+        default=0.0, metadata={"help": "fixed noise multiplier (> 0 overrides target-epsilon)"}
+    )
+    max_grad_norm: float = field(default=1.0, metadata={"help": "per-sample clipping norm"})
+    grad_sample_mode: str = field(
+        default="hooks", metadata={"help": "Opacus mode: 'hooks', 'functorch' or 'ghost'"}
+    )
+    accountant: str = field(default="prv", metadata={"help": "Opacus accountant: 'prv' or 'rdp'"})
+
+    @property
+    def private(self) -> bool:
+        """True when DP-SGD is on (a finite epsilon target or a fixed noise multiplier)."""
+        return self.noise_multiplier > 0 or math.isfinite(self.target_epsilon)
+
+    @property
+    def lora_target_list(self) -> list[str]:
+        """``lora_targets`` as a list of module names."""
+        return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+
+    def validate(self) -> Settings:
+        """Raise ``ValueError`` naming the key and the fix for an impossible setting."""
+        checks = [
+            (self.pooling in ("mean", "cls"), "pooling", "use 'mean' or 'cls'"),
+            (self.max_length >= 8, "max-length", "use at least 8"),
+            (self.lora_r >= 1, "lora-r", "use a rank >= 1"),
+            (bool(self.lora_target_list), "lora-targets", "name at least one module"),
+            (self.epochs >= 1 or self.max_steps > 0, "epochs", "train >= 1 epoch or set max-steps"),
+            (self.batch_size >= 1, "batch-size", "use a batch size >= 1"),
+            (self.lr > 0, "lr", "use a positive learning rate"),
+            (self.schedule in ("linear", "constant"), "schedule", "use 'linear' or 'constant'"),
+            (0 < self.test_fraction < 1, "test-fraction", "use a value in (0, 1)"),
+            (self.target_epsilon > 0, "target-epsilon", "use a positive epsilon or inf"),
+            (0 <= self.delta < 1, "delta", "use 0 (auto) or a value in (0, 1)"),
+            (self.noise_multiplier >= 0, "noise-multiplier", "use 0 (off) or a positive value"),
+            (self.max_grad_norm > 0, "max-grad-norm", "use a positive clipping norm"),
+            (
+                self.grad_sample_mode in ("hooks", "functorch", "ghost"),
+                "grad-sample-mode",
+                "use 'hooks', 'functorch' or 'ghost'",
+            ),
+            (self.accountant in ("prv", "rdp"), "accountant", "use 'prv' or 'rdp'"),
+        ]
+        for ok, key, fix in checks:
+            if not ok:
+                raise ValueError(f"invalid setting {key}={getattr(self, _field(key))!r}: {fix}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Hyphenated keys, as written in run configs and on the command line."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with some fields changed (underscored names)."""
+        return dataclasses.replace(self, **changes).validate()
+
+
+def _field(key: str) -> str:
+    return key.replace("-", "_")
+
+
+def _coerce(name: str, kind: type, value: Any) -> Any:
+    if kind is bool:
+        if isinstance(value, str):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"setting {name}: expected true/false, got {value!r}")
+        return bool(value)
+    try:
+        return kind(value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"setting {name}: expected {kind.__name__}, got {value!r}") from err
+
+
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
+
+
+def settings_from(mapping: Mapping[str, Any], base: Settings | None = None) -> Settings:
+    """Build settings from a flat mapping (Flower run config, TOML table, parsed CLI).
+
+    Keys that are not settings are ignored, so an app may keep its own keys (e.g.
+    ``num-server-rounds``) in the same table.
+    """
+    values = dataclasses.asdict(base or Settings())
+    known = {f.name: _TYPES[str(f.type)] for f in fields(Settings)}
+    for key, value in mapping.items():
+        name = _field(str(key))
+        if name in known and value is not None:
+            values[name] = _coerce(str(key), known[name], value)
+    return Settings(**values).validate()
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one ``--flag`` per setting, defaulting to ``None`` (= keep the base value)."""
+    group = parser.add_argument_group("fine-tune settings")
+    for f in fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata.get('help', '')} (default: {f.default!r})"
+        group.add_argument(flag, default=None, help=help_text)

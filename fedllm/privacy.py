@@ -1,0 +1,154 @@
+"""Privacy: the one entry to DP-SGD (Opacus), noise calibration over the whole plan, accounting.
+
+- Sampling is Poisson (Opacus ``DPDataLoader``), with sample rate ``q = 1 / steps_per_epoch``.
+- With a target (epsilon, delta) the noise multiplier is calibrated once, for *all* local
+  steps of all rounds the client may train in (``planned_steps``), never per round.
+- One accountant per site: its history (noise, q, steps) is saved after each local training and
+  restored before the next, so the epsilon reported is the site's cumulative spend.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from opacus import PrivacyEngine
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+from torch.utils.data import DataLoader
+
+from fedllm.config import Settings
+
+
+class BudgetExhaustedError(RuntimeError):
+    """Training once more would spend more than the site's privacy budget."""
+
+
+def resolve_delta(settings: Settings, num_examples: int) -> float:
+    """The configured delta, or min(1e-5, 1/(10 n)) so that delta stays well below 1/n."""
+    if settings.delta > 0:
+        if settings.delta >= 1.0 / max(num_examples, 1):
+            raise ValueError(
+                f"delta={settings.delta} is not below 1/n = 1/{num_examples}: "
+                "a mechanism may then publish a whole record; lower delta"
+            )
+        return settings.delta
+    return min(1e-5, 1.0 / (10 * max(num_examples, 1)))
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Optimizer steps in one Poisson-sampled epoch (Opacus: ``len(data_loader)``)."""
+    return max(1, math.ceil(num_examples / batch_size))
+
+
+def sample_rate(num_examples: int, batch_size: int) -> float:
+    """Poisson sampling rate q, as Opacus derives it from the data loader."""
+    return 1.0 / steps_per_epoch(num_examples, batch_size)
+
+
+def local_steps(settings: Settings, num_examples: int) -> int:
+    """Optimizer steps in one local training (epochs, or ``max_steps`` when set)."""
+    per_epoch = steps_per_epoch(num_examples, settings.batch_size)
+    full = per_epoch * settings.epochs
+    return min(full, settings.max_steps) if settings.max_steps > 0 else full
+
+
+@dataclass
+class PrivacyPlan:
+    """The DP parameters of one site, fixed for its whole planned training."""
+
+    noise_multiplier: float
+    sample_rate: float
+    delta: float
+    planned_steps: int
+    target_epsilon: float
+    accountant: str
+
+    def to_dict(self) -> dict:
+        """Plain values (for JSON, Flower ConfigRecords and the site ledger)."""
+        return dict(self.__dict__)
+
+
+def plan_privacy(settings: Settings, num_examples: int, planned_rounds: int = 1) -> PrivacyPlan:
+    """Calibrate the noise for ``planned_rounds`` local trainings of ``settings`` on n examples."""
+    q = sample_rate(num_examples, settings.batch_size)
+    steps = local_steps(settings, num_examples) * max(planned_rounds, 1)
+    delta = resolve_delta(settings, num_examples)
+    if settings.noise_multiplier > 0:
+        sigma = settings.noise_multiplier
+        target = epsilon_for([(sigma, q, steps)], delta, settings.accountant)
+    else:
+        sigma = get_noise_multiplier(
+            target_epsilon=settings.target_epsilon,
+            target_delta=delta,
+            sample_rate=q,
+            steps=steps,
+            accountant=settings.accountant,
+        )
+        target = settings.target_epsilon
+    return PrivacyPlan(sigma, q, delta, steps, target, settings.accountant)
+
+
+def epsilon_for(history: list, delta: float, mechanism: str = "prv") -> float:
+    """Epsilon of a list of (noise_multiplier, sample_rate, steps) under an Opacus accountant."""
+    if not history:
+        return 0.0
+    accountant = create_accountant(mechanism)
+    accountant.history = [tuple(h) for h in history]
+    return float(accountant.get_epsilon(delta=delta))
+
+
+def make_private(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    settings: Settings,
+    plan: PrivacyPlan,
+    history: list | None = None,
+):
+    """Attach DP-SGD: Poisson sampling, per-sample clipping, noise; restore the site's accountant.
+
+    Returns ``(engine, model, optimizer, loader)`` like Opacus' ``make_private``.
+    """
+    engine = PrivacyEngine(accountant=plan.accountant)
+    if history:
+        engine.accountant.load_state_dict(
+            {"history": [tuple(h) for h in history], "mechanism": plan.accountant}
+        )
+    private = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=plan.noise_multiplier,
+        max_grad_norm=settings.max_grad_norm,
+        poisson_sampling=True,
+        grad_sample_mode=settings.grad_sample_mode,
+    )
+    return (engine, *private)
+
+
+def check_budget(plan: PrivacyPlan, history: list, next_steps: int) -> float:
+    """Epsilon after ``next_steps`` more steps; ``BudgetExhaustedError`` if above the target."""
+    after = epsilon_for(
+        [*history, (plan.noise_multiplier, plan.sample_rate, next_steps)],
+        plan.delta,
+        plan.accountant,
+    )
+    if after > plan.target_epsilon * (1 + 1e-6):
+        raise BudgetExhaustedError(
+            f"training {next_steps} more steps would spend epsilon={after:.3f} > "
+            f"target {plan.target_epsilon} (delta={plan.delta:g}); this site stops training"
+        )
+    return after
+
+
+def compact(history: list) -> list[list]:
+    """Merge consecutive history entries with the same (sigma, q): same epsilon, shorter state."""
+    merged: list[list] = []
+    for sigma, q, steps in history:
+        if merged and merged[-1][0] == sigma and merged[-1][1] == q:
+            merged[-1][2] += int(steps)
+        else:
+            merged.append([float(sigma), float(q), int(steps)])
+    return merged
