@@ -91,8 +91,8 @@ def build_base_model(
     label2id = {name: i for i, name in id2label.items()}
     torch.manual_seed(settings.seed)
     if bert_config is not None:
-        config = BertConfig(**{**bert_config.to_dict(), "num_labels": len(labels)})
-        config.id2label, config.label2id = id2label, label2id
+        base = {k: v for k, v in bert_config.to_dict().items() if k not in ("id2label", "label2id")}
+        config = BertConfig(**base, id2label=id2label, label2id=label2id)
         model = cls(config)
     else:
         model = cls.from_pretrained(

@@ -48,10 +48,10 @@ def sample_rate(num_examples: int, batch_size: int) -> float:
 
 
 def local_steps(settings: Settings, num_examples: int) -> int:
-    """Optimizer steps in one local training (epochs, or ``max_steps`` when set)."""
-    per_epoch = steps_per_epoch(num_examples, settings.batch_size)
-    full = per_epoch * settings.epochs
-    return min(full, settings.max_steps) if settings.max_steps > 0 else full
+    """Optimizer steps in one local training: ``max_steps`` when set, else ``epochs`` epochs."""
+    if settings.max_steps > 0:
+        return settings.max_steps
+    return steps_per_epoch(num_examples, settings.batch_size) * settings.epochs
 
 
 @dataclass

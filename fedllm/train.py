@@ -31,6 +31,7 @@ class TrainResult:
     history: list = field(default_factory=list)  # accountant history after training (DP only)
     epsilon: float = 0.0  # cumulative epsilon after training (DP only)
     noise_multiplier: float = 0.0
+    empty_batches: int = 0  # Poisson batches that sampled no example (noise-only steps)
 
 
 def _trim(input_ids: torch.Tensor, mask: torch.Tensor):
@@ -90,7 +91,7 @@ def train_local(
             (loader,) = rest
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings, steps_goal))
     net.train()
-    steps, seen, loss_sum, start = 0, 0, 0.0, time.perf_counter()
+    steps, seen, empty, loss_sum, start = 0, 0, 0, 0.0, time.perf_counter()
     bar = tqdm(total=steps_goal, desc="train", unit="step", disable=not progress, leave=False)
     while steps < steps_goal:
         for input_ids, mask, labels in loader:
@@ -101,6 +102,7 @@ def train_local(
                 for p in params:
                     p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
                 loss_value = 0.0
+                empty += 1
             else:
                 logits = net(input_ids=input_ids, attention_mask=mask).logits
                 if settings.grad_sample_mode == "ghost" and plan is not None:
@@ -128,6 +130,7 @@ def train_local(
                 break
     bar.close()
     result = TrainResult(steps, seen, loss_sum / max(seen, 1), time.perf_counter() - start)
+    result.empty_batches = empty
     if engine is not None:
         result.history = compact(engine.accountant.history)
         result.epsilon = float(engine.get_epsilon(plan.delta))

@@ -1,0 +1,92 @@
+"""Data: readers, cleaning, label checks with clear errors, partitioners."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from fedllm.config import Settings
+from fedllm.data import DataError, clean, clean_text, load_splits, partition, read_table
+
+
+def test_clean_text_unescapes_html_and_stray_quotes():
+    assert (
+        clean_text('"""I couldn&rsquo;t  sleep &amp;#039;at all&amp;#039;"""')
+        == "I couldn\u2019t sleep 'at all'"
+    )
+
+
+def test_clean_drops_and_counts_empty_and_duplicates():
+    frame = pd.DataFrame({"text": ["a", "a", " ", None, "b"], "label": ["x", "x", "y", "y", None]})
+    cleaned, report = clean(frame, "f.csv")
+    assert cleaned["text"].tolist() == ["a"]
+    assert (report.empty_dropped, report.duplicates_dropped, report.rows_out) == (3, 1, 1)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl"])
+def test_readers_and_missing_column_error_names_file_and_column(tmp_path, frame, suffix):
+    path = tmp_path / f"site{suffix}"
+    if suffix == ".jsonl":
+        frame.to_json(path, orient="records", lines=True)
+    else:
+        frame.to_csv(path, sep="\t" if suffix == ".tsv" else ",", index=False)
+    assert len(read_table(path, "text", "label")) == len(frame)
+    with pytest.raises(DataError, match=rf"site\{suffix}.*'sentiment'"):
+        read_table(path, "text", "sentiment")
+
+
+def test_hf_dataset_folder(tmp_path, frame):
+    import datasets
+
+    datasets.Dataset.from_pandas(frame).save_to_disk(str(tmp_path / "ds"))
+    assert len(read_table(tmp_path / "ds", "text", "label")) == len(frame)
+
+
+def test_no_rows_error_names_file(tmp_path):
+    path = tmp_path / "empty.csv"
+    path.write_text("text,label\n")
+    with pytest.raises(DataError, match="empty.csv.*no rows"):
+        read_table(path, "text", "label")
+
+
+def test_unknown_test_label_error_names_file_and_column(tmp_path, frame):
+    frame.to_csv(tmp_path / "train.csv", index=False)
+    bad = frame.head(3).assign(label="surprised")
+    bad.to_csv(tmp_path / "test.csv", index=False)
+    s = Settings(dataset=str(tmp_path / "train.csv"), test_file=str(tmp_path / "test.csv"))
+    with pytest.raises(DataError, match=r"test.csv.*'label'.*surprised"):
+        load_splits(s)
+
+
+def test_drug_reviews_bundled_and_clean():
+    splits = load_splits(Settings(dataset="drug-reviews"))
+    assert splits.labels == ["negative", "neutral", "positive"]
+    assert len(splits.train) == 600 and 370 <= len(splits.test) <= 379
+    assert not splits.train["text"].str.contains("&#039;|&amp;|&quot;").any()
+    assert not splits.train["text"].str.startswith('"').any()
+    assert "condition" in splits.train.columns
+
+
+def test_bbc_news_stratified_split():
+    splits = load_splits(Settings(dataset="bbc-news"))
+    assert len(splits.labels) == 5
+    total = len(splits.train) + len(splits.test)
+    assert 2100 <= total <= 2225
+    shares = splits.test["label"].value_counts() / splits.train["label"].value_counts()
+    assert shares.between(0.22, 0.28).all()
+
+
+def test_partitions_cover_the_data(frame):
+    for scheme in ("iid", "dirichlet"):
+        parts = partition(frame, 3, scheme, alpha=0.5, seed=0)
+        assert sum(len(p) for p in parts) == len(frame)
+        assert all(len(p) > 0 for p in parts)
+
+
+def test_natural_split_keeps_each_condition_at_one_site(frame):
+    parts = partition(frame, 3, "natural", column="condition")
+    sites = [set(p["condition"]) for p in parts]
+    assert sum(len(s) for s in sites) == frame["condition"].nunique()
+    assert all(a.isdisjoint(b) for i, a in enumerate(sites) for b in sites[i + 1 :])
+    with pytest.raises(DataError, match="partition-column"):
+        partition(frame, 3, "natural", column="hospital")

@@ -1,0 +1,120 @@
+"""Model + DP-SGD: what trains, what stays frozen, and honest epsilon accounting."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+from fedllm.data import tokenize
+from fedllm.model import build_model
+from fedllm.privacy import BudgetExhaustedError, epsilon_for, plan_privacy
+from fedllm.train import FrozenTrainingError, evaluate, train_local
+
+from .conftest import LABELS
+
+
+def _snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_only_lora_and_head_train(settings, tiny_config):
+    model = build_model(settings, LABELS, torch.device("cpu"), tiny_config)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable, "nothing trainable"
+    assert all("lora_" in n or "classifier" in n for n in trainable), trainable
+    assert not any("embeddings" in n for n in trainable)
+
+
+def test_private_step_changes_lora_not_frozen_weights(settings, tiny_config, tokenizer, frame):
+    model = build_model(settings, LABELS, torch.device("cpu"), tiny_config)
+    data = tokenize(frame, tokenizer, LABELS, settings.max_length)
+    before = _snapshot(model)
+    s = settings.replace(max_steps=1, target_epsilon=8.0)
+    plan = plan_privacy(s, len(data))
+    result = train_local(model, data, s, plan=plan)
+    assert result.steps == 1
+    after = _snapshot(model)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    lora_b = {n for n, p in model.named_parameters() if "lora_B" in n}
+    assert lora_b and lora_b <= changed, "every LoRA B matrix must move after one DP step"
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert not (changed & frozen), f"frozen weights changed: {sorted(changed & frozen)[:3]}"
+
+
+def test_epsilon_grows_and_matches_opacus_accountant(settings, tiny_config, tokenizer, frame):
+    data = tokenize(frame, tokenizer, LABELS, settings.max_length)
+    s = settings.replace(noise_multiplier=1.1, max_steps=3, accountant="rdp")
+    plan = plan_privacy(s, len(data), planned_rounds=3)
+    model = build_model(s, LABELS, torch.device("cpu"), tiny_config)
+    history, epsilons = [], []
+    for _ in range(3):
+        result = train_local(model, data, s, plan=plan, history=history)
+        history = result.history
+        epsilons.append(result.epsilon)
+    assert epsilons[0] < epsilons[1] < epsilons[2]
+    assert sum(h[2] for h in history) == 9  # steps summed over all three trainings
+    reference = RDPAccountant()
+    reference.history = [(1.1, plan.sample_rate, 9)]
+    assert epsilons[-1] == pytest.approx(reference.get_epsilon(delta=plan.delta), rel=1e-9)
+    assert history[0][1] == plan.sample_rate == 1 / math.ceil(len(data) / s.batch_size)
+
+
+def test_target_epsilon_is_calibrated_over_all_planned_rounds(settings, frame):
+    s = settings.replace(target_epsilon=3.0, epochs=2, accountant="prv")
+    n = len(frame)
+    plan = plan_privacy(s, n, planned_rounds=4)
+    one_round = (plan.noise_multiplier, plan.sample_rate, plan.planned_steps // 4)
+    spent = epsilon_for([one_round] * 4, plan.delta, "prv")
+    assert spent <= 3.0 + 1e-6
+    assert spent > 2.5, "calibration should use most of the budget, not a per-round budget"
+    reference = PRVAccountant()
+    reference.history = [one_round] * 4
+    assert spent == pytest.approx(reference.get_epsilon(delta=plan.delta), rel=1e-6)
+
+
+def test_budget_exhausted_before_overspending(settings, tiny_config, tokenizer, frame):
+    data = tokenize(frame, tokenizer, LABELS, settings.max_length)
+    s = settings.replace(target_epsilon=2.0, max_steps=2)
+    plan = plan_privacy(s, len(data), planned_rounds=1)
+    model = build_model(s, LABELS, torch.device("cpu"), tiny_config)
+    first = train_local(model, data, s, plan=plan)
+    assert first.epsilon <= 2.0 + 1e-6
+    with pytest.raises(BudgetExhaustedError, match="target 2.0"):
+        train_local(model, data, s, plan=plan, history=first.history)
+
+
+def test_empty_poisson_batches_are_noisy_accounted_steps(settings, tiny_config, tokenizer, frame):
+    data = tokenize(frame.head(20), tokenizer, LABELS, settings.max_length)
+    s = settings.replace(batch_size=1, max_steps=30, noise_multiplier=1.0)
+    plan = plan_privacy(s, len(data))
+    model = build_model(s, LABELS, torch.device("cpu"), tiny_config)
+    result = train_local(model, data, s, plan=plan)
+    assert result.steps == 30
+    assert result.empty_batches > 0  # P(no empty batch in 30 steps at q=0.05) < 1e-4
+    assert sum(h[2] for h in result.history) == 30
+
+
+def test_guard_fails_loudly_when_weights_do_not_move(
+    settings, tiny_config, tokenizer, frame, monkeypatch
+):
+    data = tokenize(frame, tokenizer, LABELS, settings.max_length)
+    s = settings.replace(max_steps=1, target_epsilon=math.inf)
+    model = build_model(s, LABELS, torch.device("cpu"), tiny_config)
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, closure=None: None)
+    with pytest.raises(FrozenTrainingError):
+        train_local(model, data, s)
+
+
+def test_non_private_training_learns_separable_data(settings, tiny_config, tokenizer, frame):
+    data = tokenize(frame, tokenizer, LABELS, settings.max_length)
+    s = settings.replace(epochs=8, lr=2e-2, target_epsilon=math.inf)
+    model = build_model(s, LABELS, torch.device("cpu"), tiny_config)
+    before = evaluate(model, data, LABELS)
+    train_local(model, data, s)
+    after = evaluate(model, data, LABELS)
+    assert after["loss"] < before["loss"]
+    assert after["accuracy"] > 0.9
+    assert sum(c["support"] for c in after["per_class"].values()) == len(frame)
