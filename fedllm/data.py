@@ -326,3 +326,42 @@ def site_split(frame: pd.DataFrame, test_fraction: float, seed: int):
     n_test = max(1, int(round(len(frame) * test_fraction))) if len(frame) > 1 else 0
     test, train = frame.iloc[order[:n_test]], frame.iloc[order[n_test:]]
     return train.reset_index(drop=True), test.reset_index(drop=True)
+
+
+@dataclass
+class SiteData:
+    """One site's local train and test tables (the site's test split stays at the site)."""
+
+    train: pd.DataFrame
+    test: pd.DataFrame
+    source: str
+
+
+def load_partition(
+    settings: Settings,
+    labels: list[str],
+    partition_id: int,
+    num_partitions: int,
+    scheme: str,
+    alpha: float = 1.0,
+    column: str = "",
+) -> SiteData:
+    """A simulated site: partition ``partition_id`` of the training split, split train/test."""
+    splits = load_splits(settings, labels)
+    parts = partition(splits.train, num_partitions, scheme, alpha, column, settings.seed)
+    train, test = site_split(
+        parts[partition_id], settings.test_fraction, settings.seed + partition_id
+    )
+    return SiteData(train, test, f"{settings.dataset} partition {partition_id}/{num_partitions}")
+
+
+def load_site_file(
+    path: str | Path, text_column: str, label_column: str, labels: list[str], settings: Settings
+) -> SiteData:
+    """A real site: its own data file, cleaned, checked against the federation's labels, split."""
+    frame, report = clean(read_table(path, text_column, label_column), str(path))
+    check_labels(frame, labels, str(path), label_column)
+    train, test = site_split(frame, settings.test_fraction, settings.seed)
+    if len(train) == 0:
+        raise DataError(f"{path}: {report.rows_out} usable rows are too few to train on")
+    return SiteData(train, test, f"{path} ({report})")

@@ -1,0 +1,1 @@
+"""The fedllm ClientApp: one per site."""

@@ -1,0 +1,1 @@
+"""The fedllm ServerApp: FedAvg over LoRA adapters."""

@@ -1,0 +1,75 @@
+"""The run log: ``metrics.jsonl`` and ``metrics.csv`` (one row per round), ``result.json``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from pathlib import Path
+
+
+def _plain(value):
+    """JSON-safe values: non-finite floats become the strings 'inf' / 'nan'."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _flatten(row: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in row.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        elif not isinstance(value, list):
+            flat[name] = value
+    return flat
+
+
+class RunLog:
+    """Appends one row per round; rewrites the CSV with the union of columns each time."""
+
+    def __init__(self, run_dir: Path, header: dict):
+        self.run_dir = run_dir
+        self.header = header
+        self.start = time.perf_counter()
+        self.rows: list[dict] = []
+
+    def round(self, server_round: int, received: dict, server_scores: dict) -> None:
+        """Record one round: what the strategy received and the server-side test scores."""
+        row = {
+            "round": server_round,
+            "wall-seconds": round(time.perf_counter() - self.start, 3),
+            **received,
+            "server": server_scores,
+        }
+        row = _plain(row)
+        self.rows.append(row)
+        with (self.run_dir / "metrics.jsonl").open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        flat = [_flatten(r) for r in self.rows]
+        columns = list(dict.fromkeys(k for r in flat for k in r))
+        with (self.run_dir / "metrics.csv").open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(flat)
+
+    def finish(self, final_adapter: Path) -> dict:
+        """Write ``result.json``: the last round's numbers, sizes and where the adapter is."""
+        last = self.rows[-1] if self.rows else {}
+        result = _plain(
+            {
+                **self.header,
+                "rounds": len(self.rows) - 1,
+                "final": last,
+                "final-adapter": str(final_adapter),
+                "wall-seconds": round(time.perf_counter() - self.start, 3),
+            }
+        )
+        (self.run_dir / "result.json").write_text(json.dumps(result, indent=2))
+        return result
