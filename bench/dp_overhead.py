@@ -101,7 +101,8 @@ def main() -> None:
     for r in results:
         ratio = r["step_s"] / base["step_s"] if base else float("nan")
         print(
-            f"{r['mode']:12s} {r['samples_s']:10.2f} {r['step_s']:8.3f} {ratio:10.2f} {r['peak_rss_mb']:12.0f}"
+            f"{r['mode']:12s} {r['samples_s']:10.2f} {r['step_s']:8.3f} {ratio:10.2f} "
+            f"{r['peak_rss_mb']:12.0f}"
         )
 
 

@@ -122,6 +122,7 @@ def train(msg: Message, context: Context) -> Message:
         "epsilon": float(result.epsilon) if plan else math.inf,
         "delta": float(plan.delta) if plan else 0.0,
         "noise-multiplier": float(result.noise_multiplier),
+        "sample-rate": float(plan.sample_rate) if plan else 1.0,
         "update-bytes": nbytes(reply_arrays.to_numpy_ndarrays()),
         "train-seconds": float(time.perf_counter() - start),
     }

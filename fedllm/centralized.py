@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     test = summary["test"]
     eps = summary["epsilon"]
     print(
-        f"test: accuracy {test['accuracy']:.4f}  macro-F1 {test['macro_f1']:.4f}  loss {test['loss']:.4f}  "
+        f"test: accuracy {test['accuracy']:.4f}  macro-F1 {test['macro_f1']:.4f}  "
+        f"loss {test['loss']:.4f}  "
         f"({summary['test_examples']} texts)"
     )
     print(

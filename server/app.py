@@ -75,8 +75,7 @@ def main(grid: Grid, context: Context) -> None:
                 f"fedllm: round {server_round} server test: accuracy {result['accuracy']:.4f} "
                 f"macro-F1 {result['macro_f1']:.4f}"
             )
-        if server_round > 0:
-            save_adapter(model, run_dir / f"round-{server_round:03d}", labels)
+        save_adapter(model, run_dir / f"round-{server_round:03d}", labels)
         log.round(server_round, strategy.round_summary(server_round), scores)
         return MetricRecord(scores) if scores else None
 

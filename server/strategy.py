@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+SITE_KEYS = ("num-examples", "steps", "epsilon", "delta", "noise-multiplier", "sample-rate")
 
 
 def aggregate_train_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -43,8 +44,12 @@ class AdapterFedAvg(FedAvg):
             if m.has_error()
         ]
         record["bytes-received"] = sum(m.content["arrays"].count_bytes() for m in ok)
-        record["site-epsilon"] = {
-            str(m.metadata.src_node_id): float(m.content["metrics"].get("epsilon", math.inf))
+        record["sites"] = {
+            str(m.metadata.src_node_id): {
+                key: float(m.content["metrics"][key])
+                for key in SITE_KEYS
+                if key in m.content["metrics"]
+            }
             for m in ok
         }
         arrays, metrics = super().aggregate_train(server_round, replies)

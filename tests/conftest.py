@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pandas as pd
 import pytest
-from transformers import BertConfig
+import torch
+from transformers import BertConfig, BertModel
 
 from fedllm.config import Settings
-from fedllm.model import load_tokenizer
+from fedllm.model import embedded_model_path, load_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -52,3 +54,17 @@ def frame() -> pd.DataFrame:
         for label in [LABELS[i % 3]]
     ]
     return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny random BERT saved as a HF checkpoint, with the embedded model's tokenizer files.
+
+    The Flower apps load models by path, exactly as they do the real checkpoint.
+    """
+    path = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    BertModel(TINY).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(embedded_model_path() / name, path / name)
+    return path

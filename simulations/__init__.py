@@ -1,0 +1,1 @@
+"""The simulation harness: many virtual sites, privacy-budget sweeps (python -m simulations.run)."""

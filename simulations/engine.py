@@ -1,0 +1,230 @@
+"""Drive Flower's Simulation Engine: a private local SuperLink and ``flwr run`` per setting.
+
+The very same ServerApp/ClientApp (``[tool.flwr.app.components]``) run here as in deployment;
+this module only starts a simulation SuperLink, submits runs with their run config and waits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def _bin(name: str) -> str:
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def toml_value(value) -> str:
+    """A Python value as a TOML literal for ``--run-config``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value))
+
+
+def run_config_arg(config: dict) -> str:
+    """``{"lora-r": 8, "dataset": "x"}`` -> ``lora-r=8 dataset="x"``."""
+    return " ".join(f"{key}={toml_value(value)}" for key, value in config.items())
+
+
+@dataclass
+class RunOutcome:
+    """How one Flower run ended."""
+
+    run_id: str
+    status: str
+    details: str
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        """True when the run completed."""
+        return self.status == "finished:completed"
+
+
+class FlowerCLI:
+    """The ``flwr`` CLI against one SuperLink connection, with its own ``FLWR_HOME``."""
+
+    def __init__(self, home: str | Path, connection: str, app_dir: str | Path = PROJECT):
+        self.home = Path(home).resolve()
+        self.connection = connection
+        self.app_dir = Path(app_dir).resolve()
+        self.env = {
+            **os.environ,
+            "FLWR_HOME": str(self.home),
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "RAY_DEDUP_LOGS": "0",
+        }
+
+    def write_connection(self, address: str, root_certificates: str | None = None) -> None:
+        """Write ``FLWR_HOME/config.toml`` with this connection (insecure, or TLS with a CA)."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        tls = (
+            f'root-certificates = "{Path(root_certificates).resolve()}"'
+            if root_certificates
+            else "insecure = true"
+        )
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{self.connection}"\n\n'
+            f'[superlink.{self.connection}]\naddress = "{address}"\n{tls}\n'
+        )
+
+    def call(self, *args: str) -> dict:
+        """Run ``flwr ARGS --format json`` and return the parsed answer."""
+        out = subprocess.run(
+            [_bin("flwr"), *args, "--format", "json"],
+            cwd=self.app_dir,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        try:
+            return json.loads(out.stdout)
+        except json.JSONDecodeError as err:
+            raise RuntimeError(f"flwr {' '.join(args)} failed: {out.stdout}\n{out.stderr}") from err
+
+    def run(
+        self, run_config: dict, federation_config: str | None = None, timeout: float = 3600
+    ) -> RunOutcome:
+        """Submit one run of the project's apps and block until it finishes (or times out)."""
+        start = time.monotonic()
+        extra = ["--federation-config", federation_config] if federation_config else []
+        submitted = self.call(
+            "run", ".", self.connection, *extra, "--run-config", run_config_arg(run_config)
+        )
+        if not submitted.get("success"):
+            raise RuntimeError(f"flwr run refused the run: {submitted}")
+        run_id = str(submitted["run-id"])
+        status, details = "pending", ""
+        while time.monotonic() - start < timeout:
+            runs = self.call("ls", self.connection, "--run-id", run_id).get("runs", [])
+            if runs:
+                status, details = runs[0]["status"], runs[0].get("status-details", "")
+                if status.startswith("finished"):
+                    break
+            time.sleep(2)
+        else:
+            self.call("stop", run_id, self.connection)
+            status, details = "finished:stopped", f"timed out after {timeout:.0f} s"
+        return RunOutcome(run_id, status, details, time.monotonic() - start)
+
+    def log(self, run_id: str) -> str:
+        """The run's log as the SuperLink keeps it."""
+        out = subprocess.run(
+            [_bin("flwr"), "log", run_id, self.connection, "--show"],
+            cwd=self.app_dir,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        return out.stdout + out.stderr
+
+
+def start_process(args: list[str], log_path: Path, env: dict, cwd: Path) -> subprocess.Popen:
+    """Start a Flower process in its own process group, output to ``log_path``."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(
+        args,
+        cwd=cwd,
+        env=env,
+        stdout=log_path.open("ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def stop_process(proc: subprocess.Popen | None, timeout: float = 20) -> None:
+    """Terminate a process group started by ``start_process`` (kill after ``timeout``)."""
+    if proc is None or proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 60) -> None:
+    """Block until ``127.0.0.1:port`` accepts connections; fail early if ``proc`` died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise TimeoutError(f"{what} did not open port {port} in {timeout:.0f} s")
+
+
+class SimulationLink(FlowerCLI):
+    """A simulation SuperLink of our own (started, used, stopped), under ``home``.
+
+    Use as a context manager; ``simulate`` submits one run with N virtual sites and waits.
+    """
+
+    def __init__(self, home: str | Path, app_dir: str | Path = PROJECT):
+        super().__init__(home, "sim", app_dir)
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> SimulationLink:
+        self.write_connection(f"127.0.0.1:{self.port}")
+        self.proc = start_process(
+            [
+                _bin("flower-superlink"),
+                "--insecure",
+                "--simulation",
+                "--isolation",
+                "subprocess",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--database",
+                str(self.home / "state.db"),
+                "--disable-runtime-dependency-installation",
+            ],
+            self.home / "superlink.log",
+            self.env,
+            self.home,
+        )
+        wait_for_port(
+            self.port, self.proc, f"simulation SuperLink (log: {self.home}/superlink.log)"
+        )
+        return self
+
+    def __exit__(self, *exc) -> None:
+        stop_process(self.proc)
+
+    def simulate(
+        self, run_config: dict, num_supernodes: int, cpus_per_site: int = 2, timeout: float = 3600
+    ) -> RunOutcome:
+        """One run of the project's apps over ``num_supernodes`` virtual sites."""
+        federation = f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_site}"
+        return self.run(run_config, federation, timeout)
