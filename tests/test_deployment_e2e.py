@@ -1,0 +1,117 @@
+"""End to end in Flower's deployment runtime: SuperLink + 3 SuperNodes as OS processes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from peft import PeftModel
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from fedllm.config import Settings
+from fedllm.data import load_splits, tokenize
+from fedllm.privacy import PrivacyLedger
+from fedllm.shards import write_shards
+from fedllm.train import evaluate
+from simulations.engine import (
+    FlowerCLI,
+    _bin,
+    free_port,
+    start_process,
+    stop_process,
+    wait_for_port,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def test_superlink_three_supernodes_two_rounds(tiny_checkpoint, tmp_path):
+    shards = write_shards("drug-reviews", 3, "natural", "condition", 1.0, 42, tmp_path / "shards")
+    cli = FlowerCLI(tmp_path / "cli", "deploy")
+    port = free_port()
+    cli.write_connection(f"127.0.0.1:{port}")
+    config = {
+        "model": str(tiny_checkpoint),
+        "pooling": "cls",  # stock BertForSequenceClassification: loadable with plain peft
+        "num-server-rounds": 2,
+        "min-train-nodes": 3,
+        "min-available-nodes": 3,
+        "max-steps": 2,
+        "max-length": 32,
+        "batch-size": 16,
+        "run-dir": str(tmp_path / "runs"),
+        "run-name": "deploy",
+    }
+    procs = []
+    try:
+        home = tmp_path / "superlink"
+        link = start_process(
+            [
+                _bin("flower-superlink"),
+                "--insecure",
+                "--isolation",
+                "subprocess",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--database",
+                str(home / "state.db"),
+                "--disable-runtime-dependency-installation",
+            ],
+            home / "superlink.log",
+            {**cli.env, "FLWR_HOME": str(home)},
+            tmp_path,
+        )
+        procs.append(link)
+        wait_for_port(port, link, "SuperLink")
+        for i, shard in enumerate(shards, start=1):
+            node_home = tmp_path / f"site-{i}"
+            node_config = f'data-file="{shard}" state-dir="{node_home / "state"}"'
+            procs.append(
+                start_process(
+                    [
+                        _bin("flower-supernode"),
+                        "--insecure",
+                        "--superlink",
+                        f"127.0.0.1:{port}",
+                        "--port",
+                        str(free_port()),
+                        "--node-config",
+                        node_config,
+                    ],
+                    node_home / "supernode.log",
+                    {**cli.env, "FLWR_HOME": str(node_home)},
+                    tmp_path,
+                )
+            )
+        outcome = cli.run(config, timeout=900)
+        logs = "\n".join(p.read_text()[-2000:] for p in tmp_path.glob("site-*/supernode.log"))
+        assert outcome.ok, f"{outcome}\n{cli.log(outcome.run_id)[-3000:]}\n{logs}"
+    finally:
+        for proc in reversed(procs):
+            stop_process(proc)
+
+    run_dir = tmp_path / "runs" / f"deploy-run{outcome.run_id}"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert all(r["train-replies"] == 3 for r in rows[1:])
+
+    # the final adapter loads with plain transformers + peft and scores as in the run
+    labels = json.loads((run_dir / "final-adapter" / "labels.json").read_text())["labels"]
+    base = AutoModelForSequenceClassification.from_pretrained(
+        str(tiny_checkpoint), num_labels=len(labels)
+    )
+    model = PeftModel.from_pretrained(base, str(run_dir / "final-adapter"))
+    splits = load_splits(Settings(dataset="drug-reviews"), labels)
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_checkpoint))
+    scores = evaluate(model, tokenize(splits.test, tokenizer, labels, 32), labels)
+    assert scores["accuracy"] == pytest.approx(rows[-1]["server"]["accuracy"], abs=1e-9)
+    assert scores["loss"] == pytest.approx(rows[-1]["server"]["loss"], rel=1e-5)
+
+    # each site's privacy spend is on its own disk, and it is what the site reported
+    for i in range(1, 4):
+        ledger = PrivacyLedger(tmp_path / f"site-{i}" / "state" / "privacy_ledger.json")
+        spent = ledger.runs[outcome.run_id]
+        assert sum(h[2] for h in spent["history"]) == 4  # 2 rounds x 2 steps
+        assert spent["epsilon"] in [s["epsilon"] for s in rows[2]["sites"].values()]
