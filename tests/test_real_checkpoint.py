@@ -1,0 +1,36 @@
+"""The embedded MiniLM checkpoint: loads offline and takes a real DP-SGD step."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from fedllm.config import Settings
+from fedllm.data import load_splits, tokenize
+from fedllm.model import build_model, embedded_model_path, load_tokenizer
+from fedllm.privacy import plan_privacy
+from fedllm.train import train_local
+
+pytestmark = pytest.mark.slow
+
+
+def test_embedded_minilm_loads_offline_and_trains_privately(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    settings = Settings(max_length=64, batch_size=8, max_steps=1, target_epsilon=8.0, device="cpu")
+    splits = load_splits(settings)
+    model = build_model(settings, splits.labels, torch.device("cpu"))
+    with safe_open(str(embedded_model_path() / "model.safetensors"), "pt") as ckpt:
+        pretrained = ckpt.get_tensor("encoder.layer.0.attention.self.query.weight")
+    loaded = model.get_base_model().bert.encoder.layer[0].attention.self.query.base_layer.weight
+    torch.testing.assert_close(loaded, pretrained)  # real pretrained weights, not a random init
+
+    data = tokenize(splits.train.head(64), load_tokenizer(""), splits.labels, 64)
+    lora_b = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    result = train_local(model, data, settings, plan=plan_privacy(settings, len(data)))
+    assert result.steps == 1 and 0 < result.epsilon <= 8.0
+    after = dict(model.named_parameters())
+    assert all(not torch.equal(before, after[n]) for n, before in lora_b.items())
