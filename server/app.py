@@ -26,10 +26,13 @@ app = ServerApp()
 
 
 def _run_dir(context: Context) -> Path:
+    """``run-dir/run-name`` (default: the start time); never reuses an existing folder."""
     root = Path(str(context.run_config.get("run-dir", "runs"))).expanduser().resolve()
     name = str(context.run_config.get("run-name", "")) or time.strftime("%Y%m%d-%H%M%S")
-    path = root / f"{name}-run{context.run_id}"
-    path.mkdir(parents=True, exist_ok=True)
+    path = root / name
+    if path.exists():
+        path = root / f"{name}-run{context.run_id}"
+    path.mkdir(parents=True, exist_ok=False)
     return path
 
 

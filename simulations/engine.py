@@ -107,7 +107,11 @@ class FlowerCLI:
             raise RuntimeError(f"flwr {' '.join(args)} failed: {out.stdout}\n{out.stderr}") from err
 
     def run(
-        self, run_config: dict, federation_config: str | None = None, timeout: float = 3600
+        self,
+        run_config: dict,
+        federation_config: str | None = None,
+        timeout: float = 3600,
+        on_poll=None,
     ) -> RunOutcome:
         """Submit one run of the project's apps and block until it finishes (or times out)."""
         start = time.monotonic()
@@ -125,6 +129,8 @@ class FlowerCLI:
                 status, details = runs[0]["status"], runs[0].get("status-details", "")
                 if status.startswith("finished"):
                     break
+            if on_poll is not None:
+                on_poll()
             time.sleep(2)
         else:
             self.call("stop", run_id, self.connection)
@@ -223,8 +229,13 @@ class SimulationLink(FlowerCLI):
         stop_process(self.proc)
 
     def simulate(
-        self, run_config: dict, num_supernodes: int, cpus_per_site: int = 2, timeout: float = 3600
+        self,
+        run_config: dict,
+        num_supernodes: int,
+        cpus_per_site: int = 2,
+        timeout: float = 3600,
+        on_poll=None,
     ) -> RunOutcome:
         """One run of the project's apps over ``num_supernodes`` virtual sites."""
         federation = f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_site}"
-        return self.run(run_config, federation, timeout)
+        return self.run(run_config, federation, timeout, on_poll)

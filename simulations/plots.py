@@ -1,0 +1,92 @@
+"""The sweep's two figures: accuracy per round per budget; final scores vs epsilon."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from simulations.sweep import eps_label  # noqa: E402
+
+
+def _mean(values):
+    return statistics.mean(values) if values else math.nan
+
+
+def plot_rounds(
+    curves: dict[float, list[list[float]]], central: list[float], path: Path, title: str
+) -> Path:
+    """Server test accuracy vs round, one line per target epsilon (mean over seeds)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for eps in sorted(curves, key=lambda e: (math.isinf(e), e)):
+        runs = curves[eps]
+        length = min(len(c) for c in runs)
+        mean = [_mean([c[i] for c in runs]) for i in range(length)]
+        label = "federated, no DP" if math.isinf(eps) else f"federated, ε = {eps_label(eps)}"
+        ax.plot(range(length), mean, marker="o", label=label)
+    if central:
+        ax.axhline(_mean(central), color="black", linestyle="--", label="centralized, no DP")
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy (server, held-out split)")
+    ax.set_title(title)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_budget(rows: list[dict], path: Path, title: str) -> Path:
+    """Final accuracy and macro-F1 vs target epsilon, with the non-private baselines as lines."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    finite = sorted(
+        {
+            r["target_epsilon"]
+            for r in rows
+            if r["kind"] == "federated" and math.isfinite(r["target_epsilon"])
+        }
+    )
+    for ax, metric, name in ((axes[0], "accuracy", "accuracy"), (axes[1], "macro_f1", "macro-F1")):
+        means, stds = [], []
+        for eps in finite:
+            vals = [
+                r[metric] for r in rows if r["kind"] == "federated" and r["target_epsilon"] == eps
+            ]
+            means.append(_mean(vals))
+            stds.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
+        if finite:
+            ax.errorbar(finite, means, yerr=stds, marker="o", capsize=4, label="federated, DP-SGD")
+        for kind, style, label in (
+            ("federated", ":", "federated, no DP"),
+            ("centralized", "--", "centralized, no DP"),
+        ):
+            vals = [
+                r[metric] for r in rows if r["kind"] == kind and math.isinf(r["target_epsilon"])
+            ]
+            if vals:
+                ax.axhline(
+                    _mean(vals),
+                    color="black" if kind == "centralized" else "gray",
+                    linestyle=style,
+                    label=label,
+                )
+        ax.set_xscale("log")
+        ax.set_xticks(finite or [1])
+        ax.set_xticklabels([eps_label(e) for e in finite] or ["1"])
+        ax.set_xlabel("target ε per site (δ ≤ 1e-5)")
+        ax.set_ylabel(f"final test {name}")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

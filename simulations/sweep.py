@@ -1,0 +1,143 @@
+"""A privacy-budget sweep: its points, their results, the table (no training here)."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+RESULT_COLUMNS = [
+    "point",
+    "kind",
+    "target_epsilon",
+    "seed",
+    "accuracy",
+    "macro_f1",
+    "loss",
+    "epsilon_max",
+    "epsilon_mean",
+    "rounds",
+    "wall_seconds",
+]
+
+
+def eps_label(epsilon: float) -> str:
+    """``8.0`` -> ``8``, ``inf`` -> ``inf`` (for names and tables)."""
+    return "inf" if math.isinf(epsilon) else f"{epsilon:g}"
+
+
+@dataclass(frozen=True)
+class Point:
+    """One sweep point: a centralized or federated run at one budget and seed."""
+
+    kind: str  # "centralized" | "federated"
+    epsilon: float
+    seed: int
+
+    @property
+    def name(self) -> str:
+        """Folder name of this point's run directory."""
+        return f"{self.kind}-eps{eps_label(self.epsilon)}-seed{self.seed}"
+
+
+def plan_points(epsilons: list[float], seeds: list[int], centralized: bool = True) -> list[Point]:
+    """Baselines first (centralized and federated non-private), then each finite budget."""
+    points = []
+    for seed in seeds:
+        if centralized:
+            points.append(Point("centralized", math.inf, seed))
+        points.append(Point("federated", math.inf, seed))
+        points += [
+            Point("federated", e, seed) for e in sorted(e for e in epsilons if math.isfinite(e))
+        ]
+    return points
+
+
+def is_done(run_dir: Path) -> bool:
+    """A point is finished when its run directory holds ``result.json``."""
+    return (run_dir / "result.json").exists()
+
+
+def _float(value) -> float:
+    return float(value)  # run logs write non-finite values as the strings "inf" / "nan"
+
+
+def read_point(point: Point, run_dir: Path) -> dict:
+    """The results row of a finished point, read from its run directory."""
+    result = json.loads((run_dir / "result.json").read_text())
+    row = {
+        "point": point.name,
+        "kind": point.kind,
+        "target_epsilon": point.epsilon,
+        "seed": point.seed,
+    }
+    if point.kind == "centralized":
+        test = result["test"]
+        eps = _float(result["epsilon"])
+        row.update(
+            accuracy=test["accuracy"],
+            macro_f1=test["macro_f1"],
+            loss=test["loss"],
+            epsilon_max=eps,
+            epsilon_mean=eps,
+            rounds=0,
+            wall_seconds=result["wall_seconds"],
+        )
+        return row
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    site_eps: dict[str, float] = {}
+    for r in rows:
+        for node, site in r.get("sites", {}).items():
+            site_eps[node] = max(site_eps.get(node, 0.0), _float(site["epsilon"]))
+    final = rows[-1]["server"]
+    values = list(site_eps.values()) or [math.nan]
+    row.update(
+        accuracy=final["accuracy"],
+        macro_f1=final["macro-f1"],
+        loss=final["loss"],
+        epsilon_max=max(values),
+        epsilon_mean=sum(values) / len(values),
+        rounds=len(rows) - 1,
+        wall_seconds=result["wall-seconds"],
+    )
+    return row
+
+
+def round_curve(run_dir: Path) -> list[float]:
+    """Server test accuracy after each round (index 0 = the seeded start)."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["server"]["accuracy"] for line in lines]
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {std:.3f}"
+
+
+def summary_table(rows: list[dict]) -> str:
+    """Markdown table, mean ± std over seeds for each (kind, target epsilon)."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["kind"], row["target_epsilon"]), []).append(row)
+    order = sorted(
+        groups, key=lambda k: (k[0] != "centralized", -k[1] if math.isinf(k[1]) else k[1])
+    )
+    lines = [
+        "| setting | target ε | seeds | accuracy | macro-F1 | ε spent (max over sites) "
+        "| wall s / run |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for kind, eps in order:
+        g = groups[(kind, eps)]
+        spent = [r["epsilon_max"] for r in g if math.isfinite(r["epsilon_max"])]
+        spent_text = f"{max(spent):.2f}" if spent else "∞ (no DP)"
+        lines.append(
+            f"| {kind} | {eps_label(eps)} | {len(g)} | {_mean_std([r['accuracy'] for r in g])} | "
+            f"{_mean_std([r['macro_f1'] for r in g])} | {spent_text} | "
+            f"{statistics.mean(r['wall_seconds'] for r in g):.0f} |"
+        )
+    return "\n".join(lines)
