@@ -93,7 +93,7 @@ def train(msg: Message, context: Context) -> Message:
     start = time.perf_counter()
     settings, labels, site, model = _setup(msg, context)
     tokenizer = load_tokenizer(settings.model)
-    train_ds = tokenize(site.train, tokenizer, labels, settings.max_length)
+    train_ds = tokenize(site.train, tokenizer, labels, settings.max_length, settings.truncation)
     rounds = int(msg.content["config"]["num-rounds"])
     plan = (
         plan_privacy(settings, len(train_ds), planned_rounds=rounds) if settings.private else None
@@ -140,7 +140,9 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate_global(msg: Message, context: Context) -> Message:
     """Score the global adapter on this site's local test split."""
     settings, labels, site, model = _setup(msg, context)
-    test_ds = tokenize(site.test, load_tokenizer(settings.model), labels, settings.max_length)
+    test_ds = tokenize(
+        site.test, load_tokenizer(settings.model), labels, settings.max_length, settings.truncation
+    )
     scores = evaluate(model, test_ds, labels)
     metrics = {
         "num-examples": int(scores["num_examples"]),

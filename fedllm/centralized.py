@@ -31,8 +31,12 @@ def run_centralized(settings: Settings, out_dir: str | Path, progress: bool = Tr
     for report in splits.reports:
         print(f"data: {report}")
     tokenizer = load_tokenizer(settings.model)
-    train_ds = tokenize(splits.train, tokenizer, splits.labels, settings.max_length)
-    test_ds = tokenize(splits.test, tokenizer, splits.labels, settings.max_length)
+    train_ds = tokenize(
+        splits.train, tokenizer, splits.labels, settings.max_length, settings.truncation
+    )
+    test_ds = tokenize(
+        splits.test, tokenizer, splits.labels, settings.max_length, settings.truncation
+    )
     device = pick_device(settings.device)
     model = build_model(settings, splits.labels, device)
     trainable, total = count_parameters(model)

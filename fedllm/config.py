@@ -26,6 +26,9 @@ class Settings:
     )
     pooling: str = field(default="mean", metadata={"help": "sentence pooling: 'mean' or 'cls'"})
     max_length: int = field(default=128, metadata={"help": "tokens per text (truncated)"})
+    truncation: str = field(
+        default="right", metadata={"help": "which end of a long text to cut: 'right' or 'left'"}
+    )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
@@ -82,6 +85,7 @@ class Settings:
         checks = [
             (self.pooling in ("mean", "cls"), "pooling", "use 'mean' or 'cls'"),
             (self.max_length >= 8, "max-length", "use at least 8"),
+            (self.truncation in ("right", "left"), "truncation", "use 'right' or 'left'"),
             (self.lora_r >= 1, "lora-r", "use a rank >= 1"),
             (bool(self.lora_target_list), "lora-targets", "name at least one module"),
             (self.epochs >= 1 or self.max_steps > 0, "epochs", "train >= 1 epoch or set max-steps"),

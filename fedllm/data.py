@@ -223,13 +223,19 @@ def load_splits(settings: Settings, labels: list[str] | None = None) -> Splits:
 
 
 def tokenize(
-    frame: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, labels: list[str], max_length: int
+    frame: pd.DataFrame,
+    tokenizer: PreTrainedTokenizerBase,
+    labels: list[str],
+    max_length: int,
+    truncation: str = "right",
 ) -> TensorDataset:
     """(input_ids, attention_mask, label_id) tensors, padded to ``max_length``.
 
     Fixed-size tensors keep Opacus' empty-batch handling simple; the training loop trims each
-    batch to its longest text, so padding costs no compute.
+    batch to its longest text, so padding costs no compute. ``truncation="left"`` keeps the
+    end of long texts (where reviews tend to give their verdict).
     """
+    tokenizer.truncation_side = truncation
     enc = tokenizer(
         frame["text"].tolist(),
         truncation=True,

@@ -61,7 +61,13 @@ def main(grid: Grid, context: Context) -> None:
     )
     test_ds = None
     if server_eval and splits is not None:
-        test_ds = tokenize(splits.test, load_tokenizer(settings.model), labels, settings.max_length)
+        test_ds = tokenize(
+            splits.test,
+            load_tokenizer(settings.model),
+            labels,
+            settings.max_length,
+            settings.truncation,
+        )
     log = RunLog(run_dir, {"adapter-bytes": update_bytes, "full-model-bytes": full_bytes})
 
     def evaluate_and_checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
