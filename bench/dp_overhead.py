@@ -66,9 +66,7 @@ def _run(mode: str, steps: int, batch_size: int, max_length: int, queue) -> None
     timed = times[1:]
     step = sum(timed) / len(timed)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    queue.put(
-        {"mode": mode, "step_s": step, "samples_s": batch_size / step, "peak_rss_mb": peak_mb}
-    )
+    queue.put({"mode": mode, "step_s": step, "samples_s": batch_size / step, "peak_rss_mb": peak_mb})
 
 
 def main() -> None:
@@ -84,9 +82,7 @@ def main() -> None:
     results = []
     for mode in args.modes.split(","):
         queue = ctx.Queue()
-        proc = ctx.Process(
-            target=_run, args=(mode, args.steps, args.batch_size, args.max_length, queue)
-        )
+        proc = ctx.Process(target=_run, args=(mode, args.steps, args.batch_size, args.max_length, queue))
         proc.start()
         proc.join()
         if proc.exitcode != 0:
@@ -94,9 +90,7 @@ def main() -> None:
             continue
         results.append(queue.get())
     base = next((r for r in results if r["mode"] == "non-private"), None)
-    print(
-        f"batch {args.batch_size}, max length {args.max_length}, {args.steps} timed steps per mode"
-    )
+    print(f"batch {args.batch_size}, max length {args.max_length}, {args.steps} timed steps per mode")
     print(f"{'mode':12s} {'samples/s':>10s} {'s/step':>8s} {'DP/non-DP':>10s} {'peak RSS MB':>12s}")
     for r in results:
         ratio = r["step_s"] / base["step_s"] if base else float("nan")

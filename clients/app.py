@@ -95,9 +95,7 @@ def train(msg: Message, context: Context) -> Message:
     tokenizer = load_tokenizer(settings.model)
     train_ds = tokenize(site.train, tokenizer, labels, settings.max_length, settings.truncation)
     rounds = int(msg.content["config"]["num-rounds"])
-    plan = (
-        plan_privacy(settings, len(train_ds), planned_rounds=rounds) if settings.private else None
-    )
+    plan = plan_privacy(settings, len(train_ds), planned_rounds=rounds) if settings.private else None
     history = _history(context)
     weight = class_weights(site.train, labels) if settings.class_weighting else None
     result = train_local(model, train_ds, settings, plan=plan, history=history, class_weight=weight)
@@ -131,9 +129,7 @@ def train(msg: Message, context: Context) -> Message:
         f"[site {context.node_id}] round {msg.content['config']['server-round']}: "
         f"{result.steps} steps on {len(train_ds)} texts, loss {result.mean_loss:.4f}, {eps}"
     )
-    return Message(
-        RecordDict({"arrays": reply_arrays, "metrics": MetricRecord(metrics)}), reply_to=msg
-    )
+    return Message(RecordDict({"arrays": reply_arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 @app.evaluate()

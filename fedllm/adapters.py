@@ -28,17 +28,13 @@ def adapter_state(model: PeftModel) -> OrderedDict[str, torch.Tensor]:
 
 def adapter_spec(model: PeftModel) -> list[tuple[str, tuple[int, ...], str]]:
     """(name, shape, dtype) of each adapter array, in wire order."""
-    return [
-        (k, tuple(v.shape), str(v.dtype).removeprefix("torch."))
-        for k, v in adapter_state(model).items()
-    ]
+    return [(k, tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in adapter_state(model).items()]
 
 
 def get_adapter_arrays(model: PeftModel) -> OrderedDict[str, np.ndarray]:
     """The adapter as named float32 numpy arrays (copies, on the CPU)."""
     return OrderedDict(
-        (k, v.detach().to("cpu", torch.float32).numpy().copy())
-        for k, v in adapter_state(model).items()
+        (k, v.detach().to("cpu", torch.float32).numpy().copy()) for k, v in adapter_state(model).items()
     )
 
 
@@ -110,7 +106,5 @@ def load_labels(directory: str | Path) -> list[str]:
     """The label names stored beside a saved adapter."""
     path = Path(directory) / "labels.json"
     if not path.exists():
-        raise FileNotFoundError(
-            f"{path} not found: was this folder written by fedllm.save_adapter?"
-        )
+        raise FileNotFoundError(f"{path} not found: was this folder written by fedllm.save_adapter?")
     return list(json.loads(path.read_text())["labels"])

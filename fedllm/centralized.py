@@ -31,12 +31,8 @@ def run_centralized(settings: Settings, out_dir: str | Path, progress: bool = Tr
     for report in splits.reports:
         print(f"data: {report}")
     tokenizer = load_tokenizer(settings.model)
-    train_ds = tokenize(
-        splits.train, tokenizer, splits.labels, settings.max_length, settings.truncation
-    )
-    test_ds = tokenize(
-        splits.test, tokenizer, splits.labels, settings.max_length, settings.truncation
-    )
+    train_ds = tokenize(splits.train, tokenizer, splits.labels, settings.max_length, settings.truncation)
+    test_ds = tokenize(splits.test, tokenizer, splits.labels, settings.max_length, settings.truncation)
     device = pick_device(settings.device)
     model = build_model(settings, splits.labels, device)
     trainable, total = count_parameters(model)
@@ -48,9 +44,7 @@ def run_centralized(settings: Settings, out_dir: str | Path, progress: bool = Tr
             f"{plan.planned_steps} steps, delta={plan.delta:g}"
         )
     weight = class_weights(splits.train, splits.labels) if settings.class_weighting else None
-    result = train_local(
-        model, train_ds, settings, plan=plan, class_weight=weight, progress=progress
-    )
+    result = train_local(model, train_ds, settings, plan=plan, class_weight=weight, progress=progress)
     metrics = evaluate(model, test_ds, splits.labels)
     save_adapter(model, out_dir / "adapter", splits.labels, {"settings": settings.to_dict()})
     summary = {

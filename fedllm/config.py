@@ -21,9 +21,7 @@ class Settings:
     """Everything one local fine-tune needs; defaults are the tuned, documented defaults."""
 
     # model
-    model: str = field(
-        default="", metadata={"help": "HF BERT path or hub id; '' = embedded MiniLM"}
-    )
+    model: str = field(default="", metadata={"help": "HF BERT path or hub id; '' = embedded MiniLM"})
     pooling: str = field(default="mean", metadata={"help": "sentence pooling: 'mean' or 'cls'"})
     max_length: int = field(default=128, metadata={"help": "tokens per text (truncated)"})
     truncation: str = field(

@@ -83,9 +83,7 @@ def read_table(path: str | Path, text_column: str, label_column: str) -> pd.Data
         elif path.suffix.lower() == ".csv":
             frame = pd.read_csv(path)
         else:
-            raise DataError(
-                f"{path}: unknown format; use .csv, .tsv, .jsonl or a HF dataset folder"
-            )
+            raise DataError(f"{path}: unknown format; use .csv, .tsv, .jsonl or a HF dataset folder")
     except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as err:
         if isinstance(err, DataError):
             raise
@@ -206,9 +204,7 @@ def load_splits(settings: Settings, labels: list[str] | None = None) -> Splits:
         frame, report = clean(read_table(name, text_col, label_col), name)
         reports = [report]
         if settings.test_file:
-            test, r2 = clean(
-                read_table(settings.test_file, text_col, label_col), settings.test_file
-            )
+            test, r2 = clean(read_table(settings.test_file, text_col, label_col), settings.test_file)
             reports.append(r2)
             train = frame
         else:
@@ -310,13 +306,9 @@ def partition(
                 f"natural split: column {column!r} not in the data {list(frame.columns)}; "
                 "set partition-column"
             )
-        frame = frame.assign(
-            _site=assign_groups(frame[column].fillna("unknown").astype(str), num_partitions)
-        )
+        frame = frame.assign(_site=assign_groups(frame[column].fillna("unknown").astype(str), num_partitions))
         if frame["_site"].nunique() < num_partitions:
-            raise DataError(
-                f"column {column!r} has fewer distinct values than {num_partitions} sites"
-            )
+            raise DataError(f"column {column!r} has fewer distinct values than {num_partitions} sites")
         partitioner = NaturalIdPartitioner(partition_by="_site")
     else:
         raise ValueError(f"unknown partitioning {scheme!r}: use iid, dirichlet or natural")
@@ -355,9 +347,7 @@ def load_partition(
     """A simulated site: partition ``partition_id`` of the training split, split train/test."""
     splits = load_splits(settings, labels)
     parts = partition(splits.train, num_partitions, scheme, alpha, column, settings.seed)
-    train, test = site_split(
-        parts[partition_id], settings.test_fraction, settings.seed + partition_id
-    )
+    train, test = site_split(parts[partition_id], settings.test_fraction, settings.seed + partition_id)
     return SiteData(train, test, f"{settings.dataset} partition {partition_id}/{num_partitions}")
 
 

@@ -75,11 +75,7 @@ class BertMeanPoolForSequenceClassification(BertForSequenceClassification):
 
 
 def _base_class(pooling: str) -> type[BertForSequenceClassification]:
-    return (
-        BertMeanPoolForSequenceClassification
-        if pooling == "mean"
-        else BertForSequenceClassification
-    )
+    return BertMeanPoolForSequenceClassification if pooling == "mean" else BertForSequenceClassification
 
 
 def build_base_model(

@@ -180,9 +180,7 @@ class PrivacyLedger:
         """Accountant history of one run ([] if this site has not trained in it)."""
         return [list(h) for h in self.runs.get(str(run_id), {}).get("history", [])]
 
-    def record(
-        self, run_id: str, history: list, plan: PrivacyPlan, epsilon: float, **extra
-    ) -> None:
+    def record(self, run_id: str, history: list, plan: PrivacyPlan, epsilon: float, **extra) -> None:
         """Store a run's history after a local training."""
         self.runs[str(run_id)] = {
             "history": compact(history),

@@ -40,9 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--dataset", default="drug-reviews")
     parser.add_argument("--sites", type=int, default=3)
-    parser.add_argument(
-        "--partitioning", default="natural", choices=["iid", "dirichlet", "natural"]
-    )
+    parser.add_argument("--partitioning", default="natural", choices=["iid", "dirichlet", "natural"])
     parser.add_argument("--partition-column", default="condition")
     parser.add_argument("--dirichlet-alpha", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=42)

@@ -82,9 +82,7 @@ def train_local(
     criterion = nn.CrossEntropyLoss(weight=weight)
     engine, net = None, model
     if plan is not None:
-        engine, net, optimizer, *rest = make_private(
-            model, optimizer, loader, settings, plan, history
-        )
+        engine, net, optimizer, *rest = make_private(model, optimizer, loader, settings, plan, history)
         if settings.grad_sample_mode == "ghost":
             criterion, loader = rest
         else:
@@ -140,9 +138,7 @@ def train_local(
 
 
 @torch.no_grad()
-def evaluate(
-    model: nn.Module, dataset: TensorDataset, labels: list[str], batch_size: int = 64
-) -> dict:
+def evaluate(model: nn.Module, dataset: TensorDataset, labels: list[str], batch_size: int = 64) -> dict:
     """Loss, accuracy, macro-F1 and per-class counts (support, predicted, correct)."""
     device = next(model.parameters()).device
     was_training = model.training

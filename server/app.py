@@ -48,9 +48,7 @@ def main(grid: Grid, context: Context) -> None:
     model = build_model(settings, labels, pick_device(settings.device))
     run_dir = _run_dir(context)
     (run_dir / "config.json").write_text(
-        json.dumps(
-            {"run-config": dict(rc), "settings": settings.to_dict(), "labels": labels}, indent=2
-        )
+        json.dumps({"run-config": dict(rc), "settings": settings.to_dict(), "labels": labels}, indent=2)
     )
     full_bytes = full_model_nbytes(model)
     initial = ArrayRecord({k: v.detach().cpu() for k, v in adapter_state(model).items()})
@@ -104,11 +102,7 @@ def main(grid: Grid, context: Context) -> None:
         evaluate_config=ConfigRecord({"labels": json.dumps(labels)}),
         evaluate_fn=evaluate_and_checkpoint,
     )
-    set_adapter_arrays(
-        model, dict(zip(result.arrays.keys(), result.arrays.to_numpy_ndarrays(), strict=True))
-    )
+    set_adapter_arrays(model, dict(zip(result.arrays.keys(), result.arrays.to_numpy_ndarrays(), strict=True)))
     save_adapter(model, run_dir / "final-adapter", labels, {"settings": settings.to_dict()})
     log.finish(run_dir / "final-adapter")
-    print(
-        f"fedllm: done; final adapter {run_dir / 'final-adapter'}; log {run_dir / 'metrics.jsonl'}"
-    )
+    print(f"fedllm: done; final adapter {run_dir / 'final-adapter'}; log {run_dir / 'metrics.jsonl'}")

@@ -39,16 +39,12 @@ class AdapterFedAvg(FedAvg):
         record = self.rounds.setdefault(server_round, {})
         record["train-replies"] = len(ok)
         record["train-failures"] = [
-            {"node": m.metadata.src_node_id, "reason": str(m.error.reason)}
-            for m in replies
-            if m.has_error()
+            {"node": m.metadata.src_node_id, "reason": str(m.error.reason)} for m in replies if m.has_error()
         ]
         record["bytes-received"] = sum(m.content["arrays"].count_bytes() for m in ok)
         record["sites"] = {
             str(m.metadata.src_node_id): {
-                key: float(m.content["metrics"][key])
-                for key in SITE_KEYS
-                if key in m.content["metrics"]
+                key: float(m.content["metrics"][key]) for key in SITE_KEYS if key in m.content["metrics"]
             }
             for m in ok
         }
@@ -56,9 +52,7 @@ class AdapterFedAvg(FedAvg):
         record["train"] = dict(metrics) if metrics else {}
         return arrays, metrics
 
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """FedAvg's weighted evaluation metrics, kept for the run log."""
         metrics = super().aggregate_evaluate(server_round, list(replies))
         self.rounds.setdefault(server_round, {})["evaluate"] = dict(metrics) if metrics else {}

@@ -116,9 +116,7 @@ class FlowerCLI:
         """Submit one run of the project's apps and block until it finishes (or times out)."""
         start = time.monotonic()
         extra = ["--federation-config", federation_config] if federation_config else []
-        submitted = self.call(
-            "run", ".", self.connection, *extra, "--run-config", run_config_arg(run_config)
-        )
+        submitted = self.call("run", ".", self.connection, *extra, "--run-config", run_config_arg(run_config))
         if not submitted.get("success"):
             raise RuntimeError(f"flwr run refused the run: {submitted}")
         run_id = str(submitted["run-id"])
@@ -220,9 +218,7 @@ class SimulationLink(FlowerCLI):
             self.env,
             self.home,
         )
-        wait_for_port(
-            self.port, self.proc, f"simulation SuperLink (log: {self.home}/superlink.log)"
-        )
+        wait_for_port(self.port, self.proc, f"simulation SuperLink (log: {self.home}/superlink.log)")
         return self
 
     def __exit__(self, *exc) -> None:

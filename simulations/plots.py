@@ -18,9 +18,7 @@ def _mean(values):
     return statistics.mean(values) if values else math.nan
 
 
-def plot_rounds(
-    curves: dict[float, list[list[float]]], central: list[float], path: Path, title: str
-) -> Path:
+def plot_rounds(curves: dict[float, list[list[float]]], central: list[float], path: Path, title: str) -> Path:
     """Server test accuracy vs round, one line per target epsilon (mean over seeds)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for eps in sorted(curves, key=lambda e: (math.isinf(e), e)):
@@ -47,18 +45,12 @@ def plot_budget(rows: list[dict], path: Path, title: str) -> Path:
     """Final accuracy and macro-F1 vs target epsilon, with the non-private baselines as lines."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     finite = sorted(
-        {
-            r["target_epsilon"]
-            for r in rows
-            if r["kind"] == "federated" and math.isfinite(r["target_epsilon"])
-        }
+        {r["target_epsilon"] for r in rows if r["kind"] == "federated" and math.isfinite(r["target_epsilon"])}
     )
     for ax, metric, name in ((axes[0], "accuracy", "accuracy"), (axes[1], "macro_f1", "macro-F1")):
         means, stds = [], []
         for eps in finite:
-            vals = [
-                r[metric] for r in rows if r["kind"] == "federated" and r["target_epsilon"] == eps
-            ]
+            vals = [r[metric] for r in rows if r["kind"] == "federated" and r["target_epsilon"] == eps]
             means.append(_mean(vals))
             stds.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
         if finite:
@@ -67,9 +59,7 @@ def plot_budget(rows: list[dict], path: Path, title: str) -> Path:
             ("federated", ":", "federated, no DP"),
             ("centralized", "--", "centralized, no DP"),
         ):
-            vals = [
-                r[metric] for r in rows if r["kind"] == kind and math.isinf(r["target_epsilon"])
-            ]
+            vals = [r[metric] for r in rows if r["kind"] == kind and math.isinf(r["target_epsilon"])]
             if vals:
                 ax.axhline(
                     _mean(vals),

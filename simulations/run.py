@@ -177,9 +177,7 @@ def _write_results(out: Path, rows: list[dict]) -> None:
 def _set_aside(run_dir: Path) -> None:
     """An interrupted point's folder is kept (renamed), never deleted."""
     if run_dir.exists():
-        run_dir.rename(
-            run_dir.with_name(f"{run_dir.name}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}")
-        )
+        run_dir.rename(run_dir.with_name(f"{run_dir.name}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}"))
 
 
 def run_sweep(config: dict) -> Path:
@@ -244,9 +242,7 @@ def run_sweep(config: dict) -> Path:
                 if not outcome.ok:
                     (out / f"{point.name}.log").write_text(link.log(outcome.run_id))
                     log_file = out / f"{point.name}.log"
-                    raise SystemExit(
-                        f"point {point.name} failed ({outcome.details}); see {log_file}"
-                    )
+                    raise SystemExit(f"point {point.name} failed ({outcome.details}); see {log_file}")
             row = read_point(point, run_dir)
             bar.update(1)
             tqdm.write(
@@ -286,8 +282,7 @@ def report(out: Path, points: list[Point], config: dict, wall: float | None = No
         "",
         f"Command: `python -m simulations.run {' '.join(sys.argv[1:])}`".rstrip(),
         "",
-        f"Machine: {machine}."
-        + (f" Sweep wall time (this invocation): {wall:.0f} s." if wall else ""),
+        f"Machine: {machine}." + (f" Sweep wall time (this invocation): {wall:.0f} s." if wall else ""),
         "",
         f"Rounds {config.get('rounds')}, local epochs {config.get('epochs', 1)}, batch size "
         f"{config.get('batch-size', 32)}, {config.get('sites-per-round')} of "

@@ -49,9 +49,7 @@ def plan_points(epsilons: list[float], seeds: list[int], centralized: bool = Tru
         if centralized:
             points.append(Point("centralized", math.inf, seed))
         points.append(Point("federated", math.inf, seed))
-        points += [
-            Point("federated", e, seed) for e in sorted(e for e in epsilons if math.isfinite(e))
-        ]
+        points += [Point("federated", e, seed) for e in sorted(e for e in epsilons if math.isfinite(e))]
     return points
 
 
@@ -123,12 +121,9 @@ def summary_table(rows: list[dict]) -> str:
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["kind"], row["target_epsilon"]), []).append(row)
-    order = sorted(
-        groups, key=lambda k: (k[0] != "centralized", -k[1] if math.isinf(k[1]) else k[1])
-    )
+    order = sorted(groups, key=lambda k: (k[0] != "centralized", -k[1] if math.isinf(k[1]) else k[1]))
     lines = [
-        "| setting | target ε | seeds | accuracy | macro-F1 | ε spent (max over sites) "
-        "| wall s / run |",
+        "| setting | target ε | seeds | accuracy | macro-F1 | ε spent (max over sites) | wall s / run |",
         "|---|---|---|---|---|---|---|",
     ]
     for kind, eps in order:

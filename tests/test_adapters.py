@@ -28,9 +28,7 @@ def model(settings, tiny_config):
 
 def test_round_trip_is_exact(settings, tiny_config, model):
     rng = np.random.default_rng(0)
-    sent = {
-        k: rng.normal(size=v.shape).astype(np.float32) for k, v in get_adapter_arrays(model).items()
-    }
+    sent = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in get_adapter_arrays(model).items()}
     other = build_model(settings.replace(seed=1), LABELS, torch.device("cpu"), tiny_config)
     set_adapter_arrays(other, list(sent.values()))
     received = get_adapter_arrays(other)
@@ -79,10 +77,7 @@ def test_saved_adapter_loads_with_plain_peft(settings, tiny_config, model, tmp_p
     rng = np.random.default_rng(1)
     set_adapter_arrays(
         model,
-        {
-            k: rng.normal(size=v.shape).astype(np.float32)
-            for k, v in get_adapter_arrays(model).items()
-        },
+        {k: rng.normal(size=v.shape).astype(np.float32) for k, v in get_adapter_arrays(model).items()},
     )
     save_adapter(model, tmp_path, LABELS)
     base = build_base_model(settings, LABELS, tiny_config)

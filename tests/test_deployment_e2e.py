@@ -99,9 +99,7 @@ def test_superlink_three_supernodes_two_rounds(tiny_checkpoint, tmp_path):
 
     # the final adapter loads with plain transformers + peft and scores as in the run
     labels = json.loads((run_dir / "final-adapter" / "labels.json").read_text())["labels"]
-    base = AutoModelForSequenceClassification.from_pretrained(
-        str(tiny_checkpoint), num_labels=len(labels)
-    )
+    base = AutoModelForSequenceClassification.from_pretrained(str(tiny_checkpoint), num_labels=len(labels))
     model = PeftModel.from_pretrained(base, str(run_dir / "final-adapter"))
     splits = load_splits(Settings(dataset="drug-reviews"), labels)
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_checkpoint))

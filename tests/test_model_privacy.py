@@ -97,9 +97,7 @@ def test_empty_poisson_batches_are_noisy_accounted_steps(settings, tiny_config, 
     assert sum(h[2] for h in result.history) == 30
 
 
-def test_guard_fails_loudly_when_weights_do_not_move(
-    settings, tiny_config, tokenizer, frame, monkeypatch
-):
+def test_guard_fails_loudly_when_weights_do_not_move(settings, tiny_config, tokenizer, frame, monkeypatch):
     data = tokenize(frame, tokenizer, LABELS, settings.max_length)
     s = settings.replace(max_steps=1, target_epsilon=math.inf)
     model = build_model(s, LABELS, torch.device("cpu"), tiny_config)

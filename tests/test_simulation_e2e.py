@@ -57,10 +57,6 @@ def test_three_sites_two_rounds_with_dp(tiny_checkpoint, tmp_path):
         assert site["epsilon"] <= 8.0 + 1e-6
         steps = first[node]["steps"] + site["steps"]
         history = [(site["noise-multiplier"], site["sample-rate"], int(steps))]
-        assert site["epsilon"] == pytest.approx(
-            epsilon_for(history, site["delta"], "prv"), rel=1e-6
-        )
-    assert rows[2]["train"]["epsilon-max"] == pytest.approx(
-        max(s["epsilon"] for s in second.values())
-    )
+        assert site["epsilon"] == pytest.approx(epsilon_for(history, site["delta"], "prv"), rel=1e-6)
+    assert rows[2]["train"]["epsilon-max"] == pytest.approx(max(s["epsilon"] for s in second.values()))
     assert (run_dir / "metrics.csv").read_text().startswith("round,")

@@ -58,18 +58,12 @@ def test_miniature_sweep_writes_table_and_plots_and_resumes(tiny_checkpoint, tmp
 
     # every site spent at most its target
     log = out / "points" / "federated-eps3-seed0" / "metrics.jsonl"
-    sites = [
-        s
-        for line in log.read_text().splitlines()
-        for s in json.loads(line).get("sites", {}).values()
-    ]
+    sites = [s for line in log.read_text().splitlines() for s in json.loads(line).get("sites", {}).values()]
     assert len(sites) == 3
     assert all(0 < s["epsilon"] <= 3.0 + 1e-6 for s in sites)
     private = next(r for r in rows if r["point"] == "federated-eps3-seed0")
     assert float(private["epsilon_max"]) <= 3.0 + 1e-6
-    assert math.isinf(
-        float(next(r for r in rows if r["point"] == "federated-epsinf-seed0")["epsilon_max"])
-    )
+    assert math.isinf(float(next(r for r in rows if r["point"] == "federated-epsinf-seed0")["epsilon_max"]))
 
     # rerunning the finished command trains nothing and is quick
     before = {p.name: p.stat().st_mtime for p in (out / "points").iterdir()}

@@ -1,0 +1,192 @@
+"""A site joins a federation: check everything locally, then run Flower's SuperNode.
+
+    python -m clients.site join --superlink fed.example.org:8000 --root-certificates ca.crt \\
+        --auth-key site-1 --data-file /data/reviews.csv --state-dir /state
+    python -m clients.site spend --state-dir /state      # this site's privacy spend
+
+``join`` checks the data file (columns, labels, rows), the CA certificate and the site key,
+that the SuperLink answers and that its certificate is signed by that CA, and only then starts
+``flower-supernode`` with the same flags a site would give it by hand. Failures are explained in
+one line each (wrong address, untrusted certificate, unregistered key, bad data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import socket
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+from fedllm.data import DataError, clean, read_table
+from fedllm.privacy import PrivacyLedger
+
+EXPLAIN = {
+    "2004": "this site's key is not registered with the federation: send its .pub file to the "
+    "operator (who runs `flwr supernode register`), then join again",
+    "CERTIFICATE_VERIFY_FAILED": "the SuperLink's certificate is not signed by the CA given with "
+    "--root-certificates: ask the operator for the federation's ca.crt",
+    "UNAVAILABLE": "the SuperLink did not answer: check --superlink (host:port) and that it runs",
+}
+
+
+class SiteConfigError(RuntimeError):
+    """Something at the site prevents joining; the message says what and how to fix it."""
+
+
+def check_data(path: Path, text_column: str, label_column: str) -> str:
+    """Read and clean the site's data file; return a one-line description."""
+    _, report = clean(read_table(path, text_column, label_column), str(path))
+    return str(report)
+
+
+def check_credentials(root_certificates: Path | None, auth_key: Path | None) -> None:
+    """The CA certificate parses as PEM and the site key as an OpenSSH private key."""
+    if root_certificates is not None:
+        try:
+            x509.load_pem_x509_certificate(root_certificates.read_bytes())
+        except (OSError, ValueError) as err:
+            raise SiteConfigError(
+                f"--root-certificates {root_certificates}: not a PEM CA certificate ({err})"
+            ) from err
+    if auth_key is not None:
+        try:
+            load_ssh_private_key(auth_key.read_bytes(), password=None)
+        except (OSError, ValueError) as err:
+            raise SiteConfigError(
+                f"--auth-key {auth_key}: not an OpenSSH private key ({err}); make one with "
+                "`python -m server.credentials --site-key-only NAME`"
+            ) from err
+
+
+def check_superlink(address: str, root_certificates: Path | None, timeout: float = 5.0) -> None:
+    """The SuperLink accepts a TCP connection and (with TLS) presents a certificate from our CA."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise SiteConfigError(f"--superlink {address!r}: expected HOST:PORT, e.g. fed.example.org:8000")
+    try:
+        sock = socket.create_connection((host, int(port)), timeout=timeout)
+    except OSError as err:
+        raise SiteConfigError(
+            f"cannot reach the SuperLink at {address} ({err.strerror or err}): check the address, "
+            "the port and that the server is up"
+        ) from err
+    with sock:
+        if root_certificates is None:
+            return
+        context = ssl.create_default_context(cafile=str(root_certificates))
+        context.set_alpn_protocols(["h2"])
+        try:
+            with context.wrap_socket(sock, server_hostname=host):
+                pass
+        except ssl.SSLCertVerificationError as err:
+            raise SiteConfigError(
+                f"the SuperLink at {address} presented a certificate that {root_certificates} does "
+                f"not trust ({err.verify_message}): ask the operator for the federation's CA certificate"
+            ) from err
+        except ssl.SSLError as err:
+            raise SiteConfigError(
+                f"TLS with the SuperLink at {address} failed ({err}); is it serving TLS?"
+            ) from err
+
+
+def supernode_command(args: argparse.Namespace) -> list[str]:
+    """The ``flower-supernode`` command line for these site settings."""
+    node_config = {
+        "data-file": str(Path(args.data_file).resolve()),
+        "text-column": args.text_column,
+        "label-column": args.label_column,
+        "state-dir": str(Path(args.state_dir).resolve()),
+    }
+    cmd = [str(Path(sys.executable).parent / "flower-supernode"), "--superlink", args.superlink]
+    cmd += ["--root-certificates", str(args.root_certificates)] if args.root_certificates else ["--insecure"]
+    if args.auth_key:
+        cmd += ["--auth-supernode-private-key", str(args.auth_key)]
+    cmd += ["--port", str(args.port), "--max-retries", str(args.max_retries)]
+    cmd += ["--node-config", " ".join(f'{k}="{v}"' for k, v in node_config.items())]
+    return cmd
+
+
+def join(args: argparse.Namespace) -> int:
+    """Check, then run the SuperNode in the foreground; explain a failure in one line."""
+    if not args.root_certificates and not args.insecure:
+        raise SiteConfigError("give --root-certificates CA.crt (TLS) or, for local tests only, --insecure")
+    print(f"site data: {check_data(Path(args.data_file), args.text_column, args.label_column)}")
+    check_credentials(args.root_certificates, args.auth_key)
+    check_superlink(args.superlink, args.root_certificates)
+    Path(args.state_dir).mkdir(parents=True, exist_ok=True)
+    cmd = supernode_command(args)
+    print("starting: " + shlex.join(cmd), flush=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        seen.append(line)
+        del seen[:-200]
+    code = proc.wait()
+    if code != 0:
+        text = "".join(seen)
+        reason = next((why for key, why in EXPLAIN.items() if key in text), "see the log above")
+        print(f"site stopped (exit code {code}): {reason}", file=sys.stderr)
+    return code
+
+
+def spend(args: argparse.Namespace) -> int:
+    """Print this site's privacy spend per run and over all runs."""
+    path = Path(args.state_dir) / "privacy_ledger.json"
+    if not path.exists():
+        print(f"no privacy ledger at {path}: this site has not trained with DP yet")
+        return 0
+    ledger = PrivacyLedger(path)
+    delta = 0.0
+    for run_id, run in ledger.runs.items():
+        plan = run["plan"]
+        delta = max(delta, plan["delta"])
+        steps = sum(h[2] for h in run["history"])
+        print(
+            f"run {run_id}: epsilon {run['epsilon']:.3f} of target {plan['target_epsilon']:g} "
+            f"(delta {plan['delta']:g}, {steps} steps, last round {run.get('round', '?')})"
+        )
+    if len(ledger.runs) > 1:
+        mechanism = next(iter(ledger.runs.values()))["plan"]["accountant"]
+        total = ledger.lifetime_epsilon(delta, mechanism)
+        print(f"all runs together (same data): epsilon {total:.3f} at delta {delta:g}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    j = sub.add_parser("join", help="check the site's setup, then run its SuperNode")
+    j.add_argument("--superlink", required=True, help="HOST:PORT of the federation's SuperLink")
+    j.add_argument("--root-certificates", type=Path, help="the federation's CA certificate (PEM)")
+    j.add_argument("--insecure", action="store_true", help="no TLS (local tests only)")
+    j.add_argument("--auth-key", type=Path, help="this site's private key (OpenSSH, EC P-384)")
+    j.add_argument("--data-file", required=True, help="this site's data: CSV/TSV/JSONL/HF folder")
+    j.add_argument("--text-column", default="text")
+    j.add_argument("--label-column", default="label")
+    j.add_argument("--state-dir", default="site-state", help="where the site's privacy ledger lives")
+    j.add_argument("--port", type=int, default=9094, help="local port of the SuperNode's own API")
+    j.add_argument("--max-retries", type=int, default=10, help="reconnection attempts (0 = none)")
+    s = sub.add_parser("spend", help="print this site's privacy spend")
+    s.add_argument("--state-dir", default="site-state")
+    args = parser.parse_args(argv)
+    try:
+        code = join(args) if args.command == "join" else spend(args)
+    except (SiteConfigError, DataError) as err:
+        print(f"site cannot join: {err}", file=sys.stderr)
+        code = 2
+    raise SystemExit(code)
+
+
+if __name__ == "__main__":
+    main()
