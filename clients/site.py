@@ -18,6 +18,8 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
+from collections import deque
 from pathlib import Path
 
 from cryptography import x509
@@ -123,13 +125,18 @@ def join(args: argparse.Namespace) -> int:
     cmd = supernode_command(args)
     print("starting: " + shlex.join(cmd), flush=True)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen = []
-    for line in proc.stdout:
-        sys.stdout.write(line)
-        sys.stdout.flush()
-        seen.append(line)
-        del seen[:-200]
+    seen: deque[str] = deque(maxlen=200)
+
+    def echo() -> None:  # a thread: the SuperNode's children may hold the pipe after it exits
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            seen.append(line)
+
+    reader = threading.Thread(target=echo, daemon=True)
+    reader.start()
     code = proc.wait()
+    reader.join(timeout=2)
     if code != 0:
         text = "".join(seen)
         reason = next((why for key, why in EXPLAIN.items() if key in text), "see the log above")

@@ -6,6 +6,7 @@ this module only starts a simulation SuperLink, submits runs with their run conf
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -162,15 +163,20 @@ def start_process(args: list[str], log_path: Path, env: dict, cwd: Path) -> subp
 
 
 def stop_process(proc: subprocess.Popen | None, timeout: float = 20) -> None:
-    """Terminate a process group started by ``start_process`` (kill after ``timeout``)."""
-    if proc is None or proc.poll() is not None:
+    """End a process group started by ``start_process``: SIGTERM, then SIGKILL after ``timeout``.
+
+    The group is ended even when its leader has exited, since Flower's SuperExec children
+    may outlive it.
+    """
+    if proc is None:
         return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):  # then SIGKILL below
+            proc.wait(timeout=timeout)
+    with contextlib.suppress(ProcessLookupError):  # the whole group may be gone already
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    proc.wait()
 
 
 def wait_for_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 60) -> None:

@@ -1,0 +1,189 @@
+"""The containers' entry points as local processes: TLS, SuperNode authentication, restarts.
+
+SuperLink with TLS and ``--enable-supernode-auth``; sites started with ``python -m clients.site
+join`` (the site image's entry point) with their own keys and data shards.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fedllm.privacy import PrivacyLedger
+from fedllm.shards import write_shards
+from server.credentials import make_ca_and_server, make_site_key
+from simulations.engine import FlowerCLI, _bin, free_port, start_process, stop_process, wait_for_port
+
+pytestmark = pytest.mark.slow
+
+
+def _join_args(port, certs, key, data, state, ca_dir=None):
+    return [
+        sys.executable,
+        "-m",
+        "clients.site",
+        "join",
+        "--superlink",
+        f"127.0.0.1:{port}",
+        "--root-certificates",
+        str((ca_dir or certs) / "ca.crt"),
+        "--auth-key",
+        str(certs / key),
+        "--data-file",
+        str(data),
+        "--state-dir",
+        str(state),
+        "--port",
+        str(free_port()),
+        "--max-retries",
+        "0",
+    ]
+
+
+def _run_quick(args, env, log, timeout=120) -> tuple[int, str]:
+    """Run a process that should fail fast; return (exit code, its output)."""
+    proc = start_process(args, log, env, log.parent)
+    try:
+        code = proc.wait(timeout=timeout)
+    finally:
+        stop_process(proc, timeout=5)  # also ends children still retrying (SuperExec)
+    return code, log.read_text()
+
+
+class Federation:
+    """SuperLink + sites as processes; ``stop`` ends them all, ``start`` brings them back."""
+
+    def __init__(self, tmp, certs, shards, cli):
+        self.tmp, self.certs, self.shards, self.cli = tmp, certs, shards, cli
+        self.port = free_port()
+        self.procs = []
+
+    def start(self, sites):
+        home = self.tmp / "superlink"
+        link = start_process(
+            [
+                _bin("flower-superlink"),
+                "--ssl-ca-certfile",
+                str(self.certs / "ca.crt"),
+                "--ssl-certfile",
+                str(self.certs / "server.pem"),
+                "--ssl-keyfile",
+                str(self.certs / "server.key"),
+                "--enable-supernode-auth",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--database",
+                str(home / "state.db"),
+                "--disable-runtime-dependency-installation",
+            ],
+            home / "superlink.log",
+            {**self.cli.env, "FLWR_HOME": str(home)},
+            self.tmp,
+        )
+        self.procs.append(link)
+        wait_for_port(self.port, link, "SuperLink")
+        self.cli.write_connection(f"127.0.0.1:{self.port}", str(self.certs / "ca.crt"))
+        for name, data in sites:
+            args = _join_args(self.port, self.certs, name, data, self.tmp / name / "state")
+            env = {**self.cli.env, "FLWR_HOME": str(self.tmp / name)}
+            self.procs.append(start_process(args, self.tmp / name / "site.log", env, self.tmp))
+
+    def stop(self):
+        for proc in reversed(self.procs):
+            stop_process(proc)
+        self.procs = []
+
+
+def test_tls_auth_federation_refusals_and_restart(tiny_checkpoint, tmp_path):
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    make_ca_and_server(certs, ["localhost"])
+    for i in range(1, 6):
+        make_site_key(certs, f"site-{i}")
+    other = tmp_path / "other-ca"
+    other.mkdir()
+    make_ca_and_server(other, ["localhost"])
+    shards = write_shards("drug-reviews", 3, "natural", "condition", 1.0, 42, tmp_path / "shards")
+    bad = tmp_path / "shards" / "bad-labels.csv"
+    bad.write_text("text,label\n" + "".join(f"review {i} was fine,delighted\n" for i in range(20)))
+
+    cli = FlowerCLI(tmp_path / "cli", "tls")
+    fed = Federation(tmp_path, certs, shards, cli)
+    sites = [("site-1", shards[0]), ("site-2", shards[1]), ("site-3", shards[2]), ("site-4", bad)]
+    config = {
+        "model": str(tiny_checkpoint),
+        "num-server-rounds": 2,
+        "min-train-nodes": 3,
+        "min-available-nodes": 4,
+        "max-steps": 2,
+        "max-length": 32,
+        "batch-size": 16,
+        "run-dir": str(tmp_path / "runs"),
+        "run-name": "first",
+    }
+    try:
+        fed.start([])
+        for i in range(1, 5):  # the operator registers four sites; site-5 is not registered
+            answer = cli.call("supernode", "register", str(certs / f"site-{i}.pub"), "tls")
+            assert answer.get("success"), answer
+        fed.stop()
+        fed.start(sites)  # registrations live in the SuperLink's database
+        env = {**cli.env, "FLWR_HOME": str(tmp_path / "probe")}
+
+        probes = tmp_path / "probes"
+        code, out = _run_quick(
+            _join_args(fed.port, certs, "site-5", shards[0], probes / "s5"), env, probes / "unregistered.log"
+        )
+        assert code != 0 and "not registered" in out, out[-3000:]
+
+        no_ca = [
+            _bin("flower-supernode"), "--superlink", f"127.0.0.1:{fed.port}", "--max-retries", "0",
+            "--auth-supernode-private-key", str(certs / "site-1"), "--port", str(free_port()),
+        ]  # fmt: skip
+        code, out = _run_quick(no_ca, env, probes / "no-ca.log")
+        assert code != 0 and "CERTIFICATE_VERIFY_FAILED" in out, out[-3000:]
+
+        wrong_ca = _join_args(fed.port, certs, "site-1", shards[0], probes / "s6", ca_dir=other)
+        code, out = _run_quick(wrong_ca, env, probes / "wrong-ca.log")
+        assert code == 2 and "does not trust" in out, out[-3000:]
+
+        wrong_address = _join_args(free_port(), certs, "site-1", shards[0], probes / "s7")
+        code, out = _run_quick(wrong_address, env, probes / "address.log")
+        assert code == 2 and "cannot reach the SuperLink" in out, out[-3000:]
+
+        first = cli.run(config, timeout=900)
+        assert first.ok, f"{first}\n{cli.log(first.run_id)[-3000:]}"
+
+        fed.stop()  # restart everything: the run dir and each site's privacy state survive
+        fed.start(sites)
+        second = cli.run({**config, "num-server-rounds": 1, "run-name": "second"}, timeout=900)
+        assert second.ok, f"{second}\n{cli.log(second.run_id)[-3000:]}"
+    finally:
+        fed.stop()
+
+    rows = [json.loads(x) for x in (tmp_path / "runs" / "first" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for row in rows[1:]:  # the bad site is reported, the federation goes on with the others
+        assert row["train-replies"] == 3
+        assert len(row["train-failures"]) == 1
+        assert "bad-labels.csv" in row["train-failures"][0]["reason"]
+        assert "delighted" in row["train-failures"][0]["reason"]
+    assert (tmp_path / "runs" / "first" / "final-adapter" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "runs" / "second" / "result.json").exists()
+
+    for name in ("site-1", "site-2", "site-3"):
+        ledger = PrivacyLedger(tmp_path / name / "state" / "privacy_ledger.json")
+        assert {first.run_id, second.run_id} <= set(ledger.runs)
+        assert sum(h[2] for h in ledger.runs[first.run_id]["history"]) == 4  # 2 rounds x 2 steps
+        spend = subprocess.run(
+            [sys.executable, "-m", "clients.site", "spend", "--state-dir", str(tmp_path / name / "state")],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert f"run {first.run_id}: epsilon" in spend and "all runs together" in spend
