@@ -20,7 +20,7 @@ from flwr.clientapp import ClientApp
 
 from fedllm.adapters import adapter_state, nbytes, set_adapter_arrays
 from fedllm.config import settings_from
-from fedllm.data import SiteData, class_weights, load_partition, load_site_file, tokenize
+from fedllm.data import SiteData, class_weights, load_site_file, partition_sites, tokenize
 from fedllm.model import build_model, load_tokenizer, pick_device
 from fedllm.privacy import PrivacyLedger, plan_privacy
 from fedllm.train import evaluate, train_local
@@ -34,38 +34,41 @@ def _labels(msg: Message) -> list[str]:
     return json.loads(str(msg.content["config"]["labels"]))
 
 
-@lru_cache(maxsize=4)
-def _site_data(node_items: tuple, run_items: tuple, labels: tuple) -> SiteData:
-    node, run = dict(node_items), dict(run_items)
-    settings = settings_from(run)
-    if "data-file" in node:
-        return load_site_file(
-            node["data-file"],
-            str(node.get("text-column", settings.text_column)),
-            str(node.get("label-column", settings.label_column)),
-            list(labels),
-            settings,
-        )
-    return load_partition(
-        settings,
+@lru_cache(maxsize=2)
+def _simulated_sites(run_items: tuple, labels: tuple, num_partitions: int) -> list[SiteData]:
+    """All virtual sites of a run, computed once per process (tables only, no models)."""
+    run = dict(run_items)
+    return partition_sites(
+        settings_from(run),
         list(labels),
-        int(node["partition-id"]),
-        int(node["num-partitions"]),
+        num_partitions,
         str(run.get("partitioning", "iid")),
         float(run.get("dirichlet-alpha", 1.0)),
         str(run.get("partition-column", "")),
     )
 
 
+def _site_data(context: Context, labels: list[str]) -> SiteData:
+    """This site's data: its own file (deployment) or its partition (simulation)."""
+    node, run = context.node_config, context.run_config
+    settings = settings_from(run)
+    if "data-file" in node:
+        return load_site_file(
+            node["data-file"],
+            str(node.get("text-column", settings.text_column)),
+            str(node.get("label-column", settings.label_column)),
+            labels,
+            settings,
+        )
+    sites = _simulated_sites(tuple(sorted(run.items())), tuple(labels), int(node["num-partitions"]))
+    return sites[int(node["partition-id"])]
+
+
 def _setup(msg: Message, context: Context):
     """Settings, label names, this site's data and the model with the global adapter loaded."""
     settings = settings_from(context.run_config)
     labels = _labels(msg)
-    site = _site_data(
-        tuple(sorted(context.node_config.items())),
-        tuple(sorted(context.run_config.items())),
-        tuple(labels),
-    )
+    site = _site_data(context, labels)
     model = build_model(settings, labels, pick_device(settings.device))
     arrays = msg.content["arrays"]
     set_adapter_arrays(model, dict(zip(arrays.keys(), arrays.to_numpy_ndarrays(), strict=True)))

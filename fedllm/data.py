@@ -335,20 +335,26 @@ class SiteData:
     source: str
 
 
-def load_partition(
+def partition_sites(
     settings: Settings,
     labels: list[str],
-    partition_id: int,
     num_partitions: int,
     scheme: str,
     alpha: float = 1.0,
     column: str = "",
-) -> SiteData:
-    """A simulated site: partition ``partition_id`` of the training split, split train/test."""
+) -> list[SiteData]:
+    """Simulated sites: the training split partitioned, each part split into local train/test.
+
+    Cheap to keep for thousands of sites (views of one table); models and tokenized tensors are
+    only built for the sites that a round samples.
+    """
     splits = load_splits(settings, labels)
     parts = partition(splits.train, num_partitions, scheme, alpha, column, settings.seed)
-    train, test = site_split(parts[partition_id], settings.test_fraction, settings.seed + partition_id)
-    return SiteData(train, test, f"{settings.dataset} partition {partition_id}/{num_partitions}")
+    sites = []
+    for i, part in enumerate(parts):
+        train, test = site_split(part, settings.test_fraction, settings.seed + i)
+        sites.append(SiteData(train, test, f"{settings.dataset} partition {i}/{num_partitions}"))
+    return sites
 
 
 def load_site_file(
