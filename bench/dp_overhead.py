@@ -54,6 +54,7 @@ def _run(mode: str, steps: int, batch_size: int, max_length: int, queue) -> None
         )
         net, optimizer = out[0], out[1]
         criterion = out[2] if mode == "ghost" else criterion
+    net.train()  # Opacus records activations in training mode only
     times = []
     for input_ids, mask, labels in loader:
         start = time.perf_counter()
