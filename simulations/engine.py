@@ -237,7 +237,16 @@ class SimulationLink(FlowerCLI):
         cpus_per_site: int = 2,
         timeout: float = 3600,
         on_poll=None,
+        gpus_per_site: float = 0.0,
     ) -> RunOutcome:
-        """One run of the project's apps over ``num_supernodes`` virtual sites."""
-        federation = f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_site}"
+        """One run of the project's apps over ``num_supernodes`` virtual sites.
+
+        Each virtual site's ClientApp gets ``cpus_per_site`` CPUs and ``gpus_per_site`` GPUs
+        from Ray, which bounds how many train at once. With ``RAY_ADDRESS`` set in the
+        environment, the Simulation Engine joins that (multi-machine) Ray cluster.
+        """
+        federation = (
+            f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_site} "
+            f"client-resources-num-gpus={gpus_per_site}"
+        )
         return self.run(run_config, federation, timeout, on_poll)

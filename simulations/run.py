@@ -107,6 +107,8 @@ SWEEP_KEYS = {
     "partition-column",
     "no-centralized",
     "preset",
+    "cpus-per-site",
+    "gpus-per-site",
 }
 
 
@@ -237,7 +239,13 @@ def run_sweep(config: dict) -> Path:
                     done = max(0, len(log.read_text().splitlines()) - 1) if log.exists() else 0
                     rounds_bar.update(done - rounds_bar.n)
 
-                outcome = link.simulate(run_config, num_supernodes=sites, on_poll=progress)
+                outcome = link.simulate(
+                    run_config,
+                    num_supernodes=sites,
+                    cpus_per_site=int(config.get("cpus-per-site", 2)),
+                    gpus_per_site=float(config.get("gpus-per-site", 0.0)),
+                    on_poll=progress,
+                )
                 rounds_bar.close()
                 if not outcome.ok:
                     (out / f"{point.name}.log").write_text(link.log(outcome.run_id))
