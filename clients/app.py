@@ -20,9 +20,9 @@ from flwr.clientapp import ClientApp
 
 from fedllm.adapters import adapter_state, nbytes, set_adapter_arrays
 from fedllm.config import settings_from
-from fedllm.data import SiteData, class_weights, load_site_file, partition_sites, tokenize
+from fedllm.data import SiteData, load_site_file, loss_weights, partition_sites, tokenize
 from fedllm.model import build_model, load_tokenizer, pick_device
-from fedllm.privacy import PrivacyLedger, plan_privacy
+from fedllm.privacy import BudgetExhaustedError, PrivacyLedger, PrivacyPlan, plan_privacy
 from fedllm.train import evaluate, train_local
 
 app = ClientApp()
@@ -80,14 +80,26 @@ def _ledger(context: Context) -> PrivacyLedger | None:
     return PrivacyLedger(Path(str(state_dir)) / "privacy_ledger.json") if state_dir else None
 
 
-def _history(context: Context) -> list:
+def _history(context: Context, ledger: PrivacyLedger | None) -> list:
     """This site's accountant history for this run: the disk ledger if any, else context.state."""
-    ledger = _ledger(context)
     if ledger is not None:
         return ledger.history(str(context.run_id))
     if STATE_KEY in context.state:
         return json.loads(str(context.state[STATE_KEY]["history"]))
     return []
+
+
+def check_site_policy(context: Context, plan: PrivacyPlan | None) -> None:
+    """Enforce the site's own cap (node config ``max-epsilon``), whatever the run config asks."""
+    cap = context.node_config.get("max-epsilon")
+    if cap is None:
+        return
+    if plan is None:
+        raise BudgetExhaustedError(f"this site requires DP (max-epsilon={cap}); the run asks for none")
+    if plan.target_epsilon > float(cap) * (1 + 1e-9):
+        raise BudgetExhaustedError(
+            f"the run targets epsilon={plan.target_epsilon:g} but this site allows at most {cap}"
+        )
 
 
 @app.train()
@@ -98,20 +110,28 @@ def train(msg: Message, context: Context) -> Message:
     tokenizer = load_tokenizer(settings.model)
     train_ds = tokenize(site.train, tokenizer, labels, settings.max_length, settings.truncation)
     rounds = int(msg.content["config"]["num-rounds"])
+    server_round = int(msg.content["config"]["server-round"])
     plan = plan_privacy(settings, len(train_ds), planned_rounds=rounds) if settings.private else None
-    history = _history(context)
-    weight = class_weights(site.train, labels) if settings.class_weighting else None
-    result = train_local(model, train_ds, settings, plan=plan, history=history, class_weight=weight)
+    check_site_policy(context, plan)
+    ledger = _ledger(context)
+    result = train_local(
+        model,
+        train_ds,
+        settings,
+        plan=plan,
+        history=_history(context, ledger),
+        class_weight=loss_weights(settings, site.train, labels),
+        seed_offset=server_round,
+    )
     if plan is not None:
         context.state[STATE_KEY] = ConfigRecord({"history": json.dumps(result.history)})
-        ledger = _ledger(context)
         if ledger is not None:
             ledger.record(
                 str(context.run_id),
                 result.history,
                 plan,
                 result.epsilon,
-                round=int(msg.content["config"]["server-round"]),
+                round=server_round,
                 source=site.source,
             )
     state = adapter_state(model)
@@ -129,7 +149,7 @@ def train(msg: Message, context: Context) -> Message:
     }
     eps = f"epsilon so far {result.epsilon:.3f} (delta {plan.delta:g})" if plan else "no DP"
     print(
-        f"[site {context.node_id}] round {msg.content['config']['server-round']}: "
+        f"[site {context.node_id}] round {server_round}: "
         f"{result.steps} steps on {len(train_ds)} texts, loss {result.mean_loss:.4f}, {eps}"
     )
     return Message(RecordDict({"arrays": reply_arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -4,7 +4,7 @@
         --auth-key site-1 --data-file /data/reviews.csv --state-dir /state
     python -m clients.site spend --state-dir /state      # this site's privacy spend
 
-``join`` checks the data file (columns, labels, rows), the CA certificate and the site key,
+``join`` checks the data file (columns, rows), the CA certificate and the site key,
 that the SuperLink answers and that its certificate is signed by that CA, and only then starts
 ``flower-supernode`` with the same flags a site would give it by hand. Failures are explained in
 one line each (wrong address, untrusted certificate, unregistered key, bad data).
@@ -105,12 +105,17 @@ def supernode_command(args: argparse.Namespace) -> list[str]:
         "label-column": args.label_column,
         "state-dir": str(Path(args.state_dir).resolve()),
     }
+    if args.max_epsilon is not None:
+        node_config["max-epsilon"] = args.max_epsilon
     cmd = [str(Path(sys.executable).parent / "flower-supernode"), "--superlink", args.superlink]
     cmd += ["--root-certificates", str(args.root_certificates)] if args.root_certificates else ["--insecure"]
     if args.auth_key:
         cmd += ["--auth-supernode-private-key", str(args.auth_key)]
     cmd += ["--port", str(args.port), "--max-retries", str(args.max_retries)]
-    cmd += ["--node-config", " ".join(f'{k}="{v}"' for k, v in node_config.items())]
+    cmd += [
+        "--node-config",
+        " ".join(f"{k}={v}" if isinstance(v, float) else f'{k}="{v}"' for k, v in node_config.items()),
+    ]
     return cmd
 
 
@@ -182,6 +187,9 @@ def main(argv: list[str] | None = None) -> None:
     j.add_argument("--text-column", default="text")
     j.add_argument("--label-column", default="label")
     j.add_argument("--state-dir", default="site-state", help="where the site's privacy ledger lives")
+    j.add_argument(
+        "--max-epsilon", type=float, help="refuse runs that target more than this epsilon (or no DP)"
+    )
     j.add_argument("--port", type=int, default=9094, help="local port of the SuperNode's own API")
     j.add_argument("--max-retries", type=int, default=10, help="reconnection attempts (0 = none)")
     s = sub.add_parser("spend", help="print this site's privacy spend")

@@ -100,11 +100,3 @@ def save_adapter(
     meta = {"labels": labels, "id2label": dict(enumerate(labels)), **(extra or {})}
     (directory / "labels.json").write_text(json.dumps(meta, indent=2))
     return directory
-
-
-def load_labels(directory: str | Path) -> list[str]:
-    """The label names stored beside a saved adapter."""
-    path = Path(directory) / "labels.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: was this folder written by fedllm.save_adapter?")
-    return list(json.loads(path.read_text())["labels"])

@@ -15,7 +15,7 @@ import torch
 
 from fedllm.adapters import save_adapter
 from fedllm.config import Settings, add_settings_arguments, settings_from
-from fedllm.data import class_weights, load_splits, tokenize
+from fedllm.data import load_splits, loss_weights, tokenize
 from fedllm.model import build_model, count_parameters, load_tokenizer, pick_device
 from fedllm.privacy import plan_privacy
 from fedllm.train import evaluate, train_local
@@ -43,7 +43,7 @@ def run_centralized(settings: Settings, out_dir: str | Path, progress: bool = Tr
             f"privacy: noise multiplier {plan.noise_multiplier:.3f}, q={plan.sample_rate:.4f}, "
             f"{plan.planned_steps} steps, delta={plan.delta:g}"
         )
-    weight = class_weights(splits.train, splits.labels) if settings.class_weighting else None
+    weight = loss_weights(settings, splits.train, splits.labels)
     result = train_local(model, train_ds, settings, plan=plan, class_weight=weight, progress=progress)
     metrics = evaluate(model, test_ds, splits.labels)
     save_adapter(model, out_dir / "adapter", splits.labels, {"settings": settings.to_dict()})
@@ -53,7 +53,7 @@ def run_centralized(settings: Settings, out_dir: str | Path, progress: bool = Tr
         "test_examples": len(test_ds),
         "steps": result.steps,
         "train_loss": result.mean_loss,
-        "epsilon": result.epsilon if plan else math.inf,
+        "epsilon": result.epsilon if plan else None,  # None: no DP
         "delta": plan.delta if plan else 0.0,
         "noise_multiplier": result.noise_multiplier,
         "test": metrics,
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = settings_from(args)
     summary = run_centralized(settings, out)
     test = summary["test"]
-    eps = summary["epsilon"]
+    eps = summary["epsilon"] if summary["epsilon"] is not None else math.inf
     print(
         f"test: accuracy {test['accuracy']:.4f}  macro-F1 {test['macro_f1']:.4f}  "
         f"loss {test['loss']:.4f}  "

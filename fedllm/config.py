@@ -50,7 +50,12 @@ class Settings:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     schedule: str = field(default="linear", metadata={"help": "'linear' decay or 'constant'"})
     class_weighting: bool = field(
-        default=True, metadata={"help": "weight the loss by inverse class frequency"}
+        default=True,
+        metadata={"help": "non-private runs: weight the loss by inverse class frequency"},
+    )
+    class_weights: str = field(
+        default="",
+        metadata={"help": "explicit, public per-class loss weights 'w1,w2,...' (label order); DP-safe"},
     )
     seed: int = field(default=42, metadata={"help": "seed for splits, init and sampling"})
     device: str = field(default="auto", metadata={"help": "'auto', 'cpu', 'cuda', 'cuda:1'"})

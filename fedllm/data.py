@@ -231,6 +231,9 @@ def tokenize(
     batch to its longest text, so padding costs no compute. ``truncation="left"`` keeps the
     end of long texts (where reviews tend to give their verdict).
     """
+    if frame.empty:
+        none = torch.zeros((0, max_length), dtype=torch.long)
+        return TensorDataset(none, none.clone(), torch.zeros(0, dtype=torch.long))
     tokenizer.truncation_side = truncation
     enc = tokenizer(
         frame["text"].tolist(),
@@ -249,6 +252,26 @@ def class_weights(frame: pd.DataFrame, labels: list[str]) -> torch.Tensor:
     counts = np.array([(frame["label"] == name).sum() for name in labels], dtype=np.float64)
     weights = np.where(counts > 0, counts.sum() / (len(labels) * np.maximum(counts, 1)), 1.0)
     return torch.tensor(weights / weights.mean(), dtype=torch.float32)
+
+
+def loss_weights(settings: Settings, frame: pd.DataFrame, labels: list[str]) -> torch.Tensor | None:
+    """The per-class loss weights a training may use.
+
+    Explicit ``class-weights`` (public knowledge) always; inverse frequency of the training
+    labels only without DP: weights computed from the private labels would make every example's
+    loss depend on the others and break DP-SGD's per-example sensitivity.
+    """
+    if settings.class_weights:
+        values = [float(x) for x in settings.class_weights.split(",")]
+        if len(values) != len(labels) or min(values) <= 0:
+            raise ValueError(
+                f"class-weights has {len(values)} values for labels {labels}: give one positive "
+                "weight per label, in label order"
+            )
+        return torch.tensor(values, dtype=torch.float32)
+    if settings.class_weighting and not settings.private:
+        return class_weights(frame, labels)
+    return None
 
 
 # ---------------------------------------------------------------- partitioning
@@ -345,14 +368,19 @@ def partition_sites(
 ) -> list[SiteData]:
     """Simulated sites: the training split partitioned, each part split into local train/test.
 
-    Cheap to keep for thousands of sites (views of one table); models and tokenized tensors are
-    only built for the sites that a round samples.
+    Cheap to keep for thousands of sites (small tables, one row each per example); models and
+    tokenized tensors are only built for the sites that a round samples.
     """
     splits = load_splits(settings, labels)
     parts = partition(splits.train, num_partitions, scheme, alpha, column, settings.seed)
     sites = []
     for i, part in enumerate(parts):
         train, test = site_split(part, settings.test_fraction, settings.seed + i)
+        if len(train) == 0:
+            raise DataError(
+                f"{settings.dataset}: partition {i} of {num_partitions} has {len(part)} rows, too few "
+                "to train on; use fewer sites or more data"
+            )
         sites.append(SiteData(train, test, f"{settings.dataset} partition {i}/{num_partitions}"))
     return sites
 

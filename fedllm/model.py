@@ -10,6 +10,7 @@ Two choices matter for DP-SGD with Opacus and are made here once:
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import torch
@@ -123,10 +124,14 @@ def build_model(
     return model
 
 
-def load_trained(adapter_dir: str | Path, settings: Settings, labels: list[str]) -> PeftModel:
-    """Rebuild the base model and load a saved adapter (peft's ``save_pretrained`` folder)."""
+def load_trained(adapter_dir: str | Path, settings: Settings) -> tuple[PeftModel, list[str]]:
+    """Rebuild the base model and load a saved adapter folder (peft format + ``labels.json``).
+
+    ``settings`` must name the same base model and pooling as the training did.
+    """
+    labels = json.loads((Path(adapter_dir) / "labels.json").read_text())["labels"]
     base = build_base_model(settings, labels).to(pick_device(settings.device))
-    return PeftModel.from_pretrained(base, str(adapter_dir))
+    return PeftModel.from_pretrained(base, str(adapter_dir)).eval(), labels
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

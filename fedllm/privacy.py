@@ -102,6 +102,15 @@ def epsilon_for(history: list, delta: float, mechanism: str = "prv") -> float:
     return float(accountant.get_epsilon(delta=delta))
 
 
+def entropy_generator() -> torch.Generator:
+    """A generator seeded from the operating system's entropy.
+
+    DP-SGD's guarantee needs noise and Poisson sampling that nobody can predict: never derive
+    them from a configured seed (which the server, who sees the updates, also knows).
+    """
+    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+
+
 def make_private(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -109,10 +118,14 @@ def make_private(
     settings: Settings,
     plan: PrivacyPlan,
     history: list | None = None,
+    criterion: torch.nn.Module | None = None,
 ):
     """Attach DP-SGD: Poisson sampling, per-sample clipping, noise; restore the site's accountant.
 
-    Returns ``(engine, model, optimizer, loader)`` like Opacus' ``make_private``.
+    Noise and sampling draw from OS entropy (``entropy_generator``). ``criterion`` is used by
+    the ghost-clipping mode. Returns what Opacus' ``make_private`` returns, after the engine:
+    ``(engine, model, optimizer, loader)`` or, for ghost, ``(engine, model, optimizer,
+    criterion, loader)``.
     """
     engine = PrivacyEngine(accountant=plan.accountant)
     if history:
@@ -122,7 +135,9 @@ def make_private(
     private = engine.make_private(
         module=model,
         optimizer=optimizer,
+        criterion=criterion if criterion is not None else torch.nn.CrossEntropyLoss(),
         data_loader=loader,
+        noise_generator=entropy_generator(),
         noise_multiplier=plan.noise_multiplier,
         max_grad_norm=settings.max_grad_norm,
         poisson_sampling=True,

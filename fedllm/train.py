@@ -13,7 +13,14 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from fedllm.config import Settings
-from fedllm.privacy import PrivacyPlan, check_budget, compact, local_steps, make_private
+from fedllm.privacy import (
+    PrivacyPlan,
+    check_budget,
+    compact,
+    entropy_generator,
+    local_steps,
+    make_private,
+)
 
 
 class FrozenTrainingError(RuntimeError):
@@ -61,20 +68,29 @@ def train_local(
     history: list | None = None,
     class_weight: torch.Tensor | None = None,
     progress: bool = False,
+    seed_offset: int = 0,
 ) -> TrainResult:
     """Train ``model`` on ``dataset`` for ``settings.epochs`` (or ``max_steps``) steps.
 
     With a ``plan``, DP-SGD is attached (Poisson sampling, clipping, noise) and the site's
     accountant ``history`` is restored first, so the returned ``epsilon`` is cumulative.
     Raises ``BudgetExhaustedError`` before training when the budget would be exceeded.
+    Non-private shuffling is seeded by ``settings.seed + seed_offset`` (pass the round);
+    private sampling and noise use OS entropy.
     """
     device = next(model.parameters()).device
     n = len(dataset)
+    if n == 0:
+        raise ValueError("no training examples: this site's training split is empty")
+    if plan is not None and class_weight is not None and not settings.class_weights:
+        raise ValueError("class weights from the private labels would leak them; see loss_weights()")
     steps_goal = local_steps(settings, n)
     history = [tuple(h) for h in (history or [])]
     if plan is not None:
         check_budget(plan, history, steps_goal)
-    generator = torch.Generator().manual_seed(settings.seed + len(history))
+        generator = entropy_generator()
+    else:
+        generator = torch.Generator().manual_seed(settings.seed + seed_offset)
     loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=True, generator=generator)
     params = _trainable(model)
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
@@ -82,7 +98,9 @@ def train_local(
     criterion = nn.CrossEntropyLoss(weight=weight)
     engine, net = None, model
     if plan is not None:
-        engine, net, optimizer, *rest = make_private(model, optimizer, loader, settings, plan, history)
+        engine, net, optimizer, *rest = make_private(
+            model, optimizer, loader, settings, plan, history, criterion
+        )
         if settings.grad_sample_mode == "ghost":
             criterion, loader = rest
         else:
@@ -140,6 +158,8 @@ def train_local(
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: TensorDataset, labels: list[str], batch_size: int = 64) -> dict:
     """Loss, accuracy, macro-F1 and per-class counts (support, predicted, correct)."""
+    if len(dataset) == 0:
+        return classification_metrics(np.zeros(0, int), np.zeros(0, int), labels)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -1,7 +1,7 @@
 """fedllm ServerApp: FedAvg over the sites' LoRA adapters, with checkpoints and a run log.
 
-Run directory (``run-dir``/``<time>-run<id>``): ``config.json`` (settings used),
-``metrics.jsonl`` and ``metrics.csv`` (one row per round), ``round-NNN/`` and
+Run directory (``run-dir``/``<run-name or start time>``, ``-run<id>`` appended if it exists):
+``config.json`` (settings used), ``metrics.jsonl`` and ``metrics.csv`` (one row per round), ``round-NNN/`` and
 ``final-adapter/`` (peft ``save_pretrained`` folders + ``labels.json``), ``result.json``.
 """
 
@@ -90,7 +90,7 @@ def main(grid: Grid, context: Context) -> None:
         fraction_train=float(rc.get("fraction-train", 1.0)),
         fraction_evaluate=float(rc.get("fraction-evaluate", 1.0)),
         min_train_nodes=int(rc.get("min-train-nodes", 2)),
-        min_evaluate_nodes=int(rc.get("min-train-nodes", 2)),
+        min_evaluate_nodes=int(rc.get("min-evaluate-nodes", 2)),
         min_available_nodes=int(rc.get("min-available-nodes", 2)),
     )
     num_rounds = int(rc.get("num-server-rounds", 3))

@@ -27,10 +27,14 @@ VALID_DAYS = 365
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
-    if path.exists():
-        raise FileExistsError(f"{path} exists; refusing to overwrite credentials (move it away first)")
-    path.write_bytes(data)
-    os.chmod(path, 0o600 if private else 0o644)
+    try:  # created with its final mode: a private key is never readable by others, even briefly
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o644)
+    except FileExistsError as err:
+        raise FileExistsError(
+            f"{path} exists; refusing to overwrite credentials (move it away first)"
+        ) from err
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         if not outcome.ok:
             print(link.log(outcome.run_id)[-5000:])
             raise SystemExit(f"the demo run failed: {outcome.status} {outcome.details}")
-    run_dir = out / str(config["run-name"])
+    run_dir = max(out.glob(f"{config['run-name']}*"), key=lambda p: p.stat().st_mtime)
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
         eps = row.get("train", {}).get("epsilon-max")

@@ -28,7 +28,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from fedllm.centralized import run_centralized
-from fedllm.config import settings_from
+from fedllm.config import Settings, settings_from
 from simulations.engine import SimulationLink
 from simulations.plots import plot_budget, plot_rounds
 from simulations.sweep import (
@@ -176,6 +176,31 @@ def _write_results(out: Path, rows: list[dict]) -> None:
     (out / "results.json").write_text(json.dumps(rows, indent=2, default=str))
 
 
+# keys a resumed sweep may change: they only add or drop points
+EXTENDABLE = {"out", "seeds", "epsilons", "no-centralized"}
+
+
+def check_config(config: dict, saved: Path) -> None:
+    """Refuse unknown keys, a fixed noise multiplier, and resuming a sweep with other settings."""
+    known = {f.replace("_", "-") for f in Settings.__dataclass_fields__} | SWEEP_KEYS | {"out"}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise SystemExit(f"unknown sweep keys {unknown}: see python -m simulations.run --help")
+    if float(config.get("noise-multiplier", 0) or 0) > 0:
+        raise SystemExit("a sweep sets the noise from each target epsilon: drop noise-multiplier")
+    if saved.exists():
+        old = json.loads(saved.read_text())
+        changed = sorted(
+            k for k in set(old) | set(config) if k not in EXTENDABLE and old.get(k) != config.get(k)
+        )
+        if changed:
+            raise SystemExit(
+                f"{saved.parent} holds a sweep with other settings ({', '.join(changed)}): its finished "
+                "points would not match; use another --out (nothing was changed)"
+            )
+    saved.write_text(json.dumps(config, indent=2, default=str))
+
+
 def _set_aside(run_dir: Path) -> None:
     """An interrupted point's folder is kept (renamed), never deleted."""
     if run_dir.exists():
@@ -187,7 +212,7 @@ def run_sweep(config: dict) -> Path:
     out = Path(config.get("out") or f"runs/sweep-{config.get('preset', 'custom')}").resolve()
     points_dir = out / "points"
     points_dir.mkdir(parents=True, exist_ok=True)
-    (out / "sweep-config.json").write_text(json.dumps(config, indent=2, default=str))
+    check_config(config, out / "sweep-config.json")
     sites = int(config["sites"])
     per_round = min(int(config.get("sites-per-round", sites)), sites)
     rounds = int(config["rounds"])
@@ -210,6 +235,7 @@ def run_sweep(config: dict) -> Path:
             if point.kind == "centralized":
                 central = settings.replace(
                     target_epsilon=math.inf,
+                    noise_multiplier=0.0,
                     seed=point.seed,
                     epochs=int(config.get("central-epochs", 1)),
                 )

@@ -59,7 +59,8 @@ def is_done(run_dir: Path) -> bool:
 
 
 def _float(value) -> float:
-    return float(value)  # run logs write non-finite values as the strings "inf" / "nan"
+    """Run logs write non-finite values as "inf"/"nan"; centralized results write null for no DP."""
+    return math.inf if value is None else float(value)
 
 
 def read_point(point: Point, run_dir: Path) -> dict:

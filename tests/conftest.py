@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers/huggingface_hub are imported
 import shutil
 
 import pandas as pd
@@ -12,8 +14,6 @@ from transformers import BertConfig, BertModel
 
 from fedllm.config import Settings
 from fedllm.model import embedded_model_path, load_tokenizer
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TINY = BertConfig(
     vocab_size=30522,

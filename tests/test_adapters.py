@@ -16,7 +16,7 @@ from fedllm.adapters import (
     save_adapter,
     set_adapter_arrays,
 )
-from fedllm.model import build_base_model, build_model
+from fedllm.model import build_base_model, build_model, load_trained
 
 from .conftest import LABELS
 
@@ -94,3 +94,23 @@ def test_saved_adapter_loads_with_plain_peft(settings, tiny_config, model, tmp_p
 
 def test_update_is_far_smaller_than_full_model(model):
     assert full_model_nbytes(model) > 20 * nbytes(get_adapter_arrays(model))
+
+
+def test_load_trained_rebuilds_the_scored_model(settings, tiny_checkpoint, tmp_path):
+    s = settings.replace(model=str(tiny_checkpoint))
+    model = build_model(s, LABELS, torch.device("cpu"))
+    rng = np.random.default_rng(2)
+    set_adapter_arrays(
+        model, {k: rng.normal(size=v.shape).astype(np.float32) for k, v in get_adapter_arrays(model).items()}
+    )
+    save_adapter(model, tmp_path / "adapter", LABELS)
+    loaded, labels = load_trained(tmp_path / "adapter", s)
+    assert labels == LABELS
+    ids = torch.randint(0, 1000, (2, 12))
+    mask = torch.ones_like(ids)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(input_ids=ids, attention_mask=mask).logits,
+            loaded(input_ids=ids, attention_mask=mask).logits,
+        )

@@ -6,7 +6,8 @@ import math
 
 import pytest
 import torch
-from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants import RDPAccountant
+from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 from fedllm.data import tokenize
 from fedllm.model import build_model
@@ -56,9 +57,11 @@ def test_epsilon_grows_and_matches_opacus_accountant(settings, tiny_config, toke
         epsilons.append(result.epsilon)
     assert epsilons[0] < epsilons[1] < epsilons[2]
     assert sum(h[2] for h in history) == 9  # steps summed over all three trainings
-    reference = RDPAccountant()
-    reference.history = [(1.1, plan.sample_rate, 9)]
-    assert epsilons[-1] == pytest.approx(reference.get_epsilon(delta=plan.delta), rel=1e-9)
+    # independent of the accountant objects: Opacus' RDP analysis for (q, sigma, 9 steps)
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    rdp = compute_rdp(q=plan.sample_rate, noise_multiplier=1.1, steps=9, orders=orders)
+    reference, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=plan.delta)
+    assert epsilons[-1] == pytest.approx(reference, rel=1e-9)
     assert history[0][1] == plan.sample_rate == 1 / math.ceil(len(data) / s.batch_size)
 
 
@@ -70,9 +73,17 @@ def test_target_epsilon_is_calibrated_over_all_planned_rounds(settings, frame):
     spent = epsilon_for([one_round] * 4, plan.delta, "prv")
     assert spent <= 3.0 + 1e-6
     assert spent > 2.5, "calibration should use most of the budget, not a per-round budget"
-    reference = PRVAccountant()
-    reference.history = [one_round] * 4
-    assert spent == pytest.approx(reference.get_epsilon(delta=plan.delta), rel=1e-6)
+    # RDP is a looser bound on the same mechanism: it must not come out below PRV
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    rdp = compute_rdp(
+        q=plan.sample_rate, noise_multiplier=plan.noise_multiplier, steps=plan.planned_steps, orders=orders
+    )
+    assert get_privacy_spent(orders=orders, rdp=rdp, delta=plan.delta)[0] >= spent
+    # a per-round calibration would have spent about 4x the budget
+    per_round = plan_privacy(s, n, planned_rounds=1)
+    assert (
+        epsilon_for([(per_round.noise_multiplier, per_round.sample_rate, one_round[2])] * 4, plan.delta) > 5
+    )
 
 
 def test_budget_exhausted_before_overspending(settings, tiny_config, tokenizer, frame):
@@ -116,3 +127,60 @@ def test_non_private_training_learns_separable_data(settings, tiny_config, token
     assert after["loss"] < before["loss"]
     assert after["accuracy"] > 0.9
     assert sum(c["support"] for c in after["per_class"].values()) == len(frame)
+
+
+def test_dp_noise_is_not_derived_from_the_seed(settings, tiny_config, tokenizer, frame):
+    data = tokenize(frame, tokenizer, LABELS, settings.max_length)
+
+    def adapter_after(s, plan):
+        model = build_model(s, LABELS, torch.device("cpu"), tiny_config)
+        train_local(model, data, s, plan=plan)
+        return torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])
+
+    private = settings.replace(max_steps=2, noise_multiplier=1.0)
+    plan = plan_privacy(private, len(data))
+    assert not torch.equal(adapter_after(private, plan), adapter_after(private, plan))
+    public = settings.replace(max_steps=2, target_epsilon=math.inf, lora_dropout=0.0)
+    public_model_a, public_model_b = adapter_after(public, None), adapter_after(public, None)
+    assert torch.allclose(public_model_a, public_model_b)  # non-private runs are reproducible
+
+
+def test_ghost_clipping_trains_and_accounts(settings, tiny_config, tokenizer, frame):
+    data = tokenize(frame, tokenizer, LABELS, settings.max_length)
+    s = settings.replace(max_steps=2, noise_multiplier=1.0, grad_sample_mode="ghost")
+    model = build_model(s, LABELS, torch.device("cpu"), tiny_config)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    result = train_local(model, data, s, plan=plan_privacy(s, len(data)))
+    assert result.steps == 2 and sum(h[2] for h in result.history) == 2
+    assert all(not torch.equal(v, dict(model.named_parameters())[n]) for n, v in before.items())
+
+
+def test_private_training_refuses_data_dependent_class_weights(settings, tiny_config, tokenizer, frame):
+    from fedllm.data import class_weights, loss_weights
+
+    private = settings.replace(target_epsilon=8.0, max_steps=1)
+    assert loss_weights(private, frame, LABELS) is None
+    assert loss_weights(private.replace(target_epsilon=math.inf), frame, LABELS) is not None
+    explicit = loss_weights(private.replace(class_weights="1,2,3"), frame, LABELS)
+    assert explicit.tolist() == [1.0, 2.0, 3.0]
+    with pytest.raises(ValueError, match="one positive weight per label"):
+        loss_weights(private.replace(class_weights="1,2"), frame, LABELS)
+    data = tokenize(frame, tokenizer, LABELS, settings.max_length)
+    model = build_model(private, LABELS, torch.device("cpu"), tiny_config)
+    with pytest.raises(ValueError, match="leak"):
+        train_local(
+            model,
+            data,
+            private,
+            plan=plan_privacy(private, len(data)),
+            class_weight=class_weights(frame, LABELS),
+        )
+
+
+def test_empty_splits_fail_clearly_or_score_zero(settings, tiny_config, tokenizer, frame):
+    empty = tokenize(frame.head(0), tokenizer, LABELS, settings.max_length)
+    model = build_model(settings, LABELS, torch.device("cpu"), tiny_config)
+    with pytest.raises(ValueError, match="empty"):
+        train_local(model, empty, settings.replace(target_epsilon=math.inf))
+    scores = evaluate(model, empty, LABELS)
+    assert scores["num_examples"] == 0 and scores["accuracy"] == 0.0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,10 +18,25 @@ from fedllm.train import train_local
 
 pytestmark = pytest.mark.slow
 
+OFFLINE_LOAD = """
+from fedllm.config import Settings
+from fedllm.model import build_model, count_parameters, load_tokenizer
+model = build_model(Settings(device="cpu"), ["a", "b", "c"])
+print(count_parameters(model)[1], load_tokenizer("")("hello world")["input_ids"])
+"""
 
-def test_embedded_minilm_loads_offline_and_trains_privately(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+def test_embedded_minilm_loads_with_the_hub_offline(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-hf-home")}
+    out = subprocess.run(
+        [sys.executable, "-c", OFFLINE_LOAD], env=env, capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[0] == "22789254"  # MiniLM-L6-H384 + 3-label head + LoRA r=8 on query/value
+    assert "[101, 7592, 2088, 102]" in out.stdout  # the uncased BERT vocabulary
+
+
+def test_embedded_minilm_is_pretrained_and_trains_privately():
     settings = Settings(max_length=64, batch_size=8, max_steps=1, target_epsilon=8.0, device="cpu")
     splits = load_splits(settings)
     model = build_model(settings, splits.labels, torch.device("cpu"))
