@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import socket
 import ssl
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
 from pathlib import Path
 
@@ -29,12 +31,17 @@ from fedllm.data import DataError, clean, read_table
 from fedllm.privacy import PrivacyLedger
 
 EXPLAIN = {
-    "2004": "this site's key is not registered with the federation: send its .pub file to the "
-    "operator (who runs `flwr supernode register`), then join again",
+    "2004": "the SuperLink refused to activate this site: its key is not registered (send the "
+    ".pub file to the operator, who runs `flwr supernode register`), or a SuperNode with this key "
+    "is still online elsewhere",
     "CERTIFICATE_VERIFY_FAILED": "the SuperLink's certificate is not signed by the CA given with "
     "--root-certificates: ask the operator for the federation's ca.crt",
     "UNAVAILABLE": "the SuperLink did not answer: check --superlink (host:port) and that it runs",
 }
+
+
+ACTIVATION_REFUSED = "[code: 2004]"
+ACTIVATION_WAIT_S = 15
 
 
 class SiteConfigError(RuntimeError):
@@ -128,6 +135,25 @@ def join(args: argparse.Namespace) -> int:
     check_superlink(args.superlink, args.root_certificates)
     Path(args.state_dir).mkdir(parents=True, exist_ok=True)
     cmd = supernode_command(args)
+    for attempt in range(args.activation_retries + 1):
+        code, output = _run_supernode(cmd)
+        if code == 0 or ACTIVATION_REFUSED not in output or attempt == args.activation_retries:
+            break
+        # after a crash the SuperLink keeps the old session online for up to 60 s
+        print(
+            f"activation refused; retrying in {ACTIVATION_WAIT_S} s "
+            f"({attempt + 1}/{args.activation_retries})",
+            flush=True,
+        )
+        time.sleep(ACTIVATION_WAIT_S)
+    if code != 0:
+        reason = next((why for key, why in EXPLAIN.items() if key in output), "see the log above")
+        print(f"site stopped (exit code {code}): {reason}", file=sys.stderr)
+    return code
+
+
+def _run_supernode(cmd: list[str]) -> tuple[int, str]:
+    """Run the SuperNode, echoing its output; SIGTERM/SIGINT are passed on so it can sign off."""
     print("starting: " + shlex.join(cmd), flush=True)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen: deque[str] = deque(maxlen=200)
@@ -138,15 +164,19 @@ def join(args: argparse.Namespace) -> int:
             sys.stdout.flush()
             seen.append(line)
 
+    def forward(signum, _frame) -> None:
+        proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     reader = threading.Thread(target=echo, daemon=True)
     reader.start()
-    code = proc.wait()
+    try:
+        code = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     reader.join(timeout=2)
-    if code != 0:
-        text = "".join(seen)
-        reason = next((why for key, why in EXPLAIN.items() if key in text), "see the log above")
-        print(f"site stopped (exit code {code}): {reason}", file=sys.stderr)
-    return code
+    return code, "".join(seen)
 
 
 def spend(args: argparse.Namespace) -> int:
@@ -192,6 +222,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     j.add_argument("--port", type=int, default=9094, help="local port of the SuperNode's own API")
     j.add_argument("--max-retries", type=int, default=10, help="reconnection attempts (0 = none)")
+    j.add_argument(
+        "--activation-retries",
+        type=int,
+        default=6,
+        help=f"rejoin attempts, {ACTIVATION_WAIT_S} s apart, when the SuperLink refuses activation",
+    )
     s = sub.add_parser("spend", help="print this site's privacy spend")
     s.add_argument("--state-dir", default="site-state")
     args = parser.parse_args(argv)
