@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from simulations.sweep import eps_label  # noqa: E402
 
@@ -30,6 +31,7 @@ def plot_rounds(curves: dict[float, list[list[float]]], central: list[float], pa
     if central:
         ax.axhline(_mean(central), color="black", linestyle="--", label="centralized, no DP")
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("test accuracy (server, held-out split)")
     ax.set_title(title)
     ax.set_ylim(0, 1.02)
