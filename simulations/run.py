@@ -69,32 +69,21 @@ PRESETS: dict[str, dict] = {
         "central-epochs": 5,
         "max-length": 128,
     },
-    "bbc-iid": {
-        "dataset": "bbc-news",
-        "sites": 5,
-        "sites-per-round": 5,
-        "rounds": 3,
-        "epochs": 1,
-        "partitioning": "iid",
-        "epsilons": "1,3,8,inf",
-        "seeds": "0,1,2",
-        "central-epochs": 2,
-        "max-length": 128,
-    },
-    "bbc-dirichlet": {
-        "dataset": "bbc-news",
-        "sites": 5,
-        "sites-per-round": 5,
-        "rounds": 3,
-        "epochs": 1,
-        "partitioning": "dirichlet",
-        "dirichlet-alpha": 0.5,
-        "epsilons": "1,3,8,inf",
-        "seeds": "0,1,2",
-        "central-epochs": 2,
-        "max-length": 128,
-    },
 }
+# the paper-style BBC sweeps differ only in how the articles are split over the sites
+_BBC_PAPER = {
+    "dataset": "bbc-news",
+    "sites": 5,
+    "sites-per-round": 5,
+    "rounds": 3,
+    "epochs": 1,
+    "epsilons": "1,3,8,inf",
+    "seeds": "0,1,2",
+    "central-epochs": 2,
+    "max-length": 128,
+}
+PRESETS["bbc-iid"] = {**_BBC_PAPER, "partitioning": "iid"}
+PRESETS["bbc-dirichlet"] = {**_BBC_PAPER, "partitioning": "dirichlet", "dirichlet-alpha": 0.5}
 SWEEP_KEYS = {
     "sites",
     "sites-per-round",
