@@ -1,6 +1,6 @@
 """What does DP-SGD cost per step? Same batches, same model, non-private vs Opacus modes.
 
-    python bench/dp_overhead.py [--steps 6] [--batch-size 32] [--max-length 128]
+    python bench/dp_overhead.py [--steps 6] [--batch-size 32] [--max-length 128] [--device cuda]
 
 Each mode runs in its own child process (so each peak RSS is its own) on the same BBC News
 batches and the embedded MiniLM + LoRA; the first step is a warm-up and is not timed.
@@ -18,7 +18,7 @@ import warnings
 MODES = ["non-private", "hooks", "functorch", "ghost"]
 
 
-def _run(mode: str, steps: int, batch_size: int, max_length: int, queue) -> None:
+def _run(mode: str, steps: int, batch_size: int, max_length: int, device: str, dataset: str, queue) -> None:
     import torch
     from opacus import PrivacyEngine
     from torch.nn import functional as F
@@ -30,13 +30,14 @@ def _run(mode: str, steps: int, batch_size: int, max_length: int, queue) -> None
 
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
-    settings = Settings(dataset="bbc-news", max_length=max_length, batch_size=batch_size)
+    settings = Settings(dataset=dataset, max_length=max_length, batch_size=batch_size)
     splits = load_splits(settings)
     data = tokenize(
         splits.train.head(batch_size * (steps + 1)), load_tokenizer(""), splits.labels, max_length
     )
     loader = DataLoader(Subset(data, range(len(data))), batch_size=batch_size, shuffle=False)
-    model = build_model(settings, splits.labels, torch.device("cpu"))
+    model = build_model(settings, splits.labels, torch.device(device))
+    cuda = torch.device(device).type == "cuda"
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     criterion = torch.nn.CrossEntropyLoss()
     net = model
@@ -57,17 +58,29 @@ def _run(mode: str, steps: int, batch_size: int, max_length: int, queue) -> None
     net.train()  # Opacus records activations in training mode only
     times = []
     for input_ids, mask, labels in loader:
+        input_ids, mask, labels = input_ids.to(device), mask.to(device), labels.to(device)
         start = time.perf_counter()
         logits = net(input_ids=input_ids, attention_mask=mask).logits
         loss = criterion(logits, labels) if mode == "ghost" else F.cross_entropy(logits, labels)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     timed = times[1:]
     step = sum(timed) / len(timed)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    queue.put({"mode": mode, "step_s": step, "samples_s": batch_size / step, "peak_rss_mb": peak_mb})
+    gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if cuda else 0.0
+    queue.put(
+        {
+            "mode": mode,
+            "step_s": step,
+            "samples_s": batch_size / step,
+            "peak_rss_mb": peak_mb,
+            "gpu_mb": gpu_mb,
+        }
+    )
 
 
 def main() -> None:
@@ -78,12 +91,17 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1")
+    parser.add_argument("--dataset", default="bbc-news", help="bbc-news, drug-reviews or a data file")
     args = parser.parse_args()
     ctx = mp.get_context("spawn")
     results = []
     for mode in args.modes.split(","):
         queue = ctx.Queue()
-        proc = ctx.Process(target=_run, args=(mode, args.steps, args.batch_size, args.max_length, queue))
+        proc = ctx.Process(
+            target=_run,
+            args=(mode, args.steps, args.batch_size, args.max_length, args.device, args.dataset, queue),
+        )
         proc.start()
         proc.join()
         if proc.exitcode != 0:
@@ -91,13 +109,19 @@ def main() -> None:
             continue
         results.append(queue.get())
     base = next((r for r in results if r["mode"] == "non-private"), None)
-    print(f"batch {args.batch_size}, max length {args.max_length}, {args.steps} timed steps per mode")
-    print(f"{'mode':12s} {'samples/s':>10s} {'s/step':>8s} {'DP/non-DP':>10s} {'peak RSS MB':>12s}")
+    print(
+        f"{args.device}, batch {args.batch_size}, max length {args.max_length}, "
+        f"{args.steps} timed steps per mode"
+    )
+    print(
+        f"{'mode':12s} {'samples/s':>10s} {'s/step':>8s} {'DP/non-DP':>10s} "
+        f"{'peak RSS MB':>12s} {'GPU MB':>8s}"
+    )
     for r in results:
         ratio = r["step_s"] / base["step_s"] if base else float("nan")
         print(
             f"{r['mode']:12s} {r['samples_s']:10.2f} {r['step_s']:8.3f} {ratio:10.2f} "
-            f"{r['peak_rss_mb']:12.0f}"
+            f"{r['peak_rss_mb']:12.0f} {r['gpu_mb']:8.0f}"
         )
 
 

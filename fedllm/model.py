@@ -97,6 +97,8 @@ def build_base_model(
             num_labels=len(labels),
             id2label=id2label,
             label2id=label2id,
+            # DP-SGD and LoRA train in float32, whatever dtype a hub checkpoint was saved in
+            dtype=torch.float32,
         )
     model.bert.embeddings.requires_grad_(False)
     return model

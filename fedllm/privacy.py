@@ -102,13 +102,14 @@ def epsilon_for(history: list, delta: float, mechanism: str = "prv") -> float:
     return float(accountant.get_epsilon(delta=delta))
 
 
-def entropy_generator() -> torch.Generator:
-    """A generator seeded from the operating system's entropy.
+def entropy_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on ``device`` seeded from the operating system's entropy.
 
     DP-SGD's guarantee needs noise and Poisson sampling that nobody can predict: never derive
-    them from a configured seed (which the server, who sees the updates, also knows).
+    them from a configured seed (which the server, who sees the updates, also knows). The noise
+    generator must live on the device of the gradients it perturbs (a GPU at a GPU site).
     """
-    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+    return torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(8), "little"))
 
 
 def make_private(
@@ -122,10 +123,10 @@ def make_private(
 ):
     """Attach DP-SGD: Poisson sampling, per-sample clipping, noise; restore the site's accountant.
 
-    Noise and sampling draw from OS entropy (``entropy_generator``). ``criterion`` is used by
-    the ghost-clipping mode. Returns what Opacus' ``make_private`` returns, after the engine:
-    ``(engine, model, optimizer, loader)`` or, for ghost, ``(engine, model, optimizer,
-    criterion, loader)``.
+    Noise (on the model's device) and sampling draw from OS entropy (``entropy_generator``).
+    ``criterion`` is used by the ghost-clipping mode. Returns what Opacus' ``make_private``
+    returns, after the engine: ``(engine, model, optimizer, loader)`` or, for ghost,
+    ``(engine, model, optimizer, criterion, loader)``.
     """
     engine = PrivacyEngine(accountant=plan.accountant)
     if history:
@@ -137,7 +138,7 @@ def make_private(
         optimizer=optimizer,
         criterion=criterion if criterion is not None else torch.nn.CrossEntropyLoss(),
         data_loader=loader,
-        noise_generator=entropy_generator(),
+        noise_generator=entropy_generator(next(model.parameters()).device),
         noise_multiplier=plan.noise_multiplier,
         max_grad_norm=settings.max_grad_norm,
         poisson_sampling=True,

@@ -24,6 +24,8 @@ TINY = BertConfig(
     max_position_embeddings=64,
 )
 LABELS = ["negative", "neutral", "positive"]
+# The library tests run on the CPU; FEDLLM_TEST_DEVICE=cuda runs the same tests on a GPU.
+DEVICE = torch.device(os.environ.get("FEDLLM_TEST_DEVICE", "cpu"))
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +40,7 @@ def tokenizer():
 
 @pytest.fixture
 def settings() -> Settings:
-    return Settings(max_length=32, batch_size=8, epochs=1, lr=1e-2, seed=0, device="cpu")
+    return Settings(max_length=32, batch_size=8, epochs=1, lr=1e-2, seed=0, device=str(DEVICE))
 
 
 @pytest.fixture

@@ -18,18 +18,18 @@ from fedllm.adapters import (
 )
 from fedllm.model import build_base_model, build_model, load_trained
 
-from .conftest import LABELS
+from .conftest import DEVICE, LABELS
 
 
 @pytest.fixture
 def model(settings, tiny_config):
-    return build_model(settings, LABELS, torch.device("cpu"), tiny_config)
+    return build_model(settings, LABELS, DEVICE, tiny_config)
 
 
 def test_round_trip_is_exact(settings, tiny_config, model):
     rng = np.random.default_rng(0)
     sent = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in get_adapter_arrays(model).items()}
-    other = build_model(settings.replace(seed=1), LABELS, torch.device("cpu"), tiny_config)
+    other = build_model(settings.replace(seed=1), LABELS, DEVICE, tiny_config)
     set_adapter_arrays(other, list(sent.values()))
     received = get_adapter_arrays(other)
     assert list(received) == list(sent)
@@ -81,8 +81,8 @@ def test_saved_adapter_loads_with_plain_peft(settings, tiny_config, model, tmp_p
     )
     save_adapter(model, tmp_path, LABELS)
     base = build_base_model(settings, LABELS, tiny_config)
-    loaded = PeftModel.from_pretrained(base, str(tmp_path))
-    ids = torch.randint(0, 1000, (2, 10))
+    loaded = PeftModel.from_pretrained(base.to(DEVICE), str(tmp_path))
+    ids = torch.randint(0, 1000, (2, 10), device=DEVICE)
     mask = torch.ones_like(ids)
     model.eval(), loaded.eval()
     with torch.no_grad():
@@ -98,7 +98,7 @@ def test_update_is_far_smaller_than_full_model(model):
 
 def test_load_trained_rebuilds_the_scored_model(settings, tiny_checkpoint, tmp_path):
     s = settings.replace(model=str(tiny_checkpoint))
-    model = build_model(s, LABELS, torch.device("cpu"))
+    model = build_model(s, LABELS, DEVICE)
     rng = np.random.default_rng(2)
     set_adapter_arrays(
         model, {k: rng.normal(size=v.shape).astype(np.float32) for k, v in get_adapter_arrays(model).items()}
@@ -106,7 +106,7 @@ def test_load_trained_rebuilds_the_scored_model(settings, tiny_checkpoint, tmp_p
     save_adapter(model, tmp_path / "adapter", LABELS)
     loaded, labels = load_trained(tmp_path / "adapter", s)
     assert labels == LABELS
-    ids = torch.randint(0, 1000, (2, 12))
+    ids = torch.randint(0, 1000, (2, 12), device=DEVICE)
     mask = torch.ones_like(ids)
     model.eval()
     with torch.no_grad():

@@ -14,7 +14,7 @@ from fedllm.model import build_model
 from fedllm.privacy import BudgetExhaustedError, epsilon_for, plan_privacy
 from fedllm.train import FrozenTrainingError, evaluate, train_local
 
-from .conftest import LABELS
+from .conftest import DEVICE, LABELS
 
 
 def _snapshot(model):
@@ -22,7 +22,7 @@ def _snapshot(model):
 
 
 def test_only_lora_and_head_train(settings, tiny_config):
-    model = build_model(settings, LABELS, torch.device("cpu"), tiny_config)
+    model = build_model(settings, LABELS, DEVICE, tiny_config)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable, "nothing trainable"
     assert all("lora_" in n or "classifier" in n for n in trainable), trainable
@@ -30,7 +30,7 @@ def test_only_lora_and_head_train(settings, tiny_config):
 
 
 def test_private_step_changes_lora_not_frozen_weights(settings, tiny_config, tokenizer, frame):
-    model = build_model(settings, LABELS, torch.device("cpu"), tiny_config)
+    model = build_model(settings, LABELS, DEVICE, tiny_config)
     data = tokenize(frame, tokenizer, LABELS, settings.max_length)
     before = _snapshot(model)
     s = settings.replace(max_steps=1, target_epsilon=8.0)
@@ -49,7 +49,7 @@ def test_epsilon_grows_and_matches_opacus_accountant(settings, tiny_config, toke
     data = tokenize(frame, tokenizer, LABELS, settings.max_length)
     s = settings.replace(noise_multiplier=1.1, max_steps=3, accountant="rdp")
     plan = plan_privacy(s, len(data), planned_rounds=3)
-    model = build_model(s, LABELS, torch.device("cpu"), tiny_config)
+    model = build_model(s, LABELS, DEVICE, tiny_config)
     history, epsilons = [], []
     for _ in range(3):
         result = train_local(model, data, s, plan=plan, history=history)
@@ -90,7 +90,7 @@ def test_budget_exhausted_before_overspending(settings, tiny_config, tokenizer, 
     data = tokenize(frame, tokenizer, LABELS, settings.max_length)
     s = settings.replace(target_epsilon=2.0, max_steps=2)
     plan = plan_privacy(s, len(data), planned_rounds=1)
-    model = build_model(s, LABELS, torch.device("cpu"), tiny_config)
+    model = build_model(s, LABELS, DEVICE, tiny_config)
     first = train_local(model, data, s, plan=plan)
     assert first.epsilon <= 2.0 + 1e-6
     with pytest.raises(BudgetExhaustedError, match="target 2.0"):
@@ -101,7 +101,7 @@ def test_empty_poisson_batches_are_noisy_accounted_steps(settings, tiny_config, 
     data = tokenize(frame.head(20), tokenizer, LABELS, settings.max_length)
     s = settings.replace(batch_size=1, max_steps=30, noise_multiplier=1.0)
     plan = plan_privacy(s, len(data))
-    model = build_model(s, LABELS, torch.device("cpu"), tiny_config)
+    model = build_model(s, LABELS, DEVICE, tiny_config)
     result = train_local(model, data, s, plan=plan)
     assert result.steps == 30
     assert result.empty_batches > 0  # P(no empty batch in 30 steps at q=0.05) < 1e-4
@@ -111,7 +111,7 @@ def test_empty_poisson_batches_are_noisy_accounted_steps(settings, tiny_config, 
 def test_guard_fails_loudly_when_weights_do_not_move(settings, tiny_config, tokenizer, frame, monkeypatch):
     data = tokenize(frame, tokenizer, LABELS, settings.max_length)
     s = settings.replace(max_steps=1, target_epsilon=math.inf)
-    model = build_model(s, LABELS, torch.device("cpu"), tiny_config)
+    model = build_model(s, LABELS, DEVICE, tiny_config)
     monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, closure=None: None)
     with pytest.raises(FrozenTrainingError):
         train_local(model, data, s)
@@ -120,7 +120,7 @@ def test_guard_fails_loudly_when_weights_do_not_move(settings, tiny_config, toke
 def test_non_private_training_learns_separable_data(settings, tiny_config, tokenizer, frame):
     data = tokenize(frame, tokenizer, LABELS, settings.max_length)
     s = settings.replace(epochs=8, lr=2e-2, target_epsilon=math.inf)
-    model = build_model(s, LABELS, torch.device("cpu"), tiny_config)
+    model = build_model(s, LABELS, DEVICE, tiny_config)
     before = evaluate(model, data, LABELS)
     train_local(model, data, s)
     after = evaluate(model, data, LABELS)
@@ -133,7 +133,7 @@ def test_dp_noise_is_not_derived_from_the_seed(settings, tiny_config, tokenizer,
     data = tokenize(frame, tokenizer, LABELS, settings.max_length)
 
     def adapter_after(s, plan):
-        model = build_model(s, LABELS, torch.device("cpu"), tiny_config)
+        model = build_model(s, LABELS, DEVICE, tiny_config)
         train_local(model, data, s, plan=plan)
         return torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])
 
@@ -148,7 +148,7 @@ def test_dp_noise_is_not_derived_from_the_seed(settings, tiny_config, tokenizer,
 def test_ghost_clipping_trains_and_accounts(settings, tiny_config, tokenizer, frame):
     data = tokenize(frame, tokenizer, LABELS, settings.max_length)
     s = settings.replace(max_steps=2, noise_multiplier=1.0, grad_sample_mode="ghost")
-    model = build_model(s, LABELS, torch.device("cpu"), tiny_config)
+    model = build_model(s, LABELS, DEVICE, tiny_config)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
     result = train_local(model, data, s, plan=plan_privacy(s, len(data)))
     assert result.steps == 2 and sum(h[2] for h in result.history) == 2
@@ -166,7 +166,7 @@ def test_private_training_refuses_data_dependent_class_weights(settings, tiny_co
     with pytest.raises(ValueError, match="one positive weight per label"):
         loss_weights(private.replace(class_weights="1,2"), frame, LABELS)
     data = tokenize(frame, tokenizer, LABELS, settings.max_length)
-    model = build_model(private, LABELS, torch.device("cpu"), tiny_config)
+    model = build_model(private, LABELS, DEVICE, tiny_config)
     with pytest.raises(ValueError, match="leak"):
         train_local(
             model,
@@ -179,7 +179,7 @@ def test_private_training_refuses_data_dependent_class_weights(settings, tiny_co
 
 def test_empty_splits_fail_clearly_or_score_zero(settings, tiny_config, tokenizer, frame):
     empty = tokenize(frame.head(0), tokenizer, LABELS, settings.max_length)
-    model = build_model(settings, LABELS, torch.device("cpu"), tiny_config)
+    model = build_model(settings, LABELS, DEVICE, tiny_config)
     with pytest.raises(ValueError, match="empty"):
         train_local(model, empty, settings.replace(target_epsilon=math.inf))
     scores = evaluate(model, empty, LABELS)
