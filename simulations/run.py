@@ -114,6 +114,14 @@ def parse_args(argv: list[str] | None) -> dict:
     add("--sites-per-round", type=int, help="sites sampled each round")
     add("--rounds", type=int, help="federated rounds")
     add("--epochs", type=int, help="local epochs per round")
+    add(
+        "--local-steps",
+        type=int,
+        dest="max_steps",
+        metavar="N",
+        help="local steps per round instead of whole epochs (0 = epochs); the centralized baseline "
+        "always trains whole epochs",
+    )
     add("--central-epochs", type=int, help="epochs of the centralized baseline")
     add("--no-centralized", action="store_true", default=None, help="skip the centralized baseline")
     add("--partitioning", choices=["iid", "dirichlet", "natural"])
@@ -227,6 +235,7 @@ def run_sweep(config: dict) -> Path:
                     noise_multiplier=0.0,
                     seed=point.seed,
                     epochs=int(config.get("central-epochs", 1)),
+                    max_steps=0,
                 )
                 run_centralized(central, run_dir, progress=False)
             else:
@@ -285,6 +294,11 @@ def run_sweep(config: dict) -> Path:
     return out
 
 
+def _local_work(config: dict) -> str:
+    steps = int(config.get("max-steps", 0) or 0)
+    return f"{steps} local steps" if steps else f"{config.get('epochs', 1)} local epoch(s)"
+
+
 def report(out: Path, points: list[Point], config: dict, wall: float | None = None) -> None:
     """Write results, summary and plots from every finished point (cheap; no training)."""
     points_dir = out / "points"
@@ -307,7 +321,7 @@ def report(out: Path, points: list[Point], config: dict, wall: float | None = No
         "",
         f"Machine: {machine}." + (f" Sweep wall time (this invocation): {wall:.0f} s." if wall else ""),
         "",
-        f"Rounds {config.get('rounds')}, local epochs {config.get('epochs', 1)}, batch size "
+        f"Rounds {config.get('rounds')}, {_local_work(config)} per round, batch size "
         f"{config.get('batch-size', 32)}, {config.get('sites-per-round')} of "
         f"{config.get('sites')} sites per round; ε is per site, for its whole planned "
         "training (δ ≤ 1e-5). Scores: server-side, "

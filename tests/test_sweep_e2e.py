@@ -37,8 +37,8 @@ def test_miniature_sweep_writes_table_and_plots_and_resumes(tiny_checkpoint, tmp
         "32",
         "--batch-size",
         "16",
-        "--set",
-        "max-steps=2",
+        "--local-steps",
+        "2",
         "--out",
         str(tmp_path / "sweep"),
     ]
@@ -61,6 +61,10 @@ def test_miniature_sweep_writes_table_and_plots_and_resumes(tiny_checkpoint, tmp
     sites = [s for line in log.read_text().splitlines() for s in json.loads(line).get("sites", {}).values()]
     assert len(sites) == 3
     assert all(0 < s["epsilon"] <= 3.0 + 1e-6 for s in sites)
+    assert all(s["steps"] == 2 for s in sites)  # --local-steps caps each site's round
+    # ... but not the centralized baseline, which trains a whole epoch
+    central = json.loads((out / "points" / "centralized-epsinf-seed0" / "result.json").read_text())
+    assert central["steps"] > 2
     private = next(r for r in rows if r["point"] == "federated-eps3-seed0")
     assert float(private["epsilon_max"]) <= 3.0 + 1e-6
     assert math.isinf(float(next(r for r in rows if r["point"] == "federated-epsinf-seed0")["epsilon_max"]))
