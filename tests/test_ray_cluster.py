@@ -11,36 +11,38 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from simulations.engine import SimulationLink, free_port
+from simulations.engine import SimulationLink, free_port, start_process, stop_process, wait_for_port
 
 pytestmark = pytest.mark.slow
 
 
-def _ray(*args: str) -> subprocess.CompletedProcess:
-    ray = Path(sys.executable).parent / "ray"
-    return subprocess.run([str(ray), *args], capture_output=True, text=True, timeout=120, check=False)
-
-
 @pytest.fixture
-def ray_cluster(monkeypatch):
-    # Ray's session sockets live under the temp dir, whose path must stay short
-    temp_dir = Path(f"/tmp/fedllm-ray-{os.getpid()}")
+def ray_cluster(monkeypatch, tmp_path):
+    """A Ray head node of our own, stopped as one process group (``ray stop`` would end every
+    Ray instance on the machine, a sweep running beside the tests included)."""
+    temp_dir = Path(f"/tmp/fedllm-ray-{os.getpid()}")  # Ray's socket paths must stay short
     port = free_port()
-    started = _ray(
-        "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
-        "--disable-usage-stats", f"--temp-dir={temp_dir}",
+    head = start_process(
+        [
+            str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
+            "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}",
+        ],
+        tmp_path / "ray-head.log",
+        dict(os.environ),
+        tmp_path,
     )  # fmt: skip
-    assert started.returncode == 0, started.stdout + started.stderr
-    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
-    yield temp_dir
-    _ray("stop", "--force")
-    shutil.rmtree(temp_dir, ignore_errors=True)
+    try:
+        wait_for_port(port, head, f"Ray head (log: {tmp_path / 'ray-head.log'})", timeout=120)
+        monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+        yield temp_dir
+    finally:
+        stop_process(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_simulation_runs_its_sites_in_an_existing_ray_cluster(ray_cluster, tiny_checkpoint, tmp_path):
