@@ -95,6 +95,7 @@ SWEEP_KEYS = {
     "dirichlet-alpha",
     "partition-column",
     "no-centralized",
+    "site-eval",
     "preset",
     "cpus-per-site",
     "gpus-per-site",
@@ -124,6 +125,13 @@ def parse_args(argv: list[str] | None) -> dict:
     )
     add("--central-epochs", type=int, help="epochs of the centralized baseline")
     add("--no-centralized", action="store_true", default=None, help="skip the centralized baseline")
+    add(
+        "--site-eval",
+        action="store_true",
+        default=None,
+        help="also score the global adapter on every sampled site's local test split each round "
+        "(off: the results use the server's held-out test split only, and rounds are ~15%% faster)",
+    )
     add("--partitioning", choices=["iid", "dirichlet", "natural"])
     add("--dirichlet-alpha", type=float)
     add("--partition-column")
@@ -247,7 +255,7 @@ def run_sweep(config: dict) -> Path:
                     "seed": point.seed,
                     "num-server-rounds": rounds,
                     "fraction-train": per_round / sites,
-                    "fraction-evaluate": per_round / sites,
+                    "fraction-evaluate": per_round / sites if config.get("site-eval") else 0.0,
                     "min-train-nodes": per_round,
                     "min-available-nodes": sites,
                     "partitioning": config.get("partitioning", "iid"),
