@@ -122,6 +122,7 @@ def train(msg: Message, context: Context) -> Message:
         history=_history(context, ledger),
         class_weight=loss_weights(settings, site.train, labels),
         seed_offset=server_round,
+        round_of=(server_round, rounds),
     )
     if plan is not None:
         context.state[STATE_KEY] = ConfigRecord({"history": json.dumps(result.history)})

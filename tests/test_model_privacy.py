@@ -12,7 +12,7 @@ from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from fedllm.data import tokenize
 from fedllm.model import build_model
 from fedllm.privacy import BudgetExhaustedError, epsilon_for, plan_privacy
-from fedllm.train import FrozenTrainingError, evaluate, train_local
+from fedllm.train import FrozenTrainingError, evaluate, lr_schedule, train_local
 
 from .conftest import DEVICE, LABELS
 
@@ -184,3 +184,12 @@ def test_empty_splits_fail_clearly_or_score_zero(settings, tiny_config, tokenize
         train_local(model, empty, settings.replace(target_epsilon=math.inf))
     scores = evaluate(model, empty, LABELS)
     assert scores["num_examples"] == 0 and scores["accuracy"] == 0.0
+
+
+def test_linear_schedule_decays_over_all_planned_rounds(settings):
+    # round 2 of 3, 3 local steps: the factor continues where round 1 stopped
+    second = lr_schedule(settings, 3, round_index=2, num_rounds=3)
+    assert [second(step) for step in range(3)] == pytest.approx([6 / 9, 5 / 9, 4 / 9])
+    assert lr_schedule(settings, 3, round_index=3, num_rounds=3)(3) == 0.0  # ends at 0
+    assert lr_schedule(settings, 10)(5) == pytest.approx(0.5)  # one (centralized) training
+    assert lr_schedule(settings.replace(schedule="constant"), 3, 2, 3)(2) == 1.0
