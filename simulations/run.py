@@ -20,6 +20,7 @@ import math
 import os
 import platform
 import shutil
+import signal
 import sys
 import time
 import tomllib
@@ -345,9 +346,16 @@ def report(out: Path, points: list[Point], config: dict, wall: float | None = No
     (out / "summary.md").write_text("\n".join(lines))
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry."""
     config = parse_args(argv)
+    # `kill` (or a CI timeout) stops a sweep as Ctrl-C does: finished points kept, the
+    # simulation SuperLink and its Ray workers stopped
+    signal.signal(signal.SIGTERM, _interrupt)
     out = run_sweep(config)
     print(
         f"results: {out / 'results.csv'}  summary: {out / 'summary.md'}  plots: "
