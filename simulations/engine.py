@@ -77,6 +77,9 @@ class FlowerCLI:
             "FLWR_DISABLE_UPDATE_CHECK": "1",
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
             "RAY_DEDUP_LOGS": "0",
+            # the SuperLink starts `flower-superexec` by name: find it next to this interpreter
+            # even when the venv is not activated (`.venv/bin/python -m simulations.run`)
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         }
 
     def write_connection(self, address: str, root_certificates: str | None = None) -> None:
