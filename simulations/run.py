@@ -301,7 +301,8 @@ def run_sweep(config: dict) -> Path:
         bar.close()
         if link is not None:
             link.__exit__(None, None, None)
-    report(out, points, config, wall=time.perf_counter() - start)
+    # a rerun that trained nothing keeps no wall time of its own: the summary's point times stand
+    report(out, points, config, wall=time.perf_counter() - start if todo else None)
     return out
 
 
@@ -325,12 +326,16 @@ def report(out: Path, points: list[Point], config: dict, wall: float | None = No
     plot_rounds(curves, central, out / "accuracy_vs_round.png", title)
     plot_budget(rows, out / "accuracy_vs_epsilon.png", title)
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {sys.version.split()[0]}"
+    trained = sum(r["wall_seconds"] for r in rows)
+    timing = f" Wall time summed over the {len(rows)} finished points: {trained:.0f} s."
+    if wall:
+        timing += f" This invocation: {wall:.0f} s."
     lines = [
         f"# Privacy sweep: {title}",
         "",
         f"Command: `python -m simulations.run {' '.join(sys.argv[1:])}`".rstrip(),
         "",
-        f"Machine: {machine}." + (f" Sweep wall time (this invocation): {wall:.0f} s." if wall else ""),
+        f"Machine: {machine}.{timing}",
         "",
         f"Rounds {config.get('rounds')}, {_local_work(config)} per round, batch size "
         f"{config.get('batch-size', 32)}, {config.get('sites-per-round')} of "

@@ -5,7 +5,14 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import signal
+import socket
+import subprocess
+import sys
 import time
+import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -54,7 +61,9 @@ def test_miniature_sweep_writes_table_and_plots_and_resumes(tiny_checkpoint, tmp
     }
     for name in ("accuracy_vs_round.png", "accuracy_vs_epsilon.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| federated | 3 |" in (out / "summary.md").read_text()
+    summary = (out / "summary.md").read_text()
+    assert "| federated | 3 |" in summary
+    assert "Wall time summed over the 3 finished points" in summary and "This invocation" in summary
 
     # every site spent at most its target
     log = out / "points" / "federated-eps3-seed0" / "metrics.jsonl"
@@ -75,3 +84,61 @@ def test_miniature_sweep_writes_table_and_plots_and_resumes(tiny_checkpoint, tmp
     run_sweep(parse_args(argv))
     assert time.perf_counter() - start < 20
     assert {p.name: p.stat().st_mtime for p in (out / "points").iterdir()} == before
+    # ... and keeps the measured point times in the summary, adding no wall time of its own
+    summary = (out / "summary.md").read_text()
+    assert "Wall time summed over the 3 finished points" in summary
+    assert "This invocation" not in summary
+
+    # SIGTERM (kill, a CI timeout) stops a sweep as Ctrl-C does: finished points kept, the
+    # interrupted one set aside, no SuperLink or Ray worker left behind
+    more = [*argv[: argv.index("--seeds") + 1], "0,1", *argv[argv.index("--seeds") + 2 :]]
+    stdout = tmp_path / "resume.out"
+    with stdout.open("w") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "simulations.run", *more],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            start_new_session=True,
+        )
+    running = out / "points" / "federated-epsinf-seed1"
+    deadline = time.monotonic() + 300
+    while not running.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert running.exists(), stdout.read_text()[-3000:]
+    flwr_home = f"FLWR_HOME={out / '.flwr'}"
+    assert _processes_with(flwr_home), "the check below would see the SuperLink's processes"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 130, stdout.read_text()[-3000:]
+    assert "interrupted: finished points are kept" in stdout.read_text()
+    assert (out / "points" / "centralized-epsinf-seed1" / "result.json").exists()
+    assert not (out / "points" / "federated-epsinf-seed1" / "result.json").exists()
+    for name, mtime in before.items():
+        assert (out / "points" / name).stat().st_mtime == mtime
+    address = tomllib.loads((out / ".flwr" / "config.toml").read_text())["superlink"]["sim"]["address"]
+    host, port = address.rsplit(":", 1)
+    with pytest.raises(OSError):
+        socket.create_connection((host, int(port)), timeout=2).close()
+    # the SuperLink, its SuperExec and the Ray workers run in sessions of their own; all of them
+    # carry the sweep's FLWR_HOME. The simulation process and Ray notice within seconds that the
+    # SuperLink is gone and exit; none may be left after that
+    deadline = time.monotonic() + 60
+    while _processes_with(flwr_home) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert _processes_with(flwr_home) == []
+
+
+def _processes_with(variable: str) -> list[str]:
+    """Command lines of the live processes whose environment holds ``variable`` (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:  # exited while we looked, or not ours to read
+            continue
+        if variable.encode() in environ:
+            found.append(cmdline.decode(errors="replace"))
+    return found
