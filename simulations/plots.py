@@ -20,14 +20,21 @@ def _mean(values):
 
 
 def plot_rounds(curves: dict[float, list[list[float]]], central: list[float], path: Path, title: str) -> Path:
-    """Server test accuracy vs round, one line per target epsilon (mean over seeds)."""
+    """Server test accuracy vs round, one line per target epsilon (mean ± std over seeds)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for eps in sorted(curves, key=lambda e: (math.isinf(e), e)):
         runs = curves[eps]
         length = min(len(c) for c in runs)
         mean = [_mean([c[i] for c in runs]) for i in range(length)]
         label = "federated, no DP" if math.isinf(eps) else f"federated, ε = {eps_label(eps)}"
-        ax.plot(range(length), mean, marker="o", label=label)
+        if len(runs) > 1:  # mean over seeds, with a ±1 std band
+            label += f" ({len(runs)} seeds)"
+        (line,) = ax.plot(range(length), mean, marker="o", label=label)
+        if len(runs) > 1:
+            std = [statistics.stdev([c[i] for c in runs]) for i in range(length)]
+            low = [m - s for m, s in zip(mean, std, strict=True)]
+            high = [m + s for m, s in zip(mean, std, strict=True)]
+            ax.fill_between(range(length), low, high, color=line.get_color(), alpha=0.15)
     if central:
         ax.axhline(_mean(central), color="black", linestyle="--", label="centralized, no DP")
     ax.set_xlabel("round")
@@ -56,7 +63,8 @@ def plot_budget(rows: list[dict], path: Path, title: str) -> Path:
             means.append(_mean(vals))
             stds.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
         if finite:
-            ax.errorbar(finite, means, yerr=stds, marker="o", capsize=4, label="federated, DP-SGD")
+            label = "federated, DP-SGD (mean ± std)"
+            ax.errorbar(finite, means, yerr=stds, marker="o", capsize=4, label=label)
         for kind, style, label in (
             ("federated", ":", "federated, no DP"),
             ("centralized", "--", "centralized, no DP"),
