@@ -330,6 +330,11 @@ def report(out: Path, points: list[Point], config: dict, wall: float | None = No
     timing = f" Wall time summed over the {len(rows)} finished points: {trained:.0f} s."
     if wall:
         timing += f" This invocation: {wall:.0f} s."
+    if len(done) < len(points):
+        timing += (
+            f"\n\n**Partial: {len(done)} of {len(points)} planned points finished**; rerunning the "
+            "same command runs the rest."
+        )
     lines = [
         f"# Privacy sweep: {title}",
         "",

@@ -64,6 +64,7 @@ def test_miniature_sweep_writes_table_and_plots_and_resumes(tiny_checkpoint, tmp
     summary = (out / "summary.md").read_text()
     assert "| federated | 3 |" in summary
     assert "Wall time summed over the 3 finished points" in summary and "This invocation" in summary
+    assert "Partial" not in summary
 
     # every site spent at most its target
     log = out / "points" / "federated-eps3-seed0" / "metrics.jsonl"
@@ -112,6 +113,7 @@ def test_miniature_sweep_writes_table_and_plots_and_resumes(tiny_checkpoint, tmp
     assert proc.wait(timeout=120) == 130, stdout.read_text()[-3000:]
     assert "interrupted: finished points are kept" in stdout.read_text()
     assert (out / "points" / "centralized-epsinf-seed1" / "result.json").exists()
+    assert "Partial: 4 of 6 planned points finished" in (out / "summary.md").read_text()
     assert not (out / "points" / "federated-epsinf-seed1" / "result.json").exists()
     for name, mtime in before.items():
         assert (out / "points" / name).stat().st_mtime == mtime
