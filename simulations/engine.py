@@ -182,6 +182,27 @@ def stop_process(proc: subprocess.Popen | None, timeout: float = 20) -> None:
     proc.wait()
 
 
+def stop_processes_with_env(name: str, value: str, timeout: float = 10) -> None:
+    """SIGTERM, then SIGKILL, every process whose environment has ``name=value`` (Linux ``/proc``)."""
+    needle = f"{name}={value}".encode()
+
+    def matching() -> list[int]:
+        found = []
+        for entry in Path("/proc").glob("[0-9]*"):
+            with contextlib.suppress(OSError):  # exited meanwhile, or not ours to read
+                if needle in (entry / "environ").read_bytes().split(b"\0") and int(entry.name) != os.getpid():
+                    found.append(int(entry.name))
+        return found
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in matching():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + timeout
+        while matching() and time.monotonic() < deadline:
+            time.sleep(0.5)
+
+
 def wait_for_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 60) -> None:
     """Block until ``127.0.0.1:port`` accepts connections; fail early if ``proc`` died."""
     deadline = time.monotonic() + timeout
@@ -232,6 +253,9 @@ class SimulationLink(FlowerCLI):
 
     def __exit__(self, *exc) -> None:
         stop_process(self.proc)
+        # the simulation process and its Ray workers run in sessions of their own and would go on
+        # training the interrupted run until their next call to the (gone) SuperLink
+        stop_processes_with_env("FLWR_HOME", str(self.home))
 
     def simulate(
         self,
