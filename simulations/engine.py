@@ -182,24 +182,25 @@ def stop_process(proc: subprocess.Popen | None, timeout: float = 20) -> None:
     proc.wait()
 
 
-def stop_processes_with_env(name: str, value: str, timeout: float = 10) -> None:
-    """SIGTERM, then SIGKILL, every process whose environment has ``name=value`` (Linux ``/proc``)."""
+def processes_with_env(name: str, value: str) -> list[int]:
+    """PIDs of the live processes whose environment has ``name=value`` (Linux ``/proc``)."""
     needle = f"{name}={value}".encode()
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):  # exited meanwhile, or not ours to read
+            if needle in (entry / "environ").read_bytes().split(b"\0") and int(entry.name) != os.getpid():
+                found.append(int(entry.name))
+    return found
 
-    def matching() -> list[int]:
-        found = []
-        for entry in Path("/proc").glob("[0-9]*"):
-            with contextlib.suppress(OSError):  # exited meanwhile, or not ours to read
-                if needle in (entry / "environ").read_bytes().split(b"\0") and int(entry.name) != os.getpid():
-                    found.append(int(entry.name))
-        return found
 
+def stop_processes_with_env(name: str, value: str, timeout: float = 10) -> None:
+    """SIGTERM, then SIGKILL, every process whose environment has ``name=value``."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in matching():
+        for pid in processes_with_env(name, value):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
         deadline = time.monotonic() + timeout
-        while matching() and time.monotonic() < deadline:
+        while processes_with_env(name, value) and time.monotonic() < deadline:
             time.sleep(0.5)
 
 

@@ -12,10 +12,10 @@ import subprocess
 import sys
 import time
 import tomllib
-from pathlib import Path
 
 import pytest
 
+from simulations.engine import processes_with_env
 from simulations.run import parse_args, run_sweep
 from simulations.sweep import RESULT_COLUMNS
 
@@ -107,8 +107,8 @@ def test_miniature_sweep_writes_table_and_plots_and_resumes(tiny_checkpoint, tmp
     while not running.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.5)
     assert running.exists(), stdout.read_text()[-3000:]
-    flwr_home = f"FLWR_HOME={out / '.flwr'}"
-    assert _processes_with(flwr_home), "the check below would see the SuperLink's processes"
+    flwr_home = ("FLWR_HOME", str(out / ".flwr"))
+    assert processes_with_env(*flwr_home), "the check below would see the SuperLink's processes"
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 130, stdout.read_text()[-3000:]
     assert "interrupted: finished points are kept" in stdout.read_text()
@@ -125,22 +125,6 @@ def test_miniature_sweep_writes_table_and_plots_and_resumes(tiny_checkpoint, tmp
     # carry the sweep's FLWR_HOME, and the harness ends them (left alone they went on training the
     # interrupted point for minutes); none may be left
     deadline = time.monotonic() + 60
-    while _processes_with(flwr_home) and time.monotonic() < deadline:
+    while processes_with_env(*flwr_home) and time.monotonic() < deadline:
         time.sleep(1)
-    assert _processes_with(flwr_home) == []
-
-
-def _processes_with(variable: str) -> list[str]:
-    """Command lines of the live processes whose environment holds ``variable`` (Linux /proc)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
-        except OSError:  # exited while we looked, or not ours to read
-            continue
-        if variable.encode() in environ:
-            found.append(cmdline.decode(errors="replace"))
-    return found
+    assert processes_with_env(*flwr_home) == []
