@@ -105,8 +105,8 @@ SWEEP_KEYS = {
 }
 
 
-def parse_args(argv: list[str] | None) -> dict:
-    """Preset, then TOML config, then flags; returns one flat dict of hyphenated keys."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m simulations.run``."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -127,6 +127,13 @@ def parse_args(argv: list[str] | None) -> dict:
         "always trains whole epochs",
     )
     add("--central-epochs", type=int, help="epochs of the centralized baseline")
+    add(
+        "--cpus-per-site",
+        type=int,
+        help="CPUs reserved for each site's ClientApp (default 2): Ray trains cores / this many "
+        "sites at once",
+    )
+    add("--gpus-per-site", type=float, help="GPU share per site (0.25 puts four sites on a GPU)")
     add("--no-centralized", action="store_true", default=None, help="skip the centralized baseline")
     add(
         "--site-eval",
@@ -157,7 +164,12 @@ def parse_args(argv: list[str] | None) -> dict:
         metavar="KEY=VALUE",
         help="any other fine-tune setting",
     )
-    args = vars(parser.parse_args(argv))
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> dict:
+    """Preset, then TOML config, then flags; returns one flat dict of hyphenated keys."""
+    args = vars(build_parser().parse_args(argv))
     preset = args.pop("preset")
     config = {"preset": preset, **PRESETS[preset]}
     if args.get("config"):

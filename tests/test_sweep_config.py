@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
-from simulations.run import check_config, parse_args
+from simulations.run import build_parser, check_config, parse_args
 
 
 def test_unknown_keys_and_fixed_noise_are_refused(tmp_path):
@@ -23,3 +25,16 @@ def test_resuming_with_other_settings_is_refused_but_more_seeds_are_fine(tmp_pat
     with pytest.raises(SystemExit, match="rounds"):
         check_config(parse_args(["--rounds", "5"]), saved)
     assert json.loads(saved.read_text())["rounds"] == 3  # nothing was changed
+
+
+def test_every_flag_the_readme_documents_for_sweeps_is_accepted():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Privacy sweeps", 1)[1].split("\n## ", 1)[0]
+    code = section.split("```bash", 1)[1].split("```", 1)[0]  # the sweep commands
+    inline = " ".join(s for s in re.findall(r"`([^`\n]+)`", section) if s.startswith("--"))
+    documented = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*[a-z]", code + " " + inline))
+    known = set(build_parser()._option_string_actions)
+    assert documented, "the README's sweep section names no flags"
+    assert sorted(documented - known) == []
+    config = parse_args(["--cpus-per-site", "1", "--gpus-per-site", "0.25"])
+    assert (config["cpus-per-site"], config["gpus-per-site"]) == (1, 0.25)
