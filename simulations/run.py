@@ -196,8 +196,8 @@ def _write_results(out: Path, rows: list[dict]) -> None:
     (out / "results.json").write_text(json.dumps(rows, indent=2, default=str))
 
 
-# keys a resumed sweep may change: they only add or drop points
-EXTENDABLE = {"out", "seeds", "epsilons", "no-centralized"}
+# keys a resumed sweep may change: they only add or drop points, or say where the sites train
+EXTENDABLE = {"out", "seeds", "epsilons", "no-centralized", "cpus-per-site", "gpus-per-site"}
 
 
 def check_config(config: dict, saved: Path) -> None:

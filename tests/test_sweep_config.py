@@ -22,6 +22,7 @@ def test_resuming_with_other_settings_is_refused_but_more_seeds_are_fine(tmp_pat
     saved = tmp_path / "sweep-config.json"
     check_config(parse_args(["--rounds", "3"]), saved)
     check_config(parse_args(["--rounds", "3", "--seeds", "0,1,2", "--epsilons", "1,8,inf"]), saved)
+    check_config(parse_args(["--rounds", "3", "--gpus-per-site", "0.25", "--cpus-per-site", "1"]), saved)
     with pytest.raises(SystemExit, match="rounds"):
         check_config(parse_args(["--rounds", "5"]), saved)
     assert json.loads(saved.read_text())["rounds"] == 3  # nothing was changed
