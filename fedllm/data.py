@@ -312,6 +312,9 @@ def partition(
         raise DataError(f"{len(frame)} rows cannot be split over {num_partitions} sites")
     frame = frame.reset_index(drop=True)
     if scheme == "iid":
+        # IidPartitioner cuts contiguous shards and expects shuffled rows (FederatedDataset
+        # shuffles first); tables are often sorted by label, which would give each site one class
+        frame = frame.sample(frac=1.0, random_state=seed).reset_index(drop=True)
         partitioner = IidPartitioner(num_partitions=num_partitions)
     elif scheme == "dirichlet":
         min_size = max(1, min(10, len(frame) // (4 * num_partitions)))

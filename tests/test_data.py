@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -81,6 +82,17 @@ def test_partitions_cover_the_data(frame):
         parts = partition(frame, 3, scheme, alpha=0.5, seed=0)
         assert sum(len(p) for p in parts) == len(frame)
         assert all(len(p) > 0 for p in parts)
+
+
+def test_iid_sites_each_get_every_label_even_from_a_table_sorted_by_label():
+    labels = ["business", "sport", "tech", "politics"]
+    frame = pd.DataFrame({"text": [f"t{i}" for i in range(400)], "label": np.repeat(labels, 100)})
+    parts = partition(frame, 4, "iid", seed=0)
+    for part in parts:
+        shares = part["label"].value_counts(normalize=True)
+        assert set(shares.index) == set(labels)
+        assert shares.between(0.1, 0.4).all()
+    assert not parts[0]["text"].equals(partition(frame, 4, "iid", seed=1)[0]["text"])
 
 
 def test_natural_split_keeps_each_condition_at_one_site(frame):
