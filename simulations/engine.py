@@ -193,14 +193,50 @@ def processes_with_env(name: str, value: str) -> list[int]:
     return found
 
 
+def descendants(pids: set[int]) -> set[int]:
+    """The live descendants of ``pids`` (children, their children, ...), from Linux ``/proc``."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):  # exited meanwhile
+            # the fields after the command name, which is in parentheses and may hold spaces
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(entry.name))
+    found: set[int] = set()
+    todo = list(pids)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found and child not in pids:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def is_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (exists and is not a zombie)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def stop_processes_with_env(name: str, value: str, timeout: float = 10) -> None:
-    """SIGTERM, then SIGKILL, every process whose environment has ``name=value``."""
+    """SIGTERM, then SIGKILL, every process whose environment has ``name=value``, and their descendants.
+
+    Descendants count even without the variable: Ray's raylet starts its DashboardAgent and
+    RuntimeEnvAgent with an environment of their own, and they outlive a killed raylet. They are
+    gathered before the first signal, while the raylet is still their parent.
+    """
+    targets: set[int] = set()
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in processes_with_env(name, value):
+        targets |= set(processes_with_env(name, value))
+        targets |= descendants(targets)
+        targets.discard(os.getpid())
+        for pid in targets:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
         deadline = time.monotonic() + timeout
-        while processes_with_env(name, value) and time.monotonic() < deadline:
+        while any(is_alive(pid) for pid in targets) and time.monotonic() < deadline:
             time.sleep(0.5)
 
 

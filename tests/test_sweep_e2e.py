@@ -15,7 +15,7 @@ import tomllib
 
 import pytest
 
-from simulations.engine import processes_with_env
+from simulations.engine import descendants, is_alive, processes_with_env
 from simulations.run import parse_args, run_sweep
 from simulations.sweep import RESULT_COLUMNS
 
@@ -108,7 +108,10 @@ def test_miniature_sweep_writes_table_and_plots_and_resumes(tiny_checkpoint, tmp
         time.sleep(0.5)
     assert running.exists(), stdout.read_text()[-3000:]
     flwr_home = ("FLWR_HOME", str(out / ".flwr"))
-    assert processes_with_env(*flwr_home), "the check below would see the SuperLink's processes"
+    sweep = set(processes_with_env(*flwr_home))
+    assert sweep, "the check below would see the SuperLink's processes"
+    # with their children: some of Ray's (its agents) run without the sweep's FLWR_HOME
+    family = sweep | descendants(sweep)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 130, stdout.read_text()[-3000:]
     assert "interrupted: finished points are kept" in stdout.read_text()
@@ -125,3 +128,4 @@ def test_miniature_sweep_writes_table_and_plots_and_resumes(tiny_checkpoint, tmp
     # carry the sweep's FLWR_HOME, and the harness ends them before it exits (left alone they went
     # on training the interrupted point for minutes); none may be left
     assert processes_with_env(*flwr_home) == []
+    assert [pid for pid in family if is_alive(pid)] == []
