@@ -193,14 +193,18 @@ def processes_with_env(name: str, value: str) -> list[int]:
     return found
 
 
+def _stat_fields(pid: int | str) -> list[str]:
+    """The fields of ``/proc/<pid>/stat`` after the command name (which may hold spaces):
+    ``[state, parent pid, ...]``. Raises ``OSError`` once the process is gone."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def descendants(pids: set[int]) -> set[int]:
     """The live descendants of ``pids`` (children, their children, ...), from Linux ``/proc``."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").glob("[0-9]*"):
         with contextlib.suppress(OSError):  # exited meanwhile
-            # the fields after the command name, which is in parentheses and may hold spaces
-            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            children.setdefault(parent, []).append(int(entry.name))
+            children.setdefault(int(_stat_fields(entry.name)[1]), []).append(int(entry.name))
     found: set[int] = set()
     todo = list(pids)
     while todo:
@@ -214,10 +218,9 @@ def descendants(pids: set[int]) -> set[int]:
 def is_alive(pid: int) -> bool:
     """Whether ``pid`` runs (exists and is not a zombie)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        return _stat_fields(pid)[0] != "Z"
     except OSError:
         return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def stop_processes_with_env(name: str, value: str, timeout: float = 10) -> None:
@@ -232,8 +235,8 @@ def stop_processes_with_env(name: str, value: str, timeout: float = 10) -> None:
         targets |= set(processes_with_env(name, value))
         targets |= descendants(targets)
         targets.discard(os.getpid())
-        for pid in targets:
-            with contextlib.suppress(ProcessLookupError):
+        for pid in filter(is_alive, targets):
+            with contextlib.suppress(ProcessLookupError):  # exited since
                 os.kill(pid, sig)
         deadline = time.monotonic() + timeout
         while any(is_alive(pid) for pid in targets) and time.monotonic() < deadline:
