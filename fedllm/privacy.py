@@ -19,6 +19,7 @@ import torch
 from opacus import PrivacyEngine
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
+from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader
 
 from fedllm.config import Settings
@@ -127,6 +128,14 @@ def make_private(
     ``criterion`` is used by the ghost-clipping mode. Returns what Opacus' ``make_private``
     returns, after the engine: ``(engine, model, optimizer, loader)`` or, for ghost,
     ``(engine, model, optimizer, criterion, loader)``.
+
+    The accountant books ``plan.sample_rate``, the rate the Poisson sampler draws every example
+    with (``1 / ceil(n / B)``). Opacus would book ``1 / len(loader)`` instead, and its sampler
+    runs ``int(1 / q)`` batches per epoch: for some sizes (``ceil(n / B)`` = 93, 99, 105, ...)
+    that float rounds down, so it would book ``1 / (k - 1)`` and overstate the spend (n = 2960,
+    B = 32: epsilon 8.04 reported for a plan calibrated to 8). The mean-reduced gradient is
+    divided by the expected batch size ``n * q`` for the same reason (only the step size
+    depends on it, not the privacy).
     """
     engine = PrivacyEngine(accountant=plan.accountant)
     if history:
@@ -144,7 +153,28 @@ def make_private(
         poisson_sampling=True,
         grad_sample_mode=settings.grad_sample_mode,
     )
+    dp_optimizer, dp_loader = private[1], private[-1]
+    _book_realised_rate(engine, dp_optimizer, dp_loader, plan)
     return (engine, *private)
+
+
+def _book_realised_rate(
+    engine: PrivacyEngine, optimizer: DPOptimizer, loader: DataLoader, plan: PrivacyPlan
+) -> None:
+    """Make the accountant book the sampler's rate, which ``plan`` was calibrated for.
+
+    Raises ``RuntimeError`` when the sampler does not draw with ``plan.sample_rate``: training
+    would then spend a different epsilon than the one planned and reported.
+    """
+    realised = getattr(loader.batch_sampler, "sample_rate", None)
+    if realised != plan.sample_rate or getattr(loader, "sample_rate", None) != plan.sample_rate:
+        raise RuntimeError(
+            f"the Poisson sampler draws with q={realised}, the privacy plan assumes "
+            f"q={plan.sample_rate}: refusing to train with an accounting that does not match"
+        )
+    # replaces the hook make_private attached (which books 1 / len(loader))
+    optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate))
+    optimizer.expected_batch_size = len(loader.dataset) * plan.sample_rate
 
 
 def check_budget(plan: PrivacyPlan, history: list, next_steps: int) -> float:

@@ -1,0 +1,114 @@
+"""The accountant books exactly the Poisson rate the sampler realises, and every step it takes.
+
+Opacus' ``UniformWithReplacementSampler`` runs ``int(1 / q)`` batches per epoch; for some
+``k = ceil(n / B)`` the float ``1 / (1 / k)`` is just below ``k`` (93, 99, 105, ...), so the
+loader has ``k - 1`` batches and ``make_private`` books ``q = 1 / (k - 1)`` although the
+sampler draws every example with probability ``1 / k``. fedllm books the realised ``1 / k``.
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from opacus.data_loader import DPDataLoader
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedllm.config import Settings
+from fedllm.privacy import compact, epsilon_for, make_private, plan_privacy, steps_per_epoch
+from fedllm.train import train_local
+
+
+class TinyClassifier(nn.Module):
+    """A bag-of-embeddings classifier with BERT's call signature (``.logits``): fast under Opacus."""
+
+    def __init__(self, vocab: int = 16, classes: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, 4)
+        self.head = nn.Linear(4, classes)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> SimpleNamespace:
+        mask = attention_mask.unsqueeze(-1).float()
+        pooled = (self.embed(input_ids) * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return SimpleNamespace(logits=self.head(pooled))
+
+
+def _tiny_dataset(n: int) -> TensorDataset:
+    generator = torch.Generator().manual_seed(n)
+    ids = torch.randint(1, 16, (n, 3), generator=generator)
+    return TensorDataset(ids, torch.ones_like(ids), torch.randint(0, 3, (n,), generator=generator))
+
+
+def _miscounted(n: np.ndarray, batch_size: int) -> np.ndarray:
+    """Sizes whose Opacus sampler runs fewer batches than ``ceil(n / B)`` (Opacus' own formula)."""
+    k = np.maximum(1, -(-n // batch_size))
+    return np.array([int(1 / (1 / int(x))) != int(x) for x in k])
+
+
+def test_planned_round_books_the_sampled_rate_and_stays_within_target():
+    n, batch_size = 2960, 32  # k = 93, and int(1 / (1 / 93)) == 92
+    s = Settings(batch_size=batch_size, epochs=1, target_epsilon=8.0, lr=1e-2, seed=0)
+    plan = plan_privacy(s, n, planned_rounds=1)
+    assert plan.sample_rate == 1 / 93 and plan.planned_steps == 93
+    result = train_local(TinyClassifier(), _tiny_dataset(n), s, plan=plan)
+    assert result.steps == 93
+    assert result.history == [[plan.noise_multiplier, 1 / 93, 93]]  # Opacus alone books 1/92
+    assert result.epsilon <= 8.0 + 1e-6  # with 1/92 booked it reports 8.04
+    assert result.epsilon == pytest.approx(
+        epsilon_for([(plan.noise_multiplier, 1 / 93, 93)], plan.delta), rel=1e-9
+    )
+
+
+@pytest.mark.parametrize("batch_size", [1, 8, 32])
+def test_every_miscounted_size_books_the_realised_rate_and_every_step(batch_size):
+    sizes = np.arange(100, 3001)
+    bad = sizes[_miscounted(sizes, batch_size)]
+    assert len(bad) >= 32, "the sweep must contain sizes where Opacus' sampler miscounts"
+    s = Settings(batch_size=batch_size, noise_multiplier=1.0, accountant="rdp", seed=0)
+    for n in bad.tolist():
+        k = steps_per_epoch(n, batch_size)
+        plan = plan_privacy(s, n)
+        model = TinyClassifier()
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+        loader = DataLoader(_tiny_dataset(n), batch_size=batch_size)
+        engine, net, optimizer, dp_loader = make_private(model, optimizer, loader, s, plan)
+        assert isinstance(dp_loader, DPDataLoader)
+        assert len(dp_loader) == k - 1, f"n={n}: a size Opacus' sampler miscounts"
+        realised = dp_loader.batch_sampler.sample_rate  # the rate each example is drawn with
+        assert realised == plan.sample_rate == 1 / k
+        taken = 0
+        for input_ids, mask, labels in dp_loader:
+            if len(labels) == 0:  # as train_local does for an empty Poisson batch
+                for p in net.parameters():
+                    p.grad_sample = torch.zeros((0, *p.shape))
+            else:
+                logits = net(input_ids=input_ids, attention_mask=mask).logits
+                nn.functional.cross_entropy(logits, labels).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            taken += 1
+            if taken == 3:
+                break
+        assert compact(engine.accountant.history) == [[1.0, realised, taken]], f"n={n}"
+        assert optimizer.expected_batch_size == pytest.approx(n * realised)  # mean of the draws
+        net.remove_hooks()
+
+
+def test_the_sweep_finds_opacus_miscounts_only_where_the_float_rounds_down():
+    k = np.arange(1, 1001)
+    miscounted = [int(x) for x in k if int(1 / (1 / int(x))) != int(x)]
+    assert miscounted[:3] == [93, 99, 105]
+    assert all(math.ceil(1 / (1 / x)) == x for x in miscounted)  # off by one, never more
+
+
+def test_a_plan_for_another_sampling_rate_is_refused():
+    s = Settings(batch_size=32, noise_multiplier=1.0, accountant="rdp")
+    model = TinyClassifier()
+    loader = DataLoader(_tiny_dataset(2960), batch_size=32)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    with pytest.raises(RuntimeError, match="privacy plan assumes"):
+        make_private(model, optimizer, loader, s, plan_privacy(s, 100))
