@@ -53,6 +53,21 @@ def _trainable(model: nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def _empty_batch_gradients(params: list[torch.nn.Parameter], ghost: bool) -> None:
+    """Give the DP optimizer the gradients of a batch that sampled no example: a sum of zero.
+
+    Poisson sampling draws empty batches; skipping them would change the mechanism that was
+    accounted, so each is a step that adds noise to a zero sum and is booked. Per-sample modes
+    clip and sum ``p.grad_sample`` (here zero rows); ghost clipping sums ``p.grad`` itself
+    (its optimizer copies ``p.grad`` into ``summed_grad`` and fails on ``None``).
+    """
+    for p in params:
+        if ghost:
+            p.grad = torch.zeros_like(p)
+        else:
+            p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+
+
 def lr_schedule(settings: Settings, steps_per_round: int, round_index: int = 1, num_rounds: int = 1):
     """The learning-rate factor for each local step of round ``round_index`` of ``num_rounds``.
 
@@ -125,8 +140,7 @@ def train_local(
             labels = labels.to(device)
             before = [p.detach().clone() for p in params] if steps == 0 else None
             if len(labels) == 0:  # an empty Poisson batch: still a noisy step, still accounted
-                for p in params:
-                    p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+                _empty_batch_gradients(params, ghost=settings.grad_sample_mode == "ghost")
                 loss_value = 0.0
                 empty += 1
             else:

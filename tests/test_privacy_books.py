@@ -15,12 +15,17 @@ import numpy as np
 import pytest
 import torch
 from opacus.data_loader import DPDataLoader
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedllm.config import Settings
+from fedllm.data import tokenize
+from fedllm.model import build_model
 from fedllm.privacy import compact, epsilon_for, make_private, plan_privacy, steps_per_epoch
 from fedllm.train import train_local
+
+from .conftest import DEVICE, LABELS
 
 
 class TinyClassifier(nn.Module):
@@ -112,3 +117,38 @@ def test_a_plan_for_another_sampling_rate_is_refused():
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
     with pytest.raises(RuntimeError, match="privacy plan assumes"):
         make_private(model, optimizer, loader, s, plan_privacy(s, 100))
+
+
+def _lora_b(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+
+
+def test_ghost_clipping_takes_empty_poisson_batches_as_noisy_accounted_steps(
+    settings, tiny_config, tokenizer, frame
+):
+    data = tokenize(frame.head(20), tokenizer, LABELS, settings.max_length)
+    s = settings.replace(batch_size=1, max_steps=30, noise_multiplier=1.0, grad_sample_mode="ghost")
+    model = build_model(s, LABELS, DEVICE, tiny_config)
+    before = _lora_b(model)
+    result = train_local(model, data, s, plan=plan_privacy(s, len(data)))
+    assert result.steps == 30
+    assert result.empty_batches > 0  # P(no empty batch in 30 steps at q = 1/20) < 1e-5
+    assert result.history == [[1.0, 1 / 20, 30]]
+    after = _lora_b(model)
+    assert all(not torch.equal(before[n], after[n]) for n in before)
+
+
+def test_ghost_clipping_step_on_an_empty_batch_is_noise_only(
+    settings, tiny_config, tokenizer, frame, monkeypatch
+):
+    """Every batch empty: the LoRA B matrices (zero at start) can only move by the noise."""
+    monkeypatch.setattr(UniformWithReplacementSampler, "__iter__", lambda self: iter([[]] * self.steps))
+    data = tokenize(frame, tokenizer, LABELS, settings.max_length)
+    s = settings.replace(max_steps=3, noise_multiplier=1.0, grad_sample_mode="ghost")
+    model = build_model(s, LABELS, DEVICE, tiny_config)
+    before = _lora_b(model)
+    assert all(not v.any() for v in before.values())
+    result = train_local(model, data, s, plan=plan_privacy(s, len(data)))
+    assert (result.steps, result.empty_batches, result.examples_seen) == (3, 3, 0)
+    assert result.history == [[1.0, plan_privacy(s, len(data)).sample_rate, 3]]
+    assert all(v.any() for v in _lora_b(model).values()), "an empty batch must still add noise"
