@@ -6,6 +6,8 @@ other columns (e.g. ``condition``) are kept so a partitioner can split by them.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import html
 import importlib.util
 import re
@@ -135,15 +137,26 @@ def clean_text(text: str) -> str:
 
 
 def clean(frame: pd.DataFrame, source: str) -> tuple[pd.DataFrame, CleanReport]:
-    """Clean texts and labels; drop empty rows and duplicate texts, counting both."""
+    """Clean texts and labels; drop empty rows and duplicate texts, counting both.
+
+    Of rows sharing a text, the one with the smallest label string is kept (ties broken by the
+    other columns, compared as strings), so which record survives does not depend on row
+    order; the surviving rows keep their order.
+    """
     report = CleanReport(source=source, rows_in=len(frame))
     frame = frame.copy()
     frame["text"] = frame["text"].map(lambda t: "" if pd.isna(t) else clean_text(t))
     frame["label"] = frame["label"].map(lambda v: "" if pd.isna(v) else str(v).strip())
     keep = (frame["text"] != "") & (frame["label"] != "")
     report.empty_dropped = int((~keep).sum())
-    frame = frame[keep]
-    dup = frame["text"].duplicated(keep="first")
+    frame = frame[keep].reset_index(drop=True)
+    others = sorted((c for c in frame.columns if c not in ("text", "label")), key=str)
+    ranking = pd.DataFrame(
+        {"text": frame["text"], "label": frame["label"]}
+        | {f"_{i}": frame[c].astype(str) for i, c in enumerate(others)}
+    )
+    first = ranking.sort_values(list(ranking.columns), kind="stable").drop_duplicates("text").index
+    dup = ~frame.index.isin(first)
     report.duplicates_dropped = int(dup.sum())
     frame = frame[~dup].reset_index(drop=True)
     report.rows_out = len(frame)
@@ -343,12 +356,34 @@ def partition(
     return [p.drop(columns=["_site"], errors="ignore").reset_index(drop=True) for p in parts]
 
 
-def site_split(frame: pd.DataFrame, test_fraction: float, seed: int):
-    """A site's local train / test split (seeded; the test part has at least one row)."""
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(frame))
-    n_test = max(1, int(round(len(frame) * test_fraction))) if len(frame) > 1 else 0
-    test, train = frame.iloc[order[:n_test]], frame.iloc[order[n_test:]]
+def site_split(frame: pd.DataFrame, test_fraction: float, key: bytes, source: str = "site data"):
+    """A site's local train / test split: a row is in test iff its keyed text hash is small.
+
+    Row ``text`` is in the test split iff ``HMAC-SHA256(key, text)``, its first 8 bytes read as
+    a big-endian integer over 2**64, is below ``test_fraction``. A record's side depends only
+    on its own text and the site's secret ``key``: adding, removing or reordering other rows
+    moves no record between train and test, and whoever does not hold the key cannot tell
+    which side a record is on. The test share is ``test_fraction`` on average, not exactly.
+
+    The test split is *not* forced to be non-empty (that would make one record's side depend
+    on the others): a tiny site may get an empty test split, which callers must accept
+    (``evaluate`` scores an empty table as zero examples). Raises ``DataError`` naming
+    ``source`` when no row is left to train on.
+    """
+    if not isinstance(key, bytes) or not key:
+        raise ValueError(f"{source}: the split key must be non-empty bytes, got {type(key).__name__}")
+
+    def in_test(text: object) -> bool:
+        digest = hmac.new(key, str(text).encode(), hashlib.sha256).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64 < test_fraction
+
+    mask = np.array([in_test(text) for text in frame["text"]], dtype=bool)
+    train, test = frame[~mask], frame[mask]
+    if len(train) == 0:
+        raise DataError(
+            f"{source}: all {len(frame)} usable rows fell in the test split "
+            f"(test-fraction {test_fraction}); too few to train on - add data or lower test-fraction"
+        )
     return train.reset_index(drop=True), test.reset_index(drop=True)
 
 
@@ -371,6 +406,9 @@ def partition_sites(
 ) -> list[SiteData]:
     """Simulated sites: the training split partitioned, each part split into local train/test.
 
+    Partition ``i`` splits with the key ``fedllm-sim:{seed}:{i}`` (see ``site_split``): a
+    simulation's data is the researcher's own, so its key may derive from the run's seed; a
+    deployed site passes its own secret key to ``load_site_file``.
     Cheap to keep for thousands of sites (small tables, one row each per example); models and
     tokenized tensors are only built for the sites that a round samples.
     """
@@ -378,23 +416,30 @@ def partition_sites(
     parts = partition(splits.train, num_partitions, scheme, alpha, column, settings.seed)
     sites = []
     for i, part in enumerate(parts):
-        train, test = site_split(part, settings.test_fraction, settings.seed + i)
-        if len(train) == 0:
-            raise DataError(
-                f"{settings.dataset}: partition {i} of {num_partitions} has {len(part)} rows, too few "
-                "to train on; use fewer sites or more data"
-            )
+        train, test = site_split(
+            part,
+            settings.test_fraction,
+            f"fedllm-sim:{settings.seed}:{i}".encode(),
+            f"{settings.dataset}: partition {i} of {num_partitions} ({len(part)} rows; use fewer sites)",
+        )
         sites.append(SiteData(train, test, f"{settings.dataset} partition {i}/{num_partitions}"))
     return sites
 
 
 def load_site_file(
-    path: str | Path, text_column: str, label_column: str, labels: list[str], settings: Settings
+    path: str | Path,
+    text_column: str,
+    label_column: str,
+    labels: list[str],
+    settings: Settings,
+    key: bytes,
 ) -> SiteData:
-    """A real site: its own data file, cleaned, checked against the federation's labels, split."""
+    """A real site: its own data file, cleaned, checked against the federation's labels, split.
+
+    ``key`` is the site's own secret split key (never the server's seed): a record's side of
+    the train / test split depends only on its text and this key (``site_split``).
+    """
     frame, report = clean(read_table(path, text_column, label_column), str(path))
     check_labels(frame, labels, str(path), label_column)
-    train, test = site_split(frame, settings.test_fraction, settings.seed)
-    if len(train) == 0:
-        raise DataError(f"{path}: {report.rows_out} usable rows are too few to train on")
+    train, test = site_split(frame, settings.test_fraction, key, str(path))
     return SiteData(train, test, f"{path} ({report})")
