@@ -1,0 +1,310 @@
+"""A site's privacy ledger that never forgets: every DP-SGD step the site took, on its own disk.
+
+``{"version": 1, "runs": {run_key: {"history": [[sigma, q, steps], ...], "plan": {...}, "epsilon":
+float, ...}}}``, with ``<name>.bak`` (a copy of the last write) and ``<name>.lock`` beside it.
+
+- ``record`` holds an exclusive ``flock``, re-reads under it and merges (other runs as on disk; a
+  run keeps whichever history has more steps), then writes ledger and backup each through a unique
+  fsynced temp file and a rename, and fsyncs the folder. Readers hold a shared lock.
+- Every read validates both files, including consistency: a run's stored epsilon may exceed the
+  epsilon recomputed from its history (its plan's delta and accountant) by at most 1% + 1e-6.
+  Recomputations are cached per (history, delta, accountant): a write pays for one at most.
+- Forgetting is refused, never repaired: a missing ledger whose backup exists, or a ledger holding
+  less spend than its backup. No ledger and no backup is a fresh site (deleting both cannot be
+  detected: keep the state folder on backed-up storage).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import hashlib
+import json
+import math
+import numbers
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+from fedllm.privacy import PrivacyPlan, compact, epsilon_for
+
+VERSION = 1
+ACCOUNTANTS = ("prv", "rdp", "gdp")
+DEFAULT_NOT_COVERED = [
+    "the number of training examples and the sampling rate q (sent with every update)",
+    "anything the site opted to release beyond the DP adapter",
+]
+
+
+class LedgerError(ValueError):
+    """The ledger cannot be trusted; the one-line message names the file, the fault and the fix."""
+
+
+def _fault(path: Path, problem: str, fix: str | None = None) -> LedgerError:
+    """A ``LedgerError`` whose message is one line: ``<file>: <what is wrong>; <the fix>``."""
+    if fix is None:
+        backup = path.with_name(path.name + ".bak")
+        source = backup.name if backup.exists() else "a backup of the state folder"
+        fix = f"restore it from {source}; never delete it: the spend it records is real"
+    return LedgerError(" ".join(f"{path}: {problem}; {fix}".split()))
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _item_problem(item: object) -> str | None:
+    """Why a history item is not ``[sigma, q, steps]``, or None when it is."""
+    if not (isinstance(item, list) and len(item) == 3 and all(_finite(v) for v in item)):
+        return "is not a list of 3 finite numbers [sigma, q, steps]"
+    sigma, q, steps = item
+    if sigma <= 0:
+        return "has a noise multiplier sigma <= 0"
+    if not 0 < q <= 1:
+        return "has a sampling rate q outside (0, 1]"
+    if not isinstance(steps, numbers.Integral) or steps < 0:
+        return "has steps that are not a non-negative integer"
+    return None
+
+
+@functools.lru_cache(maxsize=8192)
+def _recompute(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
+    return epsilon_for([list(h) for h in history], delta, accountant)
+
+
+def run_epsilon(entry: Mapping) -> float:
+    """Epsilon of one validated run entry, recomputed from its history at its plan's delta."""
+    history = tuple(tuple(h) for h in entry["history"])
+    return _recompute(history, float(entry["plan"]["delta"]), str(entry["plan"]["accountant"]))
+
+
+def total_steps(entry: Mapping) -> int:
+    """DP-SGD steps in one validated run entry."""
+    return sum(int(h[2]) for h in entry["history"])
+
+
+def _entry_problem(entry: object) -> str | None:
+    """Why a run entry is invalid or inconsistent, or None when it is sound."""
+    if not isinstance(entry, dict):
+        return f"is a {type(entry).__name__}, not an object"
+    history = entry.get("history")
+    if not isinstance(history, list):
+        return "'history' is missing or not a list"
+    for i, item in enumerate(history):
+        if problem := _item_problem(item):
+            return f"history item {i} {problem}"
+    epsilon, plan = entry.get("epsilon"), entry.get("plan")
+    if not _finite(epsilon) or epsilon < 0:
+        return "'epsilon' is not a finite non-negative number"
+    if not isinstance(plan, dict):
+        return "'plan' is missing or not an object"
+    delta, accountant = plan.get("delta"), plan.get("accountant")
+    if not (_finite(delta) and 0 < delta < 1) or accountant not in ACCOUNTANTS:
+        return f"the plan lacks a delta in (0, 1) or an accountant in {ACCOUNTANTS}"
+    gaps = entry.get("not-covered", [])
+    if not (isinstance(gaps, list) and all(isinstance(s, str) for s in gaps)):
+        return "'not-covered' is not a list of strings"
+    if epsilon <= 1e-6:
+        return None  # nothing to check: a recomputed epsilon is never negative
+    try:
+        recomputed = run_epsilon(entry)
+    except (ValueError, ArithmeticError, RuntimeError) as err:
+        return f"its epsilon cannot be recomputed from its history ({err})"
+    if epsilon > recomputed * 1.01 + 1e-6:
+        return (
+            f"stored epsilon {epsilon:.4g} is above the {recomputed:.4g} its history accounts "
+            "for (steps lowered or history emptied)"
+        )
+    return None
+
+
+def validate(doc: object, path: Path, fix: str | None = None) -> dict[str, dict]:
+    """The runs of a parsed ledger document; ``LedgerError`` (one line) for any fault."""
+    if not isinstance(doc, dict):
+        raise _fault(path, f"top level is a JSON {type(doc).__name__}, not an object", fix)
+    if doc.get("version", VERSION) != VERSION:
+        raise _fault(
+            path,
+            f"version {doc['version']!r} is not {VERSION}",
+            "read it with the fedllm release that wrote it",
+        )
+    runs = doc.get("runs")
+    if not isinstance(runs, dict):
+        raise _fault(path, "'runs' is missing or not an object", fix)
+    for key, entry in runs.items():
+        if problem := _entry_problem(entry):
+            raise _fault(path, f"run {key!r}: {problem}", fix)
+    return runs
+
+
+def fingerprint_file(path: str | Path) -> str:
+    """``sha256:<hex>`` of a file's bytes, or of a folder's sorted relative paths and their bytes."""
+    root = Path(path)
+    digest = hashlib.sha256()
+    files = {"": root}
+    if root.is_dir():
+        files = {p.relative_to(root).as_posix(): p for p in root.rglob("*") if p.is_file()}
+    for name, file in sorted(files.items()):
+        if name:  # a folder: its layout counts too
+            label = name.encode()
+            digest.update(len(label).to_bytes(8, "big") + label + file.stat().st_size.to_bytes(8, "big"))
+        with file.open("rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def _write_durably(target: Path, data: bytes) -> None:
+    """Unique temp file in the same folder, flush + fsync, then an atomic rename over ``target``."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+class PrivacyLedger:
+    """A site's privacy spend per run, kept on the site's own disk (never sent anywhere)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.backup = self.path.with_name(self.path.name + ".bak")
+        self.lock = self.path.with_name(self.path.name + ".lock")
+
+    @contextlib.contextmanager
+    def _locked(self, mode: int) -> Iterator[None]:
+        try:
+            fd = os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as err:
+            raise _fault(
+                self.lock,
+                f"cannot open the lock file ({err.strerror})",
+                "run as the site's user, with the state folder writable",
+            ) from err
+        try:
+            fcntl.flock(fd, mode)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _read(self, path: Path, fix: str | None = None) -> dict[str, dict] | None:
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            raise _fault(path, f"cannot be read ({err.strerror})", "fix its permissions") from err
+        try:
+            doc = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+            raise _fault(path, f"is not UTF-8 JSON ({err})", fix) from err
+        return validate(doc, path, fix)
+
+    def _load(self) -> dict[str, dict]:
+        """Validated runs, refusing any sign of forgotten spend; the caller holds the lock."""
+        runs = self._read(self.path)
+        backup = self._read(self.backup, f"if {self.path.name} is intact, copy it over {self.backup.name}")
+        if runs is None:
+            if backup is not None:
+                raise _fault(self.path, f"is missing but its backup {self.backup.name} exists")
+            return {}
+        for key, entry in (backup or {}).items():
+            if key not in runs or total_steps(runs[key]) < total_steps(entry):
+                what = "lacks run" if key not in runs else "has fewer steps in run"
+                raise _fault(
+                    self.path, f"holds less spend than its backup {self.backup.name} ({what} {key!r})"
+                )
+        return runs
+
+    @property
+    def runs(self) -> dict[str, dict]:
+        """All runs, validated, re-read from disk on every access."""
+        if not self.path.parent.is_dir():
+            return {}
+        with self._locked(fcntl.LOCK_SH):
+            return self._load()
+
+    def history(self, run_key: str) -> list[list]:
+        """Accountant history of one run ([] if this site has not trained in it)."""
+        return [list(h) for h in self.runs.get(str(run_key), {}).get("history", [])]
+
+    def all_history(self) -> list[list]:
+        """Every run's history entries, concatenated: the site's lifetime of DP-SGD steps."""
+        return [list(h) for run in self.runs.values() for h in run["history"]]
+
+    def lifetime_epsilon(self, delta: float, mechanism: str = "prv") -> float:
+        """Epsilon of all runs composed (the same data answered every run)."""
+        return epsilon_for(self.all_history(), delta, mechanism)
+
+    def record(
+        self, run_key: str, history: list, plan: Mapping | PrivacyPlan, epsilon: float, **extra: object
+    ) -> None:
+        """Merge one run's history into the ledger, durably and under an exclusive lock.
+
+        ``extra`` keys are stored with ``-`` for ``_`` (``not_covered=`` -> ``"not-covered"``,
+        ``data_fingerprint=`` -> ``"data-fingerprint"``). Raises ``LedgerError`` (nothing written)
+        when the new entry is invalid or the ledger on disk fails validation.
+        """
+        key = str(run_key)
+        extra = {name.replace("_", "-"): value for name, value in extra.items()}
+        items = [list(h) if isinstance(h, list | tuple) else h for h in history]
+        plan_dict = plan.to_dict() if isinstance(plan, PrivacyPlan) else dict(plan)
+        well_formed = all(_item_problem(h) is None for h in items)
+        entry = {
+            **extra,
+            "history": compact(items) if well_formed else items,
+            "plan": plan_dict,
+            "epsilon": float(epsilon) if _finite(epsilon) else epsilon,
+        }
+        validate({"runs": {key: entry}}, self.path, "nothing was recorded; fix the caller")
+        folder = self.path.parent
+        missing = [p for p in (folder, *folder.parents) if not p.exists()]
+        for part in reversed(missing):
+            part.mkdir(mode=0o700, exist_ok=True)
+        with self._locked(fcntl.LOCK_EX):
+            runs = self._load()
+            if key not in runs or total_steps(entry) >= total_steps(runs[key]):
+                runs[key] = entry  # a history only grows: an older, shorter one never wins
+            data = json.dumps({"version": VERSION, "runs": runs}, indent=1).encode("utf-8")
+            _write_durably(self.path, data)
+            _write_durably(self.backup, data)
+            fd = os.open(folder, os.O_RDONLY)  # make the two renames durable
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def not_covered_by(runs: Mapping[str, Mapping]) -> list[str]:
+    """The union of the runs' ``not-covered`` lists (first-seen order), else the default."""
+    seen = dict.fromkeys(s for run in runs.values() for s in run.get("not-covered", []))
+    return list(seen) or list(DEFAULT_NOT_COVERED)
+
+
+def lifetime_statement(
+    ledger: PrivacyLedger, delta: float, mechanism: str = "prv", not_covered: list[str] | None = None
+) -> str:
+    """The site's lifetime guarantee in plain words, over every run in the ledger."""
+    runs = ledger.runs
+    if not runs:
+        return (
+            f"No DP training was recorded at this site ({ledger.path} holds no runs): "
+            "no privacy budget has been spent, and no guarantee can be stated."
+        )
+    epsilon = epsilon_for([h for run in runs.values() for h in run["history"]], delta, mechanism)
+    count = f"{len(runs)} run{'' if len(runs) == 1 else 's'}"
+    gaps = "; ".join(not_covered or DEFAULT_NOT_COVERED)
+    return (
+        f"This site's data is protected by (ε = {epsilon:.2f}, δ = {delta:g}) example-level "
+        f"differential privacy, lifetime over {count} (every DP-SGD step this site took, composed "
+        f"with Opacus' {mechanism.upper()} accountant; neighbouring datasets: this site's data file "
+        f"with one example added or removed). Not covered: {gaps}."
+    )
