@@ -2,12 +2,14 @@
 
     python -m clients.site join --superlink fed.example.org:8000 --root-certificates ca.crt \\
         --auth-key site-1 --data-file /data/reviews.csv --state-dir /state
-    python -m clients.site spend --state-dir /state      # this site's privacy spend
+    python -m clients.site spend --state-dir /state      # this site's lifetime privacy guarantee
 
 ``join`` checks the data file (columns, rows), the CA certificate and the site key,
 that the SuperLink answers and that its certificate is signed by that CA, and only then starts
 ``flower-supernode`` with the same flags a site would give it by hand. Failures are explained in
-one line each (wrong address, untrusted certificate, unregistered key, bad data).
+one line each (wrong address, untrusted certificate, unregistered key, bad data, a privacy
+ledger that fails validation). ``spend`` states the site's lifetime guarantee, every run composed
+at the site's δ (``--delta``), then each run alone; a corrupt ledger is one line, exit code 2.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
 from fedllm.data import DataError, clean, read_table
-from fedllm.privacy import PrivacyLedger
+from fedllm.ledger import LedgerError, PrivacyLedger, lifetime_statement, not_covered_by, run_epsilon
 
 EXPLAIN = {
     "2004": "the SuperLink refused to activate this site: its key is not registered (send the "
@@ -41,6 +43,7 @@ EXPLAIN = {
 
 
 ACTIVATION_REFUSED = "[code: 2004]"
+LEDGER_NAME = "privacy_ledger.json"
 ACTIVATION_WAIT_S = 15
 
 
@@ -134,6 +137,8 @@ def join(args: argparse.Namespace) -> int:
     check_credentials(args.root_certificates, args.auth_key)
     check_superlink(args.superlink, args.root_certificates)
     Path(args.state_dir).mkdir(parents=True, exist_ok=True)
+    runs = PrivacyLedger(Path(args.state_dir) / LEDGER_NAME).runs  # a corrupt ledger stops us here
+    print(f"privacy ledger: {len(runs)} run(s) on record in {args.state_dir}")
     cmd = supernode_command(args)
     for attempt in range(args.activation_retries + 1):
         code, output = _run_supernode(cmd)
@@ -180,26 +185,46 @@ def _run_supernode(cmd: list[str]) -> tuple[int, str]:
 
 
 def spend(args: argparse.Namespace) -> int:
-    """Print this site's privacy spend per run and over all runs."""
-    path = Path(args.state_dir) / "privacy_ledger.json"
-    if not path.exists():
-        print(f"no privacy ledger at {path}: this site has not trained with DP yet")
+    """Print this site's lifetime guarantee (every run composed at ``--delta``), then each run.
+
+    A ledger that fails validation raises ``LedgerError`` (``main`` prints its one line).
+    """
+    ledger = PrivacyLedger(Path(args.state_dir) / LEDGER_NAME)
+    runs = ledger.runs
+    print(lifetime_statement(ledger, args.delta, args.mechanism, not_covered_by(runs)))
+    if not runs:
         return 0
-    ledger = PrivacyLedger(path)
-    delta = 0.0
-    for run_id, run in ledger.runs.items():
+    rows = [("run", "epsilon", "target", "delta", "steps", "round", "data")]
+    for key, run in sorted(runs.items()):
         plan = run["plan"]
-        delta = max(delta, plan["delta"])
-        steps = sum(h[2] for h in run["history"])
-        print(
-            f"run {run_id}: epsilon {run['epsilon']:.3f} of target {plan['target_epsilon']:g} "
-            f"(delta {plan['delta']:g}, {steps} steps, last round {run.get('round', '?')})"
+        last, planned = run.get("round", "?"), run.get("num-rounds")
+        rows.append(
+            (
+                key,
+                f"{run_epsilon(run):.3f}",
+                f"{target:g}" if isinstance(target := plan.get("target_epsilon"), int | float) else "?",
+                f"{plan['delta']:g}",
+                str(sum(int(h[2]) for h in run["history"])),
+                f"{last}/{planned}" if planned is not None else str(last),
+                str(run.get("data-fingerprint", "-")),
+            )
         )
-    if len(ledger.runs) > 1:
-        mechanism = next(iter(ledger.runs.values()))["plan"]["accountant"]
-        total = ledger.lifetime_epsilon(delta, mechanism)
-        print(f"all runs together (same data): epsilon {total:.3f} at delta {delta:g}")
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    print("\nper run (epsilon of that run alone, recomputed from its history at its own delta):")
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
     return 0
+
+
+def _delta(text: str) -> float:
+    """A δ for ``spend``: a number strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a delta strictly between 0 and 1, e.g. 1e-5")
+    return value
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -230,11 +255,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     s = sub.add_parser("spend", help="print this site's privacy spend")
     s.add_argument("--state-dir", default="site-state")
+    s.add_argument("--delta", type=_delta, default=1e-5, help="the site's delta: every run is composed at it")
+    s.add_argument("--mechanism", default="prv", choices=["prv", "rdp"], help="Opacus accountant")
     args = parser.parse_args(argv)
     try:
         code = join(args) if args.command == "join" else spend(args)
     except (SiteConfigError, DataError) as err:
         print(f"site cannot join: {err}", file=sys.stderr)
+        code = 2
+    except LedgerError as err:  # one line, never a traceback: the message says what to restore
+        print(f"privacy ledger refused: {err}", file=sys.stderr)
         code = 2
     raise SystemExit(code)
 
