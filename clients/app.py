@@ -1,15 +1,17 @@
 """fedllm ClientApp: fine-tune the global LoRA adapter on this site's data with DP-SGD.
 
 The site's data comes from its node config: ``data-file`` (plus ``text-column`` /
-``label-column``) in deployment, or ``partition-id`` / ``num-partitions`` in simulation. The
-site's privacy state (its accountant history) lives in ``context.state`` and, when the node
-config names a ``state-dir``, in a ledger file on the site's own disk; only epsilon leaves.
+``label-column`` / ``test-fraction``) and ``state-dir`` in deployment, or ``partition-id`` /
+``num-partitions`` in simulation. The site's policy (``clients.policy``) is checked before any
+step: its lifetime ε cap over every run in its ledger, its δ cap, DP required unless it opts
+out. Under DP only the adapter and the privacy numbers leave; failures reach the server as
+fixed codes. The site's privacy state lives in its ledger (``<state-dir>/privacy_ledger.json``)
+and, within a run, in ``context.state``.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import math
 import time
 from functools import lru_cache
@@ -18,16 +20,18 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients.policy import SitePolicy, failures_as_codes, is_virtual_site, site_secret
 from fedllm.adapters import adapter_state, nbytes, set_adapter_arrays
-from fedllm.config import settings_from
+from fedllm.config import Settings, settings_from
 from fedllm.data import SiteData, load_site_file, loss_weights, partition_sites, tokenize
+from fedllm.ledger import LedgerError, PrivacyLedger, fingerprint_file, statement
 from fedllm.model import build_model, load_tokenizer, pick_device
-from fedllm.privacy import BudgetExhaustedError, PrivacyLedger, PrivacyPlan, plan_privacy
+from fedllm.privacy import epsilon_for, plan_privacy
 from fedllm.train import evaluate, train_local
 
-app = ClientApp()
-log = logging.getLogger("fedllm.client")
+app = ClientApp(mods=[failures_as_codes])
 STATE_KEY = "fedllm-privacy"
+LEDGER_NAME = "privacy_ledger.json"
 
 
 def _labels(msg: Message) -> list[str]:
@@ -48,17 +52,29 @@ def _simulated_sites(run_items: tuple, labels: tuple, num_partitions: int) -> li
     )
 
 
-def _site_data(context: Context, labels: list[str]) -> SiteData:
-    """This site's data: its own file (deployment) or its partition (simulation)."""
+def _state_dir(context: Context) -> Path:
+    """A real site's state folder (its ledger and secret); a site without one may not train."""
+    state_dir = context.node_config.get("state-dir")
+    if not state_dir:
+        raise LedgerError(
+            "this site has no state-dir in its node config: it cannot keep a privacy ledger; "
+            "set state-dir (python -m clients.site join --state-dir DIR)"
+        )
+    return Path(str(state_dir))
+
+
+def _site_data(context: Context, settings: Settings, labels: list[str]) -> SiteData:
+    """This site's data: its own file split by its own secret (deployment), or its partition."""
     node, run = context.node_config, context.run_config
-    settings = settings_from(run)
-    if "data-file" in node:
+    if not is_virtual_site(context):
+        own = settings.replace(test_fraction=float(node.get("test-fraction", Settings.test_fraction)))
         return load_site_file(
             node["data-file"],
             str(node.get("text-column", settings.text_column)),
             str(node.get("label-column", settings.label_column)),
             labels,
-            settings,
+            own,
+            site_secret(_state_dir(context)),
         )
     sites = _simulated_sites(tuple(sorted(run.items())), tuple(labels), int(node["num-partitions"]))
     return sites[int(node["partition-id"])]
@@ -67,8 +83,8 @@ def _site_data(context: Context, labels: list[str]) -> SiteData:
 def _setup(msg: Message, context: Context):
     """Settings, label names, this site's data and the model with the global adapter loaded."""
     settings = settings_from(context.run_config)
-    labels = _labels(msg)
-    site = _site_data(context, labels)
+    labels = json.loads(str(msg.content["config"]["labels"]))
+    site = _site_data(context, settings, labels)
     model = build_model(settings, labels, pick_device(settings.device))
     arrays = msg.content["arrays"]
     set_adapter_arrays(model, dict(zip(arrays.keys(), arrays.to_numpy_ndarrays(), strict=True)))
@@ -76,50 +92,56 @@ def _setup(msg: Message, context: Context):
 
 
 def _ledger(context: Context) -> PrivacyLedger | None:
-    state_dir = context.node_config.get("state-dir")
-    return PrivacyLedger(Path(str(state_dir)) / "privacy_ledger.json") if state_dir else None
+    """A real site's ledger; a virtual site keeps its history in ``context.state`` only."""
+    return None if is_virtual_site(context) else PrivacyLedger(_state_dir(context) / LEDGER_NAME)
 
 
-def _history(context: Context, ledger: PrivacyLedger | None) -> list:
-    """This site's accountant history for this run: the disk ledger if any, else context.state."""
-    if ledger is not None:
-        return ledger.history(str(context.run_id))
-    if STATE_KEY in context.state:
-        return json.loads(str(context.state[STATE_KEY]["history"]))
-    return []
+def _histories(context: Context, ledger: PrivacyLedger | None) -> tuple[list, list, int]:
+    """(every other run's history, this run's history, number of other runs) from the books.
 
-
-def check_site_policy(context: Context, plan: PrivacyPlan | None) -> None:
-    """Enforce the site's own cap (node config ``max-epsilon``), whatever the run config asks."""
-    cap = context.node_config.get("max-epsilon")
-    if cap is None:
-        return
-    if plan is None:
-        raise BudgetExhaustedError(f"this site requires DP (max-epsilon={cap}); the run asks for none")
-    if plan.target_epsilon > float(cap) * (1 + 1e-9):
-        raise BudgetExhaustedError(
-            f"the run targets epsilon={plan.target_epsilon:g} but this site allows at most {cap}"
+    Refuses to train when ``context.state`` shows spend in this run that the ledger lost.
+    """
+    run_key = str(context.run_id)
+    in_state = json.loads(str(context.state[STATE_KEY]["history"])) if STATE_KEY in context.state else []
+    if ledger is None:
+        return [], in_state, 0
+    runs = ledger.runs
+    this_run = [list(h) for h in runs.get(run_key, {}).get("history", [])]
+    if sum(int(h[2]) for h in in_state) > sum(int(h[2]) for h in this_run):
+        raise LedgerError(
+            f"{ledger.path}: this run already spent privacy that the ledger no longer holds (deleted or "
+            "reset?); restore it from its .bak backup before this site trains again"
         )
+    others = [run for key, run in runs.items() if key != run_key]
+    return [list(h) for run in others for h in run["history"]], this_run, len(others)
+
+
+def _fingerprint(context: Context, site: SiteData) -> str:
+    if is_virtual_site(context):
+        return site.source
+    return fingerprint_file(context.node_config["data-file"])
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """One round at this site: load the global adapter, DP-train locally, send the adapter back."""
+    """One round at this site: check its policy, DP-train locally, send the adapter back."""
     start = time.perf_counter()
+    policy = SitePolicy.from_context(context)
     settings, labels, site, model = _setup(msg, context)
     tokenizer = load_tokenizer(settings.model)
     train_ds = tokenize(site.train, tokenizer, labels, settings.max_length, settings.truncation)
     rounds = int(msg.content["config"]["num-rounds"])
     server_round = int(msg.content["config"]["server-round"])
     plan = plan_privacy(settings, len(train_ds), planned_rounds=rounds) if settings.private else None
-    check_site_policy(context, plan)
     ledger = _ledger(context)
+    past, this_run, other_runs = _histories(context, ledger)
+    policy.check_train(plan, past, this_run)  # before any step: the site's limits win
     result = train_local(
         model,
         train_ds,
         settings,
         plan=plan,
-        history=_history(context, ledger),
+        history=this_run,
         class_weight=loss_weights(settings, site.train, labels),
         seed_offset=server_round,
         round_of=(server_round, rounds),
@@ -127,14 +149,22 @@ def train(msg: Message, context: Context) -> Message:
     if plan is not None:
         context.state[STATE_KEY] = ConfigRecord({"history": json.dumps(result.history)})
         if ledger is not None:
+            lifetime = epsilon_for([*past, *result.history], policy.max_delta, policy.accountant)
+            signed = statement(
+                lifetime, policy.max_delta, other_runs + 1, policy.accountant, policy.not_covered()
+            )
             ledger.record(
                 str(context.run_id),
                 result.history,
-                plan,
+                plan.to_dict(),
                 result.epsilon,
                 round=server_round,
-                source=site.source,
+                num_rounds=rounds,
+                data_fingerprint=_fingerprint(context, site),
+                not_covered=policy.not_covered(),
+                statement=signed,
             )
+            print(f"[site {context.node_id}] {signed}")
     state = adapter_state(model)
     reply_arrays = ArrayRecord({k: v.detach().cpu() for k, v in state.items()})
     metrics = {
@@ -153,12 +183,14 @@ def train(msg: Message, context: Context) -> Message:
         f"[site {context.node_id}] round {server_round}: "
         f"{result.steps} steps on {len(train_ds)} texts, loss {result.mean_loss:.4f}, {eps}"
     )
-    return Message(RecordDict({"arrays": reply_arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
+    reply = MetricRecord(policy.reply_metrics(metrics, private=plan is not None))
+    return Message(RecordDict({"arrays": reply_arrays, "metrics": reply}), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
-    """Score the global adapter on this site's local test split."""
+    """Score the global adapter on this site's local test split, if the site releases that."""
+    SitePolicy.from_context(context).check_evaluate(settings_from(context.run_config).private)
     settings, labels, site, model = _setup(msg, context)
     test_ds = tokenize(
         site.test, load_tokenizer(settings.model), labels, settings.max_length, settings.truncation

@@ -29,6 +29,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
+from clients.policy import DEFAULT_MAX_DELTA, DEFAULT_MAX_EPSILON
 from fedllm.data import DataError, clean, read_table
 from fedllm.ledger import LedgerError, PrivacyLedger, lifetime_statement, not_covered_by, run_epsilon
 
@@ -107,6 +108,13 @@ def check_superlink(address: str, root_certificates: Path | None, timeout: float
             ) from err
 
 
+def _node_value(value: object) -> str:
+    """A node-config value as Flower parses it (TOML): bools and numbers bare, strings quoted."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value) if isinstance(value, float) else f'"{value}"'
+
+
 def supernode_command(args: argparse.Namespace) -> list[str]:
     """The ``flower-supernode`` command line for these site settings."""
     node_config = {
@@ -115,8 +123,13 @@ def supernode_command(args: argparse.Namespace) -> list[str]:
         "label-column": args.label_column,
         "state-dir": str(Path(args.state_dir).resolve()),
     }
-    if args.max_epsilon is not None:
-        node_config["max-epsilon"] = args.max_epsilon
+    # the site's own policy (clients/policy.py): nothing in a run config can widen it
+    node_config["max-epsilon"] = float(args.max_epsilon)
+    node_config["max-delta"] = float(args.max_delta)
+    node_config["test-fraction"] = float(args.test_fraction)
+    for flag in ("allow_no_dp", "release_train_metrics", "release_evaluation"):
+        if getattr(args, flag):
+            node_config[flag.replace("_", "-")] = True
     cmd = [str(Path(sys.executable).parent / "flower-supernode"), "--superlink", args.superlink]
     cmd += ["--root-certificates", str(args.root_certificates)] if args.root_certificates else ["--insecure"]
     if args.auth_key:
@@ -124,7 +137,7 @@ def supernode_command(args: argparse.Namespace) -> list[str]:
     cmd += ["--port", str(args.port), "--max-retries", str(args.max_retries)]
     cmd += [
         "--node-config",
-        " ".join(f"{k}={v}" if isinstance(v, float) else f'{k}="{v}"' for k, v in node_config.items()),
+        " ".join(f"{k}={_node_value(v)}" for k, v in node_config.items()),
     ]
     return cmd
 
@@ -242,8 +255,28 @@ def main(argv: list[str] | None = None) -> None:
     j.add_argument("--text-column", default="text")
     j.add_argument("--label-column", default="label")
     j.add_argument("--state-dir", default="site-state", help="where the site's privacy ledger lives")
-    j.add_argument(
-        "--max-epsilon", type=float, help="refuse runs that target more than this epsilon (or no DP)"
+    policy = j.add_argument_group("this site's privacy policy (no run config can widen it)")
+    policy.add_argument(
+        "--max-epsilon",
+        type=float,
+        default=DEFAULT_MAX_EPSILON,
+        help="cap on the site's lifetime epsilon, over every run (default %(default)s)",
+    )
+    policy.add_argument(
+        "--max-delta",
+        type=_delta,
+        default=DEFAULT_MAX_DELTA,
+        help="largest delta a run may use (default %(default)s)",
+    )
+    policy.add_argument("--allow-no-dp", action="store_true", help="also train in runs without DP")
+    policy.add_argument(
+        "--release-train-metrics", action="store_true", help="send the exact training loss and time (not DP)"
+    )
+    policy.add_argument(
+        "--release-evaluation", action="store_true", help="send exact scores on the local test split (not DP)"
+    )
+    policy.add_argument(
+        "--test-fraction", type=float, default=0.2, help="share of rows kept for local testing (default 0.2)"
     )
     j.add_argument("--port", type=int, default=9094, help="local port of the SuperNode's own API")
     j.add_argument("--max-retries", type=int, default=10, help="reconnection attempts (0 = none)")

@@ -300,7 +300,14 @@ def lifetime_statement(
             "no privacy budget has been spent, and no guarantee can be stated."
         )
     epsilon = epsilon_for([h for run in runs.values() for h in run["history"]], delta, mechanism)
-    count = f"{len(runs)} run{'' if len(runs) == 1 else 's'}"
+    return statement(epsilon, delta, len(runs), mechanism, not_covered)
+
+
+def statement(
+    epsilon: float, delta: float, num_runs: int, mechanism: str = "prv", not_covered: list[str] | None = None
+) -> str:
+    """The guarantee for a lifetime ε over ``num_runs`` runs, in plain words."""
+    count = f"{num_runs} run{'' if num_runs == 1 else 's'}"
     gaps = "; ".join(not_covered or DEFAULT_NOT_COVERED)
     return (
         f"This site's data is protected by (ε = {epsilon:.2f}, δ = {delta:g}) example-level "

@@ -9,11 +9,9 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from opacus import PrivacyEngine
@@ -201,45 +199,3 @@ def compact(history: list) -> list[list]:
         else:
             merged.append([float(sigma), float(q), int(steps)])
     return merged
-
-
-class PrivacyLedger:
-    """A site's privacy spend, kept on the site's own disk as JSON (never sent anywhere).
-
-    One entry per Flower run: the accountant history (noise, q, steps) and the plan it was
-    calibrated for. Writes are atomic (temp file + rename), so a crash never loses saved spend.
-    """
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.runs: dict[str, dict] = {}
-        if self.path.exists():
-            try:
-                self.runs = json.loads(self.path.read_text())["runs"]
-            except (json.JSONDecodeError, KeyError) as err:
-                raise ValueError(
-                    f"{self.path}: privacy ledger is corrupt ({err}); restore it from a backup - "
-                    "never delete it, the spend it records is real"
-                ) from err
-
-    def history(self, run_id: str) -> list:
-        """Accountant history of one run ([] if this site has not trained in it)."""
-        return [list(h) for h in self.runs.get(str(run_id), {}).get("history", [])]
-
-    def record(self, run_id: str, history: list, plan: PrivacyPlan, epsilon: float, **extra) -> None:
-        """Store a run's history after a local training."""
-        self.runs[str(run_id)] = {
-            "history": compact(history),
-            "plan": plan.to_dict(),
-            "epsilon": epsilon,
-            **extra,
-        }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"runs": self.runs}, indent=2))
-        os.replace(tmp, self.path)
-
-    def lifetime_epsilon(self, delta: float, mechanism: str = "prv") -> float:
-        """Epsilon of all runs together (the same data answered every run)."""
-        history = [h for run in self.runs.values() for h in run.get("history", [])]
-        return epsilon_for(history, delta, mechanism)

@@ -88,7 +88,7 @@ def main(grid: Grid, context: Context) -> None:
 
     strategy = AdapterFedAvg(
         fraction_train=float(rc.get("fraction-train", 1.0)),
-        fraction_evaluate=float(rc.get("fraction-evaluate", 1.0)),
+        fraction_evaluate=float(rc.get("fraction-evaluate", 0.0)),
         min_train_nodes=int(rc.get("min-train-nodes", 2)),
         min_evaluate_nodes=int(rc.get("min-evaluate-nodes", 2)),
         min_available_nodes=int(rc.get("min-available-nodes", 2)),

@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from simulations.engine import SimulationLink
+from simulations.engine import SimulationLink, virtual_site_policy
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> None:
         "min-available-nodes": args.sites,
         "epochs": 1,
         "target-epsilon": args.epsilon,
+        **virtual_site_policy(args.epsilon),
         "run-dir": str(out),
         "run-name": time.strftime("%Y%m%d-%H%M%S"),
     }

@@ -49,6 +49,22 @@ def run_config_arg(config: dict) -> str:
     return " ".join(f"{key}={toml_value(value)}" for key, value in config.items())
 
 
+def virtual_site_policy(epsilon: float, delta: float = 0.0, release_evaluation: bool = False) -> dict:
+    """Run-config keys that set the simulated sites' own policy (``clients.policy``).
+
+    Virtual sites have no node config of their own; the researcher states for them what a real
+    site states in its node config: the lifetime cap (this run's budget), the δ cap, an explicit
+    opt-out of DP for a non-private run, and whether local scores are released.
+    """
+    private = math.isfinite(epsilon)
+    policy = {"sim-site-allow-no-dp": not private, "sim-site-release-evaluation": release_evaluation}
+    if private:
+        policy["sim-site-max-epsilon"] = float(epsilon)
+    if delta > 0:
+        policy["sim-site-max-delta"] = float(delta)
+    return policy
+
+
 @dataclass
 class RunOutcome:
     """How one Flower run ended."""

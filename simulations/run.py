@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from fedllm.centralized import run_centralized
 from fedllm.config import Settings, settings_from
-from simulations.engine import SimulationLink
+from simulations.engine import SimulationLink, virtual_site_policy
 from simulations.plots import plot_budget, plot_rounds
 from simulations.sweep import (
     RESULT_COLUMNS,
@@ -271,6 +271,9 @@ def run_sweep(config: dict) -> Path:
                     "num-server-rounds": rounds,
                     "fraction-train": per_round / sites,
                     "fraction-evaluate": per_round / sites if config.get("site-eval") else 0.0,
+                    # the virtual sites' own policy (clients.policy): this point's budget, DP
+                    # off only for the non-private point, local scores only with --site-eval
+                    **virtual_site_policy(point.epsilon, settings.delta, bool(config.get("site-eval"))),
                     "min-train-nodes": per_round,
                     "min-available-nodes": sites,
                     "partitioning": config.get("partitioning", "iid"),

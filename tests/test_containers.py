@@ -50,6 +50,9 @@ def test_each_site_mounts_only_its_own_shard_and_key_read_only():
         assert not any(other in v for other in others for v in volumes), f"{name} sees another site"
         assert f"{name}-state:/state" in volumes  # privacy ledger survives restarts
         assert not any("server.key" in v or "ca.key" in v for v in volumes)
+        flags = " ".join(services[name]["command"])
+        assert "--max-epsilon=" in flags and "--max-delta=" in flags, f"{name} states no explicit caps"
+        assert "--allow-no-dp" not in flags
 
 
 def test_superlink_uses_tls_auth_and_named_volumes():

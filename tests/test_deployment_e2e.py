@@ -10,7 +10,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from fedllm.config import Settings
 from fedllm.data import load_splits, tokenize
-from fedllm.privacy import PrivacyLedger
+from fedllm.ledger import PrivacyLedger
 from fedllm.shards import write_shards
 from fedllm.train import evaluate
 from simulations.engine import (

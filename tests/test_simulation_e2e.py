@@ -30,6 +30,8 @@ def test_three_sites_two_rounds_with_dp(tiny_checkpoint, tmp_path):
         "target-epsilon": 8.0,
         "partitioning": "natural",
         "partition-column": "condition",
+        "fraction-evaluate": 1.0,
+        "sim-site-release-evaluation": True,  # the virtual sites opt into local scoring
         "run-dir": str(tmp_path / "runs"),
         "run-name": "sim",
     }
@@ -41,7 +43,9 @@ def test_three_sites_two_rounds_with_dp(tiny_checkpoint, tmp_path):
     assert [r["round"] for r in rows] == [0, 1, 2]
     losses = [r["server"]["loss"] for r in rows]
     assert len(set(losses)) == 3, "the server's test loss must move as the global adapter changes"
-    assert all(0 <= r["evaluate"]["accuracy"] <= 1 for r in rows[1:])  # site-side evaluation
+    assert all("accuracy" in r["evaluate"] for r in rows[1:])  # site-side evaluation, opted in
+    # under DP a site's reply holds the DP keys only: no exact training loss or time
+    assert all("train-loss" not in r["train"] and "train-seconds" not in r["train"] for r in rows[1:])
 
     # the global adapter changes every round
     rounds = [_adapter(run_dir, f"round-{i:03d}") for i in range(3)]

@@ -1,24 +1,77 @@
-"""A site's own rules: its epsilon cap, whatever the run config asks."""
+"""A site's own rules: where they are read from, and what they refuse (no model needed)."""
 
 from __future__ import annotations
 
 import pytest
 from flwr.app import Context, RecordDict
 
-from clients.app import check_site_policy
+from clients.policy import SitePolicy, SitePolicyError, failure_code
 from fedllm.config import Settings
-from fedllm.privacy import BudgetExhaustedError, plan_privacy
+from fedllm.data import DataError
+from fedllm.privacy import epsilon_for, plan_privacy
 
 
-def _context(node_config: dict) -> Context:
-    return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
+def _context(node_config: dict, run_config: dict | None = None) -> Context:
+    return Context(
+        run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config=run_config or {}
+    )
 
 
-def test_site_cap_refuses_larger_budgets_and_no_dp():
-    site = _context({"max-epsilon": 3.0})
-    check_site_policy(site, plan_privacy(Settings(target_epsilon=3.0), 500))
-    with pytest.raises(BudgetExhaustedError, match="at most 3"):
-        check_site_policy(site, plan_privacy(Settings(target_epsilon=8.0), 500))
-    with pytest.raises(BudgetExhaustedError, match="requires DP"):
-        check_site_policy(site, None)
-    check_site_policy(_context({}), None)  # no cap: the run decides
+def test_a_real_site_reads_its_policy_from_its_node_config_only():
+    widen = {"sim-site-max-epsilon": 100.0, "sim-site-allow-no-dp": True, "max-epsilon": 100.0}
+    policy = SitePolicy.from_context(_context({"data-file": "x.csv", "max-epsilon": 3.0}, widen))
+    assert policy.max_epsilon == 3.0 and not policy.allow_no_dp
+    defaults = SitePolicy.from_context(_context({"data-file": "x.csv"}, widen))
+    assert (defaults.max_epsilon, defaults.max_delta, defaults.allow_no_dp) == (8.0, 1e-5, False)
+
+
+def test_a_virtual_site_reads_the_runs_sim_site_keys():
+    run = {"sim-site-max-epsilon": 3.0, "sim-site-allow-no-dp": "true", "max-epsilon": 100.0}
+    policy = SitePolicy.from_context(_context({"partition-id": 0, "num-partitions": 3}, run))
+    assert policy.max_epsilon == 3.0 and policy.allow_no_dp
+
+
+def test_the_whole_plan_is_composed_with_every_earlier_run():
+    policy = SitePolicy(max_epsilon=8.0)
+    plan = plan_privacy(Settings(target_epsilon=6.0, max_steps=5), 500, planned_rounds=3)
+    assert policy.check_train(plan, past=[], this_run=[]) <= 8.0
+    earlier = [(plan.noise_multiplier, plan.sample_rate, plan.planned_steps)] * 2  # two runs, same spend
+    with pytest.raises(SitePolicyError, match="lifetime epsilon") as refused:
+        policy.check_train(plan, past=earlier, this_run=[])
+    assert refused.value.code == "site-refused-lifetime-budget"
+    # halfway through its own run, the rest of the plan still fits: what it spent is not counted twice
+    half = [(plan.noise_multiplier, plan.sample_rate, 5)]
+    lifetime = policy.check_train(plan, past=[], this_run=half)
+    whole = epsilon_for([(plan.noise_multiplier, plan.sample_rate, plan.planned_steps)], 1e-5)
+    assert lifetime == pytest.approx(whole, rel=1e-6)
+
+
+def test_no_dp_and_a_wide_delta_are_refused_by_default():
+    policy = SitePolicy()
+    with pytest.raises(SitePolicyError) as no_dp:
+        policy.check_train(None, [], [])
+    assert no_dp.value.code == "site-requires-dp"
+    wide = plan_privacy(Settings(target_epsilon=8.0, delta=4.5e-3), 200)
+    with pytest.raises(SitePolicyError) as delta:
+        policy.check_train(wide, [], [])
+    assert delta.value.code == "site-refused-delta"
+    SitePolicy(allow_no_dp=True).check_train(None, [], [])
+
+
+def test_a_dp_reply_keeps_only_the_dp_keys():
+    metrics = {"num-examples": 10, "epsilon": 1.0, "train-loss": 0.5, "train-seconds": 3.0, "accuracy": 1.0}
+    assert set(SitePolicy().reply_metrics(metrics, private=True)) == {"num-examples", "epsilon"}
+    opted = SitePolicy(release_train_metrics=True).reply_metrics(metrics, private=True)
+    assert set(opted) == {"num-examples", "epsilon", "train-loss", "train-seconds"}
+    assert SitePolicy().reply_metrics(metrics, private=False) == metrics
+
+
+def test_failures_reach_the_server_as_fixed_codes():
+    assert failure_code(DataError("/srv/ward-7.csv: label 'delighted' unknown")) == "site-data-error"
+    assert failure_code(KeyError("row 17")) == "site-internal-error"
+    assert failure_code(SitePolicyError("site-requires-dp", "text")) == "site-requires-dp"
+
+
+def test_an_impossible_policy_is_one_clear_line():
+    with pytest.raises(ValueError, match="max-delta"):
+        SitePolicy.from_config({"max-delta": 2.0})

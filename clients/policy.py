@@ -1,0 +1,209 @@
+"""The site's own privacy policy: limits the server's run config can never widen.
+
+A real site sets its policy in its node config (``python -m clients.site join`` flags):
+
+- ``max-epsilon`` (default 8): the cap on the site's **lifetime** ε, composed over every DP-SGD
+  step of every run in its ledger plus the whole plan of the run asking to train;
+- ``max-delta`` (default 1e-5): the largest δ a run may use; the lifetime ε is stated at it;
+- ``allow-no-dp`` (default false): whether the site ever trains without DP;
+- ``release-train-metrics`` (default false): send the exact mean training loss and time;
+- ``release-evaluation`` (default false): score adapters on the site's local test split and
+  send the exact scores.
+
+Under DP a reply carries only the adapter and ``DP_REPLY_KEYS``; the rest is a release outside
+DP that the site must opt into. A virtual site of a simulation (``partition-id`` in its node
+config, no ``data-file``) has no node config of its own: its policy is read from the run
+config's ``sim-site-*`` keys (the researcher is both server and sites there).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from flwr.app import Context, Error, Message
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.constant import ErrorCode
+
+from fedllm.data import DataError
+from fedllm.ledger import LedgerError
+from fedllm.privacy import BudgetExhaustedError, PrivacyPlan, epsilon_for
+
+log = logging.getLogger("fedllm.site")
+
+DEFAULT_MAX_EPSILON = 8.0
+DEFAULT_MAX_DELTA = 1e-5
+# what the server needs to weight and account a DP update; nothing here is computed from
+# the examples' contents (n, and q and steps derived from it, are listed as not covered)
+DP_REPLY_KEYS = (
+    "num-examples",
+    "steps",
+    "epsilon",
+    "delta",
+    "noise-multiplier",
+    "sample-rate",
+    "update-bytes",
+)
+RELEASED_TRAIN_KEYS = ("train-loss", "train-seconds")
+NOT_COVERED = [
+    "the number of training examples n and the sampling rate q = 1/ceil(n/batch) sent with every update",
+    "which rounds the site took part in and when (timing of replies)",
+]
+SIM_PREFIX = "sim-site-"
+# failure reasons the server may see: fixed codes; the full text stays in the site's log
+FAILURE_CODES = (
+    (LedgerError, "site-ledger-error"),
+    (DataError, "site-data-error"),
+    (BudgetExhaustedError, "site-refused-budget"),
+)
+
+
+class SitePolicyError(BudgetExhaustedError):
+    """A run asks for more than this site's policy allows; nothing was trained or sent."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def _flag(value: object) -> bool:
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class SitePolicy:
+    """A site's limits; ``from_context`` reads them from where the site (not the server) sets them."""
+
+    max_epsilon: float = DEFAULT_MAX_EPSILON
+    max_delta: float = DEFAULT_MAX_DELTA
+    allow_no_dp: bool = False
+    release_train_metrics: bool = False
+    release_evaluation: bool = False
+    accountant: str = "prv"
+
+    @classmethod
+    def from_config(cls, config: dict, prefix: str = "") -> SitePolicy:
+        """The policy in ``config`` (keys ``<prefix>max-epsilon`` ...); missing keys keep the defaults."""
+
+        def get(key: str, default):
+            return config.get(prefix + key, default)
+
+        policy = cls(
+            max_epsilon=float(get("max-epsilon", DEFAULT_MAX_EPSILON)),
+            max_delta=float(get("max-delta", DEFAULT_MAX_DELTA)),
+            allow_no_dp=_flag(get("allow-no-dp", False)),
+            release_train_metrics=_flag(get("release-train-metrics", False)),
+            release_evaluation=_flag(get("release-evaluation", False)),
+        )
+        if not policy.max_epsilon > 0 or not 0 < policy.max_delta < 1:
+            raise ValueError(
+                f"site policy: {prefix}max-epsilon must be > 0 and {prefix}max-delta in (0, 1), got "
+                f"{policy.max_epsilon} and {policy.max_delta}; fix the site's node config"
+            )
+        return policy
+
+    @classmethod
+    def from_context(cls, context: Context) -> SitePolicy:
+        """A real site's node config; a virtual site's ``sim-site-*`` run-config keys."""
+        if is_virtual_site(context):
+            return cls.from_config(dict(context.run_config), SIM_PREFIX)
+        return cls.from_config(dict(context.node_config))
+
+    def check_train(self, plan: PrivacyPlan | None, past: list, this_run: list) -> float:
+        """Refuse a run the site's limits do not allow; return the lifetime ε if it trains to plan.
+
+        ``past``: the accountant history of every *other* run in the site's ledger;
+        ``this_run``: this run's history so far. The run's whole remaining plan is composed with
+        both at ``max_delta`` before any step is taken.
+        """
+        if plan is None:
+            if not self.allow_no_dp:
+                raise SitePolicyError(
+                    "site-requires-dp",
+                    "this site trains only with DP (allow-no-dp is off); the run asks for none",
+                )
+            return math.inf
+        if plan.delta > self.max_delta * (1 + 1e-9):
+            raise SitePolicyError(
+                "site-refused-delta",
+                f"the run's delta={plan.delta:g} is above this site's max-delta={self.max_delta:g}",
+            )
+        done = sum(int(h[2]) for h in this_run)
+        remaining = max(plan.planned_steps - done, 0)
+        whole = [*past, *this_run, (plan.noise_multiplier, plan.sample_rate, remaining)]
+        lifetime = epsilon_for(whole, self.max_delta, self.accountant)
+        if lifetime > self.max_epsilon * (1 + 1e-6):
+            raise SitePolicyError(
+                "site-refused-lifetime-budget",
+                f"this run's plan would bring the site's lifetime epsilon to {lifetime:.3f} > its "
+                f"max-epsilon {self.max_epsilon:g} (delta {self.max_delta:g}, {len(past)} earlier "
+                "history entries composed); no step was taken",
+            )
+        return lifetime
+
+    def check_evaluate(self, private: bool) -> None:
+        """Exact scores on the local test split are a release: only if the site opted in."""
+        if self.release_evaluation or (not private and self.allow_no_dp):
+            return
+        raise SitePolicyError(
+            "site-refused-evaluation",
+            "this site does not release scores on its local data (release-evaluation is off)",
+        )
+
+    def reply_metrics(self, metrics: dict, private: bool) -> dict:
+        """What leaves the site: under DP only the DP keys (plus train metrics if opted in)."""
+        if not private:
+            return dict(metrics)
+        allowed = DP_REPLY_KEYS + (RELEASED_TRAIN_KEYS if self.release_train_metrics else ())
+        return {k: v for k, v in metrics.items() if k in allowed}
+
+    def not_covered(self) -> list[str]:
+        """What this site releases outside its DP guarantee, in plain words."""
+        items = list(NOT_COVERED)
+        if self.release_train_metrics:
+            items.append("the exact mean training loss and training time of each round (opted in)")
+        if self.release_evaluation:
+            items.append("exact scores of the adapters the server sends on the local test split (opted in)")
+        if self.allow_no_dp:
+            items.append("everything about runs this site trained without DP (allow-no-dp is on)")
+        return items
+
+
+def is_virtual_site(context: Context) -> bool:
+    """A simulation's virtual site: a partition of the run's data set, no data file of its own."""
+    return "data-file" not in context.node_config and "partition-id" in context.node_config
+
+
+def site_secret(state_dir: Path) -> bytes:
+    """The site's secret key for its train/test split (created once, 0600, never sent)."""
+    path = state_dir / "site-secret"
+    if not path.exists():
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path.touch(mode=0o600, exist_ok=False)
+        path.write_bytes(os.urandom(32))
+    secret = path.read_bytes()
+    if len(secret) < 16:
+        raise LedgerError(f"{path}: the site secret is shorter than 16 bytes; restore it from a backup")
+    return secret
+
+
+def failure_code(err: BaseException) -> str:
+    """The fixed code the server sees for a failure (never the message: it may hold data)."""
+    if isinstance(err, SitePolicyError):
+        return err.code
+    return next((code for kind, code in FAILURE_CODES if isinstance(err, kind)), "site-internal-error")
+
+
+def failures_as_codes(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """ClientApp mod: a failure reaches the server as a fixed code; its text stays in the site's log."""
+    try:
+        return call_next(msg, context)
+    except Exception as err:  # every failure: the text may name files, rows or label values
+        code = failure_code(err)
+        log.error("site %s refused or failed (%s): %s", context.node_id, code, err)
+        print(f"[site {context.node_id}] {code}: {err}\n{traceback.format_exc()}", flush=True)
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=code), reply_to=msg)
