@@ -1,9 +1,13 @@
-"""The adapter boundary: trainable state (LoRA A/B + head) <-> named numpy arrays.
+"""The adapter boundary: the trainable state <-> named numpy arrays.
 
-Order on the wire: the order of peft's ``get_peft_model_state_dict`` for the model, i.e. the
-model's own parameter order (layer by layer, ``lora_A`` before ``lora_B``, the classification
-head last). ``adapter_spec`` names and shapes that order; both sides build the same model from
-the same settings, so they agree on it, and ``set_adapter_arrays`` checks every array against it.
+What travels is exactly what trains (``requires_grad``; see ``fedllm.model`` for each
+``trainable`` mode), named as in peft's ``get_peft_model_state_dict`` and in its order (layer by
+layer, ``lora_A`` before ``lora_B``, the classification head last). For ``trainable = lora``
+that is peft's whole adapter state dict, as it always was; frozen tensors that peft saves
+(ffa-lora's shared A, the zero-B LoRA placeholder of ``bias``/``head``, frozen biases) stay home.
+``adapter_spec`` names and shapes that order; both sides build the same model from the same
+settings, so they agree on it, and ``set_adapter_arrays`` checks every array against it.
+``save_adapter`` saves peft's full adapter, frozen parts included, for ``load_trained``.
 """
 
 from __future__ import annotations
@@ -14,16 +18,42 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import PeftModel, get_peft_model_state_dict
+from torch import nn
 
 
 class AdapterMismatchError(ValueError):
     """An incoming adapter does not fit the local model (names, shapes, dtype or values)."""
 
 
+def wire_parameters(model: PeftModel) -> OrderedDict[str, nn.Parameter]:
+    """The trainable parameters under their peft state-dict names, in peft's order.
+
+    Each entry of peft's state dict is matched to the parameter whose storage it is. A parameter
+    peft lists twice (the head's bias under ``bias="all"``) keeps its last, canonical name
+    (``...classifier.bias``) and place. Raises ``RuntimeError`` when a trainable parameter is not
+    in peft's state dict: ``save_pretrained`` would then drop what was trained.
+    """
+    trainable = {(p.data_ptr(), tuple(p.shape)): p for p in model.parameters() if p.requires_grad}
+    wire: OrderedDict[str, nn.Parameter] = OrderedDict()
+    named: dict[int, str] = {}
+    for key, tensor in get_peft_model_state_dict(model).items():
+        param = trainable.get((tensor.data_ptr(), tuple(tensor.shape)))
+        if param is None:  # frozen: saved with the adapter, never sent
+            continue
+        if id(param) in named:
+            del wire[named[id(param)]]
+        wire[key] = param
+        named[id(param)] = key
+    if len(wire) != len(trainable):
+        unsaved = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in named]
+        raise RuntimeError(f"trainable parameters that peft would not save: {unsaved[:3]}")
+    return wire
+
+
 def adapter_state(model: PeftModel) -> OrderedDict[str, torch.Tensor]:
-    """peft's adapter state dict (LoRA A/B and ``modules_to_save`` head), in wire order."""
-    return OrderedDict(get_peft_model_state_dict(model))
+    """The tensors that train, in wire order (for ``trainable = lora``: peft's adapter state dict)."""
+    return OrderedDict((k, p.detach()) for k, p in wire_parameters(model).items())
 
 
 def adapter_spec(model: PeftModel) -> list[tuple[str, tuple[int, ...], str]]:
@@ -41,15 +71,16 @@ def get_adapter_arrays(model: PeftModel) -> OrderedDict[str, np.ndarray]:
 def set_adapter_arrays(model: PeftModel, arrays: dict[str, np.ndarray] | list[np.ndarray]) -> None:
     """Load named (or positional, in wire order) arrays into the model, after validation.
 
+    Only the trainable tensors are written (frozen ones, e.g. ffa-lora's A, are never touched).
     Raises ``AdapterMismatchError`` naming the first offending array when a name is missing or
     unexpected, a shape or dtype differs, or a value is NaN/inf; the model is untouched then.
     """
-    expected = adapter_state(model)
+    expected = wire_parameters(model)
     if isinstance(arrays, list):
         if len(arrays) != len(expected):
             raise AdapterMismatchError(
-                f"adapter has {len(arrays)} arrays, the model expects {len(expected)}: "
-                "were server and site built with the same lora-r / lora-targets / labels?"
+                f"adapter has {len(arrays)} arrays, the model expects {len(expected)}: were server and "
+                "site built with the same trainable / lora-r / lora-targets / lora-layers / labels?"
             )
         arrays = dict(zip(expected.keys(), arrays, strict=True))
     missing = [k for k in expected if k not in arrays]
@@ -72,10 +103,9 @@ def set_adapter_arrays(model: PeftModel, arrays: dict[str, np.ndarray] | list[np
         if not np.all(np.isfinite(arr)):
             raise AdapterMismatchError(f"adapter array {name!r} contains NaN or inf values")
         new_state[name] = torch.from_numpy(np.ascontiguousarray(arr)).to(ref.device, ref.dtype)
-    result = set_peft_model_state_dict(model, new_state)
-    unexpected = getattr(result, "unexpected_keys", []) or []
-    if unexpected:
-        raise AdapterMismatchError(f"peft did not accept adapter keys {unexpected[:3]}")
+    with torch.no_grad():
+        for name, param in expected.items():
+            param.copy_(new_state[name])
 
 
 def nbytes(arrays: dict[str, np.ndarray] | list[np.ndarray]) -> int:
@@ -93,7 +123,11 @@ def full_model_nbytes(model: PeftModel) -> int:
 def save_adapter(
     model: PeftModel, directory: str | Path, labels: list[str], extra: dict | None = None
 ) -> Path:
-    """Save in peft's own format (``save_pretrained``) plus ``labels.json`` with the label map."""
+    """Save in peft's own format (``save_pretrained``) plus ``labels.json`` with the label map.
+
+    peft saves its whole adapter, not just what travels: frozen LoRA A (ffa-lora), the trained
+    biases (``bias``, via peft's ``bias="all"``) and the head, so ``load_trained`` rebuilds it.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(directory))

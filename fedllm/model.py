@@ -1,20 +1,37 @@
-"""BERT sequence classifier + peft LoRA, placed on its device.
+"""BERT sequence classifier + peft LoRA, placed on its device; ``trainable`` picks what trains.
 
 Two choices matter for DP-SGD with Opacus and are made here once:
 - the embeddings stay frozen (Opacus computes wrong per-sample gradients for HF position
-  embeddings), and only LoRA A/B and the classification head train;
+  embeddings), whatever ``trainable`` says;
 - the model is moved to its device *before* ``get_peft_model`` (otherwise, with Opacus, the
   LoRA weights silently never change).
+
+What trains (and, see ``fedllm.adapters``, travels) per ``settings.trainable``; the classification
+head (peft ``modules_to_save``) trains in every mode:
+- ``lora``: LoRA A and B on ``lora_targets``;
+- ``ffa-lora`` (Sun et al., ICLR 2024): only B; every A stays frozen at a random init drawn from
+  a generator seeded by ``settings.seed``, so every site and the server hold the same A, the
+  update ``B @ A * scaling`` is linear in B and FedAvg of B averages the updates exactly;
+- ``bias`` (BiTFiT): every bias of the encoder (Linear and LayerNorm biases), plus the pooler's
+  when ``pooling = cls`` (with mean pooling it is unused: Opacus would find no per-sample
+  gradient). peft's ``bias="all"`` makes ``save_pretrained`` keep the trained biases;
+- ``head``: the head alone.
+In ``bias`` and ``head`` the LoRA modules stay in place (peft's save/load format) but frozen with
+B = 0: they add exactly nothing. ``lora_layers = k > 0`` places LoRA on the top k layers only.
+Every trainable module is an ``nn.Linear`` (weight and/or bias) or an ``nn.LayerNorm`` (bias),
+both with Opacus per-sample gradient (and ghost norm) support.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers import (
     AutoTokenizer,
@@ -104,25 +121,77 @@ def build_base_model(
     return model
 
 
+def lora_config(settings: Settings, num_layers: int) -> LoraConfig:
+    """peft's LoRA config for ``settings`` on a BERT with ``num_layers`` encoder layers.
+
+    ``bias="all"`` in ``bias`` mode only: peft then saves every bias with the adapter.
+    """
+    if settings.lora_layers > num_layers:
+        raise ValueError(
+            f"lora-layers={settings.lora_layers} but the model has {num_layers} encoder layers: "
+            f"use 0 (every layer) up to {num_layers}"
+        )
+    top = list(range(num_layers - settings.lora_layers, num_layers)) if settings.lora_layers else None
+    return LoraConfig(
+        r=settings.lora_r,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules=settings.lora_target_list,
+        layers_to_transform=top,
+        layers_pattern="layer" if top else None,
+        modules_to_save=["classifier"],
+        bias="all" if settings.trainable == "bias" else "none",
+    )
+
+
+def trains(name: str, settings: Settings) -> bool:
+    """Whether the peft model's parameter ``name`` trains under ``settings.trainable``."""
+    if ".modules_to_save." in name:  # the classification head, in every mode
+        return True
+    if ".embeddings." in name:
+        return False
+    if settings.trainable == "lora":
+        return ".lora_A." in name or ".lora_B." in name
+    if settings.trainable == "ffa-lora":
+        return ".lora_B." in name
+    if settings.trainable == "bias":
+        in_use = ".encoder." in name or (settings.pooling == "cls" and ".pooler." in name)
+        return in_use and name.endswith(".bias") and ".lora_" not in name
+    return False  # head
+
+
+def init_shared_lora_a(model: PeftModel, seed: int) -> None:
+    """Redraw every LoRA A as peft does (kaiming-uniform, a = sqrt(5)), from ``seed`` alone.
+
+    A CPU ``torch.Generator`` of its own, walked in module order: the same A on every machine
+    and device, whatever the global RNG drew before.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for linear in module.lora_A.values():
+                weight = torch.empty(linear.weight.shape, dtype=torch.float32)
+                nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
+                with torch.no_grad():
+                    linear.weight.copy_(weight)
+
+
 def build_model(
     settings: Settings,
     labels: list[str],
     device: torch.device | None = None,
     bert_config: BertConfig | None = None,
 ) -> PeftModel:
-    """BERT + LoRA on ``device``: trainable = LoRA A/B + classification head, nothing else."""
+    """BERT + LoRA on ``device``; what trains follows ``settings.trainable`` (module docstring)."""
     device = device or pick_device(settings.device)
     base = build_base_model(settings, labels, bert_config).to(device)
-    lora = LoraConfig(
-        r=settings.lora_r,
-        lora_alpha=settings.lora_alpha,
-        lora_dropout=settings.lora_dropout,
-        target_modules=settings.lora_target_list,
-        modules_to_save=["classifier"],
-        bias="none",
-    )
-    model = get_peft_model(base, lora)
+    model = get_peft_model(base, lora_config(settings, base.config.num_hidden_layers))
     model.to(device)
+    if settings.trainable == "ffa-lora":
+        init_shared_lora_a(model, settings.seed)
+    if settings.trainable != "lora":  # lora: exactly what peft marks (A, B, head), as ever
+        for name, param in model.named_parameters():
+            param.requires_grad_(trains(name, settings))
     return model
 
 
