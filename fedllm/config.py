@@ -33,6 +33,13 @@ class Settings:
     lora_targets: str = field(
         default="query,value", metadata={"help": "comma-separated module names to adapt"}
     )
+    lora_layers: int = field(
+        default=0, metadata={"help": "adapt only the top k encoder layers (0 = every layer)"}
+    )
+    trainable: str = field(
+        default="lora",
+        metadata={"help": "what trains and travels: 'lora', 'ffa-lora' (A frozen), 'bias' or 'head'"},
+    )
     # data
     dataset: str = field(
         default="drug-reviews",
@@ -46,6 +53,14 @@ class Settings:
     epochs: int = field(default=5, metadata={"help": "local epochs"})
     max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0 = off)"})
     batch_size: int = field(default=32, metadata={"help": "(expected) batch size"})
+    sample_rate: float = field(
+        default=0.0, metadata={"help": "DP Poisson sample rate q (0 = 1/ceil(n/batch-size)); up to 1"}
+    )
+    physical_batch_size: int = field(
+        default=0, metadata={"help": "largest batch in memory at once (0 = no limit)"}
+    )
+    optimizer: str = field(default="adamw", metadata={"help": "'adamw' or 'sgd'"})
+    momentum: float = field(default=0.0, metadata={"help": "SGD momentum"})
     lr: float = field(default=5e-3, metadata={"help": "learning rate (AdamW)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     schedule: str = field(default="linear", metadata={"help": "'linear' decay or 'constant'"})
@@ -90,9 +105,19 @@ class Settings:
             (self.max_length >= 8, "max-length", "use at least 8"),
             (self.truncation in ("right", "left"), "truncation", "use 'right' or 'left'"),
             (self.lora_r >= 1, "lora-r", "use a rank >= 1"),
+            (self.lora_layers >= 0, "lora-layers", "use 0 (every layer) or a positive count"),
+            (
+                self.trainable in ("lora", "ffa-lora", "bias", "head"),
+                "trainable",
+                "use 'lora', 'ffa-lora', 'bias' or 'head'",
+            ),
             (bool(self.lora_target_list), "lora-targets", "name at least one module"),
             (self.epochs >= 1 or self.max_steps > 0, "epochs", "train >= 1 epoch or set max-steps"),
             (self.batch_size >= 1, "batch-size", "use a batch size >= 1"),
+            (0 <= self.sample_rate <= 1, "sample-rate", "use 0 (from batch-size) or a rate in (0, 1]"),
+            (self.physical_batch_size >= 0, "physical-batch-size", "use 0 (no limit) or a positive size"),
+            (self.optimizer in ("adamw", "sgd"), "optimizer", "use 'adamw' or 'sgd'"),
+            (0 <= self.momentum < 1, "momentum", "use a value in [0, 1)"),
             (self.lr > 0, "lr", "use a positive learning rate"),
             (self.schedule in ("linear", "constant"), "schedule", "use 'linear' or 'constant'"),
             (0 < self.test_fraction < 1, "test-fraction", "use a value in (0, 1)"),
