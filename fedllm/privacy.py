@@ -1,6 +1,8 @@
 """Privacy: the one entry to DP-SGD (Opacus), noise calibration over the whole plan, accounting.
 
-- Sampling is Poisson (Opacus ``DPDataLoader``), with sample rate ``q = 1 / steps_per_epoch``.
+- Sampling is Poisson (Opacus ``DPDataLoader``), with sample rate ``q = settings.sample_rate`` when
+  set (up to 1: full-batch DP-GD), else ``q = 1 / ceil(n / batch_size)``; an epoch is ``ceil(1 / q)``
+  steps, one expected pass. The accountant books exactly this ``q`` for every optimizer step.
 - With a target (epsilon, delta) the noise multiplier is calibrated once, for *all* local
   steps of all rounds the client may train in (``planned_steps``), never per round.
 - One accountant per site: its history (noise, q, steps) is saved after each local training and
@@ -17,6 +19,7 @@ import torch
 from opacus import PrivacyEngine
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
+from opacus.data_loader import DPDataLoader
 from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader
 
@@ -39,21 +42,37 @@ def resolve_delta(settings: Settings, num_examples: int) -> float:
     return min(1e-5, 1.0 / (10 * max(num_examples, 1)))
 
 
-def steps_per_epoch(num_examples: int, batch_size: int) -> int:
-    """Optimizer steps in one Poisson-sampled epoch (Opacus: ``len(data_loader)``)."""
+def _check_rate(rate: float) -> None:
+    """A rate outside [0, 1] (e.g. an unresolved 'auto' -1) must not silently become ``1 / ceil(n / B)``."""
+    if not 0 <= rate <= 1:
+        raise ValueError(f"sample rate {rate} is not in [0, 1]: resolve 'auto' settings before planning")
+
+
+def steps_per_epoch(num_examples: int, batch_size: int, rate: float = 0.0) -> int:
+    """Optimizer steps in one epoch: ``ceil(1 / rate)`` for a set rate, else ``ceil(n / B)``.
+
+    An epoch is one expected pass over the data. The small tolerance keeps ``1 / (1 / 49)``
+    (``49.00000000000001`` in floating point) at 49 steps.
+    """
+    _check_rate(rate)
+    if rate > 0:
+        return max(1, math.ceil((1.0 / rate) * (1 - 1e-12)))
     return max(1, math.ceil(num_examples / batch_size))
 
 
-def sample_rate(num_examples: int, batch_size: int) -> float:
-    """Poisson sampling rate q, as Opacus derives it from the data loader."""
+def sample_rate(num_examples: int, batch_size: int, rate: float = 0.0) -> float:
+    """Poisson sampling rate q: ``rate`` when set (> 0), else ``1 / ceil(n / B)`` as Opacus derives it."""
+    _check_rate(rate)
+    if rate > 0:
+        return float(rate)
     return 1.0 / steps_per_epoch(num_examples, batch_size)
 
 
 def local_steps(settings: Settings, num_examples: int) -> int:
-    """Optimizer steps in one local training: ``max_steps`` when set, else ``epochs`` epochs."""
+    """Optimizer (logical) steps in one local training: ``max_steps`` when set, else ``epochs`` epochs."""
     if settings.max_steps > 0:
         return settings.max_steps
-    return steps_per_epoch(num_examples, settings.batch_size) * settings.epochs
+    return steps_per_epoch(num_examples, settings.batch_size, settings.sample_rate) * settings.epochs
 
 
 @dataclass
@@ -74,7 +93,7 @@ class PrivacyPlan:
 
 def plan_privacy(settings: Settings, num_examples: int, planned_rounds: int = 1) -> PrivacyPlan:
     """Calibrate the noise for ``planned_rounds`` local trainings of ``settings`` on n examples."""
-    q = sample_rate(num_examples, settings.batch_size)
+    q = sample_rate(num_examples, settings.batch_size, settings.sample_rate)
     steps = local_steps(settings, num_examples) * max(planned_rounds, 1)
     delta = resolve_delta(settings, num_examples)
     if settings.noise_multiplier > 0:
@@ -127,13 +146,15 @@ def make_private(
     returns, after the engine: ``(engine, model, optimizer, loader)`` or, for ghost,
     ``(engine, model, optimizer, criterion, loader)``.
 
-    The accountant books ``plan.sample_rate``, the rate the Poisson sampler draws every example
-    with (``1 / ceil(n / B)``). Opacus would book ``1 / len(loader)`` instead, and its sampler
-    runs ``int(1 / q)`` batches per epoch: for some sizes (``ceil(n / B)`` = 93, 99, 105, ...)
-    that float rounds down, so it would book ``1 / (k - 1)`` and overstate the spend (n = 2960,
-    B = 32: epsilon 8.04 reported for a plan calibrated to 8). The mean-reduced gradient is
-    divided by the expected batch size ``n * q`` for the same reason (only the step size
-    depends on it, not the privacy).
+    With ``settings.sample_rate > 0`` the Poisson loader draws every example with that rate
+    (``loader``'s batch size is then unused); otherwise with ``1 / ceil(n / B)``, ``B`` the
+    batch size of ``loader``. The accountant books ``plan.sample_rate``, which must be the rate
+    the sampler draws with (else ``RuntimeError``). For ``1 / ceil(n / B)`` Opacus would book
+    ``1 / len(loader)`` instead, and its sampler runs ``int(1 / q)`` batches per epoch: for some
+    sizes (``ceil(n / B)`` = 93, 99, 105, ...) that float rounds down, so it would book
+    ``1 / (k - 1)`` and overstate the spend (n = 2960, B = 32: epsilon 8.04 reported for a plan
+    calibrated to 8). The mean-reduced gradient is divided by the expected batch size ``n * q``
+    for the same reason (only the step size depends on it, not the privacy).
     """
     engine = PrivacyEngine(accountant=plan.accountant)
     if history:
@@ -152,6 +173,14 @@ def make_private(
         grad_sample_mode=settings.grad_sample_mode,
     )
     dp_optimizer, dp_loader = private[1], private[-1]
+    if settings.sample_rate > 0:  # Opacus derives q = 1 / len(loader); draw with the configured q
+        dp_loader = DPDataLoader(
+            loader.dataset,
+            sample_rate=settings.sample_rate,
+            collate_fn=loader.collate_fn,
+            generator=dp_loader.generator,
+        )
+        private = (*private[:-1], dp_loader)
     _book_realised_rate(engine, dp_optimizer, dp_loader, plan)
     return (engine, *private)
 
@@ -162,7 +191,10 @@ def _book_realised_rate(
     """Make the accountant book the sampler's rate, which ``plan`` was calibrated for.
 
     Raises ``RuntimeError`` when the sampler does not draw with ``plan.sample_rate``: training
-    would then spend a different epsilon than the one planned and reported.
+    would then spend a different epsilon than the one planned and reported. The hook runs in
+    ``DPOptimizer.pre_step`` after the skip check, so with Opacus' ``BatchMemoryManager`` it books
+    one step per logical (Poisson) batch, never one per physical chunk; ``train_local`` checks
+    that the steps booked equal the optimizer steps taken.
     """
     realised = getattr(loader.batch_sampler, "sample_rate", None)
     if realised != plan.sample_rate or getattr(loader, "sample_rate", None) != plan.sample_rate:
