@@ -27,6 +27,9 @@ from fedllm.train import train_local
 
 from .conftest import DEVICE, LABELS
 
+# these tests are about q = 1 / ceil(n / B): pinned, whatever a configured or 'auto' default is
+_FROM_BATCH_SIZE = {"sample_rate": 0.0, "optimizer": "adamw"}
+
 
 class TinyClassifier(nn.Module):
     """A bag-of-embeddings classifier with BERT's call signature (``.logits``): fast under Opacus."""
@@ -56,7 +59,7 @@ def _miscounted(n: np.ndarray, batch_size: int) -> np.ndarray:
 
 def test_planned_round_books_the_sampled_rate_and_stays_within_target():
     n, batch_size = 2960, 32  # k = 93, and int(1 / (1 / 93)) == 92
-    s = Settings(batch_size=batch_size, epochs=1, target_epsilon=8.0, lr=1e-2, seed=0)
+    s = Settings(batch_size=batch_size, epochs=1, target_epsilon=8.0, lr=1e-2, seed=0, **_FROM_BATCH_SIZE)
     plan = plan_privacy(s, n, planned_rounds=1)
     assert plan.sample_rate == 1 / 93 and plan.planned_steps == 93
     result = train_local(TinyClassifier(), _tiny_dataset(n), s, plan=plan)
@@ -73,7 +76,7 @@ def test_every_miscounted_size_books_the_realised_rate_and_every_step(batch_size
     sizes = np.arange(100, 3001)
     bad = sizes[_miscounted(sizes, batch_size)]
     assert len(bad) >= 32, "the sweep must contain sizes where Opacus' sampler miscounts"
-    s = Settings(batch_size=batch_size, noise_multiplier=1.0, accountant="rdp", seed=0)
+    s = Settings(batch_size=batch_size, noise_multiplier=1.0, accountant="rdp", seed=0, **_FROM_BATCH_SIZE)
     for n in bad.tolist():
         k = steps_per_epoch(n, batch_size)
         plan = plan_privacy(s, n)
@@ -111,7 +114,7 @@ def test_the_sweep_finds_opacus_miscounts_only_where_the_float_rounds_down():
 
 
 def test_a_plan_for_another_sampling_rate_is_refused():
-    s = Settings(batch_size=32, noise_multiplier=1.0, accountant="rdp")
+    s = Settings(batch_size=32, noise_multiplier=1.0, accountant="rdp", **_FROM_BATCH_SIZE)
     model = TinyClassifier()
     loader = DataLoader(_tiny_dataset(2960), batch_size=32)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
