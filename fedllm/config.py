@@ -15,6 +15,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+DP_HEAD_LR = 5.0  # SGD on the head over the frozen encoder's pooled features, under DP
+DP_SAMPLE_RATE = 0.5  # Poisson q of the DP recipe: few, large, less noisy steps
+
 
 @dataclass
 class Settings:
@@ -37,8 +40,11 @@ class Settings:
         default=0, metadata={"help": "adapt only the top k encoder layers (0 = every layer)"}
     )
     trainable: str = field(
-        default="lora",
-        metadata={"help": "what trains and travels: 'lora', 'ffa-lora' (A frozen), 'bias' or 'head'"},
+        default="auto",
+        metadata={
+            "help": "what trains and travels: 'lora', 'ffa-lora' (A frozen), 'bias', 'head'; "
+            "'auto' = head under DP, lora without"
+        },
     )
     # data
     dataset: str = field(
@@ -54,14 +60,22 @@ class Settings:
     max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0 = off)"})
     batch_size: int = field(default=32, metadata={"help": "(expected) batch size"})
     sample_rate: float = field(
-        default=0.0, metadata={"help": "DP Poisson sample rate q (0 = 1/ceil(n/batch-size)); up to 1"}
+        default=-1.0,
+        metadata={
+            "help": "Poisson sample rate q in (0, 1]; 0 = 1/ceil(n/batch-size); -1 = auto "
+            "(0.5 under DP, from batch-size without)"
+        },
     )
     physical_batch_size: int = field(
         default=0, metadata={"help": "largest batch in memory at once (0 = no limit)"}
     )
-    optimizer: str = field(default="adamw", metadata={"help": "'adamw' or 'sgd'"})
+    optimizer: str = field(
+        default="auto", metadata={"help": "'adamw' or 'sgd'; 'auto' = sgd under DP, adamw without"}
+    )
     momentum: float = field(default=0.0, metadata={"help": "SGD momentum"})
-    lr: float = field(default=5e-3, metadata={"help": "learning rate (AdamW)"})
+    lr: float = field(
+        default=0.0, metadata={"help": "learning rate; 0 = auto (AdamW 5e-3; SGD on the head 5.0)"}
+    )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     schedule: str = field(default="linear", metadata={"help": "'linear' decay or 'constant'"})
     class_weighting: bool = field(
@@ -107,18 +121,22 @@ class Settings:
             (self.lora_r >= 1, "lora-r", "use a rank >= 1"),
             (self.lora_layers >= 0, "lora-layers", "use 0 (every layer) or a positive count"),
             (
-                self.trainable in ("lora", "ffa-lora", "bias", "head"),
+                self.trainable in ("auto", "lora", "ffa-lora", "bias", "head"),
                 "trainable",
-                "use 'lora', 'ffa-lora', 'bias' or 'head'",
+                "use 'auto', 'lora', 'ffa-lora', 'bias' or 'head'",
             ),
             (bool(self.lora_target_list), "lora-targets", "name at least one module"),
             (self.epochs >= 1 or self.max_steps > 0, "epochs", "train >= 1 epoch or set max-steps"),
             (self.batch_size >= 1, "batch-size", "use a batch size >= 1"),
-            (0 <= self.sample_rate <= 1, "sample-rate", "use 0 (from batch-size) or a rate in (0, 1]"),
+            (
+                self.sample_rate == -1 or 0 <= self.sample_rate <= 1,
+                "sample-rate",
+                "use -1 (auto), 0 (from batch-size) or a rate in (0, 1]",
+            ),
             (self.physical_batch_size >= 0, "physical-batch-size", "use 0 (no limit) or a positive size"),
-            (self.optimizer in ("adamw", "sgd"), "optimizer", "use 'adamw' or 'sgd'"),
+            (self.optimizer in ("auto", "adamw", "sgd"), "optimizer", "use 'auto', 'adamw' or 'sgd'"),
             (0 <= self.momentum < 1, "momentum", "use a value in [0, 1)"),
-            (self.lr > 0, "lr", "use a positive learning rate"),
+            (self.lr >= 0, "lr", "use a positive learning rate (or 0 = auto)"),
             (self.schedule in ("linear", "constant"), "schedule", "use 'linear' or 'constant'"),
             (0 < self.test_fraction < 1, "test-fraction", "use a value in (0, 1)"),
             (self.target_epsilon > 0, "target-epsilon", "use a positive epsilon or inf"),
@@ -136,6 +154,22 @@ class Settings:
             if not ok:
                 raise ValueError(f"invalid setting {key}={getattr(self, _field(key))!r}: {fix}")
         return self
+
+    def resolved(self) -> Settings:
+        """A copy with every 'auto' setting made concrete: the DP recipe when private, else ours.
+
+        Under DP the default is the DP linear probe, which won the recipe study (docs/dp-recipe.md):
+        the head alone on the frozen encoder (cached features), SGD at lr 5, Poisson q = 0.5.
+        Without DP: LoRA, AdamW at 5e-3, batches of ``batch-size``. Idempotent.
+        """
+        private = self.private
+        trainable = self.trainable if self.trainable != "auto" else ("head" if private else "lora")
+        optimizer = self.optimizer if self.optimizer != "auto" else ("sgd" if private else "adamw")
+        lr = self.lr or (5e-3 if optimizer == "adamw" else (DP_HEAD_LR if trainable == "head" else 0.5))
+        sample_rate = self.sample_rate if self.sample_rate >= 0 else (DP_SAMPLE_RATE if private else 0.0)
+        return dataclasses.replace(
+            self, trainable=trainable, optimizer=optimizer, lr=lr, sample_rate=sample_rate
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Hyphenated keys, as written in run configs and on the command line."""

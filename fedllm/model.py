@@ -183,6 +183,7 @@ def build_model(
     bert_config: BertConfig | None = None,
 ) -> PeftModel:
     """BERT + LoRA on ``device``; what trains follows ``settings.trainable`` (module docstring)."""
+    settings = settings.resolved()
     device = device or pick_device(settings.device)
     base = build_base_model(settings, labels, bert_config).to(device)
     model = get_peft_model(base, lora_config(settings, base.config.num_hidden_layers))

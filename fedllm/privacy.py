@@ -93,6 +93,7 @@ class PrivacyPlan:
 
 def plan_privacy(settings: Settings, num_examples: int, planned_rounds: int = 1) -> PrivacyPlan:
     """Calibrate the noise for ``planned_rounds`` local trainings of ``settings`` on n examples."""
+    settings = settings.resolved()
     q = sample_rate(num_examples, settings.batch_size, settings.sample_rate)
     steps = local_steps(settings, num_examples) * max(planned_rounds, 1)
     delta = resolve_delta(settings, num_examples)

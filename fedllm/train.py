@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from fedllm.config import Settings
+from fedllm.features import HeadOnFeatures, pooled_features
 from fedllm.privacy import (
     PrivacyPlan,
     check_budget,
@@ -126,7 +127,11 @@ def logical_batch_size(settings: Settings, num_examples: int) -> int:
 def _forward(
     net: nn.Module, batch: list[torch.Tensor], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels of one physical batch ``(input_ids, attention_mask, labels)``."""
+    """Logits and labels of one physical batch: ``(input_ids, attention_mask, labels)``, or
+    ``(features, labels)`` for the head on cached features (``fedllm.features``)."""
+    if len(batch) == 2:
+        features, labels = batch
+        return net(features.to(device)), labels.to(device)
     input_ids, mask, labels = batch
     input_ids, mask = _trim(input_ids.to(device), mask.to(device))
     return net(input_ids=input_ids, attention_mask=mask).logits, labels.to(device)
@@ -226,9 +231,14 @@ def train_local(
     happen per logical batch. ``settings.optimizer`` picks AdamW or SGD (``build_optimizer``).
     Non-private shuffling is seeded by ``settings.seed + seed_offset`` (pass the round); private
     sampling and noise use OS entropy. ``round_of`` = (this round, planned rounds) places this
-    training in the federated learning-rate schedule (``lr_schedule``).
+    training in the federated learning-rate schedule (``lr_schedule``). 'auto' settings are
+    resolved first (``Settings.resolved``); with ``trainable = "head"`` the head trains on the
+    frozen encoder's cached pooled features (``fedllm.features``), the same model in seconds.
     """
+    settings = settings.resolved()
     device = next(model.parameters()).device
+    if settings.trainable == "head":
+        dataset, model = pooled_features(model, dataset), HeadOnFeatures(model)
     n = len(dataset)
     if n == 0:
         raise ValueError("no training examples: this site's training split is empty")

@@ -40,7 +40,18 @@ def tokenizer():
 
 @pytest.fixture
 def settings() -> Settings:
-    return Settings(max_length=32, batch_size=8, epochs=1, lr=1e-2, seed=0, device=str(DEVICE))
+    # the LoRA path with AdamW and batches of batch-size, whatever the DP recipe's 'auto' picks
+    return Settings(
+        max_length=32,
+        batch_size=8,
+        epochs=1,
+        lr=1e-2,
+        seed=0,
+        device=str(DEVICE),
+        trainable="lora",
+        optimizer="adamw",
+        sample_rate=0.0,
+    )
 
 
 @pytest.fixture

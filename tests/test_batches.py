@@ -80,7 +80,15 @@ def _logical_batches(events: list[int]) -> list[list[int]]:
 
 
 def _private(**changes) -> Settings:
-    base = Settings(batch_size=8, noise_multiplier=1.0, accountant="rdp", lr=1e-2, optimizer="adamw", seed=0)
+    base = Settings(
+        batch_size=8,
+        noise_multiplier=1.0,
+        accountant="rdp",
+        lr=1e-2,
+        optimizer="adamw",
+        seed=0,
+        trainable="lora",
+    )
     return base.replace(**changes)
 
 
@@ -93,9 +101,11 @@ def test_plan_books_the_configured_rate_and_an_epoch_is_one_expected_pass():
     assert plan_privacy(s.replace(sample_rate=0.0), 60).sample_rate == 1 / 8  # ceil(60 / 8)
     assert logical_batch_size(s, 60) == 18 and logical_batch_size(s.replace(sample_rate=0.001), 60) == 1
     assert logical_batch_size(s.replace(sample_rate=0.0), 60) == 8
-    for unresolved in (-1.0, 1.5):  # e.g. an 'auto' rate nobody resolved: never a silent default
-        with pytest.raises(ValueError, match="sample rate"):
-            plan_privacy(dataclasses.replace(s, sample_rate=unresolved), 60)
+    with pytest.raises(ValueError, match="sample rate"):
+        plan_privacy(dataclasses.replace(s, sample_rate=1.5), 60)
+    # 'auto' (-1) is resolved by the plan (the DP recipe's q), never a silent 1/ceil(n/B)
+    assert plan_privacy(dataclasses.replace(s, sample_rate=-1.0), 60).sample_rate == 0.5
+    for unresolved in (-1.0, 1.5):  # below the plan nothing resolves: refused, never a default
         with pytest.raises(ValueError, match="sample rate"):
             logical_batch_size(dataclasses.replace(s, sample_rate=unresolved), 60)
 
@@ -143,7 +153,14 @@ def test_sample_rate_one_is_full_batch_dp_gd(recorded):
 
 def test_physical_batch_size_does_not_change_the_accounting():
     s = Settings(
-        sample_rate=0.3, max_steps=6, target_epsilon=4.0, accountant="rdp", lr=1e-2, optimizer="adamw", seed=0
+        sample_rate=0.3,
+        max_steps=6,
+        target_epsilon=4.0,
+        accountant="rdp",
+        lr=1e-2,
+        optimizer="adamw",
+        seed=0,
+        trainable="lora",
     )
     data = _dataset(60)  # 1 / 0.3 is no integer: no data loader length gives Opacus this q
     plan = plan_privacy(s, len(data), planned_rounds=3)

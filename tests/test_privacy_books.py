@@ -28,7 +28,7 @@ from fedllm.train import train_local
 from .conftest import DEVICE, LABELS
 
 # these tests are about q = 1 / ceil(n / B): pinned, whatever a configured or 'auto' default is
-_FROM_BATCH_SIZE = {"sample_rate": 0.0, "optimizer": "adamw"}
+_FROM_BATCH_SIZE = {"sample_rate": 0.0, "optimizer": "adamw", "trainable": "lora"}
 
 
 class TinyClassifier(nn.Module):

@@ -37,7 +37,17 @@ def test_embedded_minilm_loads_with_the_hub_offline(tmp_path):
 
 
 def test_embedded_minilm_is_pretrained_and_trains_privately():
-    settings = Settings(max_length=64, batch_size=8, max_steps=1, target_epsilon=8.0, device="cpu")
+    settings = Settings(
+        max_length=64,
+        batch_size=8,
+        max_steps=1,
+        target_epsilon=8.0,
+        device="cpu",
+        trainable="lora",
+        optimizer="adamw",
+        lr=5e-3,
+        sample_rate=0.0,
+    )  # the DP-LoRA path on the real checkpoint
     splits = load_splits(settings)
     model = build_model(settings, splits.labels, torch.device("cpu"))
     with safe_open(str(embedded_model_path() / "model.safetensors"), "pt") as ckpt:

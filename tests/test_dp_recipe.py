@@ -1,0 +1,65 @@
+"""The DP recipe: 'auto' settings resolve by privacy, and the head trains on cached features."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fedllm.adapters import adapter_state
+from fedllm.config import DP_HEAD_LR, DP_SAMPLE_RATE, Settings
+from fedllm.data import tokenize
+from fedllm.features import HeadOnFeatures, pooled_features
+from fedllm.model import build_model
+from fedllm.privacy import plan_privacy
+from fedllm.train import train_local
+
+from .conftest import DEVICE, LABELS
+
+
+def test_auto_resolves_to_the_dp_recipe_under_dp_and_to_lora_without():
+    private = Settings(target_epsilon=8.0).resolved()
+    assert (private.trainable, private.optimizer, private.lr, private.sample_rate) == (
+        "head",
+        "sgd",
+        DP_HEAD_LR,
+        DP_SAMPLE_RATE,
+    )
+    public = Settings(target_epsilon=math.inf).resolved()
+    assert (public.trainable, public.optimizer, public.lr, public.sample_rate) == ("lora", "adamw", 5e-3, 0.0)
+    chosen = Settings(target_epsilon=8.0, trainable="ffa-lora", optimizer="adamw", lr=1e-3, sample_rate=0.2)
+    assert chosen.resolved() == chosen  # what a user sets is kept
+    assert chosen.resolved().resolved() == chosen.resolved()
+
+
+def test_the_head_on_cached_features_is_the_head_inside_bert(settings, tiny_config, tokenizer, frame):
+    s = settings.replace(trainable="head", optimizer="sgd", lr=0.5, max_steps=3, target_epsilon=math.inf)
+    model = build_model(s, LABELS, DEVICE, tiny_config)
+    data = tokenize(frame, tokenizer, LABELS, s.max_length)
+    before = {k: v.clone() for k, v in adapter_state(model).items()}
+    train_local(model, data, s)
+    after = adapter_state(model)
+    assert set(after) == {k for k in after if "classifier" in k}
+    assert all(not torch.equal(before[k], after[k]) for k in after), "the model's own head must move"
+    model.eval()
+    features = pooled_features(model, data).tensors[0]
+    with torch.no_grad():
+        inside = model(input_ids=data.tensors[0], attention_mask=data.tensors[1]).logits
+        cached = HeadOnFeatures(model)(features.to(DEVICE))
+    assert torch.allclose(inside, cached, atol=1e-5)
+    assert pooled_features(model, data).tensors[0] is features  # computed once, then cached
+
+
+def test_the_dp_head_books_its_plan_and_moves_only_the_head(settings, tiny_config, tokenizer, frame):
+    s = settings.replace(trainable="auto", optimizer="auto", lr=0.0, sample_rate=-1.0, max_steps=4)
+    s = s.replace(target_epsilon=8.0)
+    model = build_model(s, LABELS, DEVICE, tiny_config)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if "classifier" not in n}
+    data = tokenize(frame, tokenizer, LABELS, s.max_length)
+    plan = plan_privacy(s, len(data), planned_rounds=2)
+    assert plan.sample_rate == DP_SAMPLE_RATE
+    result = train_local(model, data, s, plan=plan)
+    assert result.history == [[plan.noise_multiplier, DP_SAMPLE_RATE, 4]]
+    assert 0 < result.epsilon < 8.0
+    moved = [n for n, p in model.named_parameters() if n in frozen and not torch.equal(frozen[n], p)]
+    assert not moved, f"only the head may train under the DP recipe: {moved[:3]}"
