@@ -26,7 +26,7 @@ from transformers import BertConfig, BertModel
 
 from fedllm.data import read_bbc_news
 from fedllm.model import embedded_model_path
-from simulations.engine import SimulationLink
+from simulations.engine import SimulationLink, virtual_site_policy
 
 
 def tiny_checkpoint(path: Path) -> Path:
@@ -106,6 +106,8 @@ def main() -> None:
             "server-eval": False,
             "run-dir": str(work / "runs"),
             "run-name": f"sites-{n}",
+            # the virtual sites release their local scores (a real site must opt in)
+            **virtual_site_policy(8.0, release_evaluation=True),
         }
         with SimulationLink(work / f"flwr-{n}") as link, PeakRSS(link.proc.pid) as rss:
             outcome = link.simulate(config, num_supernodes=n, timeout=3600)

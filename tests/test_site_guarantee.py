@@ -7,12 +7,11 @@ with a deployed site's node config (its data file, its state folder, its policy)
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from clients.app import STATE_KEY, app
 from clients.policy import DP_REPLY_KEYS
@@ -43,22 +42,11 @@ def run_config(tiny_checkpoint):
     }
 
 
-def _message(run_config: dict, kind: str = "train", run_id: int = 1, server_round: int = 1) -> Message:
+def _message(run_config: dict, kind: str = "train", server_round: int = 1) -> Message:
     model = build_model(settings_from(run_config), LABELS, torch.device("cpu"))
     arrays = ArrayRecord({k: v.detach().cpu() for k, v in adapter_state(model).items()})
     config = ConfigRecord({"labels": json.dumps(LABELS), "num-rounds": 1, "server-round": server_round})
-    meta = Metadata(
-        run_id=run_id,
-        message_id=f"{kind}-{time.time_ns()}",
-        src_node_id=0,
-        dst_node_id=7,
-        reply_to_message_id="",
-        group_id="",
-        created_at=time.time(),
-        ttl=3600.0,
-        message_type=kind,
-    )
-    return Message(RecordDict({"arrays": arrays, "config": config}), metadata=meta)
+    return Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=7, message_type=kind)
 
 
 def _context(node_config: dict, run_config: dict, run_id: int = 1) -> Context:
@@ -69,7 +57,7 @@ def _context(node_config: dict, run_config: dict, run_id: int = 1) -> Context:
 
 def _ask(node_config: dict, run_config: dict, run_id: int = 1, kind: str = "train", context=None) -> Message:
     context = context or _context(node_config, run_config, run_id)
-    return app(_message(run_config, kind, run_id), context)
+    return app(_message(run_config, kind), context)
 
 
 def _ledger_path(site: dict) -> Path:
