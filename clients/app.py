@@ -116,12 +116,6 @@ def _histories(context: Context, ledger: PrivacyLedger | None) -> tuple[list, li
     return [list(h) for run in others for h in run["history"]], this_run, len(others)
 
 
-def _fingerprint(context: Context, site: SiteData) -> str:
-    if is_virtual_site(context):
-        return site.source
-    return fingerprint_file(context.node_config["data-file"])
-
-
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One round at this site: check its policy, DP-train locally, send the adapter back."""
@@ -160,7 +154,7 @@ def train(msg: Message, context: Context) -> Message:
                 result.epsilon,
                 round=server_round,
                 num_rounds=rounds,
-                data_fingerprint=_fingerprint(context, site),
+                data_fingerprint=fingerprint_file(context.node_config["data-file"]),
                 not_covered=policy.not_covered(),
                 statement=signed,
             )

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -55,6 +57,17 @@ def _run_quick(args, env, log, timeout=120) -> tuple[int, str]:
     finally:
         stop_process(proc, timeout=5)  # also ends children still retrying (SuperExec)
     return code, log.read_text()
+
+
+def _wait_for_activations(tmp: Path, names: list[str], count: int, timeout: float = 240) -> None:
+    """Wait until each site's log shows ``count`` activations ("SuperNode ID: ...")."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        logs = [tmp / name / "site.log" for name in names]
+        if all(p.exists() and p.read_text(errors="replace").count("SuperNode ID:") >= count for p in logs):
+            return
+        time.sleep(2)
+    raise AssertionError(f"not every site re-activated within {timeout:.0f} s: {names}")
 
 
 class Federation:
@@ -167,6 +180,9 @@ def test_tls_auth_federation_refusals_and_restart(tiny_checkpoint, tmp_path):
 
         fed.stop()  # restart everything: the run dir and each site's privacy state survive
         fed.start(sites)
+        # the SuperLink keeps a crashed site's old session online for up to a minute: submit only
+        # once every site has re-activated, or the run samples stale sessions ("Node Unavailable")
+        _wait_for_activations(tmp_path, [name for name, _ in sites], count=2)
         second = cli.run({**config, "num-server-rounds": 1, "run-name": "second"}, timeout=900)
         assert second.ok, f"{second}\n{cli.log(second.run_id)[-3000:]}"
     finally:

@@ -7,11 +7,12 @@ with a deployed site's node config (its data file, its state folder, its policy)
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 
 from clients.app import STATE_KEY, app
 from clients.policy import DP_REPLY_KEYS
@@ -46,7 +47,19 @@ def _message(run_config: dict, kind: str = "train", server_round: int = 1) -> Me
     model = build_model(settings_from(run_config), LABELS, torch.device("cpu"))
     arrays = ArrayRecord({k: v.detach().cpu() for k, v in adapter_state(model).items()})
     config = ConfigRecord({"labels": json.dumps(LABELS), "num-rounds": 1, "server-round": server_round})
-    return Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=7, message_type=kind)
+    # as the SuperLink delivers it (Message(dst_node_id=...) needs a running Flower runtime)
+    meta = Metadata(
+        run_id=1,
+        message_id=f"{kind}-{time.time_ns()}",
+        src_node_id=0,
+        dst_node_id=7,
+        reply_to_message_id="",
+        group_id="",
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type=kind,
+    )
+    return Message(RecordDict({"arrays": arrays, "config": config}), metadata=meta)
 
 
 def _context(node_config: dict, run_config: dict, run_id: int = 1) -> Context:
