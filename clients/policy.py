@@ -18,7 +18,6 @@ config's ``sim-site-*`` keys (the researcher is both server and sites there).
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import traceback
@@ -30,10 +29,8 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 
 from fedllm.data import DataError
-from fedllm.ledger import LedgerError
+from fedllm.ledger import DEFAULT_NOT_COVERED, LedgerError
 from fedllm.privacy import BudgetExhaustedError, PrivacyPlan, epsilon_for
-
-log = logging.getLogger("fedllm.site")
 
 DEFAULT_MAX_EPSILON = 8.0
 DEFAULT_MAX_DELTA = 1e-5
@@ -49,10 +46,6 @@ DP_REPLY_KEYS = (
     "update-bytes",
 )
 RELEASED_TRAIN_KEYS = ("train-loss", "train-seconds")
-NOT_COVERED = [
-    "the number of training examples n and the sampling rate q = 1/ceil(n/batch) sent with every update",
-    "which rounds the site took part in and when (timing of replies)",
-]
 SIM_PREFIX = "sim-site-"
 # failure reasons the server may see: fixed codes; the full text stays in the site's log
 FAILURE_CODES = (
@@ -163,7 +156,7 @@ class SitePolicy:
 
     def not_covered(self) -> list[str]:
         """What this site releases outside its DP guarantee, in plain words."""
-        items = list(NOT_COVERED)
+        items = list(DEFAULT_NOT_COVERED)
         if self.release_train_metrics:
             items.append("the exact mean training loss and training time of each round (opted in)")
         if self.release_evaluation:
@@ -204,6 +197,5 @@ def failures_as_codes(msg: Message, context: Context, call_next: ClientAppCallab
         return call_next(msg, context)
     except Exception as err:  # every failure: the text may name files, rows or label values
         code = failure_code(err)
-        log.error("site %s refused or failed (%s): %s", context.node_id, code, err)
         print(f"[site {context.node_id}] {code}: {err}\n{traceback.format_exc()}", flush=True)
         return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=code), reply_to=msg)

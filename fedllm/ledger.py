@@ -32,9 +32,9 @@ from fedllm.privacy import PrivacyPlan, compact, epsilon_for
 
 VERSION = 1
 ACCOUNTANTS = ("prv", "rdp", "gdp")
-DEFAULT_NOT_COVERED = [
-    "the number of training examples and the sampling rate q (sent with every update)",
-    "anything the site opted to release beyond the DP adapter",
+DEFAULT_NOT_COVERED = [  # what every DP site releases outside DP (clients.policy adds opt-ins)
+    "the number of training examples n and the sampling rate q = 1/ceil(n/batch) sent with every update",
+    "which rounds the site took part in and when (timing of replies)",
 ]
 
 
