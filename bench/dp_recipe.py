@@ -68,7 +68,7 @@ def federated_point(config: dict, epsilon: float, seed: int, sites: int, rounds:
         }
     set_adapter_arrays(model, {k: v.numpy() for k, v in global_state.items()})
     test = tokenize(splits.test, tokenizer, labels, settings.max_length, settings.truncation)
-    scores = evaluate(model, test, labels)
+    scores = evaluate(model, test, labels, head_only=settings.resolved().trainable == "head")
     return {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"], "epsilon": max(epsilons)}
 
 

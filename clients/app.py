@@ -189,7 +189,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     test_ds = tokenize(
         site.test, load_tokenizer(settings.model), labels, settings.max_length, settings.truncation
     )
-    scores = evaluate(model, test_ds, labels)
+    scores = evaluate(model, test_ds, labels, head_only=settings.resolved().trainable == "head")
     metrics = {
         "num-examples": int(scores["num_examples"]),
         "loss": float(scores["loss"]),

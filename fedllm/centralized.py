@@ -45,7 +45,7 @@ def run_centralized(settings: Settings, out_dir: str | Path, progress: bool = Tr
         )
     weight = loss_weights(settings, splits.train, splits.labels)
     result = train_local(model, train_ds, settings, plan=plan, class_weight=weight, progress=progress)
-    metrics = evaluate(model, test_ds, splits.labels)
+    metrics = evaluate(model, test_ds, splits.labels, head_only=settings.resolved().trainable == "head")
     save_adapter(model, out_dir / "adapter", splits.labels, {"settings": settings.to_dict()})
     summary = {
         "settings": settings.to_dict(),

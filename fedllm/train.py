@@ -334,20 +334,32 @@ def train_local(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: TensorDataset, labels: list[str], batch_size: int = 64) -> dict:
-    """Loss, accuracy, macro-F1 and per-class counts (support, predicted, correct)."""
+def evaluate(
+    model: nn.Module,
+    dataset: TensorDataset,
+    labels: list[str],
+    batch_size: int = 64,
+    head_only: bool = False,
+) -> dict:
+    """Loss, accuracy, macro-F1 and per-class counts (support, predicted, correct).
+
+    ``head_only``: the encoder is frozen at its initial weights (``trainable = "head"``), so the
+    head is applied to the cached pooled features (``fedllm.features``): the same predictions,
+    and after the first call on a data set no encoder pass at all.
+    """
     if len(dataset) == 0:
         return classification_metrics(np.zeros(0, int), np.zeros(0, int), labels)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size)
+    net = model
+    if head_only:
+        dataset, net = pooled_features(model, dataset), HeadOnFeatures(model)
     loss_sum, y_true, y_pred = 0.0, [], []
-    for input_ids, mask, target in loader:
-        input_ids, mask = _trim(input_ids.to(device), mask.to(device))
-        logits = model(input_ids=input_ids, attention_mask=mask).logits
-        loss_sum += float(F.cross_entropy(logits, target.to(device), reduction="sum"))
-        y_true.append(target.numpy())
+    for batch in DataLoader(dataset, batch_size=batch_size):
+        logits, target = _forward(net, list(batch), device)
+        loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
+        y_true.append(target.cpu().numpy())
         y_pred.append(logits.argmax(-1).cpu().numpy())
     model.train(was_training)
     return classification_metrics(np.concatenate(y_true), np.concatenate(y_pred), labels, loss_sum)

@@ -66,13 +66,14 @@ def main(grid: Grid, context: Context) -> None:
             settings.max_length,
             settings.truncation,
         )
+    head_only = settings.resolved().trainable == "head"  # the encoder never changes
     log = RunLog(run_dir, {"adapter-bytes": update_bytes, "full-model-bytes": full_bytes})
 
     def evaluate_and_checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         set_adapter_arrays(model, dict(zip(arrays.keys(), arrays.to_numpy_ndarrays(), strict=True)))
         scores = {}
         if test_ds is not None:
-            result = evaluate(model, test_ds, labels)
+            result = evaluate(model, test_ds, labels, head_only=head_only)
             scores = {
                 "loss": result["loss"],
                 "accuracy": result["accuracy"],

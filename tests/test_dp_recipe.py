@@ -12,7 +12,7 @@ from fedllm.data import tokenize
 from fedllm.features import HeadOnFeatures, pooled_features
 from fedllm.model import build_model
 from fedllm.privacy import plan_privacy
-from fedllm.train import train_local
+from fedllm.train import evaluate, train_local
 
 from .conftest import DEVICE, LABELS
 
@@ -48,6 +48,8 @@ def test_the_head_on_cached_features_is_the_head_inside_bert(settings, tiny_conf
         cached = HeadOnFeatures(model)(features.to(DEVICE))
     assert torch.allclose(inside, cached, atol=1e-5)
     assert pooled_features(model, data).tensors[0] is features  # computed once, then cached
+    full, fast = evaluate(model, data, LABELS), evaluate(model, data, LABELS, head_only=True)
+    assert fast["per_class"] == full["per_class"] and abs(fast["loss"] - full["loss"]) < 1e-5
 
 
 def test_the_dp_head_books_its_plan_and_moves_only_the_head(settings, tiny_config, tokenizer, frame):
