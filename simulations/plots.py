@@ -53,18 +53,21 @@ def plot_rounds(curves: dict[float, list[list[float]]], central: list[float], pa
 def plot_budget(rows: list[dict], path: Path, title: str) -> Path:
     """Final accuracy and macro-F1 vs target epsilon, with the non-private baselines as lines."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    finite = sorted(
-        {r["target_epsilon"] for r in rows if r["kind"] == "federated" and math.isfinite(r["target_epsilon"])}
-    )
+    private = [r for r in rows if r["kind"] in ("federated", "probe") and math.isfinite(r["target_epsilon"])]
+    finite = sorted({r["target_epsilon"] for r in private})
+    series: dict[str, list[dict]] = {}
+    for r in private:  # the head alone is the DP linear probe, whichever point trained it
+        probe = r["kind"] == "probe" or r.get("trainable") == "head"
+        trains = r.get("trainable") or "adapter"
+        name = "DP linear probe (head on the frozen encoder)" if probe else f"federated, DP-SGD ({trains})"
+        series.setdefault(name, []).append(r)
     for ax, metric, name in ((axes[0], "accuracy", "accuracy"), (axes[1], "macro_f1", "macro-F1")):
-        means, stds = [], []
-        for eps in finite:
-            vals = [r[metric] for r in rows if r["kind"] == "federated" and r["target_epsilon"] == eps]
-            means.append(_mean(vals))
-            stds.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
-        if finite:
-            label = "federated, DP-SGD (mean ± std)"
-            ax.errorbar(finite, means, yerr=stds, marker="o", capsize=4, label=label)
+        for label, group in series.items():
+            xs = sorted({r["target_epsilon"] for r in group})
+            vals = [[r[metric] for r in group if r["target_epsilon"] == eps] for eps in xs]
+            means = [_mean(v) for v in vals]
+            stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]
+            ax.errorbar(xs, means, yerr=stds, marker="o", capsize=4, label=f"{label}, mean ± std")
         for kind, style, label in (
             ("federated", ":", "federated, no DP"),
             ("centralized", "--", "centralized, no DP"),

@@ -87,6 +87,8 @@ _BBC_PAPER = {
 }
 PRESETS["bbc-iid"] = {**_BBC_PAPER, "partitioning": "iid"}
 PRESETS["bbc-dirichlet"] = {**_BBC_PAPER, "partitioning": "dirichlet", "dirichlet-alpha": 0.5}
+# the DP linear probe's point: the head alone, with the DP recipe's own 'auto' optimizer, lr and q
+PROBE = {"trainable": "head", "optimizer": "auto", "lr": 0.0, "sample-rate": -1.0}
 SWEEP_KEYS = {
     "sites",
     "sites-per-round",
@@ -238,10 +240,13 @@ def run_sweep(config: dict) -> Path:
     rounds = int(config["rounds"])
     base = {k: v for k, v in config.items() if k not in SWEEP_KEYS and k not in ("out",)}
     settings = settings_from(base)  # validates every fine-tune setting before anything runs
+    # the DP linear probe is a baseline of its own only when the private points train more
+    probe = settings.replace(target_epsilon=8.0).resolved().trainable != "head"
     points = plan_points(
         _numbers(config["epsilons"]),
         _numbers(config["seeds"], int),
         centralized=not config.get("no-centralized"),
+        probe=probe,
     )
     todo = [p for p in points if not is_done(points_dir / p.name)]
     print(f"sweep: {len(points)} points ({len(points) - len(todo)} already done) -> {out}")
@@ -281,6 +286,7 @@ def run_sweep(config: dict) -> Path:
                     "partition-column": config.get("partition-column", ""),
                     "run-dir": str(points_dir),
                     "run-name": point.name,
+                    **(PROBE if point.kind == "probe" else {}),
                 }
                 rounds_bar = tqdm(total=rounds, desc=f"  {point.name}", unit="round", leave=False)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 RESULT_COLUMNS = [
     "point",
     "kind",
+    "trainable",
     "target_epsilon",
     "seed",
     "accuracy",
@@ -32,7 +33,7 @@ def eps_label(epsilon: float) -> str:
 class Point:
     """One sweep point: a centralized or federated run at one budget and seed."""
 
-    kind: str  # "centralized" | "federated"
+    kind: str  # "centralized" | "federated" | "probe" (federated DP linear probe: the head alone)
     epsilon: float
     seed: int
 
@@ -42,15 +43,37 @@ class Point:
         return f"{self.kind}-eps{eps_label(self.epsilon)}-seed{self.seed}"
 
 
-def plan_points(epsilons: list[float], seeds: list[int], centralized: bool = True) -> list[Point]:
-    """Baselines first (centralized and federated non-private), then each finite budget."""
+def plan_points(
+    epsilons: list[float], seeds: list[int], centralized: bool = True, probe: bool = False
+) -> list[Point]:
+    """Baselines first (centralized and federated non-private), then each finite budget.
+
+    ``probe``: also the DP linear probe (``trainable = head`` with the DP recipe) at every finite
+    budget, the floor a private fine-tune must beat; not needed when the private points already
+    train the head alone (the default).
+    """
     points = []
     for seed in seeds:
         if centralized:
             points.append(Point("centralized", math.inf, seed))
         points.append(Point("federated", math.inf, seed))
-        points += [Point("federated", e, seed) for e in sorted(e for e in epsilons if math.isfinite(e))]
+        finite = sorted(e for e in epsilons if math.isfinite(e))
+        points += [Point("federated", e, seed) for e in finite]
+        if probe:
+            points += [Point("probe", e, seed) for e in finite]
     return points
+
+
+def _trainable(run_dir: Path) -> str:
+    """What trained at this point (the resolved ``trainable``), from the settings it saved."""
+    from fedllm.config import settings_from  # the library, only for a finished point's settings
+
+    saved = run_dir / "config.json"
+    if saved.exists():
+        settings = json.loads(saved.read_text())["settings"]
+    else:
+        settings = json.loads((run_dir / "result.json").read_text()).get("settings", {})
+    return settings_from(settings).resolved().trainable if settings else ""
 
 
 def is_done(run_dir: Path) -> bool:
@@ -69,6 +92,7 @@ def read_point(point: Point, run_dir: Path) -> dict:
     row = {
         "point": point.name,
         "kind": point.kind,
+        "trainable": _trainable(run_dir),
         "target_epsilon": point.epsilon,
         "seed": point.seed,
     }
@@ -118,21 +142,30 @@ def _mean_std(values: list[float]) -> str:
 
 
 def summary_table(rows: list[dict]) -> str:
-    """Markdown table, mean ± std over seeds for each (kind, target epsilon)."""
+    """Markdown table, mean ± std over seeds for each (kind, target epsilon, what trained).
+
+    Rows: the non-private baselines first, then each budget; a private point that trains the head
+    alone is the DP linear probe, named so.
+    """
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        groups.setdefault((row["kind"], row["target_epsilon"]), []).append(row)
-    order = sorted(groups, key=lambda k: (k[0] != "centralized", -k[1] if math.isinf(k[1]) else k[1]))
+        groups.setdefault((row["kind"], row["target_epsilon"], row.get("trainable", "")), []).append(row)
+    rank = {"centralized": 0, "federated": 1, "probe": 2}
+    order = sorted(groups, key=lambda k: (math.isfinite(k[1]), k[1], rank.get(k[0], 3)))
     lines = [
-        "| setting | target ε | seeds | accuracy | macro-F1 | ε spent (max over sites) | wall s / run |",
-        "|---|---|---|---|---|---|---|",
+        "| setting | trains | target ε | seeds | accuracy | macro-F1 | ε spent (max over sites) "
+        "| wall s / run |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for kind, eps in order:
-        g = groups[(kind, eps)]
+    for kind, eps, trainable in order:
+        g = groups[(kind, eps, trainable)]
+        probe = kind == "probe" or (kind == "federated" and trainable == "head" and math.isfinite(eps))
+        name = "federated, DP linear probe" if probe else kind
         spent = [r["epsilon_max"] for r in g if math.isfinite(r["epsilon_max"])]
         spent_text = f"{max(spent):.2f}" if spent else "∞ (no DP)"
         lines.append(
-            f"| {kind} | {eps_label(eps)} | {len(g)} | {_mean_std([r['accuracy'] for r in g])} | "
+            f"| {name} | {trainable or '-'} | {eps_label(eps)} | {len(g)} | "
+            f"{_mean_std([r['accuracy'] for r in g])} | "
             f"{_mean_std([r['macro_f1'] for r in g])} | {spent_text} | "
             f"{statistics.mean(r['wall_seconds'] for r in g):.0f} |"
         )
