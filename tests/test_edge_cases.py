@@ -1,0 +1,284 @@
+"""Data and credential edge cases (issue 14): each ends in one line naming the file and the fix.
+
+Found on 266a74c: a folder as data-file gave a 20-line traceback; integer labels with one blank
+cell became '0.0', '1.0', '2.0' (the site was refused every round); a 10 MB text was tokenized
+whole before truncation (18.5 s, +1.3 GB); JSONL errors gave a character offset, not a line;
+``server.credentials`` wrote keys before checking its other outputs (an orphan ``ca.key``, a
+``site-1`` key that no longer matched ``site-1.pub``) and made its folder 0777 under umask 000.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from clients.site import main as site_main
+from fedllm.config import Settings
+from fedllm.data import CHARS_PER_TOKEN, DataError, clean, load_site_file, read_table, tokenize
+from server.credentials import CredentialsError, Output, write_outputs
+from server.credentials import main as credentials_main
+
+NOBODY = 65534
+KEY = b"a site's own secret split key"
+
+
+def _one_line(err: BaseException | str) -> str:
+    text = str(err)
+    assert "\n" not in text.strip() and "Traceback" not in text
+    return text
+
+
+# ---------------------------------------------------------------- unusable data files
+
+
+def _folder(tmp_path: Path) -> Path:
+    (tmp_path / "reviews").mkdir()
+    (tmp_path / "reviews" / "part-1.csv").write_text("text,label\nfine,positive\n")
+    return tmp_path / "reviews"
+
+
+def _folder_named_csv(tmp_path: Path) -> Path:
+    (tmp_path / "reviews.csv").mkdir()
+    return tmp_path / "reviews.csv"
+
+
+def _socket(tmp_path: Path) -> Path:
+    path = tmp_path / "reviews.csv"
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(path))  # the socket file stays after close; opening it fails for root too
+    return path
+
+
+def _fifo(tmp_path: Path) -> Path:
+    path = tmp_path / "reviews.csv"
+    os.mkfifo(path)  # without the check, reading it would block for ever (no writer)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "says"),
+    [
+        (lambda tmp: tmp / "missing.csv", "file not found"),
+        (_folder, "a folder, not a data file"),
+        (_folder_named_csv, "a folder, not a data file"),
+        (_socket, "not a regular file"),
+        (_fifo, "not a regular file"),
+    ],
+    ids=["missing", "folder", "folder-named-csv", "socket", "fifo"],
+)
+def test_unusable_data_file_is_one_line_naming_it(tmp_path, make, says):
+    path = make(tmp_path)
+    with pytest.raises(DataError) as caught:
+        read_table(path, "text", "label")
+    message = _one_line(caught.value)
+    assert message.startswith(f"{path}: {says}")
+    assert ".csv, .tsv" in message or "data-file" in message  # the fix
+
+
+def test_site_join_reports_a_folder_as_data_file_in_one_line(tmp_path, capsys):
+    folder = _folder(tmp_path)
+    argv = ["join", "--superlink", "127.0.0.1:9", "--insecure", "--data-file", str(folder)]
+    argv += ["--state-dir", str(tmp_path / "state")]
+    with pytest.raises(SystemExit) as code:
+        site_main(argv)
+    assert code.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"site cannot join: {folder}: a folder")
+    assert not (tmp_path / "state").exists()  # nothing else happened
+
+
+def test_unreadable_data_file_is_one_line_naming_it():
+    """chmod 000: read by an unprivileged user (root reads through modes, so as root the read
+    runs with the effective uid of ``nobody``, which chmod 000 does stop)."""
+    with tempfile.TemporaryDirectory() as folder:
+        os.chmod(folder, 0o711)  # others may reach the file, not list the folder
+        path = Path(folder) / "reviews.csv"
+        path.write_text("text,label\ngreat,positive\n")
+        os.chmod(path, 0)
+        as_root = os.geteuid() == 0
+        if as_root:
+            os.seteuid(NOBODY)
+        try:
+            assert path.stat().st_mode & 0o777 == 0  # reachable, but not readable by this user
+            with pytest.raises(DataError) as caught:
+                read_table(path, "text", "label")
+        finally:
+            if as_root:
+                os.seteuid(0)
+            os.chmod(path, 0o600)
+    message = _one_line(caught.value)
+    assert message.startswith(f"{path}: cannot be read (Permission denied)") and "read access" in message
+
+
+# ---------------------------------------------------------------- labels as written
+
+
+def _write_int_labels(path: Path) -> None:
+    rows = [(f"review {i}: the drug worked as it said", str(i % 3)) for i in range(30)]
+    rows[7] = ("review 7: no rating given", "")  # one blank label cell
+    rows[8] = ("review 8: rated NA by the clinic", "NA")  # a value, not a gap
+    if path.suffix == ".jsonl":
+        typed = [(t, int(lab) if lab.isdigit() else (lab or None)) for t, lab in rows]  # 1, null, "NA"
+        path.write_text("".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in typed))
+    else:
+        sep = "\t" if path.suffix == ".tsv" else ","
+        path.write_text("text" + sep + "label\n" + "".join(f"{t}{sep}{lab}\n" for t, lab in rows))
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl"])
+def test_integer_labels_with_a_blank_cell_stay_integers(tmp_path, suffix):
+    path = tmp_path / f"site{suffix}"
+    _write_int_labels(path)
+    frame = read_table(path, "text", "label")
+    cleaned, report = clean(frame, str(path))
+    assert set(cleaned["label"]) == {"0", "1", "2", "NA"}
+    assert report.empty_dropped == 1 and "1 without text or label" in str(report)
+    # the federation's label map is '0', '1', '2' (+ 'NA' here): the site is no longer refused
+    site = load_site_file(path, "text", "label", ["0", "1", "2", "NA"], Settings(test_fraction=0.2), KEY)
+    assert len(site.train) + len(site.test) == 29
+
+
+def test_float_labels_as_written_stay_as_written(tmp_path):
+    path = tmp_path / "site.csv"
+    path.write_text("text,label\na,1.0\nb,2.5\nc,\n")
+    assert read_table(path, "text", "label")["label"].tolist()[:2] == ["1.0", "2.5"]
+
+
+# ---------------------------------------------------------------- JSONL errors name the line
+
+
+@pytest.mark.parametrize(
+    ("line", "says"),
+    [
+        (b'{"text": "b" "label": "x"}', "not valid JSON"),
+        (b'["b", "x"]', "a JSON list, not an object"),
+        (b'{"text": "b", "label": ["x"]}', "label 'label' is a JSON list"),
+        (b'{"text": "caf\xe9", "label": "x"}', "not UTF-8"),
+    ],
+    ids=["syntax", "not-object", "list-label", "encoding"],
+)
+def test_jsonl_error_names_the_line(tmp_path, line, says):
+    path = tmp_path / "site.jsonl"
+    path.write_bytes(b'{"text": "a", "label": "x"}\n\n' + line + b'\n{"text": "c", "label": "y"}\n')
+    with pytest.raises(DataError) as caught:
+        read_table(path, "text", "label")
+    assert _one_line(caught.value).startswith(f"{path}: line 3: {says}")
+
+
+# ---------------------------------------------------------------- long texts
+
+
+class _Recording:
+    """The tokenizer, recording every text it is asked to tokenize."""
+
+    def __init__(self, inner) -> None:
+        object.__setattr__(self, "inner", inner)
+        object.__setattr__(self, "texts", [])
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        setattr(self.inner, name, value)
+
+    def __call__(self, texts, **kwargs):
+        self.texts.extend(texts)
+        return self.inner(texts, **kwargs)
+
+
+@pytest.mark.parametrize("truncation", ["right", "left"])
+def test_a_10mb_text_is_cut_before_tokenizing_and_gives_the_same_ids(tokenizer, truncation):
+    words = [f"side{i % 7} effect{i % 13} dose{i % 101}" for i in range(480_000)]
+    long = " ".join(words)
+    assert len(long) > 10_000_000
+    frame = pd.DataFrame({"text": [long, "short and fine"], "label": ["a", "b"]})
+    recording = _Recording(tokenizer)
+    ids = tokenize(frame, recording, ["a", "b"], 32, truncation).tensors[0]
+    assert max(len(t) for t in recording.texts) <= 32 * CHARS_PER_TOKEN  # not 10 MB
+    assert recording.texts[1] == "short and fine"
+    part = long[:5000] if truncation == "right" else long[-5000:]  # holds far more than 32 tokens
+    tokenizer.truncation_side = truncation
+    expected = tokenizer([part, "short and fine"], truncation=True, max_length=32, padding="max_length")
+    assert ids.tolist() == expected["input_ids"]
+
+
+# ---------------------------------------------------------------- credentials
+
+
+def test_credentials_check_every_output_before_writing_any(tmp_path, capsys):
+    out = tmp_path / "certs"
+    out.mkdir()
+    (out / "site-1.pub").write_text("an old key the operator registered\n")
+    with pytest.raises(SystemExit) as code:
+        credentials_main(["--out", str(out), "--sites", "2"])
+    assert code.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "site-1.pub exist" in err and "move them away" in err
+    assert sorted(p.name for p in out.iterdir()) == ["site-1.pub"]  # no orphan ca.key, no site-1
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "ward-7").write_text("someone else's key\n")
+    with pytest.raises(SystemExit):
+        credentials_main(["--out", str(site), "--site-key-only", "ward-7"])
+    assert sorted(p.name for p in site.iterdir()) == ["ward-7"]  # no ward-7.pub that fits no key
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--site-key-only", "../escaped"], "not a plain file name"),
+        (["--site-key-only", ".hidden"], "not a plain file name"),
+    ],
+)
+def test_credentials_refuse_bad_names_in_one_line(tmp_path, capsys, argv, says):
+    out = tmp_path / "certs"
+    with pytest.raises(SystemExit):
+        credentials_main(["--out", str(out), *argv])
+    assert says in _one_line(capsys.readouterr().err)
+    assert not out.exists() and sorted(tmp_path.iterdir()) == []
+
+
+def test_credentials_out_must_be_a_folder(tmp_path, capsys):
+    (tmp_path / "certs").write_text("not a folder")
+    with pytest.raises(SystemExit):
+        credentials_main(["--out", str(tmp_path / "certs" / "inner")])
+    assert f"{tmp_path / 'certs'} exists and is not a folder" in _one_line(capsys.readouterr().err)
+
+
+def test_credentials_write_all_or_nothing(tmp_path):
+    out = tmp_path / "new" / "certs"
+    with pytest.raises(CredentialsError, match="asked to write these twice"):
+        write_outputs(out, [Output("a", b"1", private=True), Output("a", b"2")])
+    # a write that fails half-way (a name the file system refuses) takes back what was written
+    with pytest.raises(CredentialsError, match="nothing was written") as caught:
+        write_outputs(out, [Output("key", b"secret", private=True), Output("n" * 300, b"public")])
+    _one_line(caught.value)
+    assert not (tmp_path / "new").exists()
+
+
+def test_credentials_folder_0700_and_keys_0600_under_umask_000(tmp_path):
+    out = tmp_path / "new" / "certs"
+    previous = os.umask(0)
+    try:
+        credentials_main(["--out", str(out), "--sites", "1"])
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "new").stat().st_mode) == 0o700
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert modes == {
+        "ca.key": 0o600,
+        "server.key": 0o600,
+        "site-1": 0o600,
+        "ca.crt": 0o644,
+        "server.pem": 0o644,
+        "site-1.pub": 0o644,
+    }
