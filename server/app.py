@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+import unicodedata
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
@@ -19,28 +20,63 @@ from fedllm.config import settings_from
 from fedllm.data import load_splits, tokenize
 from fedllm.model import build_model, load_tokenizer, pick_device
 from fedllm.train import evaluate
+from server.robust import RobustSettings
 from server.runlog import RunLog
 from server.strategy import AdapterFedAvg
 
 app = ServerApp()
 
 
+def _run_name(raw: object) -> str:
+    """``run-name`` as one folder name; raises one line naming the key and the fix otherwise."""
+    name = str(raw).strip()
+    bad = (
+        not name
+        or name in (".", "..")
+        or any(sep in name for sep in ("/", "\\"))
+        or any(unicodedata.category(c) == "Cc" for c in name)
+    )
+    if bad:
+        raise ValueError(
+            f"run config run-name={str(raw)!r}: a run name is one folder name inside run-dir "
+            "(no '/', '\\', '.', '..', control characters, not blank); use e.g. run-name=\"bbc-robust\""
+        )
+    return name
+
+
 def _run_dir(context: Context) -> Path:
-    """``run-dir/run-name`` (default: the start time); never reuses an existing folder."""
+    """``run-dir/run-name`` (default: the start time); never reuses an existing folder.
+
+    The final path is resolved (symlinks followed) and must lie directly inside ``run-dir``.
+    """
     root = Path(str(context.run_config.get("run-dir", "runs"))).expanduser().resolve()
-    name = str(context.run_config.get("run-name", "")) or time.strftime("%Y%m%d-%H%M%S")
-    path = root / name
+    raw = context.run_config.get("run-name", "")
+    name = _run_name(raw) if str(raw) else time.strftime("%Y%m%d-%H%M%S")
+    path = (root / name).resolve()
     if path.exists():
-        path = root / f"{name}-run{context.run_id}"
+        path = (root / f"{name}-run{context.run_id}").resolve()
+    if path.parent != root:
+        raise ValueError(
+            f"run config run-name={str(raw)!r} resolves to {path}, outside run-dir {root}; "
+            "use a plain folder name"
+        )
     path.mkdir(parents=True, exist_ok=False)
     return path
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run ``num-server-rounds`` rounds of FedAvg over the adapters; log and checkpoint each."""
+    """Run ``num-server-rounds`` rounds over the adapters (server/robust.py's aggregator); log and checkpoint.
+
+    Every train reply is validated and bounded before it is combined (server/strategy.py), so the
+    arrays evaluated, checkpointed and sent each round are the previous global or a finite aggregate
+    of the expected spec.
+    """
     rc = context.run_config
     settings = settings_from(rc)
+    robust = RobustSettings.from_run_config(rc)
+    if str(rc.get("run-name", "")):
+        _run_name(rc["run-name"])  # a bad name fails before any data is loaded
     explicit = [x.strip() for x in str(rc.get("labels", "")).split(",") if x.strip()]
     server_eval = bool(rc.get("server-eval", True))
     splits = load_splits(settings, explicit or None) if (server_eval or not explicit) else None
@@ -57,6 +93,7 @@ def main(grid: Grid, context: Context) -> None:
         f"fedllm: adapter update {update_bytes:,} B vs full model state dict {full_bytes:,} B "
         f"({full_bytes / update_bytes:.0f}x smaller); run dir {run_dir}"
     )
+    print(f"fedllm: every train reply is validated; {robust.describe()}")
     test_ds = None
     if server_eval and splits is not None:
         test_ds = tokenize(
@@ -88,6 +125,7 @@ def main(grid: Grid, context: Context) -> None:
         return MetricRecord(scores) if scores else None
 
     strategy = AdapterFedAvg(
+        robust=robust,
         fraction_train=float(rc.get("fraction-train", 1.0)),
         fraction_evaluate=float(rc.get("fraction-evaluate", 0.0)),
         min_train_nodes=int(rc.get("min-train-nodes", 2)),
@@ -95,7 +133,7 @@ def main(grid: Grid, context: Context) -> None:
         min_available_nodes=int(rc.get("min-available-nodes", 2)),
     )
     num_rounds = int(rc.get("num-server-rounds", 3))
-    result = strategy.start(
+    strategy.start(
         grid=grid,
         initial_arrays=initial,
         num_rounds=num_rounds,
@@ -103,7 +141,9 @@ def main(grid: Grid, context: Context) -> None:
         evaluate_config=ConfigRecord({"labels": json.dumps(labels)}),
         evaluate_fn=evaluate_and_checkpoint,
     )
-    set_adapter_arrays(model, dict(zip(result.arrays.keys(), result.arrays.to_numpy_ndarrays(), strict=True)))
+    final = strategy.global_arrays
+    final = initial if final is None else final  # the last accepted global (round 0's if none was)
+    set_adapter_arrays(model, dict(zip(final.keys(), final.to_numpy_ndarrays(), strict=True)))
     save_adapter(model, run_dir / "final-adapter", labels, {"settings": settings.to_dict()})
     log.finish(run_dir / "final-adapter")
     print(f"fedllm: done; final adapter {run_dir / 'final-adapter'}; log {run_dir / 'metrics.jsonl'}")

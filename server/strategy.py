@@ -1,12 +1,35 @@
-"""FedAvg over LoRA adapters, recording what each round received (bytes, per-site epsilon)."""
+"""FedAvg over LoRA adapters that validates and bounds every reply before it is combined.
+
+Per round the strategy keeps the global adapter it sent (``configure_train``); each train reply
+is checked against it (server/validation.py), a bad one becomes a ``train-failures`` entry and
+the round goes on with the rest; the valid updates are clipped, their weights capped and the
+adapters combined by the configured aggregator (server/robust.py); the result is checked finite
+before it is returned (and so evaluated, checkpointed and sent). When nothing usable is left the
+global adapter stays as it was and the round record says why (``global-unchanged``).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from logging import INFO, WARNING
 
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+from server.robust import RobustSettings, cap_weights, clip_updates, combine
+from server.validation import (
+    EVALUATE_METRICS,
+    ReplyError,
+    ValidReply,
+    adapter_spec,
+    check_metrics,
+    check_train_reply,
+    majority_spec,
+)
 
 SITE_KEYS = ("num-examples", "steps", "epsilon", "delta", "noise-multiplier", "sample-rate")
 
@@ -22,42 +45,135 @@ def aggregate_train_metrics(records: list[RecordDict], weight_key: str) -> Metri
     return metrics
 
 
-class AdapterFedAvg(FedAvg):
-    """Flower's FedAvg, plus a per-round record of replies, failures, bytes and site epsilons."""
+def _metric_records(metrics: list[dict[str, float]], weights: list[float], key: str) -> list[RecordDict]:
+    """Checked metrics as Flower records: only keys every reply has, the capped weight as ``key``."""
+    common = set.intersection(*(set(m) for m in metrics))
+    return [
+        RecordDict({"metrics": MetricRecord({**{k: m[k] for k in common}, key: w})})
+        for m, w in zip(metrics, weights, strict=True)
+    ]
 
-    def __init__(self, **kwargs):
+
+class AdapterFedAvg(FedAvg):
+    """Flower's FedAvg with reply validation, robust aggregation and a per-round record."""
+
+    def __init__(self, robust: RobustSettings | None = None, **kwargs):
         kwargs.setdefault("train_metrics_aggr_fn", aggregate_train_metrics)
         super().__init__(**kwargs)
+        self.robust = robust or RobustSettings()
         self.rounds: dict[int, dict] = {}
+        self._global: dict[str, np.ndarray] | None = None
+
+    @property
+    def global_arrays(self) -> ArrayRecord | None:
+        """The current global adapter: the last one sent, or the last accepted aggregate."""
+        if self._global is None:
+            return None
+        return ArrayRecord({k: Array(v) for k, v in self._global.items()})
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """FedAvg's train messages, after keeping ``arrays``: the spec replies are checked against."""
+        self.remember_global(arrays)
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def remember_global(self, arrays: ArrayRecord) -> None:
+        """Keep the global adapter of the round being sent (``configure_train`` calls this).
+
+        Replies are validated against it and updates measured from it; an in-process
+        federation (bench/poisoning.py) calls it directly instead of sending messages.
+        """
+        self._global = {k: v.numpy() for k, v in arrays.items()}
+
+    def _fail(self, record: dict, node: int, reason: str) -> None:
+        record["train-failures"].append({"node": node, "reason": reason})
+        log(WARNING, "train reply from node %s dropped: %s", node, reason)
+
+    def _validate(self, record: dict, replies: list[Message]) -> list[ValidReply]:
+        """The replies that pass every check; the others are entered in ``train-failures``."""
+        record["train-failures"] = []
+        record["dropped"] = []
+        contents = [(m.metadata.src_node_id, m.content) for m in replies if not m.has_error()]
+        for m in replies:
+            if m.has_error():
+                self._fail(record, m.metadata.src_node_id, str(m.error.reason))
+        record["bytes-received"] = sum(a.count_bytes() for _, c in contents for a in c.array_records.values())
+        spec = adapter_spec(self._global) if self._global else majority_spec([c for _, c in contents])
+        valid = []
+        for node, content in contents:
+            try:
+                valid.append(check_train_reply(node, content, spec or {}, self.robust.max_num_examples))
+            except ReplyError as err:
+                self._fail(record, node, str(err))
+                record["dropped"].append(node)
+        return valid
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """FedAvg's aggregation, after noting bytes received and each site's epsilon."""
-        replies = list(replies)
-        ok = [m for m in replies if not m.has_error()]
+        """Validate, clip, cap and combine the round's replies; None keeps the global adapter."""
         record = self.rounds.setdefault(server_round, {})
-        record["train-replies"] = len(ok)
-        record["train-failures"] = [
-            {"node": m.metadata.src_node_id, "reason": str(m.error.reason)} for m in replies if m.has_error()
-        ]
-        record["bytes-received"] = sum(m.content["arrays"].count_bytes() for m in ok)
-        record["sites"] = {
-            str(m.metadata.src_node_id): {
-                key: float(m.content["metrics"][key]) for key in SITE_KEYS if key in m.content["metrics"]
-            }
-            for m in ok
-        }
-        arrays, metrics = super().aggregate_train(server_round, replies)
-        record["train"] = dict(metrics) if metrics else {}
-        return arrays, metrics
+        valid = self._validate(record, list(replies))
+        record["train-replies"] = len(valid)
+        record["sites"] = {str(r.node): {k: r.metrics[k] for k in SITE_KEYS if k in r.metrics} for r in valid}
+        record["aggregator"] = self.robust.aggregator
+        if not valid:
+            record["global-unchanged"] = "no valid train reply"
+            return None, None
+        adapters, record["norm-bound"], record["clipped"] = clip_updates(
+            self._global, valid, self.robust.max_update_norm
+        )
+        weights, record["weight-cap"], record["capped"] = cap_weights(valid, self.robust.max_site_weight)
+        with np.errstate(over="ignore", invalid="ignore"):  # a non-finite result is caught below
+            combined, used, why = combine(adapters, weights, self.robust)
+        if self.robust.aggregator in ("krum", "bulyan"):
+            record["selected"] = [valid[i].node for i in used]
+        if combined is None:
+            record["global-unchanged"] = why
+            return None, None
+        combined = {k: np.asarray(v, dtype=np.float32) for k, v in combined.items()}
+        if not all(np.isfinite(v).all() for v in combined.values()):
+            record["global-unchanged"] = "the aggregate is not finite"
+            log(WARNING, "round %s: the aggregate is not finite; the global adapter is kept", server_round)
+            return None, None
+        self._global = combined
+        if record["clipped"] or record["capped"]:
+            clipped, capped = ([c["node"] for c in record[k]] for k in ("clipped", "capped"))
+            log(INFO, "round %s: updates clipped %s, weights capped %s", server_round, clipped, capped)
+        metrics = self.train_metrics_aggr_fn(
+            _metric_records(
+                [valid[i].metrics for i in used], [weights[i] for i in used], self.weighted_by_key
+            ),
+            self.weighted_by_key,
+        )
+        record["train"] = dict(metrics)
+        return self.global_arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """FedAvg's weighted evaluation metrics, kept for the run log."""
-        metrics = super().aggregate_evaluate(server_round, list(replies))
-        self.rounds.setdefault(server_round, {})["evaluate"] = dict(metrics) if metrics else {}
+        """Weighted means of the sites' checked evaluation metrics (bad replies are recorded)."""
+        record = self.rounds.setdefault(server_round, {})
+        record["evaluate-failures"] = []
+        checked = []
+        for m in replies:
+            try:
+                if m.has_error():
+                    raise ReplyError(str(m.error.reason))
+                if list(m.content.metric_records) != ["metrics"]:
+                    raise ReplyError("expected one MetricRecord 'metrics'")
+                checked.append(
+                    check_metrics(m.content["metrics"], EVALUATE_METRICS, self.robust.max_num_examples)
+                )
+            except ReplyError as err:
+                record["evaluate-failures"].append({"node": m.metadata.src_node_id, "reason": str(err)})
+        metrics = None
+        if checked:
+            weights = [c["num-examples"] for c in checked]
+            records = _metric_records(checked, weights, self.weighted_by_key)
+            metrics = self.evaluate_metrics_aggr_fn(records, self.weighted_by_key)
+        record["evaluate"] = dict(metrics) if metrics else {}
         return metrics
 
     def round_summary(self, server_round: int) -> dict:
-        """What this round received and aggregated (empty for round 0)."""
+        """What this round received, dropped, clipped, capped and aggregated (empty for round 0)."""
         return self.rounds.get(server_round, {})

@@ -1,0 +1,238 @@
+"""Bounding one site's influence: update-norm clipping, a weight cap, Flower's robust aggregators.
+
+Run config keys (pyproject.toml's ``[tool.flwr.app.config]``):
+
+- ``aggregator``: ``fedavg`` (default) | ``median`` | ``trimmed-mean`` | ``krum`` | ``bulyan``, over
+  the (clipped) adapters, with Flower's own aggregation code (``flwr.serverapp.strategy``).
+- ``max-update-norm``: each site's update Δ = reply − current global adapter (L2 over all adapter
+  tensors) is scaled down to this bound before aggregation. ``auto`` (default) = 2 × the median
+  update norm of the round's valid replies: scale-free (no knowledge of lr, steps or DP noise
+  needed), honest sites of similar data sizes rarely exceed it, and with an honest majority the
+  median is an honest norm, so a ×1e6 update is cut to twice an honest one. ``<k>x`` sets the
+  multiple, a positive number a fixed bound, 0 disables.
+- ``max-site-weight``: the weight one site carries in a weighted mean is its ``num-examples``
+  capped here, since the count is self-reported. ``auto`` (default) = 2 × the median reported
+  count of the round; ``<k>x``, a positive number of examples, or 0 (no cap), as above.
+- ``num-malicious-sites`` (default 1): the f that Krum and Bulyan assume (Bulyan needs at least
+  4f + 3 valid replies; with fewer the round keeps the global adapter and says why).
+- ``trim-fraction`` (default 0.2): the fraction trimmed-mean cuts from each tail per coordinate.
+
+With 1 or 2 valid replies the medians are not robust (no honest majority to take them from);
+set a fixed bound there.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from flwr.serverapp.strategy.bulyan import aggregate_n_closest_weights
+from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
+from flwr.serverapp.strategy.multikrum import select_multikrum
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+from server.validation import DEFAULT_MAX_NUM_EXAMPLES, ValidReply
+
+AGGREGATORS = ("fedavg", "median", "trimmed-mean", "krum", "bulyan")
+AUTO_NORM_MULTIPLE = 2.0
+AUTO_WEIGHT_MULTIPLE = 2.0
+_WEIGHT = "weight"  # the key Flower's aggregate_arrayrecords reads the weights from
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A bound fixed in advance (``absolute``), a multiple of the round's median, or none."""
+
+    absolute: float | None = None
+    multiple: float | None = None
+
+    def resolve(self, values: list[float]) -> float | None:
+        """The bound for this round, given the values it bounds (norms or counts); None = off."""
+        if self.absolute is not None:
+            return self.absolute
+        if self.multiple is not None and values:
+            return self.multiple * float(np.median(values))
+        return None
+
+
+def parse_bound(key: str, value: object, auto_multiple: float) -> Bound:
+    """``auto``, ``<k>x`` (k × the round's median), a positive number, or 0 (off)."""
+    text = str(value).strip().lower()
+    if text == "auto":
+        return Bound(multiple=auto_multiple)
+    try:
+        number = float(text[:-1] if text.endswith("x") else text)
+    except ValueError:
+        number = math.nan
+    if text.endswith("x") and math.isfinite(number) and number > 0:
+        return Bound(multiple=number)
+    if not text.endswith("x") and number == 0:
+        return Bound()
+    if not text.endswith("x") and math.isfinite(number) and number > 0:
+        return Bound(absolute=number)
+    raise ValueError(
+        f"run config {key}={value!r}: expected 'auto', a multiple of the round's median such as "
+        "'3x', a positive number, or 0 to disable"
+    )
+
+
+@dataclass(frozen=True)
+class RobustSettings:
+    """How the server bounds and combines the valid replies of a round."""
+
+    aggregator: str = "fedavg"
+    max_update_norm: Bound = field(default_factory=lambda: Bound(multiple=AUTO_NORM_MULTIPLE))
+    max_site_weight: Bound = field(default_factory=lambda: Bound(multiple=AUTO_WEIGHT_MULTIPLE))
+    max_num_examples: float = DEFAULT_MAX_NUM_EXAMPLES
+    num_malicious_sites: int = 1
+    trim_fraction: float = 0.2
+
+    @classmethod
+    def from_run_config(cls, rc: dict) -> RobustSettings:
+        """Read and check the keys above; a bad value raises one line naming the key and the fix."""
+        aggregator = str(rc.get("aggregator", "fedavg")).strip().lower()
+        if aggregator not in AGGREGATORS:
+            raise ValueError(
+                f"run config aggregator={aggregator!r}: expected one of {', '.join(AGGREGATORS)}"
+            )
+        cap = float(rc.get("max-num-examples", DEFAULT_MAX_NUM_EXAMPLES))
+        if not (math.isfinite(cap) and cap >= 1):
+            raise ValueError(f"run config max-num-examples={cap!r}: expected a number ≥ 1")
+        f = rc.get("num-malicious-sites", 1)
+        if isinstance(f, bool) or not isinstance(f, int) or f < 0:
+            raise ValueError(f"run config num-malicious-sites={f!r}: expected a whole number ≥ 0")
+        beta = float(rc.get("trim-fraction", 0.2))
+        if not 0.0 <= beta < 0.5:
+            raise ValueError(f"run config trim-fraction={beta!r}: expected 0 ≤ trim-fraction < 0.5")
+        return cls(
+            aggregator=aggregator,
+            max_update_norm=parse_bound(
+                "max-update-norm", rc.get("max-update-norm", "auto"), AUTO_NORM_MULTIPLE
+            ),
+            max_site_weight=parse_bound(
+                "max-site-weight", rc.get("max-site-weight", "auto"), AUTO_WEIGHT_MULTIPLE
+            ),
+            max_num_examples=cap,
+            num_malicious_sites=f,
+            trim_fraction=beta,
+        )
+
+    def describe(self) -> str:
+        """One line for the server's log."""
+
+        def text(bound: Bound, what: str) -> str:
+            if bound.absolute is not None:
+                return f"{bound.absolute:g}"
+            return f"{bound.multiple:g}x the round's median {what}" if bound.multiple else "off"
+
+        return (
+            f"aggregator {self.aggregator}; max-update-norm {text(self.max_update_norm, 'update norm')}; "
+            f"max-site-weight {text(self.max_site_weight, 'num-examples')}; "
+            f"max-num-examples {self.max_num_examples:g}"
+        )
+
+    def without_bounds(self) -> RobustSettings:
+        """The same aggregator with no norm bound and no weight cap (plain FedAvg for fedavg)."""
+        return replace(self, max_update_norm=Bound(), max_site_weight=Bound())
+
+
+def update_norm(global_arrays: dict[str, np.ndarray], arrays: dict[str, np.ndarray]) -> float:
+    """L2 norm of ``arrays - global_arrays`` over every tensor, in float64 (no overflow)."""
+    total = sum(float(np.sum(np.square(arrays[k].astype(np.float64) - g))) for k, g in global_arrays.items())
+    return math.sqrt(total)
+
+
+def clip_updates(
+    global_arrays: dict[str, np.ndarray] | None, replies: list[ValidReply], bound: Bound
+) -> tuple[list[dict[str, np.ndarray]], float | None, list[dict]]:
+    """Each reply's adapter with its update scaled down to the round's norm bound.
+
+    Returns (adapters, the bound used, ``[{"node", "norm"}]`` of those clipped). Replies within
+    the bound are passed through unchanged; without a global adapter nothing is clipped.
+    """
+    if global_arrays is None:
+        return [r.arrays for r in replies], None, []
+    norms = [update_norm(global_arrays, r.arrays) for r in replies]
+    limit = bound.resolve(norms)
+    adapters, clipped = [], []
+    for reply, norm in zip(replies, norms, strict=True):
+        if limit is None or norm <= limit:
+            adapters.append(reply.arrays)
+            continue
+        scale = limit / norm
+        adapters.append(
+            {
+                k: (g + scale * (reply.arrays[k].astype(np.float64) - g)).astype(np.float32)
+                for k, g in global_arrays.items()
+            }
+        )
+        clipped.append({"node": reply.node, "norm": norm})
+    return adapters, limit, clipped
+
+
+def cap_weights(replies: list[ValidReply], bound: Bound) -> tuple[list[float], float | None, list[dict]]:
+    """Each reply's weight: its ``num-examples`` capped at the round's bound.
+
+    Returns (weights, the cap used, ``[{"node", "num-examples"}]`` of those capped).
+    """
+    counts = [r.num_examples for r in replies]
+    cap = bound.resolve(counts)
+    if cap is None:
+        return counts, None, []
+    capped = [{"node": r.node, "num-examples": r.num_examples} for r in replies if r.num_examples > cap]
+    return [min(n, cap) for n in counts], cap, capped
+
+
+def _records(adapters: list[dict[str, np.ndarray]], weights: list[float]) -> list[RecordDict]:
+    return [
+        RecordDict(
+            {
+                "arrays": ArrayRecord({k: Array(v) for k, v in a.items()}),
+                "metrics": MetricRecord({_WEIGHT: float(w)}),
+            }
+        )
+        for a, w in zip(adapters, weights, strict=True)
+    ]
+
+
+def _stacked(adapters: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: np.stack([a[k] for a in adapters]) for k in adapters[0]}
+
+
+def combine(
+    adapters: list[dict[str, np.ndarray]], weights: list[float], settings: RobustSettings
+) -> tuple[dict[str, np.ndarray] | None, list[int], str]:
+    """One adapter from the round's (clipped) adapters, by ``settings.aggregator``.
+
+    Returns (adapter or None, indices of the adapters it was computed from, why None). Uses
+    Flower's helpers: FedAvg's ``aggregate_arrayrecords``, FedMedian's per-coordinate median,
+    FedTrimmedAvg's ``trim_mean``, Krum's ``select_multikrum``, Bulyan's
+    ``aggregate_n_closest_weights``. Only FedAvg (and the weighted mean Krum ends with) uses
+    the weights; the others are unweighted, as in Flower.
+    """
+    n, f = len(adapters), settings.num_malicious_sites
+    everyone = list(range(n))
+    if settings.aggregator == "fedavg":
+        record = aggregate_arrayrecords(_records(adapters, weights), _WEIGHT)
+        return {k: v.numpy() for k, v in record.items()}, everyone, ""
+    if settings.aggregator == "median":
+        return {k: np.median(s, axis=0) for k, s in _stacked(adapters).items()}, everyone, ""
+    if settings.aggregator == "trimmed-mean":
+        return {k: trim_mean(s, settings.trim_fraction) for k, s in _stacked(adapters).items()}, everyone, ""
+    records = _records(adapters, weights)
+    index = {id(r): i for i, r in enumerate(records)}
+    if settings.aggregator == "krum":
+        chosen = select_multikrum(records, num_malicious_nodes=f, num_nodes_to_select=1)
+        record = aggregate_arrayrecords(chosen, _WEIGHT)
+        return {k: v.numpy() for k, v in record.items()}, [index[id(r)] for r in chosen], ""
+    # bulyan, as flwr.serverapp.strategy.Bulyan.aggregate_train
+    if n < 4 * f + 3:
+        return None, [], f"bulyan needs at least 4f+3 = {4 * f + 3} valid replies (f={f}), got {n}"
+    theta = n - 2 * f
+    chosen = select_multikrum(records, f, theta)
+    selected = [[adapters[index[id(r)]][k] for k in adapters[0]] for r in chosen]
+    median = [np.median(layer, axis=0) for layer in zip(*selected, strict=True)]
+    combined = aggregate_n_closest_weights(median, selected, theta - 2 * f)
+    return dict(zip(adapters[0], combined, strict=True)), [index[id(r)] for r in chosen], ""

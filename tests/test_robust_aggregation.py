@@ -1,0 +1,142 @@
+"""One poisoning site cannot move the global adapter far: norm clipping, weight cap, aggregators."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from server.robust import AGGREGATORS, Bound, RobustSettings, parse_bound
+from server.strategy import AdapterFedAvg
+
+from .replies import (
+    as_dict,
+    distance,
+    dp_metrics,
+    global_adapter,
+    honest,
+    reply,
+    server_identity,  # noqa: F401 - the fixture below
+    start_round,
+)
+
+pytestmark = pytest.mark.usefixtures("server_identity")
+HONEST = {1: 100, 2: 140, 3: 80, 4: 120}  # node -> num-examples
+BAD = 9
+
+
+def _sign_flip(g: dict, factor: float = 1e6) -> dict:
+    """An honest-looking update, flipped and scaled by ``factor``."""
+    return {k: (v - factor * (honest(g, BAD)[k] - v)).astype(np.float32) for k, v in g.items()}
+
+
+def _round(
+    settings: RobustSettings, g: dict, bad: dict | None, bad_examples: float = 100, honest_sites=HONEST
+):
+    strategy = AdapterFedAvg(robust=settings)
+    nodes = [*honest_sites, BAD] if bad is not None else list(honest_sites)
+    start_round(strategy, g, nodes)
+    replies = [reply(n, honest(g, n), dp_metrics(size)) for n, size in honest_sites.items()]
+    if bad is not None:
+        replies.append(reply(BAD, bad, dp_metrics(bad_examples)))
+    arrays, _ = strategy.aggregate_train(1, replies)
+    return as_dict(arrays), strategy.round_summary(1)
+
+
+def _honest_mean(g: dict, honest_sites=HONEST) -> dict:
+    adapters = [honest(g, n) for n in honest_sites]
+    return {k: np.mean([a[k] for a in adapters], axis=0) for k in g}
+
+
+def test_a_sign_flipped_update_x1e6_moves_the_global_by_at_most_the_auto_bound():
+    g = global_adapter()
+    aggregate, record = _round(RobustSettings(), g, _sign_flip(g))
+    honest_norms = [distance(honest(g, n), g) for n in HONEST]
+    assert record["norm-bound"] <= 2 * max(honest_norms)  # twice the median: an honest scale
+    assert distance(aggregate, g) <= record["norm-bound"] + 1e-5
+    assert [c["node"] for c in record["clipped"]] == [BAD]  # honest sites are not clipped
+    assert record["clipped"][0]["norm"] > 1e5 * record["norm-bound"]
+    # the same reply without a bound drags the global 1e5 times further
+    unbounded, _ = _round(RobustSettings().without_bounds(), g, _sign_flip(g))
+    assert distance(unbounded, g) > 1e4 * record["norm-bound"]
+
+
+def test_a_fixed_norm_bound_is_a_hard_limit_on_every_site():
+    g = global_adapter()
+    aggregate, record = _round(RobustSettings(max_update_norm=Bound(absolute=0.05)), g, _sign_flip(g))
+    assert record["norm-bound"] == 0.05
+    assert distance(aggregate, g) <= 0.05 + 1e-6
+    assert {c["node"] for c in record["clipped"]} == {*HONEST, BAD}
+
+
+def test_an_inflated_example_count_buys_at_most_the_weight_cap():
+    g = global_adapter()
+    bad = honest(g, BAD, scale=3.0)  # an update 30 x an honest one, with 90 000 examples claimed
+    # (below 1/delta = 100 000, so the DP consistency check lets it through)
+    settings = RobustSettings(max_update_norm=Bound())
+    aggregate, record = _round(settings, g, bad, bad_examples=90_000)
+    cap = 2 * float(np.median([*HONEST.values(), 90_000]))
+    assert record["weight-cap"] == cap
+    assert record["capped"] == [{"node": BAD, "num-examples": 90_000.0}]
+    weights = [*HONEST.values(), cap]
+    adapters = [honest(g, n) for n in HONEST] + [bad]
+    expected = {k: sum(w * a[k] for w, a in zip(weights, adapters, strict=True)) / sum(weights) for k in g}
+    assert all(np.allclose(aggregate[k], expected[k], atol=1e-5) for k in g)
+    # uncapped, the site is 99.5 % of the mean
+    unbounded, _ = _round(settings.without_bounds(), g, bad, bad_examples=90_000)
+    assert distance(unbounded, bad) < 0.02 * distance(aggregate, bad)
+
+
+@pytest.mark.parametrize("aggregator", AGGREGATORS)
+def test_each_aggregator_is_not_moved_far_by_one_outlier(aggregator):
+    g = global_adapter()
+    sites = {n: 100 for n in range(1, 7)}  # 6 honest + 1: Bulyan with f=1 needs 7
+    settings = RobustSettings(aggregator=aggregator)
+    aggregate, record = _round(settings, g, _sign_flip(g, 1e3), honest_sites=sites)
+    assert record["aggregator"] == aggregator and "global-unchanged" not in record
+    assert all(np.isfinite(v).all() for v in aggregate.values())
+    honest_spread = max(distance(honest(g, n), g) for n in sites)
+    assert distance(aggregate, _honest_mean(g, sites)) <= honest_spread
+    if aggregator in ("krum", "bulyan"):
+        assert BAD not in record["selected"]
+    # the robust rules hold without any clipping too; plain FedAvg does not
+    unclipped, _ = _round(settings.without_bounds(), g, _sign_flip(g, 1e3), honest_sites=sites)
+    moved = distance(unclipped, _honest_mean(g, sites))
+    if aggregator == "fedavg":
+        assert moved > 10 * honest_spread
+    else:
+        assert moved <= honest_spread
+
+
+def test_bulyan_with_too_few_replies_keeps_the_global_adapter_and_says_why():
+    g = global_adapter()
+    strategy = AdapterFedAvg(robust=RobustSettings(aggregator="bulyan"))
+    start_round(strategy, g, list(HONEST))
+    arrays, _ = strategy.aggregate_train(1, [reply(n, honest(g, n)) for n in HONEST])
+    assert arrays is None
+    assert "4f+3 = 7" in strategy.round_summary(1)["global-unchanged"]
+
+
+def test_run_config_keys_are_read_and_bad_values_are_one_line_naming_the_key():
+    default = RobustSettings.from_run_config({})
+    assert default == RobustSettings()
+    assert default.max_update_norm == Bound(multiple=2.0) and default.max_site_weight == Bound(multiple=2.0)
+    rc = {"aggregator": "Krum", "max-update-norm": "3x", "max-site-weight": 500, "num-malicious-sites": 2}
+    custom = RobustSettings.from_run_config(rc)
+    assert custom.aggregator == "krum" and custom.num_malicious_sites == 2
+    assert custom.max_update_norm == Bound(multiple=3.0) and custom.max_site_weight == Bound(absolute=500.0)
+    assert parse_bound("max-update-norm", 0, 2.0) == Bound() and parse_bound("k", "0.5", 2.0) == Bound(
+        absolute=0.5
+    )
+    for key, value in [
+        ("aggregator", "mean"),
+        ("max-update-norm", -1),
+        ("max-update-norm", "inf"),
+        ("max-site-weight", "0x"),
+        ("max-site-weight", "lots"),
+        ("num-malicious-sites", -1),
+        ("trim-fraction", 0.5),
+        ("max-num-examples", 0),
+    ]:
+        with pytest.raises(ValueError, match=f"run config {key}=") as err:
+            RobustSettings.from_run_config({key: value})
+        assert "\n" not in str(err.value)
