@@ -6,7 +6,11 @@ The site's data comes from its node config: ``data-file`` (plus ``text-column`` 
 step: its lifetime ε cap over every run in its ledger, its δ cap, DP required unless it opts
 out. Under DP only the adapter and the privacy numbers leave; failures reach the server as
 fixed codes. The site's privacy state lives in its ledger (``<state-dir>/privacy_ledger.json``)
-and, within a run, in ``context.state``.
+and, within a run, in ``context.state``, both under the run key the server sends (``run-key``,
+stable when a crashed run is resumed; Flower's run id from a server that sends none).
+
+A round this site already trained, asked again with the same global adapter (a resumed run),
+is answered with the reply it kept (``clients.replay``): no step, no new ε.
 """
 
 from __future__ import annotations
@@ -21,11 +25,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from clients.policy import SitePolicy, failures_as_codes, is_virtual_site, site_secret
+from clients.replay import KeptReply, ReplyStore, arrays_digest, run_key
 from fedllm.adapters import adapter_state, nbytes, set_adapter_arrays
 from fedllm.config import Settings, settings_from
 from fedllm.data import SiteData, load_site_file, loss_weights, partition_sites, tokenize
 from fedllm.ledger import LedgerError, PrivacyLedger, fingerprint_file, statement
-from fedllm.model import build_model, load_tokenizer, pick_device
+from fedllm.model import build_model, count_parameters, load_tokenizer, pick_device
 from fedllm.privacy import epsilon_for, plan_privacy
 from fedllm.train import evaluate, train_local
 
@@ -96,40 +101,76 @@ def _ledger(context: Context) -> PrivacyLedger | None:
     return None if is_virtual_site(context) else PrivacyLedger(_state_dir(context) / LEDGER_NAME)
 
 
-def _histories(context: Context, ledger: PrivacyLedger | None) -> tuple[list, list, int]:
+def _histories(context: Context, ledger: PrivacyLedger | None, key: str) -> tuple[list, list, int]:
     """(every other run's history, this run's history, number of other runs) from the books.
 
-    Refuses to train when ``context.state`` shows spend in this run that the ledger lost.
+    ``key`` is the run key (``clients.replay.run_key``). Refuses to train when ``context.state``
+    shows spend under this key that the ledger lost.
     """
-    run_key = str(context.run_id)
-    in_state = json.loads(str(context.state[STATE_KEY]["history"])) if STATE_KEY in context.state else []
+    state = context.state.config_records.get(STATE_KEY)
+    in_state = json.loads(str(state["history"])) if state and state.get("run-key", key) == key else []
     if ledger is None:
         return [], in_state, 0
     runs = ledger.runs
-    this_run = [list(h) for h in runs.get(run_key, {}).get("history", [])]
+    this_run = [list(h) for h in runs.get(key, {}).get("history", [])]
     if sum(int(h[2]) for h in in_state) > sum(int(h[2]) for h in this_run):
         raise LedgerError(
             f"{ledger.path}: this run already spent privacy that the ledger no longer holds (deleted or "
             "reset?); restore it from its .bak backup before this site trains again"
         )
-    others = [run for key, run in runs.items() if key != run_key]
+    others = [run for name, run in runs.items() if name != key]
     return [list(h) for run in others for h in run["history"]], this_run, len(others)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """One round at this site: check its policy, DP-train locally, send the adapter back."""
+    """One round at this site: check its policy, DP-train locally, send the adapter back.
+
+    The run key's lock is held from the first look at the books to the kept reply, so two
+    messages of one run key (a dead run's last message, delivered after a SuperLink restart, and
+    the resumed run's) are handled one after the other: the second replays the first's reply.
+    """
     start = time.perf_counter()
     policy = SitePolicy.from_context(context)
+    key = run_key(msg, context)
+    ledger = _ledger(context)
+    store = ReplyStore(context, None if ledger is None else ledger.path.parent)
+    with store.exclusive(key):
+        return _train_round(msg, context, policy, key, ledger, store, start)
+
+
+def _train_round(
+    msg: Message,
+    context: Context,
+    policy: SitePolicy,
+    key: str,
+    ledger: PrivacyLedger | None,
+    store: ReplyStore,
+    start: float,
+) -> Message:
+    """``train``'s work, under the run key's lock: replay a kept reply, or check, train and record."""
+    rounds = int(msg.content["config"]["num-rounds"])
+    server_round = int(msg.content["config"]["server-round"])
+    digest = arrays_digest(msg.content["arrays"])
+    kept = store.load(key)
+    if kept is not None and kept.answers(key, server_round, digest):
+        _histories(context, ledger, key)  # a ledger that lost this run's spend still refuses
+        print(
+            f"[site {context.node_id}] round {server_round} of run {key}: already trained on this "
+            "global adapter; the kept reply is sent again (no step, no new epsilon)"
+        )
+        private = settings_from(context.run_config).private
+        metrics = MetricRecord(policy.reply_metrics(kept.metrics, private=private))
+        return Message(RecordDict({"arrays": kept.arrays, "metrics": metrics}), reply_to=msg)
     settings, labels, site, model = _setup(msg, context)
     tokenizer = load_tokenizer(settings.model)
     train_ds = tokenize(site.train, tokenizer, labels, settings.max_length, settings.truncation)
-    rounds = int(msg.content["config"]["num-rounds"])
-    server_round = int(msg.content["config"]["server-round"])
-    plan = plan_privacy(settings, len(train_ds), planned_rounds=rounds) if settings.private else None
-    ledger = _ledger(context)
-    past, this_run, other_runs = _histories(context, ledger)
-    policy.check_train(plan, past, this_run)  # before any step: the site's limits win
+    plan = None
+    if settings.private:  # the noisy coordinates bound the steps worth taking (max-step-noise)
+        plan = plan_privacy(settings, len(train_ds), rounds, dimension=count_parameters(model)[0])
+    past, this_run, other_runs = _histories(context, ledger, key)
+    # before any step: the site's limits win
+    policy.check_train(plan, past, this_run, next_steps=plan.local_steps if plan else 0)
     result = train_local(
         model,
         train_ds,
@@ -141,14 +182,14 @@ def train(msg: Message, context: Context) -> Message:
         round_of=(server_round, rounds),
     )
     if plan is not None:
-        context.state[STATE_KEY] = ConfigRecord({"history": json.dumps(result.history)})
+        context.state[STATE_KEY] = ConfigRecord({"run-key": key, "history": json.dumps(result.history)})
         if ledger is not None:
             lifetime = epsilon_for([*past, *result.history], policy.max_delta, policy.accountant)
             signed = statement(
                 lifetime, policy.max_delta, other_runs + 1, policy.accountant, policy.not_covered()
             )
             ledger.record(
-                str(context.run_id),
+                key,
                 result.history,
                 plan.to_dict(),
                 result.epsilon,
@@ -178,6 +219,7 @@ def train(msg: Message, context: Context) -> Message:
         f"{result.steps} steps on {len(train_ds)} texts, loss {result.mean_loss:.4f}, {eps}"
     )
     reply = MetricRecord(policy.reply_metrics(metrics, private=plan is not None))
+    store.keep(KeptReply(key, server_round, digest, reply_arrays, dict(reply)))  # after the ledger
     return Message(RecordDict({"arrays": reply_arrays, "metrics": reply}), reply_to=msg)
 
 

@@ -106,12 +106,14 @@ class SitePolicy:
             return cls.from_config(dict(context.run_config), SIM_PREFIX)
         return cls.from_config(dict(context.node_config))
 
-    def check_train(self, plan: PrivacyPlan | None, past: list, this_run: list) -> float:
+    def check_train(self, plan: PrivacyPlan | None, past: list, this_run: list, next_steps: int = 0) -> float:
         """Refuse a run the site's limits do not allow; return the lifetime ε if it trains to plan.
 
         ``past``: the accountant history of every *other* run in the site's ledger;
-        ``this_run``: this run's history so far. The run's whole remaining plan is composed with
-        both at ``max_delta`` before any step is taken.
+        ``this_run``: this run's history so far (under the server's run key). The run's whole
+        remaining plan, and at least ``next_steps`` (the steps this round is about to take), is
+        composed with both at ``max_delta`` before any step is taken: a run key whose history
+        already holds its plan's steps can add no step the lifetime check did not count.
         """
         if plan is None:
             if not self.allow_no_dp:
@@ -126,7 +128,7 @@ class SitePolicy:
                 f"the run's delta={plan.delta:g} is above this site's max-delta={self.max_delta:g}",
             )
         done = sum(int(h[2]) for h in this_run)
-        remaining = max(plan.planned_steps - done, 0)
+        remaining = max(plan.planned_steps - done, next_steps, 0)
         whole = [*past, *this_run, (plan.noise_multiplier, plan.sample_rate, remaining)]
         lifetime = epsilon_for(whole, self.max_delta, self.accountant)
         if lifetime > self.max_epsilon * (1 + 1e-6):

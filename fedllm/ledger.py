@@ -156,7 +156,7 @@ def fingerprint_file(path: str | Path) -> str:
     return f"sha256:{digest.hexdigest()}"
 
 
-def _write_durably(target: Path, data: bytes) -> None:
+def write_durably(target: Path, data: bytes) -> None:
     """Unique temp file in the same folder, flush + fsync, then an atomic rename over ``target``."""
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
@@ -274,8 +274,8 @@ class PrivacyLedger:
             if key not in runs or total_steps(entry) >= total_steps(runs[key]):
                 runs[key] = entry  # a history only grows: an older, shorter one never wins
             data = json.dumps({"version": VERSION, "runs": runs}, indent=1).encode("utf-8")
-            _write_durably(self.path, data)
-            _write_durably(self.backup, data)
+            write_durably(self.path, data)
+            write_durably(self.backup, data)
             fd = os.open(folder, os.O_RDONLY)  # make the two renames durable
             try:
                 os.fsync(fd)
