@@ -1,13 +1,19 @@
 """fedllm ServerApp: FedAvg over the sites' LoRA adapters, with checkpoints and a run log.
 
 Run directory (``run-dir``/``<run-name or start time>``, ``-run<id>`` appended if it exists):
-``config.json`` (settings used), ``metrics.jsonl`` and ``metrics.csv`` (one row per round), ``round-NNN/`` and
-``final-adapter/`` (peft ``save_pretrained`` folders + ``labels.json``), ``result.json``.
+``config.json`` (settings used, the run key, resumes), ``metrics.jsonl`` and ``metrics.csv`` (one
+row per round), ``round-NNN/`` and ``final-adapter/`` (peft ``save_pretrained`` folders +
+``labels.json``, each written to a ``.partial`` folder and renamed into place), ``result.json``.
+
+``resume=<run dir>`` continues a run a server crash interrupted, from its last complete round, in
+the same folder and under the same run key (server/resume.py).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 import unicodedata
 from pathlib import Path
@@ -20,6 +26,7 @@ from fedllm.config import settings_from
 from fedllm.data import load_splits, tokenize
 from fedllm.model import build_model, load_tokenizer, pick_device
 from fedllm.train import evaluate
+from server.resume import commit, find, load_checkpoint, resume_dir, run_record, write_config
 from server.robust import RobustSettings
 from server.runlog import RunLog
 from server.strategy import AdapterFedAvg
@@ -44,12 +51,17 @@ def _run_name(raw: object) -> str:
     return name
 
 
+def _root(context: Context) -> Path:
+    """``run-dir``, resolved."""
+    return Path(str(context.run_config.get("run-dir", "runs"))).expanduser().resolve()
+
+
 def _run_dir(context: Context) -> Path:
     """``run-dir/run-name`` (default: the start time); never reuses an existing folder.
 
     The final path is resolved (symlinks followed) and must lie directly inside ``run-dir``.
     """
-    root = Path(str(context.run_config.get("run-dir", "runs"))).expanduser().resolve()
+    root = _root(context)
     raw = context.run_config.get("run-name", "")
     name = _run_name(raw) if str(raw) else time.strftime("%Y%m%d-%H%M%S")
     path = (root / name).resolve()
@@ -64,30 +76,55 @@ def _run_dir(context: Context) -> Path:
     return path
 
 
+def _save(model, folder: Path, labels: list[str], extra: dict | None = None) -> None:
+    """``save_adapter`` into ``.<name>.partial``, then a rename: a crash leaves no half folder."""
+    partial = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    save_adapter(model, partial, labels, extra)
+    if folder.exists():  # a resumed run trains this round again
+        shutil.rmtree(folder)
+    os.replace(partial, folder)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run ``num-server-rounds`` rounds over the adapters (server/robust.py's aggregator); log and checkpoint.
 
     Every train reply is validated and bounded before it is combined (server/strategy.py), so the
     arrays evaluated, checkpointed and sent each round are the previous global or a finite aggregate
-    of the expected spec.
+    of the expected spec. With ``resume=<run dir>`` the rounds after that folder's last complete
+    round are run (server/resume.py).
     """
     rc = context.run_config
     settings = settings_from(rc)
     robust = RobustSettings.from_run_config(rc)
-    if str(rc.get("run-name", "")):
+    num_rounds = int(rc.get("num-server-rounds", 3))
+    resume = str(rc.get("resume", "")).strip()
+    if resume:
+        resume_dir(resume, _root(context))  # a bad resume fails before any data is loaded
+    elif str(rc.get("run-name", "")):
         _run_name(rc["run-name"])  # a bad name fails before any data is loaded
     explicit = [x.strip() for x in str(rc.get("labels", "")).split(",") if x.strip()]
     server_eval = bool(rc.get("server-eval", True))
     splits = load_splits(settings, explicit or None) if (server_eval or not explicit) else None
     labels = explicit or splits.labels
     model = build_model(settings, labels, pick_device(settings.device))
-    run_dir = _run_dir(context)
-    (run_dir / "config.json").write_text(
-        json.dumps({"run-config": dict(rc), "settings": settings.to_dict(), "labels": labels}, indent=2)
-    )
+    record = run_record(dict(rc), settings.to_dict(), labels)
+    rows, first_round = None, 1
+    if resume:
+        point = find(resume, _root(context), record, num_rounds)
+        initial = load_checkpoint(model, point.checkpoint)
+        commit(point, record, context.run_id)
+        run_dir, run_key, rows, first_round = point.run_dir, point.run_key, point.rows, point.last_round + 1
+        print(
+            f"fedllm: resuming {run_dir} after round {point.last_round} of {num_rounds} "
+            f"(run key {run_key}; its checkpoint is the global adapter)"
+        )
+    else:
+        run_dir, run_key = _run_dir(context), str(context.run_id)  # the run key: this first run id
+        write_config(run_dir, record, run_key)
+        initial = ArrayRecord({k: v.detach().cpu() for k, v in adapter_state(model).items()})
     full_bytes = full_model_nbytes(model)
-    initial = ArrayRecord({k: v.detach().cpu() for k, v in adapter_state(model).items()})
     update_bytes = initial.count_bytes()
     print(
         f"fedllm: adapter update {update_bytes:,} B vs full model state dict {full_bytes:,} B "
@@ -104,9 +141,11 @@ def main(grid: Grid, context: Context) -> None:
             settings.truncation,
         )
     head_only = settings.resolved().trainable == "head"  # the encoder never changes
-    log = RunLog(run_dir, {"adapter-bytes": update_bytes, "full-model-bytes": full_bytes})
+    log = RunLog(run_dir, {"adapter-bytes": update_bytes, "full-model-bytes": full_bytes}, rows)
 
     def evaluate_and_checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if resume and server_round < first_round:  # the checkpoint this run resumes from: logged
+            return None
         set_adapter_arrays(model, dict(zip(arrays.keys(), arrays.to_numpy_ndarrays(), strict=True)))
         scores = {}
         if test_ds is not None:
@@ -120,7 +159,7 @@ def main(grid: Grid, context: Context) -> None:
                 f"fedllm: round {server_round} server test: accuracy {result['accuracy']:.4f} "
                 f"macro-F1 {result['macro_f1']:.4f}"
             )
-        save_adapter(model, run_dir / f"round-{server_round:03d}", labels)
+        _save(model, run_dir / f"round-{server_round:03d}", labels)
         log.round(server_round, strategy.round_summary(server_round), scores)
         return MetricRecord(scores) if scores else None
 
@@ -132,18 +171,20 @@ def main(grid: Grid, context: Context) -> None:
         min_evaluate_nodes=int(rc.get("min-evaluate-nodes", 2)),
         min_available_nodes=int(rc.get("min-available-nodes", 2)),
     )
-    num_rounds = int(rc.get("num-server-rounds", 3))
     strategy.start(
         grid=grid,
         initial_arrays=initial,
         num_rounds=num_rounds,
-        train_config=ConfigRecord({"labels": json.dumps(labels), "num-rounds": num_rounds}),
-        evaluate_config=ConfigRecord({"labels": json.dumps(labels)}),
+        train_config=ConfigRecord(
+            {"labels": json.dumps(labels), "num-rounds": num_rounds, "run-key": run_key}
+        ),
+        evaluate_config=ConfigRecord({"labels": json.dumps(labels), "run-key": run_key}),
         evaluate_fn=evaluate_and_checkpoint,
+        first_round=first_round,
     )
     final = strategy.global_arrays
     final = initial if final is None else final  # the last accepted global (round 0's if none was)
     set_adapter_arrays(model, dict(zip(final.keys(), final.to_numpy_ndarrays(), strict=True)))
-    save_adapter(model, run_dir / "final-adapter", labels, {"settings": settings.to_dict()})
+    _save(model, run_dir / "final-adapter", labels, {"settings": settings.to_dict()})
     log.finish(run_dir / "final-adapter")
     print(f"fedllm: done; final adapter {run_dir / 'final-adapter'}; log {run_dir / 'metrics.jsonl'}")

@@ -1,4 +1,9 @@
-"""The run log: ``metrics.jsonl`` and ``metrics.csv`` (one row per round), ``result.json``."""
+"""The run log: ``metrics.jsonl`` and ``metrics.csv`` (one row per round), ``result.json``.
+
+A resumed run (server/resume.py) starts its log from the rows it keeps (``RunLog(..., rows=)``):
+``metrics.jsonl`` is rewritten with exactly those rows (atomically) and ``metrics.csv`` from
+them; ``wall-seconds`` continues from the last kept row (the downtime is not counted).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,8 @@ import json
 import math
 import time
 from pathlib import Path
+
+from fedllm.ledger import write_durably
 
 
 def _plain(value):
@@ -34,11 +41,24 @@ def _flatten(row: dict, prefix: str = "") -> dict:
 class RunLog:
     """Appends one row per round; rewrites the CSV with the union of columns each time."""
 
-    def __init__(self, run_dir: Path, header: dict):
+    def __init__(self, run_dir: Path, header: dict, rows: list[dict] | None = None):
         self.run_dir = run_dir
         self.header = header
-        self.start = time.perf_counter()
-        self.rows: list[dict] = []
+        self.rows: list[dict] = [_plain(r) for r in rows or []]
+        done = float(self.rows[-1].get("wall-seconds", 0.0)) if self.rows else 0.0
+        self.start = time.perf_counter() - done
+        if rows is not None:  # a resumed log: exactly the kept rows, nothing after them
+            text = "".join(json.dumps(r) + "\n" for r in self.rows)
+            write_durably(self.run_dir / "metrics.jsonl", text.encode())
+            self._write_csv()
+
+    def _write_csv(self) -> None:
+        flat = [_flatten(r) for r in self.rows]
+        columns = list(dict.fromkeys(k for r in flat for k in r))
+        with (self.run_dir / "metrics.csv").open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(flat)
 
     def round(self, server_round: int, received: dict, server_scores: dict) -> None:
         """Record one round: what the strategy received and the server-side test scores."""
@@ -52,12 +72,7 @@ class RunLog:
         self.rows.append(row)
         with (self.run_dir / "metrics.jsonl").open("a") as fh:
             fh.write(json.dumps(row) + "\n")
-        flat = [_flatten(r) for r in self.rows]
-        columns = list(dict.fromkeys(k for r in flat for k in r))
-        with (self.run_dir / "metrics.csv").open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(flat)
+        self._write_csv()
 
     def finish(self, final_adapter: Path) -> dict:
         """Write ``result.json``: the last round's numbers, sizes and where the adapter is."""

@@ -6,18 +6,25 @@ the round goes on with the rest; the valid updates are clipped, their weights ca
 adapters combined by the configured aggregator (server/robust.py); the result is checked finite
 before it is returned (and so evaluated, checkpointed and sent). When nothing usable is left the
 global adapter stays as it was and the round record says why (``global-unchanged``).
+
+A resumed run (server/resume.py) starts at a later round: ``start(..., first_round=k + 1)``.
+Flower's ``Strategy.start`` numbers its rounds 1, 2, ...; every round number it passes in is
+shifted by ``k`` here, so train/evaluate messages (``server-round``), round records and
+``evaluate_fn`` (checkpoints, run log) carry the run's real round numbers (Flower's own
+``[ROUND i/n]`` log lines count the rounds of this start). Across rounds the strategy keeps no
+state but the global adapter, which the resumed run loads from its last checkpoint.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Result
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from server.robust import RobustSettings, cap_weights, clip_updates, combine
@@ -63,6 +70,48 @@ class AdapterFedAvg(FedAvg):
         self.robust = robust or RobustSettings()
         self.rounds: dict[int, dict] = {}
         self._global: dict[str, np.ndarray] | None = None
+        self.round_offset = 0  # rounds done before this start (a resumed run)
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        *,
+        first_round: int = 1,
+    ) -> Result:
+        """Flower's ``start`` for rounds ``first_round`` .. ``num_rounds`` (the run's real numbers).
+
+        With ``first_round > 1`` (a resume from checkpoint ``first_round - 1`` = ``initial_arrays``)
+        the initial ``evaluate_fn(0, ...)`` call is skipped: that checkpoint is already logged.
+        The ``Result``'s round keys count from 1 for this start.
+        """
+        if not 1 <= first_round <= num_rounds + 1:
+            raise ValueError(f"first_round={first_round} is outside 1..{num_rounds + 1}")
+        offset = first_round - 1
+
+        def shifted(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            if server_round == 0 and offset:
+                return None
+            return evaluate_fn(server_round + offset, arrays)
+
+        self.round_offset = offset
+        try:
+            return super().start(
+                grid,
+                initial_arrays,
+                num_rounds - offset,
+                timeout,
+                train_config,
+                evaluate_config,
+                shifted if evaluate_fn else None,
+            )
+        finally:
+            self.round_offset = 0
 
     @property
     def global_arrays(self) -> ArrayRecord | None:
@@ -76,7 +125,13 @@ class AdapterFedAvg(FedAvg):
     ) -> Iterable[Message]:
         """FedAvg's train messages, after keeping ``arrays``: the spec replies are checked against."""
         self.remember_global(arrays)
-        return super().configure_train(server_round, arrays, config, grid)
+        return super().configure_train(server_round + self.round_offset, arrays, config, grid)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """FedAvg's evaluate messages, with the run's real round number."""
+        return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
 
     def remember_global(self, arrays: ArrayRecord) -> None:
         """Keep the global adapter of the round being sent (``configure_train`` calls this).
@@ -113,6 +168,7 @@ class AdapterFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate, clip, cap and combine the round's replies; None keeps the global adapter."""
+        server_round += self.round_offset
         record = self.rounds.setdefault(server_round, {})
         valid = self._validate(record, list(replies))
         record["train-replies"] = len(valid)
@@ -152,6 +208,7 @@ class AdapterFedAvg(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Weighted means of the sites' checked evaluation metrics (bad replies are recorded)."""
+        server_round += self.round_offset
         record = self.rounds.setdefault(server_round, {})
         record["evaluate-failures"] = []
         checked = []
