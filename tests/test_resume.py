@@ -1,0 +1,390 @@
+"""Resume after a server crash: the run dir continues, the sites spend no ε twice.
+
+Fast tests drive the pieces (server/resume.py's resume point, checkpoints loaded bit for bit,
+the site's kept reply in clients/replay.py through the real ClientApp); the slow test kills a
+real SuperLink (and its ServerApp) after round 1 of 3, restarts it and resumes the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+
+from clients.app import app
+from clients.policy import SitePolicy, SitePolicyError
+from clients.replay import KeptReply, ReplyStore, arrays_digest
+from fedllm.adapters import adapter_state
+from fedllm.config import Settings, settings_from
+from fedllm.ledger import PrivacyLedger, run_epsilon, total_steps
+from fedllm.model import build_model
+from fedllm.privacy import epsilon_for, plan_privacy
+from fedllm.shards import write_shards
+from server.app import _save
+from server.resume import ResumeError, commit, find, load_checkpoint, run_record, write_config
+from server.runlog import RunLog
+from server.strategy import AdapterFedAvg
+from simulations.engine import (
+    FlowerCLI,
+    _bin,
+    descendants,
+    free_port,
+    is_alive,
+    run_config_arg,
+    start_process,
+    stop_process,
+    wait_for_port,
+)
+
+from .conftest import LABELS
+from .replies import ScriptedGrid, as_dict, dp_metrics, global_adapter, honest, reply, server_identity  # noqa: F401
+
+
+@pytest.fixture
+def run_config(tiny_checkpoint):
+    return {"model": str(tiny_checkpoint), "max-length": 32, "batch-size": 16, "max-steps": 2}
+
+
+def _global(run_config: dict) -> ArrayRecord:
+    model = build_model(settings_from(run_config), LABELS, torch.device("cpu"))
+    return ArrayRecord({k: v.detach().cpu() for k, v in adapter_state(model).items()})
+
+
+def _train(arrays: ArrayRecord, context: Context, server_round: int, run_key: str) -> Message:
+    config = {"labels": json.dumps(LABELS), "num-rounds": 3, "server-round": server_round}
+    meta = Metadata(
+        run_id=context.run_id,
+        message_id=f"train-{time.time_ns()}",
+        src_node_id=0,
+        dst_node_id=7,
+        reply_to_message_id="",
+        group_id="",
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type="train",
+    )
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord({**config, "run-key": run_key})})
+    return app(Message(content, metadata=meta), context)
+
+
+def test_a_round_asked_again_with_the_same_global_is_answered_from_the_kept_reply(
+    tmp_path, frame, run_config, capsys
+):
+    data = tmp_path / "site.csv"
+    frame.to_csv(data, index=False)
+    site = {"data-file": str(data), "state-dir": str(tmp_path / "state")}
+    ledger = PrivacyLedger(tmp_path / "state" / "privacy_ledger.json")
+    arrays = _global(run_config)
+
+    def context(run_id: int) -> Context:  # a fresh Flower run (and context.state) each time
+        return Context(run_id=run_id, node_id=7, node_config=site, state=RecordDict(), run_config=run_config)
+
+    first = _train(arrays, context(1), 1, "run-a")
+    assert not first.has_error(), first.error
+    assert set(ledger.runs) == {"run-a"}  # keyed by the server's run key, not Flower's run id
+    before = ledger.path.read_bytes()
+
+    # the resumed run (another Flower run id) asks round 1 again with the same global adapter
+    again = _train(arrays, context(2), 1, "run-a")
+    assert not again.has_error(), again.error
+    assert ledger.path.read_bytes() == before, "a replayed round must record no spend"
+    assert arrays_digest(again.content["arrays"]) == arrays_digest(first.content["arrays"])
+    assert dict(again.content["metrics"]) == dict(first.content["metrics"])
+    assert "kept reply is sent again (no step, no new epsilon)" in capsys.readouterr().out
+
+    # the same round with another global is a new release: trained, and its steps are spent
+    other = ArrayRecord({k: Array(v.numpy() + np.float32(0.01)) for k, v in arrays.items()})
+    retrained = _train(other, context(3), 1, "run-a")
+    assert not retrained.has_error(), retrained.error
+    assert total_steps(ledger.runs["run-a"]) == 4
+    assert set(ledger.runs) == {"run-a"}
+
+
+def test_two_messages_of_one_run_key_at_once_train_the_round_once(tmp_path, frame, run_config, capsys):
+    # a dead run's last message, delivered after the SuperLink restarts, and the resumed run's
+    data = tmp_path / "site.csv"
+    frame.to_csv(data, index=False)
+    site = {"data-file": str(data), "state-dir": str(tmp_path / "state")}
+    arrays = _global(run_config)
+    contexts = [
+        Context(run_id=i, node_id=7, node_config=site, state=RecordDict(), run_config=run_config)
+        for i in (1, 2)
+    ]
+    with ThreadPoolExecutor(2) as pool:
+        replies = list(pool.map(lambda ctx: _train(arrays, ctx, 1, "run-a"), contexts))
+    assert not any(r.has_error() for r in replies)
+    assert arrays_digest(replies[0].content["arrays"]) == arrays_digest(replies[1].content["arrays"])
+    assert total_steps(PrivacyLedger(tmp_path / "state" / "privacy_ledger.json").runs["run-a"]) == 2
+    assert capsys.readouterr().out.count("kept reply is sent again") == 1
+
+
+def test_a_bad_run_key_is_refused_before_any_step(tmp_path, frame, run_config):
+    data = tmp_path / "site.csv"
+    frame.to_csv(data, index=False)
+    site = {"data-file": str(data), "state-dir": str(tmp_path / "state")}
+    ctx = Context(run_id=1, node_id=7, node_config=site, state=RecordDict(), run_config=run_config)
+    reply = _train(_global(run_config), ctx, 1, "../../etc/passwd")
+    assert reply.has_error() and reply.error.reason == "site-ledger-error"
+    assert not (tmp_path / "state" / "privacy_ledger.json").exists()
+
+
+def test_kept_replies_round_trip_in_a_state_dir_and_in_context_state(tmp_path):
+    arrays = ArrayRecord({"b": Array(np.arange(6, dtype=np.float32).reshape(2, 3)), "a": Array(np.ones(2))})
+    kept = KeptReply("key-1", 2, arrays_digest(arrays), arrays, {"num-examples": 5, "epsilon": float("inf")})
+    for state_dir in (tmp_path / "state", None):
+        ctx = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
+        store = ReplyStore(ctx, state_dir)
+        assert store.load("key-1") is None
+        store.keep(kept)
+        loaded = store.load("key-1")
+        assert loaded.answers("key-1", 2, kept.global_digest) and not loaded.answers(
+            "key-1", 3, kept.global_digest
+        )
+        assert list(loaded.arrays.keys()) == ["b", "a"] and loaded.metrics == kept.metrics
+        assert arrays_digest(loaded.arrays) == kept.global_digest
+        assert store.load("key-2") is None
+    file = next((tmp_path / "state" / "replies").glob("*.npz"))
+    file.write_bytes(b"not an npz")  # an unreadable kept reply: the round is trained again
+    assert ReplyStore(ctx, tmp_path / "state").load("key-1") is None
+
+
+def test_a_checkpoint_loads_bit_for_bit_so_the_sites_see_the_same_global(tmp_path, run_config):
+    settings = settings_from(run_config)
+    trained = build_model(settings, LABELS, torch.device("cpu"))
+    with torch.no_grad():
+        for param in adapter_state(trained).values():
+            param.add_(torch.randn_like(param))
+    sent = ArrayRecord({k: v.detach().cpu() for k, v in adapter_state(trained).items()})
+    _save(trained, tmp_path / "round-001", LABELS)
+    assert not list(tmp_path.glob(".*partial"))
+    fresh = build_model(settings.replace(seed=7), LABELS, torch.device("cpu"))
+    loaded = load_checkpoint(fresh, tmp_path / "round-001")
+    assert list(loaded.keys()) == list(sent.keys())
+    assert arrays_digest(loaded) == arrays_digest(sent)
+
+
+def _fake_run(root: Path, rounds_logged: int, rounds_saved: int) -> tuple[Path, dict]:
+    """A run dir as a crash leaves it: checkpoints, log rows and a line cut in half."""
+    run_dir = root / "crashed"
+    run_dir.mkdir(parents=True)
+    record = run_record({"lr": 0.1, "resume": ""}, {"lr": 0.1}, LABELS)
+    write_config(run_dir, record, "4242")
+    for r in range(rounds_saved + 1):
+        folder = run_dir / f"round-{r:03d}"
+        folder.mkdir()
+        for name in ("adapter_model.safetensors", "adapter_config.json", "labels.json"):
+            (folder / name).write_text("x")
+    log = RunLog(run_dir, {})
+    for r in range(rounds_logged + 1):
+        log.round(r, {"train-replies": 2}, {"accuracy": r / 10})
+    with (run_dir / "metrics.jsonl").open("a") as fh:
+        fh.write('{"round": 9, "cut')
+    (run_dir / ".round-009.partial").mkdir()
+    (run_dir / "final-adapter").mkdir()
+    return run_dir, record
+
+
+def test_the_resume_point_is_the_last_round_with_checkpoint_and_log_row(tmp_path):
+    run_dir, record = _fake_run(tmp_path / "runs", rounds_logged=1, rounds_saved=2)
+    root = (tmp_path / "runs").resolve()
+    submitted = run_record({"lr": 0.1, "resume": str(run_dir)}, {"lr": 0.1}, LABELS)
+    point = find("crashed", root, submitted, num_rounds=3)
+    assert (point.last_round, point.run_key, [r["round"] for r in point.rows]) == (1, "4242", [0, 1])
+    assert (run_dir / "round-002").exists(), "find changes nothing"
+    commit(point, submitted, run_id=77)
+    RunLog(run_dir, {}, point.rows)
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "config.json", "metrics.csv", "metrics.jsonl", "round-000", "round-001",
+    ]  # fmt: skip
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["round"] for x in lines] == [0, 1]
+    stored = json.loads((run_dir / "config.json").read_text())
+    assert stored["run-key"] == "4242" and [r["from-round"] for r in stored["resumes"]] == [1]
+    assert (run_dir / "metrics.csv").read_text().count("\n") == 3
+
+
+def test_a_resume_that_does_not_fit_is_refused_in_one_line(tmp_path):
+    run_dir, record = _fake_run(tmp_path / "runs", rounds_logged=1, rounds_saved=1)
+    root = (tmp_path / "runs").resolve()
+    changed = run_record({"lr": 0.5, "seed": 1}, {"lr": 0.5}, LABELS)
+    with pytest.raises(ResumeError) as err:
+        find(str(run_dir), root, changed, num_rounds=3)
+    assert "run-config.lr, run-config.seed, settings.lr" in str(err.value) and "\n" not in str(err.value)
+    for raw, words in [
+        ("../elsewhere", "not a folder directly inside run-dir"),
+        ("missing", "does not exist"),
+    ]:
+        with pytest.raises(ResumeError, match=words):
+            find(raw, root, record, num_rounds=3)
+    (run_dir / "result.json").write_text("{}")
+    with pytest.raises(ResumeError, match="the run finished"):
+        find("crashed", root, record, num_rounds=3)
+    assert (run_dir / "final-adapter").exists(), "a refused resume changes nothing"
+
+
+def _wait(what: str, ready, timeout: float = 300, procs=()) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        dead = [p.args[0] for p in procs if p.poll() is not None]
+        if dead or time.monotonic() > deadline:
+            raise AssertionError(f"waiting for {what}: " + (f"{dead} exited" if dead else "timed out"))
+        time.sleep(0.2)
+
+
+def _logged_rounds(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(x)["round"] for x in lines if x.endswith("}")]
+
+
+def _steps(state: Path, key: str) -> int:
+    path = state / "privacy_ledger.json"
+    return (
+        total_steps(PrivacyLedger(path).runs[key]) if path.exists() and key in PrivacyLedger(path).runs else 0
+    )
+
+
+@pytest.mark.slow
+def test_a_run_killed_after_round_1_resumes_with_no_epsilon_spent_twice(tiny_checkpoint, tmp_path):
+    shards = write_shards("drug-reviews", 2, "natural", "condition", 1.0, 42, tmp_path / "shards")
+    cli = FlowerCLI(tmp_path / "cli", "deploy")
+    port = free_port()
+    cli.write_connection(f"127.0.0.1:{port}")
+    config = {
+        "model": str(tiny_checkpoint),
+        "num-server-rounds": 3,
+        "max-steps": 2,
+        "max-length": 32,
+        "batch-size": 16,
+        "run-dir": str(tmp_path / "runs"),
+        "run-name": "crash",
+    }
+    run_dir = tmp_path / "runs" / "crash"
+    home = tmp_path / "superlink"
+    link_args = [
+        _bin("flower-superlink"), "--insecure", "--isolation", "subprocess", "--host", "127.0.0.1",
+        "--port", str(port), "--database", str(home / "state.db"),
+        "--disable-runtime-dependency-installation",
+    ]  # fmt: skip
+    env = {**cli.env, "FLWR_HOME": str(home)}
+    states = [tmp_path / f"site-{i}" / "state" for i in (1, 2)]
+    sites, link = [], None
+    try:
+        link = start_process(link_args, home / "superlink.log", env, tmp_path)
+        wait_for_port(port, link, "SuperLink")
+        for shard, state in zip(shards, states, strict=True):
+            sites.append(
+                start_process(
+                    [
+                        _bin("flower-supernode"),
+                        "--insecure",
+                        "--superlink",
+                        f"127.0.0.1:{port}",
+                        "--port",
+                        str(free_port()),
+                        "--node-config",
+                        f'data-file="{shard}" state-dir="{state}"',
+                    ],  # fmt: skip
+                    state.parent / "supernode.log",
+                    {**cli.env, "FLWR_HOME": str(state.parent)},
+                    tmp_path,
+                )
+            )
+        submitted = cli.call("run", ".", cli.connection, "--run-config", run_config_arg(config))
+        assert submitted.get("success"), submitted
+        key = str(submitted["run-id"])
+        _wait("round 1's checkpoint and log row", lambda: 1 in _logged_rounds(run_dir), procs=[link, *sites])
+        # site 2 answers no more: the server waits in round 2 while site 1 trains it and records it
+        os.killpg(sites[1].pid, signal.SIGSTOP)
+        _wait("site 1 to train round 2", lambda: _steps(states[0], key) == 4, procs=[link, sites[0]])
+        round_1 = (run_dir / "round-001" / "adapter_model.safetensors").read_bytes()
+        rows_before = (run_dir / "metrics.jsonl").read_text().splitlines()
+        assert _logged_rounds(run_dir) == [0, 1] and not (run_dir / "round-002").exists()
+
+        doomed = {link.pid} | descendants({link.pid})  # the SuperLink, its SuperExec and ServerApp
+        os.killpg(link.pid, signal.SIGKILL)
+        for pid in filter(is_alive, doomed):
+            os.kill(pid, signal.SIGKILL)
+        link.wait()
+        os.killpg(sites[1].pid, signal.SIGCONT)
+        _wait("the old ServerApp to be gone", lambda: not any(map(is_alive, doomed)), timeout=30)
+
+        link = start_process(link_args, home / "superlink.log", env, tmp_path)  # the same database
+        wait_for_port(port, link, "SuperLink")
+        old = cli.call("ls", cli.connection, "--run-id", key).get("runs", [{}])[0]
+        outcome = cli.run({**config, "resume": str(run_dir)}, timeout=600)
+        logs = "\n".join(s.parent.joinpath("supernode.log").read_text()[-3000:] for s in states)
+        assert outcome.ok, f"{outcome}\n{cli.log(outcome.run_id)[-4000:]}\n{logs}"
+        # the SuperNodes outlived the SuperLink and reconnected by themselves
+        assert all(site.poll() is None for site in sites)
+    finally:
+        for proc in [*reversed(sites), link]:
+            if proc is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGCONT)
+                stop_process(proc)
+
+    print(f"the killed run {key} ended {old.get('status')!r}")
+    rows = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert rows[:2] == rows_before  # rounds 0 and 1 kept as they were
+    assert [json.loads(r)["round"] for r in rows] == [0, 1, 2, 3]
+    assert all(json.loads(r)["train-replies"] == 2 for r in rows[1:])
+    assert (run_dir / "round-001" / "adapter_model.safetensors").read_bytes() == round_1
+    assert (run_dir / "final-adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((run_dir / "result.json").read_text())["rounds"] == 3
+    stored = json.loads((run_dir / "config.json").read_text())
+    assert stored["run-key"] == key and [r["from-round"] for r in stored["resumes"]] == [1]
+
+    site_1_log = states[0].parent.joinpath("supernode.log").read_text()
+    assert site_1_log.count("no step, no new epsilon") == 1  # round 2, kept from before the crash
+    for state in states:  # one ledger entry per site: 3 rounds x 2 steps, each spent once
+        runs = PrivacyLedger(state / "privacy_ledger.json").runs
+        assert set(runs) == {key}
+        entry = runs[key]
+        assert total_steps(entry) == 6
+        plan = entry["plan"]
+        sigma, q = plan["noise_multiplier"], plan["sample_rate"]
+        real = epsilon_for([(sigma, q, 6)], plan["delta"], plan["accountant"])
+        assert entry["epsilon"] == pytest.approx(real, rel=1e-6) == run_epsilon(entry)
+
+
+def test_a_run_key_whose_plan_is_spent_adds_no_step_the_lifetime_check_did_not_count():
+    # the server chooses the run key: one whose history already holds its plan's steps must not
+    # let this round's steps slip past the site's lifetime cap
+    policy = SitePolicy(max_epsilon=6.5)
+    plan = plan_privacy(Settings(target_epsilon=6.0, max_steps=5), 500, planned_rounds=3)
+    spent = [(plan.noise_multiplier, plan.sample_rate, plan.planned_steps)]
+    assert policy.check_train(plan, past=[], this_run=spent) <= 6.5  # what a zero-step round costs
+    with pytest.raises(SitePolicyError, match="lifetime epsilon"):
+        policy.check_train(plan, past=[], this_run=spent, next_steps=5)
+
+
+@pytest.mark.usefixtures("server_identity")
+def test_a_resumed_strategy_runs_the_remaining_rounds_under_their_real_numbers():
+    seen, evaluated = [], []
+
+    def answer(node: int, server_round: int, arrays: ArrayRecord) -> Message:
+        seen.append(server_round)
+        return reply(node, honest(as_dict(arrays), node + 10 * server_round), dp_metrics(100))
+
+    strategy = AdapterFedAvg(min_available_nodes=2, min_train_nodes=2, fraction_evaluate=0.0)
+    strategy.start(
+        grid=ScriptedGrid([1, 2], answer),
+        initial_arrays=ArrayRecord({k: Array(v) for k, v in global_adapter().items()}),
+        num_rounds=3,
+        evaluate_fn=lambda server_round, arrays: evaluated.append(server_round),
+        first_round=2,  # round 1's checkpoint is the initial global
+    )
+    assert seen == [2, 2, 3, 3] and evaluated == [2, 3]  # the starting checkpoint is not redone
+    assert sorted(strategy.rounds) == [2, 3] and strategy.round_offset == 0
+    with pytest.raises(ValueError, match="first_round=5"):
+        strategy.start(grid=ScriptedGrid([1, 2], answer), initial_arrays=None, num_rounds=3, first_round=5)
