@@ -37,7 +37,7 @@ def run_centralized(settings: Settings, out_dir: str | Path, progress: bool = Tr
     model = build_model(settings, splits.labels, device)
     trainable, total = count_parameters(model)
     print(f"model: {trainable:,} trainable of {total:,} parameters on {device}")
-    plan = plan_privacy(settings, len(train_ds)) if settings.private else None
+    plan = plan_privacy(settings, len(train_ds), dimension=trainable) if settings.private else None
     if plan:
         print(
             f"privacy: noise multiplier {plan.noise_multiplier:.3f}, q={plan.sample_rate:.4f}, "

@@ -15,8 +15,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-DP_HEAD_LR = 5.0  # SGD on the head over the frozen encoder's pooled features, under DP
-DP_SAMPLE_RATE = 0.5  # Poisson q of the DP recipe: few, large, less noisy steps
+DP_HEAD_LR = 10.0  # SGD on the head over the frozen encoder's pooled features, under DP
+DP_SAMPLE_RATE = 1.0  # Poisson q of the DP recipe: full-batch steps, the least noise per signal
+DP_MAX_STEP_NOISE = 2.0  # noise norm of one averaged DP step, in clipping norms: see plan_privacy
 
 
 @dataclass
@@ -63,7 +64,15 @@ class Settings:
         default=-1.0,
         metadata={
             "help": "Poisson sample rate q in (0, 1]; 0 = 1/ceil(n/batch-size); -1 = auto "
-            "(0.5 under DP, from batch-size without)"
+            "(1 under DP: full batches; from batch-size without)"
+        },
+    )
+    max_step_noise: float = field(
+        default=-1.0,
+        metadata={
+            "help": "under DP, fewer local steps when a step would be noisier than this: the noise "
+            "on an averaged step (norm sigma*C*sqrt(d)/(q*n)) at most this many clipping norms C; "
+            "-1 = auto (2.0 under DP), 0 = off"
         },
     )
     physical_batch_size: int = field(
@@ -74,7 +83,7 @@ class Settings:
     )
     momentum: float = field(default=0.0, metadata={"help": "SGD momentum"})
     lr: float = field(
-        default=0.0, metadata={"help": "learning rate; 0 = auto (AdamW 5e-3; SGD on the head 5.0)"}
+        default=0.0, metadata={"help": "learning rate; 0 = auto (AdamW 5e-3; SGD on the head 10)"}
     )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     schedule: str = field(default="linear", metadata={"help": "'linear' decay or 'constant'"})
@@ -137,6 +146,7 @@ class Settings:
             (self.optimizer in ("auto", "adamw", "sgd"), "optimizer", "use 'auto', 'adamw' or 'sgd'"),
             (0 <= self.momentum < 1, "momentum", "use a value in [0, 1)"),
             (self.lr >= 0, "lr", "use a positive learning rate (or 0 = auto)"),
+            (self.max_step_noise >= 0 or self.max_step_noise == -1, "max-step-noise", "use -1, 0 or > 0"),
             (self.schedule in ("linear", "constant"), "schedule", "use 'linear' or 'constant'"),
             (0 < self.test_fraction < 1, "test-fraction", "use a value in (0, 1)"),
             (self.target_epsilon > 0, "target-epsilon", "use a positive epsilon or inf"),
@@ -159,16 +169,26 @@ class Settings:
         """A copy with every 'auto' setting made concrete: the DP recipe when private, else ours.
 
         Under DP the default is the DP linear probe, which won the recipe study (docs/dp-recipe.md):
-        the head alone on the frozen encoder (cached features), SGD at lr 5, Poisson q = 0.5.
-        Without DP: LoRA, AdamW at 5e-3, batches of ``batch-size``. Idempotent.
+        the head alone on the frozen encoder (cached features), SGD at lr 10, full-batch steps
+        (Poisson q = 1), and no more local steps than keep each step's noise under
+        ``max-step-noise`` = 2 clipping norms (``plan_privacy``). Without DP: LoRA, AdamW at
+        5e-3, batches of ``batch-size``, no step cap. Idempotent.
         """
         private = self.private
         trainable = self.trainable if self.trainable != "auto" else ("head" if private else "lora")
         optimizer = self.optimizer if self.optimizer != "auto" else ("sgd" if private else "adamw")
         lr = self.lr or (5e-3 if optimizer == "adamw" else (DP_HEAD_LR if trainable == "head" else 0.5))
         sample_rate = self.sample_rate if self.sample_rate >= 0 else (DP_SAMPLE_RATE if private else 0.0)
+        step_noise = (
+            self.max_step_noise if self.max_step_noise >= 0 else (DP_MAX_STEP_NOISE if private else 0.0)
+        )
         return dataclasses.replace(
-            self, trainable=trainable, optimizer=optimizer, lr=lr, sample_rate=sample_rate
+            self,
+            trainable=trainable,
+            optimizer=optimizer,
+            lr=lr,
+            sample_rate=sample_rate,
+            max_step_noise=step_noise,
         )
 
     def to_dict(self) -> dict[str, Any]:

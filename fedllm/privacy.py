@@ -86,25 +86,57 @@ class PrivacyPlan:
     planned_steps: int
     target_epsilon: float
     accountant: str
+    local_steps: int = 0  # steps per local training; 0 = as the settings say (``local_steps``)
 
     def to_dict(self) -> dict:
         """Plain values (for JSON, Flower ConfigRecords and the site ledger)."""
         return dict(self.__dict__)
 
 
-def plan_privacy(settings: Settings, num_examples: int, planned_rounds: int = 1) -> PrivacyPlan:
-    """Calibrate the noise for ``planned_rounds`` local trainings of ``settings`` on n examples."""
+def plan_privacy(
+    settings: Settings, num_examples: int, planned_rounds: int = 1, dimension: int = 0
+) -> PrivacyPlan:
+    """Calibrate the noise for ``planned_rounds`` local trainings of ``settings`` on n examples.
+
+    ``dimension``: the number of noisy coordinates (trainable parameters). With it and
+    ``max-step-noise`` > 0 the plan takes fewer local steps per round when the configured number
+    would make each step noisier than that: the Gaussian noise on an averaged step has norm
+    about ``sigma * C * sqrt(d) / (q * n)`` against a signal of at most ``C``, and sigma grows
+    with the number of steps for a fixed budget. At small n * epsilon few, less noisy steps beat
+    many noisy ones (docs/dp-recipe.md). At least one step per round is kept.
+    """
     settings = settings.resolved()
     q = sample_rate(num_examples, settings.batch_size, settings.sample_rate)
-    steps = local_steps(settings, num_examples) * max(planned_rounds, 1)
+    rounds = max(planned_rounds, 1)
+    per_round = local_steps(settings, num_examples)
     delta = resolve_delta(settings, num_examples)
     if settings.noise_multiplier > 0:
         sigma = settings.noise_multiplier
-        target = epsilon_for([(sigma, q, steps)], delta, settings.accountant)
-    else:
-        sigma = _calibrate(settings.target_epsilon, delta, q, steps, settings.accountant)
-        target = settings.target_epsilon
-    return PrivacyPlan(sigma, q, delta, steps, target, settings.accountant)
+        steps = per_round * rounds
+        return PrivacyPlan(
+            sigma,
+            q,
+            delta,
+            steps,
+            epsilon_for([(sigma, q, steps)], delta, settings.accountant),
+            settings.accountant,
+            per_round,
+        )
+
+    def sigma_for(steps_per_round: int) -> float:
+        return _calibrate(settings.target_epsilon, delta, q, steps_per_round * rounds, settings.accountant)
+
+    if settings.max_step_noise > 0 and dimension > 0:
+        ceiling = settings.max_step_noise * q * num_examples / math.sqrt(dimension)  # on sigma
+        low, high = 1, per_round  # sigma grows with the steps: the most steps under the ceiling
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if sigma_for(middle) <= ceiling else (low, middle - 1)
+        per_round = low
+    sigma = sigma_for(per_round)
+    return PrivacyPlan(
+        sigma, q, delta, per_round * rounds, settings.target_epsilon, settings.accountant, per_round
+    )
 
 
 @lru_cache(maxsize=256)

@@ -244,7 +244,7 @@ def train_local(
         raise ValueError("no training examples: this site's training split is empty")
     if plan is not None and class_weight is not None and not settings.class_weights:
         raise ValueError("class weights from the private labels would leak them; see loss_weights()")
-    steps_goal = local_steps(settings, n)
+    steps_goal = plan.local_steps if plan is not None and plan.local_steps > 0 else local_steps(settings, n)
     history = [tuple(h) for h in (history or [])]
     if plan is not None:
         check_budget(plan, history, steps_goal)

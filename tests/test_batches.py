@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedllm import train as train_module
-from fedllm.config import Settings
+from fedllm.config import DP_SAMPLE_RATE, Settings
 from fedllm.privacy import epsilon_for, local_steps, make_private, plan_privacy
 from fedllm.train import build_optimizer, logical_batch_size, train_local
 
@@ -104,7 +104,7 @@ def test_plan_books_the_configured_rate_and_an_epoch_is_one_expected_pass():
     with pytest.raises(ValueError, match="sample rate"):
         plan_privacy(dataclasses.replace(s, sample_rate=1.5), 60)
     # 'auto' (-1) is resolved by the plan (the DP recipe's q), never a silent 1/ceil(n/B)
-    assert plan_privacy(dataclasses.replace(s, sample_rate=-1.0), 60).sample_rate == 0.5
+    assert plan_privacy(dataclasses.replace(s, sample_rate=-1.0), 60).sample_rate == DP_SAMPLE_RATE
     for unresolved in (-1.0, 1.5):  # below the plan nothing resolves: refused, never a default
         with pytest.raises(ValueError, match="sample rate"):
             logical_batch_size(dataclasses.replace(s, sample_rate=unresolved), 60)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -27,7 +28,14 @@ def test_auto_resolves_to_the_dp_recipe_under_dp_and_to_lora_without():
     )
     public = Settings(target_epsilon=math.inf).resolved()
     assert (public.trainable, public.optimizer, public.lr, public.sample_rate) == ("lora", "adamw", 5e-3, 0.0)
-    chosen = Settings(target_epsilon=8.0, trainable="ffa-lora", optimizer="adamw", lr=1e-3, sample_rate=0.2)
+    chosen = Settings(
+        target_epsilon=8.0,
+        trainable="ffa-lora",
+        optimizer="adamw",
+        lr=1e-3,
+        sample_rate=0.2,
+        max_step_noise=3.0,
+    )
     assert chosen.resolved() == chosen  # what a user sets is kept
     assert chosen.resolved().resolved() == chosen.resolved()
 
@@ -65,3 +73,27 @@ def test_the_dp_head_books_its_plan_and_moves_only_the_head(settings, tiny_confi
     assert 0 < result.epsilon < 8.0
     moved = [n for n, p in model.named_parameters() if n in frozen and not torch.equal(frozen[n], p)]
     assert not moved, f"only the head may train under the DP recipe: {moved[:3]}"
+
+
+def test_a_small_budget_takes_fewer_less_noisy_steps():
+    s = Settings(target_epsilon=1.0, max_steps=3, sample_rate=1.0).resolved()
+    assert s.max_step_noise > 0, "the DP recipe caps the noise of a step by default"
+    n, d, rounds = 270, 1925, 8
+    small = plan_privacy(s, n, rounds, dimension=d)
+    large = plan_privacy(s.replace(target_epsilon=8.0), n, rounds, dimension=d)
+    assert (small.local_steps, large.local_steps) == (1, 3)
+    assert small.planned_steps == small.local_steps * rounds
+    assert large.noise_multiplier * math.sqrt(d) / n <= s.max_step_noise
+    unbounded = plan_privacy(s.replace(max_step_noise=0.0), n, rounds, dimension=d)
+    assert unbounded.local_steps == 3 and unbounded.noise_multiplier > small.noise_multiplier
+    assert plan_privacy(s, n, rounds).local_steps == 3, "without the dimension nothing is capped"
+
+
+def test_training_takes_the_steps_the_plan_chose(settings, tiny_config, tokenizer, frame):
+    s = settings.replace(trainable="head", optimizer="sgd", lr=1.0, max_steps=4, target_epsilon=8.0)
+    model = build_model(s, LABELS, DEVICE, tiny_config)
+    data = tokenize(frame, tokenizer, LABELS, s.max_length)
+    plan = plan_privacy(s, len(data), planned_rounds=2)
+    plan = dataclasses.replace(plan, local_steps=2, planned_steps=4)
+    result = train_local(model, data, s, plan=plan)
+    assert result.steps == 2 and result.history == [[plan.noise_multiplier, plan.sample_rate, 2]]
