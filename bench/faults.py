@@ -341,7 +341,7 @@ def run_name_probes() -> list[Row]:
                 path = _run_dir(context)
                 happened = f"run folder {path.relative_to(root.resolve())}"
             except ValueError as err:
-                happened = f"refused: {str(err).replace(str(root.resolve()), '<tmp>')}"
+                happened = f"refused: {str(err).replace(str(root.resolve()), '$TMP')}"
             written = sorted(_files(root) - before)
             outside = [w for w in written if not (root / w).resolve().is_relative_to(runs.resolve())]
             verdict = "WROTE OUTSIDE run-dir" if outside else "nothing"
@@ -374,7 +374,7 @@ def _join(path: Path, tmp: Path) -> tuple[int, str]:
 def _refused(group: str, probe: str, path: Path, tmp: Path) -> Row:
     code, err = _join(path, tmp)
     lines = err.strip().splitlines()
-    happened = f"exit {code}, {len(lines)} line: {lines[-1].replace(str(tmp), '<tmp>') if lines else ''}"
+    happened = f"exit {code}, {len(lines)} line: {lines[-1].replace(str(tmp), '$TMP') if lines else ''}"
     state = "created" if (tmp / "state").exists() else "not created"
     return Row(group, probe, happened, f"the site does not join until the file is fixed; state dir {state}")
 
@@ -418,7 +418,7 @@ def data_probes() -> list[Row]:
         ints.write_text("text,label\n" + "".join(f"{t},{lab}\n" for t, lab in cells))
         site = load_site_file(ints, "text", "label", LABELS, Settings(test_fraction=0.2), key)
         labels = sorted(set(site.train["label"]) | set(site.test["label"]))
-        report = check_data(ints, "text", "label").replace(str(tmp), "<tmp>")
+        report = check_data(ints, "text", "label").replace(str(tmp), "$TMP")
         rows.append(
             Row(
                 "data-file",
@@ -474,7 +474,7 @@ def credential_probes() -> list[Row]:
             Row(
                 "credentials",
                 "--sites 2 where site-1.pub exists",
-                f"exit {code}: {err.replace(name, '<tmp>')}",
+                f"exit {code}: {err.replace(name, '$TMP')}",
                 f"{'nothing written' if left == ['site-1.pub'] else 'FILES WRITTEN'}; folder holds {left}",
             )
         )
