@@ -3,11 +3,10 @@
     python bench/dp_recipe.py --dataset bbc-news --sites 5 --partitioning dirichlet \\
         --grid '{"sample-rate": [0.5, 1.0], "lr": [3, 5, 10]}' --seeds 0,1,2
 
-FedAvg in one process with the library's own pieces — the sites' shards and local splits
-(``partition_sites``), the one training loop (``train_local``) with the privacy plan of each
-site (``plan_privacy``: Opacus DP-SGD, PRV accountant), the adapter wire (``adapter_state`` /
-``set_adapter_arrays``) and weighted averaging as Flower's FedAvg does it — without the
-Flower runtime, so a point with the ``head`` trainable takes seconds. Prints one line per
+FedAvg in one process with the library's own pieces (``simulations.inprocess.federate``: the
+sites' shards and local splits, the one training loop with the privacy plan of each site, the
+adapter wire and weighted averaging as Flower's FedAvg does it) — without the Flower runtime,
+so a point with the ``head`` trainable takes seconds. Prints one line per
 setting: mean accuracy / macro-F1 over the seeds at every ε, and seconds per point.
 Use it to search; confirm the winner with ``python -m simulations.run`` (real Flower runs).
 """
@@ -23,53 +22,19 @@ import time
 import numpy as np
 import torch
 
-from fedllm.adapters import adapter_state, set_adapter_arrays
 from fedllm.config import settings_from
-from fedllm.data import load_splits, partition_sites, tokenize
-from fedllm.model import build_model, load_tokenizer
-from fedllm.privacy import plan_privacy
-from fedllm.train import evaluate, train_local
+from simulations.inprocess import federate
 
 
 def federated_point(config: dict, epsilon: float, seed: int, sites: int, rounds: int, scheme: dict) -> dict:
     """One federation, every site every round: server test accuracy and macro-F1 at the end."""
-    settings = settings_from({**config, "target-epsilon": epsilon, "seed": seed}).resolved()
-    splits = load_splits(settings)
-    labels = splits.labels
-    tokenizer = load_tokenizer(settings.model)
-    shards = partition_sites(settings, labels, sites, **scheme)
-    data = [tokenize(s.train, tokenizer, labels, settings.max_length, settings.truncation) for s in shards]
-    model = build_model(settings, labels, torch.device("cpu"))
-    global_state = {k: v.detach().clone() for k, v in adapter_state(model).items()}
-    plans = [
-        plan_privacy(settings, len(d), planned_rounds=rounds) if settings.private else None for d in data
-    ]
-    histories: list[list] = [[] for _ in data]
-    epsilons = [0.0] * len(data)
-    for server_round in range(1, rounds + 1):
-        updates, weights = [], []
-        for i, (dataset, plan) in enumerate(zip(data, plans, strict=True)):
-            set_adapter_arrays(model, {k: v.numpy() for k, v in global_state.items()})
-            result = train_local(
-                model,
-                dataset,
-                settings,
-                plan=plan,
-                history=histories[i],
-                seed_offset=server_round,
-                round_of=(server_round, rounds),
-            )
-            histories[i], epsilons[i] = result.history, result.epsilon
-            updates.append({k: v.detach().clone() for k, v in adapter_state(model).items()})
-            weights.append(len(dataset))
-        total = float(sum(weights))
-        global_state = {
-            k: sum(w / total * u[k] for w, u in zip(weights, updates, strict=True)) for k in global_state
-        }
-    set_adapter_arrays(model, {k: v.numpy() for k, v in global_state.items()})
-    test = tokenize(splits.test, tokenizer, labels, settings.max_length, settings.truncation)
-    scores = evaluate(model, test, labels, head_only=settings.resolved().trainable == "head")
-    return {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"], "epsilon": max(epsilons)}
+    settings = settings_from({**config, "target-epsilon": epsilon, "seed": seed})
+    run = federate(settings, sites, rounds, scheme)
+    return {
+        "accuracy": run.scores["accuracy"],
+        "macro_f1": run.scores["macro_f1"],
+        "epsilon": max(run.epsilons),
+    }
 
 
 def main() -> None:

@@ -1,0 +1,175 @@
+"""FedAvg in one process, built from the library's own pieces: a federation in seconds for the head.
+
+The sites' shards and local splits (``partition_sites``), the one training loop (``train_local``)
+with each site's privacy plan (``plan_privacy``: Opacus DP-SGD, PRV accountant) and its
+accountant history carried from round to round, the adapter wire (``adapter_state`` /
+``set_adapter_arrays``), FedAvg weighted by the sites' example counts as Flower's FedAvg does
+it, and the server's evaluation on its held-out split — without the Flower runtime. Every site
+trains every round. ``bench/dp_recipe.py`` searches recipes with it; ``simulations.audit``
+audits it, through two hooks that are off by default: ``extra_rows`` (records added to a site's
+training table, e.g. canaries) and ``on_update`` (called with each site's update every round).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+from transformers import BertConfig, PreTrainedTokenizerBase
+
+from fedllm.adapters import adapter_state, set_adapter_arrays
+from fedllm.config import Settings
+from fedllm.data import SiteData, load_splits, partition_sites, tokenize
+from fedllm.model import build_model, count_parameters, load_tokenizer
+from fedllm.privacy import PrivacyPlan, local_steps, plan_privacy, resolve_delta, sample_rate
+from fedllm.train import evaluate, train_local
+
+State = dict[str, torch.Tensor]
+
+
+@dataclass
+class SiteUpdate:
+    """What the server receives from one site in one round (and the global state it started from)."""
+
+    round: int
+    site: int
+    start: State  # the global adapter the site started from
+    state: State  # the site's trained adapter (its update is ``state - start``)
+    num_examples: int
+    epsilon: float  # the site's cumulative spend after this round (0 without DP)
+
+
+@dataclass
+class Federation:
+    """A finished in-process federation: the final global model and what it was built from."""
+
+    settings: Settings  # resolved
+    labels: list[str]
+    sites: list[SiteData]  # each site's local train / test tables, as partitioned (no extra rows)
+    model: nn.Module  # holds the final global adapter
+    tokenizer: PreTrainedTokenizerBase
+    test: TensorDataset  # the server's held-out split, tokenized
+    scores: dict  # ``evaluate`` on ``test`` after the last round
+    epsilons: list[float] = field(default_factory=list)  # per site, cumulative (0 without DP)
+    deltas: list[float] = field(default_factory=list)  # per site (0 without DP)
+
+    def tokenized(self, frame: pd.DataFrame) -> TensorDataset:
+        """``frame`` tokenized as the sites tokenize their data."""
+        s = self.settings
+        return tokenize(frame, self.tokenizer, self.labels, s.max_length, s.truncation)
+
+
+def noise_free_plan(settings: Settings, num_examples: int, rounds: int) -> PrivacyPlan:
+    """DP-SGD's mechanism without its noise: Poisson sampling with the same q, clipping, σ = 0.
+
+    The ε = ∞ point of an audit that changes only the noise along the ε axis. Booked by the RDP
+    accountant, which reports ε = ∞ for σ = 0 (the PRV accountant cannot represent it), so the
+    budget check passes and the spend reads ∞.
+    """
+    settings = settings.resolved()
+    return PrivacyPlan(
+        noise_multiplier=0.0,
+        sample_rate=sample_rate(num_examples, settings.batch_size, settings.sample_rate),
+        delta=resolve_delta(settings, num_examples),
+        planned_steps=local_steps(settings, num_examples) * max(rounds, 1),
+        target_epsilon=math.inf,
+        accountant="rdp",
+    )
+
+
+def _copy(state: State) -> State:
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def _load(model: nn.Module, state: State) -> None:
+    set_adapter_arrays(model, {k: v.numpy() for k, v in state.items()})
+
+
+def federate(
+    settings: Settings,
+    num_sites: int,
+    rounds: int,
+    scheme: dict,
+    *,
+    extra_rows: Sequence[pd.DataFrame | None] | None = None,
+    on_update: Callable[[SiteUpdate], None] | None = None,
+    noise_free: bool = False,
+    exclude_from_test: Sequence[str] = (),
+    bert_config: BertConfig | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Federation:
+    """Train one federation: every site every round, FedAvg, the server's scores at the end.
+
+    ``scheme``: ``partition_sites``' ``scheme``, ``alpha`` and ``column``. ``extra_rows[i]``
+    (``text``, ``label``) is appended to site ``i``'s training table (None or empty: nothing);
+    ``on_update`` sees every site's update as the server receives it. ``noise_free``: train
+    non-private settings with DP-SGD's mechanism at σ = 0 (``noise_free_plan``) instead of the
+    non-private loop. ``exclude_from_test``: texts dropped from the server's test split (e.g.
+    records an audit reuses with other labels). ``bert_config``: a (tiny, test) BERT instead of
+    the checkpoint. ``progress`` receives one line per finished round.
+    """
+    settings = settings.resolved()
+    splits = load_splits(settings)
+    labels = splits.labels
+    tokenizer = load_tokenizer(settings.model)
+    sites = partition_sites(settings, labels, num_sites, **scheme)
+    extra = list(extra_rows) if extra_rows is not None else [None] * len(sites)
+    if len(extra) != len(sites):
+        raise ValueError(f"extra_rows has {len(extra)} entries for {len(sites)} sites: give one per site")
+    frames = [
+        s.train if e is None or e.empty else pd.concat([s.train, e[["text", "label"]]], ignore_index=True)
+        for s, e in zip(sites, extra, strict=True)
+    ]
+    data = [tokenize(f, tokenizer, labels, settings.max_length, settings.truncation) for f in frames]
+    model = build_model(settings, labels, torch.device("cpu"), bert_config)
+    global_state = _copy(adapter_state(model))
+    if settings.private:
+        dimension = count_parameters(model)[0]  # as a site plans it (clients/app.py)
+        plans = [plan_privacy(settings, len(d), rounds, dimension=dimension) for d in data]
+    elif noise_free:
+        plans = [noise_free_plan(settings, len(d), rounds) for d in data]
+    else:
+        plans = [None] * len(data)
+    histories: list[list] = [[] for _ in data]
+    epsilons = [0.0] * len(data)
+    for server_round in range(1, rounds + 1):
+        updates, weights = [], []
+        for i, (dataset, plan) in enumerate(zip(data, plans, strict=True)):
+            _load(model, global_state)
+            with warnings.catch_warnings():  # sigma = 0: the RDP accountant's search ends at its edge
+                warnings.filterwarnings("ignore", message="Optimal order is the smallest alpha")
+                result = train_local(
+                    model,
+                    dataset,
+                    settings,
+                    plan=plan,
+                    history=histories[i],
+                    seed_offset=server_round,
+                    round_of=(server_round, rounds),
+                )
+            histories[i], epsilons[i] = result.history, result.epsilon
+            state = _copy(adapter_state(model))
+            if on_update is not None:
+                on_update(SiteUpdate(server_round, i, global_state, state, len(dataset), result.epsilon))
+            updates.append(state)
+            weights.append(len(dataset))
+        total = float(sum(weights))
+        global_state = {
+            k: sum(w / total * u[k] for w, u in zip(weights, updates, strict=True)) for k in global_state
+        }
+        if progress is not None:
+            progress(f"round {server_round}/{rounds}: spent ε max {max(epsilons):.2f}")
+    _load(model, global_state)
+    test_frame = splits.test
+    if exclude_from_test:
+        test_frame = test_frame[~test_frame["text"].isin(set(exclude_from_test))].reset_index(drop=True)
+    test = tokenize(test_frame, tokenizer, labels, settings.max_length, settings.truncation)
+    scores = evaluate(model, test, labels, head_only=settings.trainable == "head")
+    deltas = [p.delta if p is not None else 0.0 for p in plans]
+    return Federation(settings, labels, sites, model, tokenizer, test, scores, list(epsilons), deltas)
