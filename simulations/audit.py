@@ -1,0 +1,397 @@
+"""Measure the leak, not just the bound: an empirical privacy audit of the federation per budget.
+
+    python -m simulations.audit                                   # ε 1,3,8,inf on BBC News, 5 sites
+    python -m simulations.audit --epsilons 8,inf --rounds 2 --canaries 50 --out runs/audit-smoke
+
+For each ε (and seed) one in-process federation (``simulations.inprocess``: the library's own
+sites, training loop, DP plans and FedAvg) trains once with m canaries, each inserted at a random
+site with probability ½ (``fedllm.audit``). Then: the canary lower bound on ε at the stated
+confidence (Steinke, Nasr, Jagielski 2023) from the white-box score (pre-registered; the
+black-box score's bound is reported beside it), and membership inference on the real records
+(members: the sites' training rows; non-members: their local test rows): the loss-threshold
+attack on the final model and the white-box update-alignment attack. ε = ∞ trains the same
+trainable, optimizer, lr and q with DP-SGD's sampling and clipping but no noise, so the ε axis
+changes only the noise. Each finished point is saved under ``<out>/points/`` (scores included)
+and skipped on a rerun of the same configuration; writes ``audit.csv``, ``audit.md`` and
+``audit.png``. A finite-ε point whose lower bound exceeds the accountant's ε is an accounting or
+implementation bug: it is printed loudly and the command exits with status 1. See docs/audit.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+from torch.utils.data import TensorDataset
+
+from fedllm.audit import (
+    CANARY_KINDS,
+    CANARY_WEIGHT,
+    UpdateLog,
+    alignment_scores,
+    audit_from_scores,
+    draw_canaries,
+    membership_inference,
+    per_example_losses,
+    second_moment,
+    vocabulary_words,
+    whitener,
+)
+from fedllm.config import Settings, settings_from
+from fedllm.data import load_splits
+from fedllm.features import pooled_features
+from fedllm.model import load_tokenizer
+from simulations.inprocess import federate
+from simulations.run import PRESETS
+from simulations.sweep import eps_label
+
+_PRESET = PRESETS["default"]
+DEFAULTS: dict = {
+    **{k: _PRESET[k] for k in ("dataset", "sites", "rounds", "epochs", "max-steps", "max-length")},
+    "partitioning": _PRESET["partitioning"],
+    "dirichlet-alpha": _PRESET["dirichlet-alpha"],
+    "partition-column": "",
+    "epsilons": "1,3,8,inf",
+    "seeds": "0",
+    "canaries": 500,
+    "canary-kind": "random-tokens",
+    "canary-label": "",
+    "canary-length": 32,
+    "confidence": 0.95,
+}
+EXTENDABLE = {"epsilons", "seeds", "out"}  # a resumed audit may add points, not change them
+SET_BY_AUDIT = {"target-epsilon", "noise-multiplier", "seed"}
+COLUMNS = [
+    "target_epsilon", "seed", "accounted_epsilon", "delta", "accuracy", "canaries", "inserted",
+    "epsilon_lb", "guesses", "correct", "epsilon_lb_blackbox", "canary_auc_whitebox",
+    "canary_auc_blackbox", "mia_auc", "mia_auc_low", "mia_auc_high", "mia_tpr_at_1pct_fpr",
+    "mia_tpr_at_0.1pct_fpr", "mia_whitebox_auc", "mia_whitebox_auc_low", "mia_whitebox_auc_high",
+    "mia_whitebox_tpr_at_1pct_fpr", "mia_whitebox_tpr_at_0.1pct_fpr", "trainable", "wall_seconds",
+]  # fmt: skip
+
+
+def parse_args(argv: list[str] | None = None) -> dict:
+    """The command line as one flat config dict (hyphenated keys; ``set`` holds the overrides)."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    for key, value in DEFAULTS.items():
+        kind = type(value) if not isinstance(value, str) else str
+        parser.add_argument(f"--{key}", type=kind, default=value)
+    parser.add_argument("--out", default="runs/audit", help="output folder")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="a fine-tune setting (repeatable)"
+    )
+    args = vars(parser.parse_args(argv))
+    overrides = dict(item.partition("=")[::2] for item in args.pop("set"))
+    config = {k.replace("_", "-"): v for k, v in args.items()}
+    config["set"] = {k.strip(): v.strip() for k, v in overrides.items()}
+    return config
+
+
+def check_config(config: dict, saved: Path) -> None:
+    """Refuse bad keys and values, and resuming an audit with other settings; then save ``config``."""
+    known = {f.replace("_", "-") for f in Settings.__dataclass_fields__}
+    bad = sorted(set(config["set"]) - known)
+    if bad:
+        raise SystemExit(f"--set: unknown settings {bad}; see python -m simulations.run --help")
+    fixed = sorted(set(config["set"]) & SET_BY_AUDIT)
+    if fixed:
+        raise SystemExit(f"--set {fixed}: the audit sets these itself; use --epsilons / --seeds")
+    if config["canary-kind"] not in CANARY_KINDS:
+        raise SystemExit(f"--canary-kind {config['canary-kind']!r}: use one of {CANARY_KINDS}")
+    if config["canaries"] < 2 or not 0 < config["confidence"] < 1:
+        raise SystemExit("--canaries must be >= 2 and --confidence in (0, 1)")
+    if saved.exists():
+        old = json.loads(saved.read_text())
+        changed = sorted(
+            k for k in set(old) | set(config) if k not in EXTENDABLE and old.get(k) != config.get(k)
+        )
+        if changed:
+            raise SystemExit(
+                f"{saved.parent} holds an audit with other settings ({', '.join(changed)}): its finished "
+                "points would not match; use another --out (nothing was changed)"
+            )
+    saved.write_text(json.dumps(config, indent=2))
+
+
+def point_settings(config: dict, epsilon: float, seed: int) -> Settings:
+    """The fine-tune settings of one point: 'auto' resolved as under DP for every ε (ε = ∞ too)."""
+    keys = ("dataset", "epochs", "max-steps", "max-length")
+    base = settings_from({**{k: config[k] for k in keys}, **config["set"], "seed": seed})
+    finite = epsilon if math.isfinite(epsilon) else 1.0
+    return base.replace(target_epsilon=finite).resolved().replace(target_epsilon=epsilon)
+
+
+def _stack(datasets: list[TensorDataset]) -> TensorDataset:
+    return TensorDataset(*(torch.cat(parts) for parts in zip(*(d.tensors for d in datasets), strict=True)))
+
+
+def audit_point(config: dict, epsilon: float, seed: int) -> dict:
+    """Train one audited federation and score it: the point's row and everything it came from."""
+    start = time.perf_counter()
+    name = f"eps {eps_label(epsilon)} seed {seed}"
+    settings = point_settings(config, epsilon, seed)
+    splits = load_splits(settings)
+    tokenizer = load_tokenizer(settings.model)
+    sites, kind = int(config["sites"]), config["canary-kind"]
+    canaries = draw_canaries(
+        int(config["canaries"]),
+        sites,
+        seed,
+        kind=kind,
+        labels=splits.labels,
+        vocabulary=vocabulary_words(tokenizer) if kind == "random-tokens" else (),
+        source=splits.test,
+        label=config["canary-label"],
+        length=int(config["canary-length"]),
+    )
+    log = UpdateLog()
+    scheme = {
+        "scheme": config["partitioning"],
+        "alpha": config["dirichlet-alpha"],
+        "column": config["partition-column"],
+    }
+    fed = federate(
+        settings,
+        sites,
+        int(config["rounds"]),
+        scheme,
+        extra_rows=[canaries.rows(i) for i in range(sites)],
+        on_update=lambda u: log.observe(u.round, u.site, u.start, u.state),
+        noise_free=not math.isfinite(epsilon),
+        exclude_from_test=canaries.texts if kind == "mislabeled" else (),
+        progress=lambda line: print(f"  [{name}] {line}", flush=True),
+    )
+    head = fed.settings.trainable == "head"
+    canary_data = fed.tokenized(canaries.frame())
+    members = [fed.tokenized(s.train) for s in fed.sites]
+    others = [fed.tokenized(s.test) for s in fed.sites]
+    black = -per_example_losses(fed.model, canary_data, head)  # the final model, before the replay
+    loss = [
+        np.concatenate([-per_example_losses(fed.model, d, head) for d in group])
+        for group in (members, others)
+    ]
+    mia_loss = membership_inference(*loss)
+    metric, site_metric = None, None
+    if head:  # the auditor's public data: the real records, the server's test split, the canaries
+        features = [pooled_features(fed.model, d).tensors[0] for d in [*members, fed.test, canary_data]]
+        pool = [(f, 1.0) for f in features[:-1]] + [(features[-1], CANARY_WEIGHT)]
+        metric = whitener(second_moment(pool))
+        # a site's own records (members) never in the metric that scores them
+        site_metric = {s: whitener(second_moment(pool[:s] + pool[s + 1 :])) for s in range(sites)}
+    print(f"  [{name}] white-box scores ...", flush=True)
+    white = alignment_scores(log, fed.model, canary_data, canaries.sites, head, metric)
+    mia_white = {}
+    if head:
+        owner = np.concatenate(
+            [np.full(len(d), i) for group in (members, others) for i, d in enumerate(group)]
+        )
+        scores = alignment_scores(log, fed.model, _stack(members + others), owner, head, site_metric)
+        count = sum(len(d) for d in members)
+        mia_white = membership_inference(scores[:count], scores[count:])
+    delta, confidence = max(fed.deltas), float(config["confidence"])
+    primary = audit_from_scores(white, canaries.included, delta, confidence)
+    secondary = audit_from_scores(black, canaries.included, delta, confidence)
+    counts = ("members", "nonmembers")
+    row = {
+        "target_epsilon": epsilon,
+        "seed": seed,
+        "accounted_epsilon": max(fed.epsilons),
+        "delta": delta,
+        "accuracy": fed.scores["accuracy"],
+        "canaries": len(canaries),
+        "inserted": int(canaries.included.sum()),
+        "epsilon_lb": primary.epsilon,
+        "guesses": primary.r,
+        "correct": primary.v,
+        "epsilon_lb_blackbox": secondary.epsilon,
+        "canary_auc_whitebox": float(roc_auc_score(canaries.included, white)),
+        "canary_auc_blackbox": float(roc_auc_score(canaries.included, black)),
+        **{f"mia_{k}": v for k, v in mia_loss.items() if k not in counts},
+        **{f"mia_whitebox_{k}": v for k, v in mia_white.items() if k not in counts},
+        "trainable": fed.settings.trainable,
+        "wall_seconds": time.perf_counter() - start,
+    }
+    return {
+        "row": row,
+        "whitebox": primary.to_dict(),
+        "blackbox": secondary.to_dict(),
+        "mia": mia_loss,
+        "mia_whitebox": mia_white,
+        "canaries": {**canaries.frame().to_dict(orient="list"), "seed": seed, "kind": kind},
+        "scores": {"whitebox": white.tolist(), "blackbox": black.tolist()},
+    }
+
+
+def violations(rows: list[dict]) -> list[str]:
+    """Finite-ε points whose audited lower bound exceeds the accountant's ε."""
+    bad = []
+    for r in rows:
+        if math.isfinite(r["target_epsilon"]):
+            for key in ("epsilon_lb", "epsilon_lb_blackbox"):
+                if r[key] > r["accounted_epsilon"]:
+                    bad.append(
+                        f"eps {eps_label(r['target_epsilon'])} seed {r['seed']}: {key} {r[key]:.3f} > "
+                        f"accounted epsilon {r['accounted_epsilon']:.3f}"
+                    )
+    return bad
+
+
+def plot_audit(rows: list[dict], path: Path, title: str) -> Path:
+    """Audited lower bounds vs accounted ε (with the line y = x), and MIA AUC vs ε (95% CIs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    finite = sorted({r["accounted_epsilon"] for r in rows if math.isfinite(r["accounted_epsilon"])})
+    at_inf = 2.5 * max(finite) if finite else 1.0  # where ε = ∞ sits on the axis
+
+    def xs(group: list[dict]) -> list[float]:
+        return [r["accounted_epsilon"] if math.isfinite(r["accounted_epsilon"]) else at_inf for r in group]
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for key, label in (("epsilon_lb", "white-box (pre-registered)"), ("epsilon_lb_blackbox", "black-box")):
+        left.plot(xs(rows), [r[key] for r in rows], "o", label=f"audited lower bound, {label}")
+    if finite:
+        left.plot([0, max(finite)], [0, max(finite)], "k--", label="accountant's ε (upper bound)")
+    top = max([*finite, *(r[k] for r in rows for k in ("epsilon_lb", "epsilon_lb_blackbox")), 1.0])
+    left.set_ylim(0, 1.1 * top)
+    left.set_ylabel("ε lower bound (95% confidence)")
+    for key, label in (("mia", "loss threshold"), ("mia_whitebox", "white-box update alignment")):
+        group = [r for r in rows if not math.isnan(r.get(f"{key}_auc", math.nan))]
+        auc = np.array([r[f"{key}_auc"] for r in group])
+        low = auc - np.array([r[f"{key}_auc_low"] for r in group])
+        high = np.array([r[f"{key}_auc_high"] for r in group]) - auc
+        right.errorbar(xs(group), auc, yerr=[low, high], fmt="o", capsize=4, label=f"MIA AUC, {label}")
+    right.axhline(0.5, color="gray", linestyle=":", label="chance")
+    right.set_ylabel("MIA AUC on real records (95% CI)")
+    ticks = finite + [at_inf]
+    for ax in (left, right):
+        ax.set_xlim(0, 1.1 * at_inf)
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([f"{t:.2g}" for t in finite] + ["∞"])
+        ax.set_xlabel("accounted ε per site")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return "∞" if math.isinf(value) else ("-" if math.isnan(value) else f"{value:.3g}")
+    return str(value)
+
+
+def report(out: Path, rows: list[dict], config: dict, wall: float | None = None) -> None:
+    """``audit.csv``, ``audit.md`` and ``audit.png`` from the finished points."""
+    rows = sorted(rows, key=lambda r: (r["target_epsilon"], r["seed"]))
+    with (out / "audit.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS, restval=math.nan)
+        writer.writeheader()
+        writer.writerows(rows)
+    title = (
+        f"{config['dataset']} · {config['sites']} sites · {config['partitioning']} · m = {config['canaries']}"
+    )
+    plot_audit(rows, out / "audit.png", title)
+    head = [
+        "target ε", "seed", "accounted ε", "ε lower bound (white-box)", "correct / guesses",
+        "ε lower bound (black-box)", "canary AUC white / black", "MIA AUC (loss) [95% CI]",
+        "MIA TPR @1% / 0.1% FPR", "MIA AUC (white-box) [95% CI]", "accuracy", "s",
+    ]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        g = r.get
+        cells = [
+            _cell(r["target_epsilon"]), r["seed"], _cell(r["accounted_epsilon"]), _cell(r["epsilon_lb"]),
+            f"{r['correct']} / {r['guesses']}", _cell(r["epsilon_lb_blackbox"]),
+            f"{_cell(r['canary_auc_whitebox'])} / {_cell(r['canary_auc_blackbox'])}",
+            f"{_cell(r['mia_auc'])} [{_cell(r['mia_auc_low'])}, {_cell(r['mia_auc_high'])}]",
+            f"{_cell(r['mia_tpr_at_1pct_fpr'])} / {_cell(r['mia_tpr_at_0.1pct_fpr'])}",
+            f"{_cell(g('mia_whitebox_auc', math.nan))} [{_cell(g('mia_whitebox_auc_low', math.nan))}, "
+            f"{_cell(g('mia_whitebox_auc_high', math.nan))}]",
+            _cell(r["accuracy"]), f"{r['wall_seconds']:.0f}",
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    bad = violations(rows)
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {sys.version.split()[0]}"
+    timing = f" This invocation: {wall:.0f} s." if wall else ""
+    trained = sum(r["wall_seconds"] for r in rows)
+    text = [
+        f"# Privacy audit: {title}",
+        "",
+        f"Command: `python -m simulations.audit {' '.join(sys.argv[1:])}`".rstrip(),
+        "",
+        f"Machine: {machine}. Wall time summed over the points: {trained:.0f} s.{timing}",
+        "",
+        f"{config['rounds']} rounds × {config['max-steps']} local steps, {config['canaries']} "
+        f"{config['canary-kind']} canaries; lower bounds at {config['confidence']:.0%} confidence "
+        "(Steinke, Nasr, Jagielski 2023), δ of the run. See docs/audit.md for the method.",
+        "",
+        "\n".join(lines),
+        "",
+        ("**SOUNDNESS VIOLATION** (accounting or implementation bug): " + "; ".join(bad)) if bad else
+        "Every finite-ε lower bound is at most the accountant's ε.",
+        "",
+        "![audit](audit.png)",
+        "",
+    ]  # fmt: skip
+    (out / "audit.md").write_text("\n".join(text))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry: run (or resume) the audit; 1 on a soundness violation."""
+    config = parse_args(argv)
+    out = Path(config["out"]).resolve()
+    (out / "points").mkdir(parents=True, exist_ok=True)
+    check_config(config, out / "audit-config.json")
+    epsilons = [float(e) for e in str(config["epsilons"]).split(",") if e.strip()]
+    seeds = [int(s) for s in str(config["seeds"]).split(",") if s.strip()]
+    todo = [(e, s) for e in epsilons for s in seeds]
+    start, rows, trained = time.perf_counter(), [], False
+    print(f"audit: {len(todo)} points -> {out}", flush=True)
+    for epsilon, seed in todo:
+        path = out / "points" / f"eps-{eps_label(epsilon)}-seed-{seed}.json"
+        if path.exists():
+            rows.append(json.loads(path.read_text())["row"])
+            print(f"done already: eps {eps_label(epsilon)} seed {seed}", flush=True)
+            continue
+        point, trained = audit_point(config, epsilon, seed), True
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(point))
+        tmp.replace(path)
+        r = point["row"]
+        rows.append(r)
+        print(
+            f"done eps {eps_label(epsilon)} seed {seed}: accounted ε {_cell(r['accounted_epsilon'])}, "
+            f"lower bound {r['epsilon_lb']:.2f} (black-box {r['epsilon_lb_blackbox']:.2f}), "
+            f"MIA AUC {r['mia_auc']:.3f} (white-box {r.get('mia_whitebox_auc', math.nan):.3f}), "
+            f"accuracy {r['accuracy']:.3f}, {r['wall_seconds']:.0f} s",
+            flush=True,
+        )
+        report(out, rows, config)
+    report(out, rows, config, time.perf_counter() - start if trained else None)
+    print(f"results: {out / 'audit.csv'}  summary: {out / 'audit.md'}  plot: {out / 'audit.png'}")
+    bad = violations(rows)
+    for line in bad:
+        print(f"SOUNDNESS VIOLATION (accounting or implementation bug): {line}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
