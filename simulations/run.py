@@ -48,7 +48,7 @@ PRESETS: dict[str, dict] = {
         "dataset": "bbc-news",
         "sites": 5,
         "sites-per-round": 5,
-        "rounds": 7,
+        "rounds": 8,
         "epochs": 1,
         "max-steps": 3,  # local steps per round: whole local epochs drift on non-IID shards
         "partitioning": "dirichlet",
