@@ -36,3 +36,16 @@ def test_cli_flags_mirror_the_settings():
     assert s.lora_target_list == ["query", "key"] and s.max_grad_norm == 0.5
     assert s.to_dict()["lora-targets"] == "query,key"
     assert settings_from(s.to_dict()) == s == Settings(lora_targets="query,key", max_grad_norm=0.5)
+
+
+def test_every_setting_is_declared_in_the_flower_app_config():
+    """Flower refuses a run whose config has keys the app does not declare ('Invalid run
+    configuration'): a setting missing from pyproject.toml would make every sweep point fail."""
+    import tomllib
+    from pathlib import Path
+
+    from fedllm.config import Settings
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    declared = set(tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"])
+    assert sorted(set(Settings().to_dict()) - declared) == []
