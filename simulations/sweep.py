@@ -46,21 +46,29 @@ class Point:
 def plan_points(
     epsilons: list[float], seeds: list[int], centralized: bool = True, probe: bool = False
 ) -> list[Point]:
-    """Baselines first (centralized and federated non-private), then each finite budget.
+    """The first seed's baselines (centralized and federated non-private), then every private
+    point of every seed, then the other seeds' baselines.
 
-    ``probe``: also the DP linear probe (``trainable = head`` with the DP recipe) at every finite
-    budget, the floor a private fine-tune must beat; not needed when the private points already
-    train the head alone (the default).
+    The private points come before the later seeds' baselines because they are the sweep's
+    subject and cheap (the head), while a non-private LoRA point costs several minutes: a sweep
+    stopped early still holds every budget over all seeds. ``probe``: also the DP linear probe
+    (``trainable = head`` with the DP recipe) at every finite budget, the floor a private
+    fine-tune must beat; not needed when the private points already train the head alone (the
+    default).
     """
-    points = []
+    finite = sorted(e for e in epsilons if math.isfinite(e))
+
+    def baselines(seed: int) -> list[Point]:
+        return ([Point("centralized", math.inf, seed)] if centralized else []) + [
+            Point("federated", math.inf, seed)
+        ]
+
+    points = baselines(seeds[0]) if seeds else []
     for seed in seeds:
-        if centralized:
-            points.append(Point("centralized", math.inf, seed))
-        points.append(Point("federated", math.inf, seed))
-        finite = sorted(e for e in epsilons if math.isfinite(e))
         points += [Point("federated", e, seed) for e in finite]
-        if probe:
-            points += [Point("probe", e, seed) for e in finite]
+        points += [Point("probe", e, seed) for e in finite] if probe else []
+    for seed in seeds[1:]:
+        points += baselines(seed)
     return points
 
 
