@@ -10,13 +10,18 @@ validation, norm clipping, weight cap, aggregator), so the numbers measure what 
 Defaults: BBC News, 5 sites, Dirichlet α = 1.0, 8 rounds × 3 local steps, target ε 8, the DP
 recipe's head; site ``--attacker`` (0) is the malicious one.
 
+Per run it counts the rounds in which the attacker's reply was dropped, clipped, capped or
+discounted (``cosine``), the honest site-rounds discounted, and the min / mean / max of the
+attacker's and the honest sites' direction scores.
+
 Attacks: ``none``; ``sign-flip`` (its trained update × -1e6); ``random`` (a random update of norm
 ``--random-norm``); ``label-flip`` (it trains honestly on labels shifted by one class);
 ``inflated`` (honest update, ``num-examples`` 1e12); ``inflated-valid`` (honest update, the
 largest ``num-examples`` the validation accepts: just under 1/δ and ``max-num-examples``, so
 only the weight cap stands against it). Settings: ``plain`` (FedAvg, no norm bound, no weight
-cap; replies are still validated, as the server always does), ``robust`` (the server default),
-``median``, ``trimmed-mean``, ``krum`` (each with the default bounds), ``bulyan`` on request
+cap; replies are still validated, as the server always does), ``robust`` (the server default:
+``cosine``), ``fedavg`` (the default before ``cosine``: FedAvg with the bounds), ``median``,
+``trimmed-mean``, ``krum`` (each with the default bounds), ``bulyan`` on request
 (it needs 7 sites for f = 1). ``--robust '{"max-update-norm": "1x"}'`` changes the run config of
 every setting but ``plain``. DP sampling and noise draw from OS entropy (fedllm.train), so a
 rerun differs by the DP noise: compare means over ``--seeds``.
@@ -44,8 +49,9 @@ from server.strategy import AdapterFedAvg
 
 ATTACKS = ("none", "sign-flip", "random", "label-flip", "inflated", "inflated-valid")
 SETTINGS = {  # run config keys, as the server reads them (RobustSettings.from_run_config)
-    "plain": {"max-update-norm": 0, "max-site-weight": 0},
+    "plain": {"aggregator": "fedavg", "max-update-norm": 0, "max-site-weight": 0},
     "robust": {},
+    "fedavg": {"aggregator": "fedavg"},
     "median": {"aggregator": "median"},
     "trimmed-mean": {"aggregator": "trimmed-mean"},
     "krum": {"aggregator": "krum"},
@@ -151,7 +157,15 @@ class Federation:
         histories: list[list] = [[] for _ in self.data]
         g = {k: v.copy() for k, v in self.initial.items()}
         rng = np.random.default_rng(self.seed)
-        counts = {"dropped": 0, "clipped": 0, "capped": 0, "unchanged": 0}
+        counts = {
+            "dropped": 0,
+            "clipped": 0,
+            "capped": 0,
+            "discounted": 0,
+            "honest-discounted": 0,
+            "unchanged": 0,
+        }
+        cosines: dict[str, list[float]] = {"attacker": [], "honest": []}
         for server_round in range(1, self.rounds + 1):
             strategy.remember_global(ArrayRecord({k: Array(v) for k, v in g.items()}))
             replies = []
@@ -171,12 +185,21 @@ class Federation:
             counts["dropped"] += bad in record["dropped"]
             counts["clipped"] += bad in {c["node"] for c in record.get("clipped", [])}
             counts["capped"] += bad in {c["node"] for c in record.get("capped", [])}
+            counts["discounted"] += bad in record.get("discounted", [])
+            counts["honest-discounted"] += len(set(record.get("discounted", [])) - {bad})
             counts["unchanged"] += "global-unchanged" in record
+            for node, c in record.get("cosine", {}).items():
+                cosines["attacker" if int(node) == bad else "honest"].append(c)
             if aggregate is not None:
                 g = dict(zip(aggregate.keys(), aggregate.to_numpy_ndarrays(), strict=True))
         set_adapter_arrays(self.model, g)
         scores = evaluate(self.model, self.test, self.labels, head_only=s.trainable == "head")
-        return {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"], **counts}
+        spread = {
+            f"{who}-cosine": [round(min(c), 3), round(float(np.mean(c)), 3), round(max(c), 3)]
+            for who, c in cosines.items()
+            if c
+        }
+        return {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"], **counts, **spread}
 
 
 def main() -> None:
@@ -192,7 +215,7 @@ def main() -> None:
     parser.add_argument("--target-epsilon", type=float, default=8.0)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--attacks", default=",".join(ATTACKS))
-    parser.add_argument("--settings", default="plain,robust,median,trimmed-mean,krum")
+    parser.add_argument("--settings", default="plain,robust,fedavg,median,trimmed-mean,krum")
     parser.add_argument("--attacker", type=int, default=0, help="index of the malicious site")
     parser.add_argument("--random-norm", type=float, default=1e3)
     parser.add_argument("--set", default="{}", help='fixed settings, JSON: {"max-steps": 3}')

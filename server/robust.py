@@ -2,8 +2,12 @@
 
 Run config keys (pyproject.toml's ``[tool.flwr.app.config]``):
 
-- ``aggregator``: ``fedavg`` (default) | ``median`` | ``trimmed-mean`` | ``krum`` | ``bulyan``, over
-  the (clipped) adapters, with Flower's own aggregation code (``flwr.serverapp.strategy``).
+- ``aggregator``: ``cosine`` (default) | ``fedavg`` | ``median`` | ``trimmed-mean`` | ``krum`` |
+  ``bulyan``, over the (clipped) adapters. ``cosine`` is FedAvg without the site (at most
+  ``num-malicious-sites``) whose update points away from the others' (``direction_weights``:
+  the median of its cosines with the other updates is the lowest and below 0); ``fedavg`` is the
+  plain weighted mean (the default before); the others are Flower's own aggregation code
+  (``flwr.serverapp.strategy``).
 - ``max-update-norm``: each site's update Δ = reply − current global adapter (L2 over all adapter
   tensors) is scaled down to this bound before aggregation. ``auto`` (default) = 2 × the median
   update norm of the round's valid replies: scale-free (no knowledge of lr, steps or DP noise
@@ -13,8 +17,9 @@ Run config keys (pyproject.toml's ``[tool.flwr.app.config]``):
 - ``max-site-weight``: the weight one site carries in a weighted mean is its ``num-examples``
   capped here, since the count is self-reported. ``auto`` (default) = 2 × the median reported
   count of the round; ``<k>x``, a positive number of examples, or 0 (no cap), as above.
-- ``num-malicious-sites`` (default 1): the f that Krum and Bulyan assume (Bulyan needs at least
-  4f + 3 valid replies; with fewer the round keeps the global adapter and says why).
+- ``num-malicious-sites`` (default 1): the f that ``cosine`` may discount (it needs 2f + 1 valid
+  replies, else it discounts none) and that Krum and Bulyan assume (Bulyan needs at least 4f + 3
+  valid replies; with fewer the round keeps the global adapter and says why).
 - ``trim-fraction`` (default 0.2): the fraction trimmed-mean cuts from each tail per coordinate.
 
 With 1 or 2 valid replies the medians are not robust (no honest majority to take them from);
@@ -35,7 +40,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from server.validation import DEFAULT_MAX_NUM_EXAMPLES, ValidReply
 
-AGGREGATORS = ("fedavg", "median", "trimmed-mean", "krum", "bulyan")
+AGGREGATORS = ("cosine", "fedavg", "median", "trimmed-mean", "krum", "bulyan")
 AUTO_NORM_MULTIPLE = 2.0
 AUTO_WEIGHT_MULTIPLE = 2.0
 _WEIGHT = "weight"  # the key Flower's aggregate_arrayrecords reads the weights from
@@ -82,7 +87,7 @@ def parse_bound(key: str, value: object, auto_multiple: float) -> Bound:
 class RobustSettings:
     """How the server bounds and combines the valid replies of a round."""
 
-    aggregator: str = "fedavg"
+    aggregator: str = "cosine"
     max_update_norm: Bound = field(default_factory=lambda: Bound(multiple=AUTO_NORM_MULTIPLE))
     max_site_weight: Bound = field(default_factory=lambda: Bound(multiple=AUTO_WEIGHT_MULTIPLE))
     max_num_examples: float = DEFAULT_MAX_NUM_EXAMPLES
@@ -92,7 +97,7 @@ class RobustSettings:
     @classmethod
     def from_run_config(cls, rc: dict) -> RobustSettings:
         """Read and check the keys above; a bad value raises one line naming the key and the fix."""
-        aggregator = str(rc.get("aggregator", "fedavg")).strip().lower()
+        aggregator = str(rc.get("aggregator", "cosine")).strip().lower()
         if aggregator not in AGGREGATORS:
             raise ValueError(
                 f"run config aggregator={aggregator!r}: expected one of {', '.join(AGGREGATORS)}"
@@ -134,8 +139,9 @@ class RobustSettings:
         )
 
     def without_bounds(self) -> RobustSettings:
-        """The same aggregator with no norm bound and no weight cap (plain FedAvg for fedavg)."""
-        return replace(self, max_update_norm=Bound(), max_site_weight=Bound())
+        """No norm bound, weight cap or direction check: plain FedAvg for fedavg and cosine."""
+        aggregator = "fedavg" if self.aggregator == "cosine" else self.aggregator
+        return replace(self, aggregator=aggregator, max_update_norm=Bound(), max_site_weight=Bound())
 
 
 def update_norm(global_arrays: dict[str, np.ndarray], arrays: dict[str, np.ndarray]) -> float:
@@ -185,6 +191,42 @@ def cap_weights(replies: list[ValidReply], bound: Bound) -> tuple[list[float], f
     return [min(n, cap) for n in counts], cap, capped
 
 
+def direction_weights(
+    global_arrays: dict[str, np.ndarray],
+    adapters: list[dict[str, np.ndarray]],
+    weights: list[float],
+    num_malicious: int,
+) -> tuple[list[float], list[float]]:
+    """Weight 0 for the (at most ``num_malicious``) sites whose update points away from the others.
+
+    Δ_i = adapter − global over all tensors (float64). A site's score is the median of its
+    cosines with every other site's Δ: one hostile reply can shift an honest site's score only
+    within the range of its cosines with the honest ones, and a reply pointing away from the
+    honest majority (a sign flip, a flipped-label site) scores below 0. The ``num_malicious``
+    lowest scores that are below 0 get weight 0; the rest keep ``weights``. Under DP noise honest
+    updates are nearly orthogonal (scores near 0, some negative on non-IID data), so a threshold
+    alone would drop honest sites every round: at most f are discounted. With fewer than 2f + 1
+    replies there is no majority to judge by and nothing is discounted. Returns (weights, scores).
+    """
+    n = len(adapters)
+    if n < 2 * num_malicious + 1 or n < 3:
+        return list(weights), [math.nan] * n
+    keys = list(global_arrays)
+    deltas = np.stack(
+        [
+            np.concatenate([(a[k].astype(np.float64) - global_arrays[k]).ravel() for k in keys])
+            for a in adapters
+        ]
+    )
+    norms = np.linalg.norm(deltas, axis=1, keepdims=True)
+    units = np.nan_to_num(deltas / np.where(norms > 0, norms, 1.0))
+    pair = units @ units.T
+    scores = [float(np.median(np.delete(pair[i], i))) for i in range(n)]
+    lowest = sorted(range(n), key=scores.__getitem__)[:num_malicious]
+    discounted = {i for i in lowest if scores[i] < 0}
+    return [0.0 if i in discounted else w for i, w in enumerate(weights)], scores
+
+
 def _records(adapters: list[dict[str, np.ndarray]], weights: list[float]) -> list[RecordDict]:
     return [
         RecordDict(
@@ -214,6 +256,12 @@ def combine(
     """
     n, f = len(adapters), settings.num_malicious_sites
     everyone = list(range(n))
+    if settings.aggregator == "cosine":  # FedAvg over the sites direction_weights left a weight
+        used = [i for i, w in enumerate(weights) if w > 0]
+        record = aggregate_arrayrecords(
+            _records([adapters[i] for i in used], [weights[i] for i in used]), _WEIGHT
+        )
+        return {k: v.numpy() for k, v in record.items()}, used, ""
     if settings.aggregator == "fedavg":
         record = aggregate_arrayrecords(_records(adapters, weights), _WEIGHT)
         return {k: v.numpy() for k, v in record.items()}, everyone, ""

@@ -17,6 +17,7 @@ state but the global adapter, which the resumed run loads from its last checkpoi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 
@@ -27,7 +28,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
-from server.robust import RobustSettings, cap_weights, clip_updates, combine
+from server.robust import RobustSettings, cap_weights, clip_updates, combine, direction_weights
 from server.validation import (
     EVALUATE_METRICS,
     ReplyError,
@@ -181,8 +182,19 @@ class AdapterFedAvg(FedAvg):
             self._global, valid, self.robust.max_update_norm
         )
         weights, record["weight-cap"], record["capped"] = cap_weights(valid, self.robust.max_site_weight)
+        scored = weights
+        if self.robust.aggregator == "cosine" and self._global is not None:
+            scored, cosines = direction_weights(
+                self._global, adapters, weights, self.robust.num_malicious_sites
+            )
+            record["cosine"] = {
+                str(r.node): round(c, 4) for r, c in zip(valid, cosines, strict=True) if math.isfinite(c)
+            }
+            record["discounted"] = [
+                r.node for r, w, v in zip(valid, weights, scored, strict=True) if v == 0 < w
+            ]
         with np.errstate(over="ignore", invalid="ignore"):  # a non-finite result is caught below
-            combined, used, why = combine(adapters, weights, self.robust)
+            combined, used, why = combine(adapters, scored, self.robust)
         if self.robust.aggregator in ("krum", "bulyan"):
             record["selected"] = [valid[i].node for i in used]
         if combined is None:
@@ -194,9 +206,16 @@ class AdapterFedAvg(FedAvg):
             log(WARNING, "round %s: the aggregate is not finite; the global adapter is kept", server_round)
             return None, None
         self._global = combined
-        if record["clipped"] or record["capped"]:
+        if record["clipped"] or record["capped"] or record.get("discounted"):
             clipped, capped = ([c["node"] for c in record[k]] for k in ("clipped", "capped"))
-            log(INFO, "round %s: updates clipped %s, weights capped %s", server_round, clipped, capped)
+            log(
+                INFO,
+                "round %s: updates clipped %s, weights capped %s, discounted (direction) %s",
+                server_round,
+                clipped,
+                capped,
+                record.get("discounted", []),
+            )
         metrics = self.train_metrics_aggr_fn(
             _metric_records(
                 [valid[i].metrics for i in used], [weights[i] for i in used], self.weighted_by_key

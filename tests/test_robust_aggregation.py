@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -72,7 +74,7 @@ def test_an_inflated_example_count_buys_at_most_the_weight_cap():
     g = global_adapter()
     bad = honest(g, BAD, scale=3.0)  # an update 30 x an honest one, with 90 000 examples claimed
     # (below 1/delta = 100 000, so the DP consistency check lets it through)
-    settings = RobustSettings(max_update_norm=Bound())
+    settings = RobustSettings(aggregator="fedavg", max_update_norm=Bound())
     aggregate, record = _round(settings, g, bad, bad_examples=90_000)
     cap = 2 * float(np.median([*HONEST.values(), 90_000]))
     assert record["weight-cap"] == cap
@@ -98,12 +100,13 @@ def test_each_aggregator_is_not_moved_far_by_one_outlier(aggregator):
     assert distance(aggregate, _honest_mean(g, sites)) <= honest_spread
     if aggregator in ("krum", "bulyan"):
         assert BAD not in record["selected"]
-    # the robust rules hold without any clipping too; plain FedAvg does not
+    # the coordinate-wise and selecting rules hold without any clipping too; plain FedAvg does not,
+    # nor does cosine against an outlier with no direction (here random): it meets only the clip
     unclipped, _ = _round(settings.without_bounds(), g, _sign_flip(g, 1e3), honest_sites=sites)
     moved = distance(unclipped, _honest_mean(g, sites))
     if aggregator == "fedavg":
         assert moved > 10 * honest_spread
-    else:
+    elif aggregator != "cosine":
         assert moved <= honest_spread
 
 
@@ -118,7 +121,7 @@ def test_bulyan_with_too_few_replies_keeps_the_global_adapter_and_says_why():
 
 def test_run_config_keys_are_read_and_bad_values_are_one_line_naming_the_key():
     default = RobustSettings.from_run_config({})
-    assert default == RobustSettings()
+    assert default == RobustSettings() and default.aggregator == "cosine"
     assert default.max_update_norm == Bound(multiple=2.0) and default.max_site_weight == Bound(multiple=2.0)
     rc = {"aggregator": "Krum", "max-update-norm": "3x", "max-site-weight": 500, "num-malicious-sites": 2}
     custom = RobustSettings.from_run_config(rc)
@@ -140,3 +143,54 @@ def test_run_config_keys_are_read_and_bad_values_are_one_line_naming_the_key():
         with pytest.raises(ValueError, match=f"run config {key}=") as err:
             RobustSettings.from_run_config({key: value})
         assert "\n" not in str(err.value)
+
+
+def _agreeing(g: dict, node: int) -> dict:
+    """An honest site on non-IID data: a direction all sites share plus its own, smaller part."""
+    shared = global_adapter(seed=7)
+    own = honest(g, node, scale=0.05)
+    return {k: (own[k] + 0.1 * shared[k]).astype(np.float32) for k in g}
+
+
+def _scored_round(settings: RobustSettings, g: dict, adapters: dict[int, dict], counts: dict[int, float]):
+    strategy = AdapterFedAvg(robust=settings)
+    start_round(strategy, g, list(adapters))
+    replies = [reply(n, a, dp_metrics(counts[n])) for n, a in adapters.items()]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    return as_dict(arrays), strategy.round_summary(1)
+
+
+@pytest.mark.parametrize("bound", [Bound(multiple=2.0), Bound()], ids=["clipped", "unclipped"])
+def test_cosine_gives_a_sign_flipped_update_weight_zero_and_the_honest_ones_their_counts(bound):
+    g = global_adapter()
+    adapters = {n: _agreeing(g, n) for n in HONEST}
+    flipped = _agreeing(g, BAD)
+    adapters[BAD] = {k: (v - 1e6 * (flipped[k] - v)).astype(np.float32) for k, v in g.items()}
+    settings = RobustSettings(max_update_norm=bound)
+    assert settings.aggregator == "cosine"  # the default
+    aggregate, record = _scored_round(settings, g, adapters, {**HONEST, BAD: 100})
+    assert record["discounted"] == [BAD]
+    assert record["cosine"][str(BAD)] < 0 < min(record["cosine"][str(n)] for n in HONEST)
+    assert all(np.isfinite(v).all() for v in aggregate.values())
+    total = sum(HONEST.values())
+    expected = {k: sum(c * adapters[n][k] for n, c in HONEST.items()) / total for k in g}
+    assert all(np.allclose(aggregate[k], expected[k], atol=1e-5) for k in g)
+    # the old default, plain FedAvg with the same bound, lets the flipped update in
+    fedavg, _ = _scored_round(replace(settings, aggregator="fedavg"), g, adapters, {**HONEST, BAD: 100})
+    assert distance(fedavg, expected) > 10 * distance(aggregate, expected)
+
+
+def test_cosine_discounts_at_most_f_sites_and_none_without_an_honest_majority():
+    g = global_adapter()
+    # independent updates (no shared direction): scores scatter around 0, several below it
+    adapters = {n: honest(g, n) for n in range(1, 8)}
+    counts = dict.fromkeys(adapters, 100)
+    for f in (1, 2):
+        _, record = _scored_round(RobustSettings(num_malicious_sites=f), g, adapters, counts)
+        below = sorted((c, int(n)) for n, c in record["cosine"].items() if c < 0)
+        assert len(below) > 1  # a threshold alone would drop them all
+        assert sorted(record["discounted"]) == sorted(n for _, n in below[:f])
+    two = {n: adapters[n] for n in (1, 2)}
+    aggregate, record = _scored_round(RobustSettings(), g, two, counts)
+    assert record["discounted"] == [] and record["cosine"] == {}
+    assert all(np.allclose(aggregate[k], (two[1][k] + two[2][k]) / 2, atol=1e-6) for k in g)
