@@ -62,7 +62,7 @@ def test_miniature_sweep_writes_table_and_plots_and_resumes(tiny_checkpoint, tmp
     for name in ("accuracy_vs_round.png", "accuracy_vs_epsilon.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = (out / "summary.md").read_text()
-    assert "| federated | 3 |" in summary
+    assert "| federated, DP linear probe | head | 3 |" in summary  # the private default trains the head
     assert "Wall time summed over the 3 finished points" in summary and "This invocation" in summary
     assert "Partial" not in summary
 
