@@ -37,7 +37,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from flwr.app import Array, ArrayRecord, Context, Error, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from replies import train_reply
 from transformers import BertConfig
 
 from clients.site import check_data
@@ -83,24 +84,6 @@ def _metrics(num_examples: object = 110, **extra) -> dict:
     metrics = {"num-examples": num_examples, "steps": 3, "epsilon": 2.5, "delta": 1e-5}
     metrics.update({"noise-multiplier": 1.1, "sample-rate": 0.5, "update-bytes": 4096})
     return {**metrics, **extra}
-
-
-def _message(node: int, content: RecordDict | None = None, error: str = "") -> Message:
-    """A train reply as the SuperLink hands it to the ServerApp."""
-    meta = Metadata(
-        run_id=1,
-        message_id=f"train-{node}-{time.time_ns()}",
-        src_node_id=node,
-        dst_node_id=1,
-        reply_to_message_id="",
-        group_id="",
-        created_at=time.time(),
-        ttl=3600.0,
-        message_type="train",
-    )
-    if error:
-        return Message(error=Error(code=0, reason=error), metadata=meta)
-    return Message(content, metadata=meta)
 
 
 def _content(arrays: dict, metrics: dict) -> RecordDict:
@@ -193,7 +176,7 @@ class Round:
 
     def run(self, bad: Message | None) -> tuple[dict | None, dict]:
         """Aggregate the round; (the new global or None, the round record)."""
-        replies = [_message(n, _content(_honest(self.g, n), _metrics(size))) for n, size in HONEST.items()]
+        replies = [train_reply(n, _content(_honest(self.g, n), _metrics(size))) for n, size in HONEST.items()]
         arrays, _ = self.strategy.aggregate_train(1, [*replies, *([bad] if bad else [])])
         record = self.strategy.round_summary(1)
         return (None if arrays is None else _as_dict(arrays)), record
@@ -222,7 +205,7 @@ def reply_probes(model) -> list[Row]:
         game = Round(model)
         made = make(game.g)
         content = made if isinstance(made, RecordDict) else _content(*made)
-        aggregate, record = game.run(_message(BAD, content))
+        aggregate, record = game.run(train_reply(BAD, content))
         if BAD in record["dropped"]:
             happened = f"dropped: {_reason(record, BAD)}"
             lost = f"site {BAD}'s reply for the round; {record['train-replies']} others averaged"
@@ -232,14 +215,14 @@ def reply_probes(model) -> list[Row]:
         lost += f"; global {game.loads(aggregate) if aggregate else 'unchanged'}"
         rows.append(Row("train reply", name, happened, lost))
     game = Round(model)
-    aggregate, record = game.run(_message(BAD, error="site-data-error"))
+    aggregate, record = game.run(train_reply(BAD, error="site-data-error"))
     happened = f"train-failures: {_reason(record, BAD)} (a site's fixed failure code)"
     lost = f"site {BAD}'s reply; {record['train-replies']} others averaged; global {game.loads(aggregate)}"
     rows.append(Row("train reply", "error reply", happened, lost))
     game = Round(model)
     nan = {k: np.full_like(v, np.nan) for k, v in game.g.items()}
     arrays, _ = game.strategy.aggregate_train(
-        1, [_message(n, _content(nan, _metrics())) for n in (*HONEST, BAD)]
+        1, [train_reply(n, _content(nan, _metrics())) for n in (*HONEST, BAD)]
     )
     record = game.strategy.round_summary(1)
     happened = f"{len(record['dropped'])} dropped; global-unchanged: {record['global-unchanged']}"
@@ -275,9 +258,9 @@ def attack_probes(model) -> list[Row]:
     for name, make in ATTACKS.items():
         game = Round(model)
         arrays, n = make(game.g)
-        aggregate, record = game.run(_message(BAD, _content(arrays, _metrics(n))))
+        aggregate, record = game.run(train_reply(BAD, _content(arrays, _metrics(n))))
         plain = Round(model, RobustSettings().without_bounds())
-        unbounded, _ = plain.run(_message(BAD, _content(arrays, _metrics(n))))
+        unbounded, _ = plain.run(train_reply(BAD, _content(arrays, _metrics(n))))
         moved = _distance(aggregate, game.g)
         clipped = {c["node"]: c["norm"] for c in record["clipped"]}
         capped = {c["node"]: c["num-examples"] for c in record["capped"]}

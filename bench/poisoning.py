@@ -36,7 +36,8 @@ import time
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from replies import train_reply
 
 from fedllm.adapters import adapter_state, set_adapter_arrays
 from fedllm.config import settings_from
@@ -61,19 +62,8 @@ SETTINGS = {  # run config keys, as the server reads them (RobustSettings.from_r
 
 def _reply(node: int, arrays: dict[str, np.ndarray], metrics: dict) -> Message:
     """A train reply as the SuperLink hands it to the ServerApp."""
-    meta = Metadata(
-        run_id=1,
-        message_id=f"train-{node}-{time.time_ns()}",
-        src_node_id=node,
-        dst_node_id=1,
-        reply_to_message_id="",
-        group_id="",
-        created_at=time.time(),
-        ttl=3600.0,
-        message_type="train",
-    )
     record = ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
-    return Message(RecordDict({"arrays": record, "metrics": MetricRecord(metrics)}), metadata=meta)
+    return train_reply(node, RecordDict({"arrays": record, "metrics": MetricRecord(metrics)}))
 
 
 def _flip_labels(frame, column: str, labels: list[str]):
