@@ -43,7 +43,7 @@ from transformers import BertConfig
 
 from clients.site import check_data
 from clients.site import main as site_main
-from fedllm.adapters import AdapterMismatchError, get_adapter_arrays, set_adapter_arrays
+from fedllm.adapters import AdapterMismatchError, adapter_to_record, set_adapter_arrays
 from fedllm.config import Settings
 from fedllm.data import load_site_file, tokenize
 from fedllm.model import build_model, load_tokenizer
@@ -170,9 +170,10 @@ class Round:
 
     def __init__(self, model, robust: RobustSettings | None = None):
         self.model = model
-        self.g = get_adapter_arrays(model)
+        sent = adapter_to_record(model)
+        self.g = _as_dict(sent)
         self.strategy = AdapterFedAvg(robust=robust or RobustSettings())
-        self.strategy.remember_global(ArrayRecord({k: Array(v) for k, v in self.g.items()}))
+        self.strategy.remember_global(sent)
 
     def run(self, bad: Message | None) -> tuple[dict | None, dict]:
         """Aggregate the round; (the new global or None, the round record)."""
@@ -236,7 +237,7 @@ def reply_probes(model) -> list[Row]:
 
 
 def _as_dict(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return dict(zip(record.keys(), record.to_numpy_ndarrays(), strict=True))
+    return {name: array.numpy() for name, array in record.items()}
 
 
 def _distance(a: dict, b: dict) -> float:

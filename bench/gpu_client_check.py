@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 
 from clients.app import STATE_KEY, evaluate_global, train
-from fedllm.adapters import adapter_state
+from fedllm.adapters import adapter_to_record
 from fedllm.config import settings_from
 from fedllm.data import load_splits
 from fedllm.model import build_model, pick_device
@@ -92,7 +92,7 @@ def main() -> None:
         run_config=run_config,
     )
     global_model = build_model(settings, labels, torch.device("cpu"))
-    arrays = ArrayRecord({k: v.detach().cpu() for k, v in adapter_state(global_model).items()})
+    arrays = adapter_to_record(global_model)
     epsilons = []
     for server_round in range(1, args.rounds + 1):
         config = ConfigRecord(

@@ -21,12 +21,12 @@ import time
 from functools import lru_cache
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.policy import SitePolicy, failures_as_codes, is_virtual_site, site_secret
 from clients.replay import KeptReply, ReplyStore, arrays_digest, run_key
-from fedllm.adapters import adapter_state, nbytes, set_adapter_arrays
+from fedllm.adapters import adapter_from_record, adapter_to_record
 from fedllm.config import Settings, settings_from
 from fedllm.data import SiteData, load_site_file, loss_weights, partition_sites, tokenize
 from fedllm.ledger import LedgerError, PrivacyLedger, fingerprint_file, statement
@@ -91,8 +91,7 @@ def _setup(msg: Message, context: Context):
     labels = json.loads(str(msg.content["config"]["labels"]))
     site = _site_data(context, settings, labels)
     model = build_model(settings, labels, pick_device(settings.device))
-    arrays = msg.content["arrays"]
-    set_adapter_arrays(model, dict(zip(arrays.keys(), arrays.to_numpy_ndarrays(), strict=True)))
+    adapter_from_record(model, msg.content["arrays"])
     return settings, labels, site, model
 
 
@@ -200,8 +199,7 @@ def _train_round(
                 statement=signed,
             )
             print(f"[site {context.node_id}] {signed}")
-    state = adapter_state(model)
-    reply_arrays = ArrayRecord({k: v.detach().cpu() for k, v in state.items()})
+    reply_arrays = adapter_to_record(model)
     metrics = {
         "num-examples": len(train_ds),
         "train-loss": float(result.mean_loss),
@@ -210,7 +208,7 @@ def _train_round(
         "delta": float(plan.delta) if plan else 0.0,
         "noise-multiplier": float(result.noise_multiplier),
         "sample-rate": float(plan.sample_rate) if plan else 1.0,
-        "update-bytes": nbytes(reply_arrays.to_numpy_ndarrays()),
+        "update-bytes": reply_arrays.count_bytes(),
         "train-seconds": float(time.perf_counter() - start),
     }
     eps = f"epsilon so far {result.epsilon:.3f} (delta {plan.delta:g})" if plan else "no DP"

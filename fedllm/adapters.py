@@ -1,12 +1,14 @@
-"""The adapter boundary: the trainable state <-> named numpy arrays.
+"""The adapter boundary: the trainable state <-> Flower's ``ArrayRecord`` on the wire.
 
 What travels is exactly what trains (``requires_grad``; see ``fedllm.model`` for each
 ``trainable`` mode), named as in peft's ``get_peft_model_state_dict`` and in its order (layer by
 layer, ``lora_A`` before ``lora_B``, the classification head last). For ``trainable = lora``
 that is peft's whole adapter state dict, as it always was; frozen tensors that peft saves
 (ffa-lora's shared A, the zero-B LoRA placeholder of ``bias``/``head``, frozen biases) stay home.
-``adapter_spec`` names and shapes that order; both sides build the same model from the same
-settings, so they agree on it, and ``set_adapter_arrays`` checks every array against it.
+``adapter_to_record`` sends that state dict as Flower's LLM example sends peft's
+(``ArrayRecord(state_dict)``: float32, on the CPU); ``adapter_from_record`` loads a received record.
+Both sides build the same model from the same settings, so they agree on names and shapes, and
+every received array is checked against the local model before any is written.
 ``save_adapter`` saves peft's full adapter, frozen parts included, for ``load_trained``.
 """
 
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from flwr.app import ArrayRecord
 from peft import PeftModel, get_peft_model_state_dict
 from torch import nn
 
@@ -56,16 +59,17 @@ def adapter_state(model: PeftModel) -> OrderedDict[str, torch.Tensor]:
     return OrderedDict((k, p.detach()) for k, p in wire_parameters(model).items())
 
 
-def adapter_spec(model: PeftModel) -> list[tuple[str, tuple[int, ...], str]]:
-    """(name, shape, dtype) of each adapter array, in wire order."""
-    return [(k, tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in adapter_state(model).items()]
+def adapter_to_record(model: PeftModel) -> ArrayRecord:
+    """The adapter as it goes on the wire: ``adapter_state`` in an ``ArrayRecord`` (CPU copies)."""
+    return ArrayRecord(adapter_state(model))
 
 
-def get_adapter_arrays(model: PeftModel) -> OrderedDict[str, np.ndarray]:
-    """The adapter as named float32 numpy arrays (copies, on the CPU)."""
-    return OrderedDict(
-        (k, v.detach().to("cpu", torch.float32).numpy().copy()) for k, v in adapter_state(model).items()
-    )
+def adapter_from_record(model: PeftModel, record: ArrayRecord) -> None:
+    """Load a received adapter record into ``model``, validated by ``set_adapter_arrays``.
+
+    Raises ``AdapterMismatchError`` (names, shapes, dtype, NaN/inf); the model is untouched then.
+    """
+    set_adapter_arrays(model, {name: array.numpy() for name, array in record.items()})
 
 
 def set_adapter_arrays(model: PeftModel, arrays: dict[str, np.ndarray] | list[np.ndarray]) -> None:
@@ -106,12 +110,6 @@ def set_adapter_arrays(model: PeftModel, arrays: dict[str, np.ndarray] | list[np
     with torch.no_grad():
         for name, param in expected.items():
             param.copy_(new_state[name])
-
-
-def nbytes(arrays: dict[str, np.ndarray] | list[np.ndarray]) -> int:
-    """Total payload bytes of a set of arrays."""
-    values = arrays.values() if isinstance(arrays, dict) else arrays
-    return int(sum(np.asarray(a).nbytes for a in values))
 
 
 def full_model_nbytes(model: PeftModel) -> int:

@@ -21,7 +21,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from fedllm.adapters import adapter_state, full_model_nbytes, save_adapter, set_adapter_arrays
+from fedllm.adapters import adapter_from_record, adapter_to_record, full_model_nbytes, save_adapter
 from fedllm.config import settings_from
 from fedllm.data import load_splits, tokenize
 from fedllm.model import build_model, load_tokenizer, pick_device
@@ -123,7 +123,7 @@ def main(grid: Grid, context: Context) -> None:
     else:
         run_dir, run_key = _run_dir(context), str(context.run_id)  # the run key: this first run id
         write_config(run_dir, record, run_key)
-        initial = ArrayRecord({k: v.detach().cpu() for k, v in adapter_state(model).items()})
+        initial = adapter_to_record(model)
     full_bytes = full_model_nbytes(model)
     update_bytes = initial.count_bytes()
     print(
@@ -146,7 +146,7 @@ def main(grid: Grid, context: Context) -> None:
     def evaluate_and_checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if resume and server_round < first_round:  # the checkpoint this run resumes from: logged
             return None
-        set_adapter_arrays(model, dict(zip(arrays.keys(), arrays.to_numpy_ndarrays(), strict=True)))
+        adapter_from_record(model, arrays)
         scores = {}
         if test_ds is not None:
             result = evaluate(model, test_ds, labels, head_only=head_only)
@@ -184,7 +184,7 @@ def main(grid: Grid, context: Context) -> None:
     )
     final = strategy.global_arrays
     final = initial if final is None else final  # the last accepted global (round 0's if none was)
-    set_adapter_arrays(model, dict(zip(final.keys(), final.to_numpy_ndarrays(), strict=True)))
+    adapter_from_record(model, final)
     _save(model, run_dir / "final-adapter", labels, {"settings": settings.to_dict()})
     log.finish(run_dir / "final-adapter")
     print(f"fedllm: done; final adapter {run_dir / 'final-adapter'}; log {run_dir / 'metrics.jsonl'}")

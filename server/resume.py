@@ -38,7 +38,7 @@ from peft import PeftModel
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
-from fedllm.adapters import adapter_state
+from fedllm.adapters import adapter_to_record
 from fedllm.ledger import write_durably
 
 CONFIG = "config.json"
@@ -188,4 +188,4 @@ def load_checkpoint(model: PeftModel, folder: Path) -> ArrayRecord:
     if bad:
         raise ResumeError(f"{folder}: adapter array {bad[0]!r} has another shape than this run's model")
     set_peft_model_state_dict(model, saved)
-    return ArrayRecord({k: v.detach().cpu() for k, v in adapter_state(model).items()})
+    return adapter_to_record(model)

@@ -119,4 +119,4 @@ def start_round(strategy: AdapterFedAvg, arrays: dict, nodes: list[int], server_
 
 def as_dict(record: ArrayRecord) -> dict[str, np.ndarray]:
     """An ArrayRecord as named numpy arrays."""
-    return dict(zip(record.keys(), record.to_numpy_ndarrays(), strict=True))
+    return {name: array.numpy() for name, array in record.items()}

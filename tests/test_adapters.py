@@ -1,22 +1,22 @@
-"""The adapter boundary: exact round trip, validation, peft's own on-disk format."""
+"""The adapter boundary: the wire record, its validation, peft's own on-disk format."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from peft import PeftModel
+from flwr.app import Array, ArrayRecord
+from peft import PeftModel, get_peft_model_state_dict
 
 from fedllm.adapters import (
     AdapterMismatchError,
-    adapter_spec,
-    full_model_nbytes,
-    get_adapter_arrays,
-    nbytes,
+    adapter_from_record,
+    adapter_state,
+    adapter_to_record,
     save_adapter,
     set_adapter_arrays,
 )
-from fedllm.model import build_base_model, build_model, load_trained
+from fedllm.model import build_base_model, build_model, count_parameters, load_trained
 
 from .conftest import DEVICE, LABELS
 
@@ -26,59 +26,87 @@ def model(settings, tiny_config):
     return build_model(settings, LABELS, DEVICE, tiny_config)
 
 
-def test_round_trip_is_exact(settings, tiny_config, model):
-    rng = np.random.default_rng(0)
-    sent = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in get_adapter_arrays(model).items()}
+def _randomize(model, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    set_adapter_arrays(
+        model, {k: rng.normal(size=v.shape).astype(np.float32) for k, v in adapter_state(model).items()}
+    )
+
+
+def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(v) for k, v in arrays.items()})
+
+
+def _numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: a.numpy() for k, a in record.items()}
+
+
+def test_round_trip_is_bit_exact(settings, tiny_config, model):
+    _randomize(model, 0)
+    sent = adapter_to_record(model)
     other = build_model(settings.replace(seed=1), LABELS, DEVICE, tiny_config)
-    set_adapter_arrays(other, list(sent.values()))
-    received = get_adapter_arrays(other)
+    adapter_from_record(other, sent)
+    received = adapter_to_record(other)
     assert list(received) == list(sent)
-    for name in sent:
-        np.testing.assert_array_equal(received[name], sent[name])
+    for name, array in sent.items():
+        assert (received[name].data, received[name].dtype, received[name].shape) == (
+            array.data,
+            array.dtype,
+            array.shape,
+        )
 
 
-def test_wire_order_is_lora_then_head(model):
-    names = [name for name, _, _ in adapter_spec(model)]
-    assert any("lora_A" in n for n in names) and any("lora_B" in n for n in names)
-    assert "classifier" in names[-1]
-    assert all(dtype == "float32" for _, _, dtype in adapter_spec(model))
+def test_the_record_is_peft_state_dict_in_order_as_float32(model):
+    record = adapter_to_record(model)
+    assert list(record) == list(get_peft_model_state_dict(model))  # trainable = lora: all of it
+    assert "classifier" in list(record)[-1]
+    assert {a.dtype for a in record.values()} == {"float32"}
+
+
+@pytest.mark.parametrize("mode", ["lora", "ffa-lora", "bias", "head"])
+def test_the_record_carries_exactly_the_dp_dimension(settings, tiny_config, mode):
+    """The trainable count a site plans its noise for is the number of values it sends."""
+    model = build_model(settings.replace(trainable=mode), LABELS, DEVICE, tiny_config)
+    sent = sum(int(np.prod(a.shape)) for a in adapter_to_record(model).values())
+    assert sent == count_parameters(model)[0]
 
 
 def test_wrong_shape_is_refused_with_name(model):
-    arrays = get_adapter_arrays(model)
+    arrays = _numpy(adapter_to_record(model))
     name = next(iter(arrays))
     arrays[name] = np.zeros((3, 3), dtype=np.float32)
-    with pytest.raises(AdapterMismatchError, match="shape"):
-        set_adapter_arrays(model, arrays)
+    with pytest.raises(AdapterMismatchError, match=f"{name!r} has shape"):
+        adapter_from_record(model, _record(arrays))
 
 
 def test_nan_is_refused_and_model_untouched(model):
-    arrays = get_adapter_arrays(model)
-    before = get_adapter_arrays(model)
+    before = adapter_to_record(model)
+    arrays = _numpy(before)
     name = list(arrays)[-1]
-    arrays[name] = arrays[name].copy()
     arrays[name].flat[0] = np.nan
     with pytest.raises(AdapterMismatchError, match="NaN"):
-        set_adapter_arrays(model, arrays)
-    for k, v in get_adapter_arrays(model).items():
-        np.testing.assert_array_equal(v, before[k])
+        adapter_from_record(model, _record(arrays))
+    assert [a.data for a in adapter_to_record(model).values()] == [a.data for a in before.values()]
 
 
-def test_wrong_count_and_dtype_are_refused(model):
-    arrays = list(get_adapter_arrays(model).values())
+def test_missing_names_and_int_dtype_are_refused(model):
+    arrays = _numpy(adapter_to_record(model))
+    last = list(arrays)[-1]
+    with pytest.raises(AdapterMismatchError, match="names differ"):
+        adapter_from_record(model, _record({k: v for k, v in arrays.items() if k != last}))
+    arrays[last] = arrays[last].astype(np.int64)
+    with pytest.raises(AdapterMismatchError, match="dtype"):
+        adapter_from_record(model, _record(arrays))
+
+
+def test_wrong_count_is_refused(model):
+    arrays = list(_numpy(adapter_to_record(model)).values())
     with pytest.raises(AdapterMismatchError, match="arrays"):
         set_adapter_arrays(model, arrays[:-1])
-    arrays[0] = arrays[0].astype(np.int64)
-    with pytest.raises(AdapterMismatchError, match="dtype"):
-        set_adapter_arrays(model, arrays)
 
 
 def test_saved_adapter_loads_with_plain_peft(settings, tiny_config, model, tmp_path):
-    rng = np.random.default_rng(1)
-    set_adapter_arrays(
-        model,
-        {k: rng.normal(size=v.shape).astype(np.float32) for k, v in get_adapter_arrays(model).items()},
-    )
+    _randomize(model, 1)
     save_adapter(model, tmp_path, LABELS)
     base = build_base_model(settings, LABELS, tiny_config)
     loaded = PeftModel.from_pretrained(base.to(DEVICE), str(tmp_path))
@@ -92,17 +120,10 @@ def test_saved_adapter_loads_with_plain_peft(settings, tiny_config, model, tmp_p
         )
 
 
-def test_update_is_far_smaller_than_full_model(model):
-    assert full_model_nbytes(model) > 20 * nbytes(get_adapter_arrays(model))
-
-
 def test_load_trained_rebuilds_the_scored_model(settings, tiny_checkpoint, tmp_path):
     s = settings.replace(model=str(tiny_checkpoint))
     model = build_model(s, LABELS, DEVICE)
-    rng = np.random.default_rng(2)
-    set_adapter_arrays(
-        model, {k: rng.normal(size=v.shape).astype(np.float32) for k, v in get_adapter_arrays(model).items()}
-    )
+    _randomize(model, 2)
     save_adapter(model, tmp_path / "adapter", LABELS)
     loaded, labels = load_trained(tmp_path / "adapter", s)
     assert labels == LABELS

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 
-from fedllm.adapters import get_adapter_arrays, set_adapter_arrays
+from fedllm.adapters import adapter_from_record, adapter_to_record
 from fedllm.model import build_model
 from server.robust import RobustSettings
 from server.strategy import AdapterFedAvg
@@ -213,7 +213,7 @@ def test_evaluation_replies_with_bad_metrics_are_dropped():
 def test_the_server_loop_survives_a_hostile_site_and_every_global_loads_into_the_model(settings, tiny_config):
     """Strategy.start with a real adapter: each round's global is what evaluate_fn loads."""
     model = build_model(settings, LABELS, DEVICE, tiny_config)
-    initial = get_adapter_arrays(model)
+    initial = adapter_to_record(model)
     attacks = {
         1: lambda g: _with(g, next(iter(g)), np.full_like(next(iter(g.values())), np.nan)),
         2: lambda g: {k: v.astype(np.float64) for k, v in g.items()},
@@ -229,14 +229,14 @@ def test_the_server_loop_survives_a_hostile_site_and_every_global_loads_into_the
     loaded = []
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> None:
-        set_adapter_arrays(model, as_dict(arrays))  # raises on any name, shape, dtype or NaN problem
-        loaded.append(get_adapter_arrays(model))
+        adapter_from_record(model, arrays)  # raises on any name, shape, dtype or NaN problem
+        loaded.append(as_dict(adapter_to_record(model)))
 
     strategy = AdapterFedAvg(min_available_nodes=5, min_train_nodes=5, fraction_evaluate=0.0)
     grid = ScriptedGrid([*GOOD, BAD], answer)
     strategy.start(
         grid=grid,
-        initial_arrays=ArrayRecord({k: Array(v) for k, v in initial.items()}),
+        initial_arrays=initial,
         num_rounds=3,
         evaluate_fn=evaluate_fn,
     )

@@ -23,7 +23,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadat
 from clients.app import app
 from clients.policy import SitePolicy, SitePolicyError
 from clients.replay import KeptReply, ReplyStore, arrays_digest
-from fedllm.adapters import adapter_state
+from fedllm.adapters import adapter_state, adapter_to_record
 from fedllm.config import Settings, settings_from
 from fedllm.ledger import PrivacyLedger, run_epsilon, total_steps
 from fedllm.model import build_model
@@ -56,7 +56,7 @@ def run_config(tiny_checkpoint):
 
 def _global(run_config: dict) -> ArrayRecord:
     model = build_model(settings_from(run_config), LABELS, torch.device("cpu"))
-    return ArrayRecord({k: v.detach().cpu() for k, v in adapter_state(model).items()})
+    return adapter_to_record(model)
 
 
 def _train(arrays: ArrayRecord, context: Context, server_round: int, run_key: str) -> Message:
@@ -163,7 +163,7 @@ def test_a_checkpoint_loads_bit_for_bit_so_the_sites_see_the_same_global(tmp_pat
     with torch.no_grad():
         for param in adapter_state(trained).values():
             param.add_(torch.randn_like(param))
-    sent = ArrayRecord({k: v.detach().cpu() for k, v in adapter_state(trained).items()})
+    sent = adapter_to_record(trained)
     _save(trained, tmp_path / "round-001", LABELS)
     assert not list(tmp_path.glob(".*partial"))
     fresh = build_model(settings.replace(seed=7), LABELS, torch.device("cpu"))

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 
 from clients.app import STATE_KEY, app
 from clients.policy import DP_REPLY_KEYS
-from fedllm.adapters import adapter_state
+from fedllm.adapters import adapter_to_record
 from fedllm.config import settings_from
 from fedllm.ledger import PrivacyLedger
 from fedllm.model import build_model
@@ -45,7 +45,7 @@ def run_config(tiny_checkpoint):
 
 def _message(run_config: dict, kind: str = "train", server_round: int = 1) -> Message:
     model = build_model(settings_from(run_config), LABELS, torch.device("cpu"))
-    arrays = ArrayRecord({k: v.detach().cpu() for k, v in adapter_state(model).items()})
+    arrays = adapter_to_record(model)
     config = ConfigRecord({"labels": json.dumps(LABELS), "num-rounds": 1, "server-round": server_round})
     # as the SuperLink delivers it (Message(dst_node_id=...) needs a running Flower runtime)
     meta = Metadata(

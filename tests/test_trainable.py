@@ -15,7 +15,13 @@ from flwr.app import ArrayRecord, Message, Metadata, MetricRecord, RecordDict
 from peft import get_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 
-from fedllm.adapters import adapter_state, get_adapter_arrays, save_adapter, set_adapter_arrays
+from fedllm.adapters import (
+    adapter_from_record,
+    adapter_state,
+    adapter_to_record,
+    save_adapter,
+    set_adapter_arrays,
+)
 from fedllm.data import tokenize
 from fedllm.model import build_model, load_trained
 from fedllm.privacy import plan_privacy
@@ -117,7 +123,7 @@ def test_ffa_lora_a_is_shared_frozen_and_stays_home(settings, tiny_config, token
     wire = list(adapter_state(site))
     assert not any("lora_A" in k for k in wire) and sum("lora_B" in k for k in wire) == 4
     rng = np.random.default_rng(0)
-    set_adapter_arrays(site, {k: rng.normal(size=v.shape) for k, v in get_adapter_arrays(site).items()})
+    set_adapter_arrays(site, {k: rng.normal(size=v.shape) for k, v in adapter_state(site).items()})
     b = {n: p.detach().clone() for n, p in site.named_parameters() if ".lora_B." in n}
     _one_dp_step(site, s, tokenizer, frame)
     assert all(torch.equal(v, _lora_a(site)[n]) for n, v in a.items()), "A moved"
@@ -125,7 +131,7 @@ def test_ffa_lora_a_is_shared_frozen_and_stays_home(settings, tiny_config, token
     assert all(not torch.equal(v, moved[n]) for n, v in b.items()), "B did not train"
 
 
-def _reply(node: int, arrays: dict[str, np.ndarray], num_examples: int) -> Message:
+def _reply(node: int, arrays: ArrayRecord, num_examples: int) -> Message:
     meta = Metadata(
         run_id=1,
         message_id=f"reply-{node}-{time.time_ns()}",
@@ -137,8 +143,7 @@ def _reply(node: int, arrays: dict[str, np.ndarray], num_examples: int) -> Messa
         ttl=3600.0,
         message_type="train",
     )
-    record = ArrayRecord({k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in arrays.items()})
-    content = RecordDict({"arrays": record, "metrics": MetricRecord({"num-examples": num_examples})})
+    content = RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": num_examples})})
     return Message(content, metadata=meta)
 
 
@@ -159,13 +164,13 @@ def _fedavg_delta(settings, tiny_config, mode: str, seed: int) -> tuple[dict, di
     replies, site_deltas = [], []
     for node, n in enumerate(sizes, start=1):
         site = build_model(s, LABELS, DEVICE, tiny_config)
-        update = {k: rng.normal(size=v.shape) for k, v in get_adapter_arrays(site).items()}
+        update = {k: rng.normal(size=v.shape) for k, v in adapter_state(site).items()}
         set_adapter_arrays(site, update)
         site_deltas.append(_delta_weights(site))
-        replies.append(_reply(node, get_adapter_arrays(site), n))
+        replies.append(_reply(node, adapter_to_record(site), n))
     arrays, _ = AdapterFedAvg().aggregate_train(1, replies)
     server = build_model(s, LABELS, DEVICE, tiny_config)
-    set_adapter_arrays(server, dict(zip(arrays.keys(), arrays.to_numpy_ndarrays(), strict=True)))
+    adapter_from_record(server, arrays)
     weights = [n / sum(sizes) for n in sizes]
     mean = {k: sum(w * d[k] for w, d in zip(weights, site_deltas, strict=True)) for k in site_deltas[0]}
     return _delta_weights(server), mean
