@@ -30,7 +30,7 @@ from fedllm.adapters import adapter_from_record, adapter_to_record
 from fedllm.config import Settings, settings_from
 from fedllm.data import SiteData, load_site_file, loss_weights, partition_sites, tokenize
 from fedllm.ledger import LedgerError, PrivacyLedger, fingerprint_file, statement
-from fedllm.model import build_model, count_parameters, load_tokenizer, pick_device
+from fedllm.model import build_model, load_tokenizer, pick_device
 from fedllm.privacy import epsilon_for, plan_privacy
 from fedllm.train import evaluate, train_local
 
@@ -166,7 +166,8 @@ def _train_round(
     train_ds = tokenize(site.train, tokenizer, labels, settings.max_length, settings.truncation)
     plan = None
     if settings.private:  # the noisy coordinates bound the steps worth taking (max-step-noise)
-        plan = plan_privacy(settings, len(train_ds), rounds, dimension=count_parameters(model)[0])
+        dimension = model.get_nb_trainable_parameters()[0]
+        plan = plan_privacy(settings, len(train_ds), rounds, dimension=dimension)
     past, this_run, other_runs = _histories(context, ledger, key)
     # before any step: the site's limits win
     policy.check_train(plan, past, this_run, next_steps=plan.local_steps if plan else 0)

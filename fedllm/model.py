@@ -206,8 +206,6 @@ def load_trained(adapter_dir: str | Path, settings: Settings) -> tuple[PeftModel
     return PeftModel.from_pretrained(base, str(adapter_dir)).eval(), labels
 
 
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, total
+def count_parameters(model: PeftModel) -> tuple[int, int]:
+    """(trainable, total) parameter counts: peft's ``get_nb_trainable_parameters``."""
+    return model.get_nb_trainable_parameters()
