@@ -1,18 +1,34 @@
 """fedllm: federated fine-tuning of BERT with LoRA adapters and differential privacy."""
 
+from __future__ import annotations
+
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 __version__ = "0.1.0"
 
 # Known, understood warnings that would otherwise repeat every round at every site:
-# - Opacus' secure RNG is off (documented in the README: turn on for a final production run);
+# - Opacus' secure RNG is off (README: what Opacus' secure_mode would and would not add);
 # - Opacus' hooks on a model whose inputs need no grad (frozen embeddings, by design);
 # - the RDP search reaching its largest order while calibrating small epsilons;
-# - a transformers deprecation inside peft.
-for _pattern in (
+# - a transformers deprecation inside peft (``get_peft_model``, ``PeftModel.from_pretrained``).
+KNOWN_WARNINGS = (
     "Secure RNG turned off",
     "Full backward hook is firing",
     "Optimal order is the largest alpha",
     ".*is_gradient_checkpointing.*",
-):
-    warnings.filterwarnings("ignore", message=_pattern)
+)
+
+
+@contextmanager
+def known_warnings() -> Iterator[None]:
+    """Ignore ``KNOWN_WARNINGS`` inside the block only; the caller's warning filters are restored.
+
+    Wrap fedllm's own calls that emit them (also usable as a decorator); importing fedllm
+    changes no warning filter.
+    """
+    with warnings.catch_warnings():
+        for pattern in KNOWN_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern)
+        yield

