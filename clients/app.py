@@ -85,14 +85,13 @@ def _site_data(context: Context, settings: Settings, labels: list[str]) -> SiteD
     return sites[int(node["partition-id"])]
 
 
-def _setup(msg: Message, context: Context):
-    """Settings, label names, this site's data and the model with the global adapter loaded."""
-    settings = settings_from(context.run_config)
+def _setup(msg: Message, context: Context, settings: Settings):
+    """Label names, this site's data and the model with the global adapter loaded."""
     labels = json.loads(str(msg.content["config"]["labels"]))
     site = _site_data(context, settings, labels)
     model = build_model(settings, labels, pick_device(settings.device))
     adapter_from_record(model, msg.content["arrays"])
-    return settings, labels, site, model
+    return labels, site, model
 
 
 def _ledger(context: Context) -> PrivacyLedger | None:
@@ -152,16 +151,16 @@ def _train_round(
     server_round = int(msg.content["config"]["server-round"])
     digest = arrays_digest(msg.content["arrays"])
     kept = store.load(key)
+    settings = settings_from(context.run_config)
     if kept is not None and kept.answers(key, server_round, digest):
         _histories(context, ledger, key)  # a ledger that lost this run's spend still refuses
         print(
             f"[site {context.node_id}] round {server_round} of run {key}: already trained on this "
             "global adapter; the kept reply is sent again (no step, no new epsilon)"
         )
-        private = settings_from(context.run_config).private
-        metrics = MetricRecord(policy.reply_metrics(kept.metrics, private=private))
+        metrics = MetricRecord(policy.reply_metrics(kept.metrics, private=settings.private))
         return Message(RecordDict({"arrays": kept.arrays, "metrics": metrics}), reply_to=msg)
-    settings, labels, site, model = _setup(msg, context)
+    labels, site, model = _setup(msg, context, settings)
     tokenizer = load_tokenizer(settings.model)
     train_ds = tokenize(site.train, tokenizer, labels, settings.max_length, settings.truncation)
     plan = None
@@ -225,8 +224,9 @@ def _train_round(
 @app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
     """Score the global adapter on this site's local test split, if the site releases that."""
-    SitePolicy.from_context(context).check_evaluate(settings_from(context.run_config).private)
-    settings, labels, site, model = _setup(msg, context)
+    settings = settings_from(context.run_config)
+    SitePolicy.from_context(context).check_evaluate(settings.private)
+    labels, site, model = _setup(msg, context, settings)
     test_ds = tokenize(
         site.test, load_tokenizer(settings.model), labels, settings.max_length, settings.truncation
     )
