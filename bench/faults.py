@@ -8,7 +8,7 @@ No training, no servers: each probe calls the piece of fedllm that meets the fau
   server's own ``AdapterFedAvg.aggregate_train`` (default run config: fedavg, ``max-update-norm``
   and ``max-site-weight`` auto), against the adapter of a tiny random BERT with the run's LoRA
   layout, and the aggregate is loaded into that model as the server's evaluation does;
-- run names: ``server.app._run_dir`` with a submitted ``run-name``;
+- run names: ``server.app.make_run_dir`` with a submitted ``run-name``;
 - data files: the site's own reading (``clients.site`` join's check, ``load_site_file``, ``tokenize``);
 - credentials: ``server.credentials`` main.
 
@@ -47,7 +47,7 @@ from fedllm.adapters import AdapterMismatchError, adapter_to_record, set_adapter
 from fedllm.config import Settings
 from fedllm.data import load_site_file, tokenize
 from fedllm.model import build_model, load_tokenizer
-from server.app import _run_dir
+from server.app import make_run_dir
 from server.credentials import main as credentials_main
 from server.robust import RobustSettings, update_norm
 from server.strategy import AdapterFedAvg
@@ -301,7 +301,7 @@ def _files(root: Path) -> set[str]:
 
 
 def run_name_probes() -> list[Row]:
-    """A submitted ``run-name`` through ``_run_dir``: refused, or a folder inside run-dir."""
+    """A submitted ``run-name`` through ``make_run_dir``: refused, or a folder inside run-dir."""
     names = ["../escaped-by-outsider", "a/../../x", "/tmp/abs", "..", "sub/dir", "a\\b", "line\nbreak"]
     rows = []
     for name in [*names, "link-out (symlink in run-dir)", "bbc-robust"]:
@@ -322,7 +322,7 @@ def run_name_probes() -> list[Row]:
                 run_config={"run-dir": str(runs), "run-name": submitted},
             )
             try:
-                path = _run_dir(context)
+                path = make_run_dir(context)
                 happened = f"run folder {path.relative_to(root.resolve())}"
             except ValueError as err:
                 happened = f"refused: {str(err).replace(str(root.resolve()), '$TMP')}"

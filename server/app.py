@@ -56,7 +56,7 @@ def _root(context: Context) -> Path:
     return Path(str(context.run_config.get("run-dir", "runs"))).expanduser().resolve()
 
 
-def _run_dir(context: Context) -> Path:
+def make_run_dir(context: Context) -> Path:
     """``run-dir/run-name`` (default: the start time); never reuses an existing folder.
 
     The final path is resolved (symlinks followed) and must lie directly inside ``run-dir``.
@@ -74,6 +74,9 @@ def _run_dir(context: Context) -> Path:
         )
     path.mkdir(parents=True, exist_ok=False)
     return path
+
+
+_run_dir = make_run_dir  # the former private name, still imported by tests/test_run_dir.py
 
 
 def _save(model, folder: Path, labels: list[str], extra: dict | None = None) -> None:
@@ -121,7 +124,7 @@ def main(grid: Grid, context: Context) -> None:
             f"(run key {run_key}; its checkpoint is the global adapter)"
         )
     else:
-        run_dir, run_key = _run_dir(context), str(context.run_id)  # the run key: this first run id
+        run_dir, run_key = make_run_dir(context), str(context.run_id)  # the run key: this first run id
         write_config(run_dir, record, run_key)
         initial = adapter_to_record(model)
     full_bytes = full_model_nbytes(model)
