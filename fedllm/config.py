@@ -4,6 +4,10 @@ The same keys are used everywhere: Flower's run config (``[tool.flwr.app.config]
 ``pyproject.toml``, ``flwr run --run-config "lora-r=16"``), TOML files and command-line flags
 (``--lora-r 16``). Keys are written with hyphens on the outside and map to the underscored
 field names below.
+
+``Settings`` is the one source of every fine-tune default. Flower refuses run config keys an app
+does not declare, so pyproject.toml declares them again: ``flower_defaults()`` is what that table
+must hold (tests/test_config.py checks it key by key).
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ from typing import Any
 DP_HEAD_LR = 10.0  # SGD on the head over the frozen encoder's pooled features, under DP
 DP_SAMPLE_RATE = 1.0  # Poisson q of the DP recipe: full-batch steps, the least noise per signal
 DP_MAX_STEP_NOISE = 2.0  # noise norm of one averaged DP step, in clipping norms: see plan_privacy
+# A federated run's defaults where they differ from one local fine-tune's: a site trains one
+# local epoch per round (python -m fedllm.centralized trains Settings.epochs in one go).
+FEDERATED_DEFAULTS: dict[str, Any] = {"epochs": 1}
 
 
 @dataclass
@@ -193,7 +200,7 @@ class Settings:
 
     def to_dict(self) -> dict[str, Any]:
         """Hyphenated keys, as written in run configs and on the command line."""
-        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+        return {_key(f.name): getattr(self, f.name) for f in fields(self)}
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with some fields changed (underscored names)."""
@@ -204,15 +211,30 @@ def _field(key: str) -> str:
     return key.replace("-", "_")
 
 
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def true_or_false(value: Any) -> bool:
+    """A bool from a bool or text (true/false, 1/0, yes/no, on/off); ``ValueError`` otherwise."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true/false, got {value!r}")
+
+
 def _coerce(name: str, kind: type, value: Any) -> Any:
     if kind is bool:
-        if isinstance(value, str):
-            if value.lower() in ("1", "true", "yes", "on"):
-                return True
-            if value.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(f"setting {name}: expected true/false, got {value!r}")
-        return bool(value)
+        if not isinstance(value, str):
+            return bool(value)
+        try:
+            return true_or_false(value)
+        except ValueError as err:
+            raise ValueError(f"setting {name}: {err}") from None
     try:
         return kind(value)
     except (TypeError, ValueError) as err:
@@ -220,6 +242,14 @@ def _coerce(name: str, kind: type, value: Any) -> Any:
 
 
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool}
+# each setting's hyphenated key and its type (str, int, float or bool), in declaration order
+SETTING_TYPES: dict[str, type] = {_key(f.name): _TYPES[str(f.type)] for f in fields(Settings)}
+
+
+def flower_defaults() -> dict[str, Any]:
+    """The fine-tune settings as pyproject.toml's ``[tool.flwr.app.config]`` must declare them:
+    ``Settings``' defaults with ``FEDERATED_DEFAULTS`` over them, hyphenated keys."""
+    return {**Settings().to_dict(), **FEDERATED_DEFAULTS}
 
 
 def settings_from(mapping: Mapping[str, Any], base: Settings | None = None) -> Settings:
@@ -229,11 +259,10 @@ def settings_from(mapping: Mapping[str, Any], base: Settings | None = None) -> S
     ``num-server-rounds``) in the same table.
     """
     values = dataclasses.asdict(base or Settings())
-    known = {f.name: _TYPES[str(f.type)] for f in fields(Settings)}
     for key, value in mapping.items():
-        name = _field(str(key))
-        if name in known and value is not None:
-            values[name] = _coerce(str(key), known[name], value)
+        kind = SETTING_TYPES.get(_key(str(key)))
+        if kind is not None and value is not None:
+            values[_field(str(key))] = _coerce(str(key), kind, value)
     return Settings(**values).validate()
 
 

@@ -4,10 +4,22 @@ from __future__ import annotations
 
 import argparse
 import math
+import tomllib
+from dataclasses import fields
+from pathlib import Path
 
 import pytest
 
-from fedllm.config import Settings, add_settings_arguments, settings_from
+from clients.policy import SIM_PREFIX, SitePolicy
+from fedllm.config import (
+    FEDERATED_DEFAULTS,
+    SETTING_TYPES,
+    Settings,
+    add_settings_arguments,
+    flower_defaults,
+    settings_from,
+)
+from server.robust import RobustSettings
 
 
 def test_hyphenated_keys_and_string_values_are_coerced():
@@ -38,14 +50,59 @@ def test_cli_flags_mirror_the_settings():
     assert settings_from(s.to_dict()) == s == Settings(lora_targets="query,key", max_grad_norm=0.5)
 
 
-def test_every_setting_is_declared_in_the_flower_app_config():
-    """Flower refuses a run whose config has keys the app does not declare ('Invalid run
-    configuration'): a setting missing from pyproject.toml would make every sweep point fail."""
-    import tomllib
-    from pathlib import Path
-
-    from fedllm.config import Settings
-
+def _flower_table() -> dict:
     pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
-    declared = set(tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"])
-    assert sorted(set(Settings().to_dict()) - declared) == []
+    return tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"]
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f'"{value}"' if isinstance(value, str) else repr(value)
+
+
+def test_the_flower_app_config_declares_every_setting_with_its_default():
+    """Flower refuses a run whose config has keys the app does not declare ('Invalid run
+    configuration'), and a run without overrides trains with the table's values: the table must
+    hold fedllm.config's defaults (FEDERATED_DEFAULTS over Settings), key by key."""
+    table = _flower_table()
+    wrong = []
+    for key, default in flower_defaults().items():
+        if key not in table:
+            wrong.append(f"{key}: not declared; add {key} = {_toml(default)}")
+        elif table[key] != default or type(table[key]) is not type(default):
+            wrong.append(
+                f"{key} = {_toml(table[key])}, but fedllm/config.py's default is {_toml(default)}: "
+                f"write {key} = {_toml(default)} (or change the default in fedllm/config.py)"
+            )
+    assert not wrong, "pyproject.toml [tool.flwr.app.config]:\n" + "\n".join(wrong)
+
+
+def test_the_server_and_simulated_site_keys_hold_their_readers_defaults():
+    """The robust aggregation keys are RobustSettings' defaults and the sim-site-* keys the
+    SitePolicy defaults: a run without overrides behaves as those classes say."""
+    table = _flower_table()
+    robust, default = RobustSettings.from_run_config(table), RobustSettings()
+    wrong = [
+        f"{f.name.replace('_', '-')} = {_toml(table.get(f.name.replace('_', '-')))}: reads as "
+        f"{getattr(robust, f.name)!r}, server/robust.py's default is {getattr(default, f.name)!r}: "
+        "declare the default"
+        for f in fields(RobustSettings)
+        if getattr(robust, f.name) != getattr(default, f.name) or f.name.replace("_", "-") not in table
+    ]
+    policy = SitePolicy.from_config(table, SIM_PREFIX)
+    declared = [f for f in fields(SitePolicy) if SIM_PREFIX + f.name.replace("_", "-") in table]
+    wrong += [
+        f"{SIM_PREFIX}{f.name.replace('_', '-')}: reads as {getattr(policy, f.name)!r}, clients/policy.py's "
+        f"default is {getattr(SitePolicy(), f.name)!r}: declare the default"
+        for f in declared
+        if getattr(policy, f.name) != getattr(SitePolicy(), f.name)
+    ]
+    assert not wrong, "pyproject.toml [tool.flwr.app.config]:\n" + "\n".join(wrong)
+    assert policy == SitePolicy()
+    assert len(declared) == 5  # every limit a site sets in its node config, for the virtual sites
+
+
+def test_federated_defaults_are_settings():
+    assert set(FEDERATED_DEFAULTS) <= set(SETTING_TYPES)
+    assert settings_from(flower_defaults()) == Settings(**{k: v for k, v in FEDERATED_DEFAULTS.items()})
