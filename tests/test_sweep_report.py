@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 from simulations.plots import plot_budget
+from simulations.run import point_run_config, report
 from simulations.sweep import Point, plan_points, read_point, summary_table
+from simulations.sweep_config import SweepOptions, parse_args, sweep_settings
 
 
 def _row(kind: str, eps: float, trainable: str, accuracy: float, seed: int = 0) -> dict:
@@ -54,15 +57,34 @@ def test_the_summary_names_the_probe_and_what_trained(tmp_path):
     assert plot_budget(rows, tmp_path / "budget.png", "t").stat().st_size > 0
 
 
-def test_a_point_reports_what_it_trained(tmp_path):
-    run = tmp_path / "federated-eps8-seed0"
-    run.mkdir()
+def _finished_point(run: Path) -> Path:
+    """The run directory of a finished federated point at epsilon 8 (one round)."""
+    run.mkdir(parents=True)
     settings = {"target-epsilon": 8.0, "trainable": "auto"}
     (run / "config.json").write_text(json.dumps({"run-config": {}, "settings": settings}))
     (run / "result.json").write_text(json.dumps({"wall-seconds": 1.0}))
     lines = [{"round": 0, "server": {"accuracy": 0.2, "macro-f1": 0.1, "loss": 1.0}}]
     lines.append({"round": 1, "server": {"accuracy": 0.9, "macro-f1": 0.8, "loss": 0.3}, "sites": {}})
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    return run
 
+
+def test_a_point_reports_what_it_trained(tmp_path):
+    run = _finished_point(tmp_path / "federated-eps8-seed0")
     row = read_point(Point("federated", 8.0, 0), run)
     assert row["trainable"] == "head" and row["accuracy"] == 0.9
+
+
+def test_sites_per_round_of_a_preset_is_capped_at_sites_in_the_runs_and_the_summary(tmp_path):
+    """``--sites 4`` on the default preset (which samples 5 a round): each round samples the 4,
+    and the summary says so (it said "5 of 4 sites per round")."""
+    config = parse_args(["--sites", "4"])
+    options, settings = SweepOptions.from_config(config), sweep_settings(config)
+    point = Point("federated", 8.0, 0)
+    run_config = point_run_config(point, settings, options, tmp_path / "points")
+    assert (run_config["min-train-nodes"], run_config["min-available-nodes"]) == (4, 4)
+    assert run_config["fraction-train"] == 1.0
+    _finished_point(tmp_path / "points" / point.name)
+    report(tmp_path, [point], options, settings)
+    summary = (tmp_path / "summary.md").read_text()
+    assert "4 of 4 sites per round" in summary and "3 local steps per round" in summary
