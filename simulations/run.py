@@ -4,6 +4,8 @@
     python -m simulations.run --preset drugs --out runs/sweep-drugs
     python -m simulations.run --config sweep.toml     # same keys as the flags, e.g. sites = 20
 
+A preset is such a TOML file in simulations/presets/; sites-per-round is capped at --sites.
+
 Each federated point is one real Flower simulation (Simulation Engine, this project's ServerApp
 and ClientApp) with its own run directory under ``<out>/points/``; the centralized baseline uses
 the same library training loop. Rerunning the same command skips finished points. Writes
@@ -49,7 +51,17 @@ from simulations.sweep_config import (
     sweep_settings,
 )
 
-__all__ = ["PRESETS", "build_parser", "check_config", "parse_args", "report", "run_sweep", "main"]
+# PRESETS, build_parser, check_config and parse_args are the sweep's command line (sweep_config.py)
+__all__ = [
+    "PRESETS",
+    "build_parser",
+    "check_config",
+    "main",
+    "parse_args",
+    "point_run_config",
+    "report",
+    "run_sweep",
+]
 
 # the DP linear probe's point: the head alone, with the DP recipe's own 'auto' optimizer, lr and q
 PROBE = {"trainable": "head", "optimizer": "auto", "lr": 0.0, "sample-rate": -1.0}
@@ -129,7 +141,8 @@ def run_sweep(config: dict) -> Path:
                     )
                     run_centralized(central, run_dir, progress=False)
                 else:
-                    link = link or stack.enter_context(SimulationLink(out / ".flwr"))
+                    if link is None:
+                        link = stack.enter_context(SimulationLink(out / ".flwr"))
                     _simulate(link, point_run_config(point, settings, options, points_dir), options, out)
                 row = read_point(point, run_dir)
                 bar.update(1)

@@ -108,7 +108,8 @@ class SweepOptions:
             try:
                 values[f.name] = _typed(f.name, str(f.type), config[key])
             except (TypeError, ValueError):
-                raise SystemExit(f"sweep key {key}={config[key]!r}: expected {f.type}") from None
+                expected = "numbers, comma-separated or a TOML list" if "list" in str(f.type) else f.type
+                raise SystemExit(f"sweep key {key}={config[key]!r}: expected {expected}") from None
         options = cls(**values)
         checks = [
             (options.sites >= 1, "sites", "use 1 or more"),
@@ -222,14 +223,20 @@ def check_config(config: dict, saved: Path) -> None:
         raise SystemExit(f"unknown sweep keys {unknown}: see python -m simulations.run --help")
     if float(config.get("noise-multiplier", 0) or 0) > 0:
         raise SystemExit("a sweep sets the noise from each target epsilon: drop noise-multiplier")
+    keep_or_refuse(config, saved, EXTENDABLE, "a sweep")
+
+
+def keep_or_refuse(config: dict, saved: Path, extendable: set[str], what: str) -> None:
+    """Resuming: refuse when ``saved`` (a JSON config) differs from ``config`` outside the
+    ``extendable`` keys, naming those keys; otherwise save ``config`` there."""
     if saved.exists():
         old = json.loads(saved.read_text())
         changed = sorted(
-            k for k in set(old) | set(config) if k not in EXTENDABLE and old.get(k) != config.get(k)
+            k for k in set(old) | set(config) if k not in extendable and old.get(k) != config.get(k)
         )
         if changed:
             raise SystemExit(
-                f"{saved.parent} holds a sweep with other settings ({', '.join(changed)}): its finished "
+                f"{saved.parent} holds {what} with other settings ({', '.join(changed)}): its finished "
                 "points would not match; use another --out (nothing was changed)"
             )
     saved.write_text(json.dumps(config, indent=2, default=str))
