@@ -83,13 +83,16 @@ def test_the_server_and_simulated_site_keys_hold_their_readers_defaults():
     SitePolicy defaults: a run without overrides behaves as those classes say."""
     table = _flower_table()
     robust, default = RobustSettings.from_run_config(table), RobustSettings()
-    wrong = [
-        f"{f.name.replace('_', '-')} = {_toml(table.get(f.name.replace('_', '-')))}: reads as "
-        f"{getattr(robust, f.name)!r}, server/robust.py's default is {getattr(default, f.name)!r}: "
-        "declare the default"
-        for f in fields(RobustSettings)
-        if getattr(robust, f.name) != getattr(default, f.name) or f.name.replace("_", "-") not in table
-    ]
+    wrong = []
+    for f in fields(RobustSettings):
+        key, want = f.name.replace("_", "-"), getattr(default, f.name)
+        if key not in table:
+            wrong.append(f"{key}: not declared; server/robust.py reads it (default {want!r}): declare it")
+        elif getattr(robust, f.name) != want:
+            wrong.append(
+                f"{key} = {_toml(table[key])} reads as {getattr(robust, f.name)!r}, but server/robust.py's "
+                f"default is {want!r}: declare the default"
+            )
     policy = SitePolicy.from_config(table, SIM_PREFIX)
     declared = [f for f in fields(SitePolicy) if SIM_PREFIX + f.name.replace("_", "-") in table]
     wrong += [
