@@ -1,4 +1,9 @@
-"""Privacy: the one entry to DP-SGD (Opacus), noise calibration over the whole plan, accounting.
+"""Privacy: the one door to DP-SGD (Opacus), noise calibration over the whole plan, accounting.
+
+``attach`` wraps a model, optimizer and loader for one local training; its ``finish()`` removes
+the hooks and returns the site's history and epsilon. A history is Opacus' accountant history,
+``[(noise_multiplier, sample_rate, steps), ...]`` (lists once in JSON), restored only through
+Opacus' ``load_state_dict`` (``restore_accountant``).
 
 - Sampling is Poisson (Opacus ``DPDataLoader``), with sample rate ``q = settings.sample_rate`` when
   set (up to 1: full-batch DP-GD), else ``q = 1 / ceil(n / batch_size)``; an epoch is ``ceil(1 / q)``
@@ -13,15 +18,18 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 from opacus import PrivacyEngine
-from opacus.accountants import create_accountant
+from opacus.accountants import IAccountant, create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.data_loader import DPDataLoader
+from opacus.grad_sample import AbstractGradSampleModule
 from opacus.optimizers import DPOptimizer
+from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import DataLoader
 
 from fedllm.config import Settings
@@ -150,11 +158,11 @@ def _calibrate(epsilon: float, delta: float, q: float, steps: int, mechanism: st
 
 
 def epsilon_for(history: list, delta: float, mechanism: str = "prv") -> float:
-    """Epsilon of a list of (noise_multiplier, sample_rate, steps) under an Opacus accountant.
+    """Epsilon of a history (Opacus' accountant history: ``(noise_multiplier, sample_rate, steps)``).
 
-    Consecutive entries with the same (sigma, q) are merged first (``compact``): the same
-    composition, and the PRV accountant's cost grows with the number of entries (a site's
-    eight rounds of three steps: 2.9 s as eight entries, 0.4 s as one). Results are memoised.
+    The history is merged first (``compact``): the same composition, and the PRV accountant's cost
+    grows with the number of entries (a site's eight rounds of three steps: 2.9 s as eight entries,
+    0.4 s as one). Results are memoised.
     """
     if not history:
         return 0.0
@@ -163,9 +171,33 @@ def epsilon_for(history: list, delta: float, mechanism: str = "prv") -> float:
 
 @lru_cache(maxsize=1024)
 def _epsilon(history: tuple, delta: float, mechanism: str) -> float:
+    return float(restore_accountant(mechanism, history).get_epsilon(delta=delta))
+
+
+def restore_accountant(mechanism: str, history: Iterable[Sequence]) -> IAccountant:
+    """An Opacus accountant of ``mechanism`` holding ``history``, loaded as Opacus' own state dict.
+
+    The one way fedllm restores a history: for ε, and before a site trains again.
+    """
     accountant = create_accountant(mechanism)
-    accountant.history = [tuple(h) for h in history]
-    return float(accountant.get_epsilon(delta=delta))
+    accountant.load_state_dict({"history": [tuple(h) for h in history], "mechanism": mechanism})
+    return accountant
+
+
+def compact(history: Iterable[Sequence]) -> list[list]:
+    """Merge consecutive entries with the same (sigma, q): the same epsilon, a shorter history.
+
+    Opacus' accountants merge a step into the last entry as they book it (``IAccountant.step``),
+    but offer nothing that merges a concatenation (rounds restored from a ledger, runs composed);
+    this does, so an epsilon costs one composition per distinct (sigma, q), not one per round.
+    """
+    merged: list[list] = []
+    for sigma, q, steps in history:
+        if merged and merged[-1][0] == sigma and merged[-1][1] == q:
+            merged[-1][2] += int(steps)
+        else:
+            merged.append([float(sigma), float(q), int(steps)])
+    return merged
 
 
 def entropy_generator(device: torch.device | str = "cpu") -> torch.Generator:
@@ -178,7 +210,58 @@ def entropy_generator(device: torch.device | str = "cpu") -> torch.Generator:
     return torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(8), "little"))
 
 
-def make_private(
+@dataclass
+class PrivateTraining:
+    """DP-SGD attached to one local training (``attach``): train with these, then ``finish()``.
+
+    ``model`` wraps the model with Opacus' per-example hooks; ``optimizer`` clips, sums, adds noise
+    and books each step in ``accountant`` (restored from the site's history); ``loader`` draws
+    Poisson batches with ``plan.sample_rate``; ``criterion(logits, labels)`` is the loss of a
+    physical batch to back-propagate: the mean of its example losses (ghost clipping: Opacus'
+    wrapper, whose ``backward()`` runs its two passes).
+    """
+
+    model: AbstractGradSampleModule
+    optimizer: DPOptimizer
+    loader: DataLoader
+    criterion: Callable
+    plan: PrivacyPlan
+    accountant: IAccountant
+    physical_batch_size: int = 0
+    restored_steps: int = 0
+
+    def batches(self) -> Iterator[list[torch.Tensor]]:
+        """One pass over the Poisson batches, each split in physical batches of at most
+        ``physical_batch_size`` (0: unsplit) by Opacus' ``BatchMemoryManager``, which tells the
+        optimizer to skip the step (clip and sum only) until a Poisson batch's last chunk."""
+        if self.physical_batch_size <= 0:
+            yield from (list(batch) for batch in self.loader)
+            return
+        with BatchMemoryManager(
+            data_loader=self.loader,
+            max_physical_batch_size=self.physical_batch_size,
+            optimizer=self.optimizer,
+        ) as physical:
+            yield from (list(batch) for batch in physical)
+
+    def finish(self, steps: int) -> tuple[list[list], float]:
+        """Remove Opacus' hooks (the model is plain again); the site's history and ε after ``steps``.
+
+        Raises ``RuntimeError`` when the accountant did not book exactly ``steps`` steps (the
+        logical steps taken): the ε reported would not be the ε spent.
+        """
+        self.model.remove_hooks()
+        history = compact(self.accountant.history)
+        booked = sum(h[2] for h in history) - self.restored_steps
+        if booked != steps:
+            raise RuntimeError(
+                f"{steps} logical steps, {booked} accounted: "
+                "every optimizer step must be exactly one accounted step"
+            )
+        return history, epsilon_for(history, self.plan.delta, self.plan.accountant)
+
+
+def attach(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     loader: DataLoader,
@@ -186,13 +269,13 @@ def make_private(
     plan: PrivacyPlan,
     history: list | None = None,
     criterion: torch.nn.Module | None = None,
-):
-    """Attach DP-SGD: Poisson sampling, per-sample clipping, noise; restore the site's accountant.
+) -> PrivateTraining:
+    """Attach DP-SGD (Opacus): Poisson sampling, per-example clipping, noise, the site's accountant.
 
-    Noise (on the model's device) and sampling draw from OS entropy (``entropy_generator``).
-    ``criterion`` is used by the ghost-clipping mode. Returns what Opacus' ``make_private``
-    returns, after the engine: ``(engine, model, optimizer, loader)`` or, for ghost,
-    ``(engine, model, optimizer, criterion, loader)``.
+    ``history`` (the site's earlier steps) is restored into the accountant, so ``finish()``'s ε is
+    cumulative. ``criterion`` (default: cross-entropy) must have a ``reduction`` attribute, as Opacus'
+    ghost-clipping wrapper sets it to ``"none"`` to get the example losses. Noise (on the model's
+    device) and sampling draw from OS entropy (``entropy_generator``).
 
     With ``settings.sample_rate > 0`` the Poisson loader draws every example with that rate
     (``loader``'s batch size is then unused); otherwise with ``1 / ceil(n / B)``, ``B`` the
@@ -204,15 +287,11 @@ def make_private(
     calibrated to 8). The mean-reduced gradient is divided by the expected batch size ``n * q``
     for the same reason (only the step size depends on it, not the privacy).
     """
-    engine = PrivacyEngine(accountant=plan.accountant)
-    if history:
-        engine.accountant.load_state_dict(
-            {"history": [tuple(h) for h in history], "mechanism": plan.accountant}
-        )
-    private = engine.make_private(
+    criterion = criterion if criterion is not None else torch.nn.CrossEntropyLoss()
+    private = PrivacyEngine(accountant=plan.accountant).make_private(
         module=model,
         optimizer=optimizer,
-        criterion=criterion if criterion is not None else torch.nn.CrossEntropyLoss(),
+        criterion=criterion,
         data_loader=loader,
         noise_generator=entropy_generator(next(model.parameters()).device),
         noise_multiplier=plan.noise_multiplier,
@@ -220,7 +299,10 @@ def make_private(
         poisson_sampling=True,
         grad_sample_mode=settings.grad_sample_mode,
     )
-    dp_optimizer, dp_loader = private[1], private[-1]
+    if settings.grad_sample_mode == "ghost":  # Opacus' loss wrapper runs the two backward passes
+        net, dp_optimizer, criterion, dp_loader = private
+    else:
+        net, dp_optimizer, dp_loader = private
     if settings.sample_rate > 0:  # Opacus derives q = 1 / len(loader); draw with the configured q
         dp_loader = DPDataLoader(
             loader.dataset,
@@ -228,21 +310,44 @@ def make_private(
             collate_fn=loader.collate_fn,
             generator=dp_loader.generator,
         )
-        private = (*private[:-1], dp_loader)
-    _book_realised_rate(engine, dp_optimizer, dp_loader, plan)
-    return (engine, *private)
+    restored = compact(history or [])
+    accountant = restore_accountant(plan.accountant, restored)
+    _book_realised_rate(accountant, dp_optimizer, dp_loader, plan)
+    return PrivateTraining(
+        net,
+        dp_optimizer,
+        dp_loader,
+        criterion,
+        plan,
+        accountant,
+        settings.physical_batch_size,
+        sum(h[2] for h in restored),
+    )
+
+
+def zero_sum_gradients(params: Iterable[torch.nn.Parameter]) -> None:
+    """Give the DP optimizer the gradients of a Poisson batch that sampled no example: a sum of zero.
+
+    Skipping an empty batch would change the mechanism that was accounted, so each is a step that
+    adds noise to a zero sum and is booked. Both forms Opacus reads are set: per-example modes clip
+    and sum ``p.grad_sample`` (zero rows here); ghost clipping sums ``p.grad`` itself (and fails on
+    ``None``). Each mode's optimizer ignores the other form and overwrites ``p.grad`` with the noise.
+    """
+    for p in params:
+        p.grad = torch.zeros_like(p)
+        p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
 
 
 def _book_realised_rate(
-    engine: PrivacyEngine, optimizer: DPOptimizer, loader: DataLoader, plan: PrivacyPlan
+    accountant: IAccountant, optimizer: DPOptimizer, loader: DataLoader, plan: PrivacyPlan
 ) -> None:
-    """Make the accountant book the sampler's rate, which ``plan`` was calibrated for.
+    """Make ``accountant`` book the sampler's rate, which ``plan`` was calibrated for.
 
     Raises ``RuntimeError`` when the sampler does not draw with ``plan.sample_rate``: training
     would then spend a different epsilon than the one planned and reported. The hook runs in
     ``DPOptimizer.pre_step`` after the skip check, so with Opacus' ``BatchMemoryManager`` it books
-    one step per logical (Poisson) batch, never one per physical chunk; ``train_local`` checks
-    that the steps booked equal the optimizer steps taken.
+    one step per logical (Poisson) batch, never one per physical chunk; ``PrivateTraining.finish``
+    checks that the steps booked equal the logical steps taken.
     """
     realised = getattr(loader.batch_sampler, "sample_rate", None)
     if realised != plan.sample_rate or getattr(loader, "sample_rate", None) != plan.sample_rate:
@@ -250,8 +355,8 @@ def _book_realised_rate(
             f"the Poisson sampler draws with q={realised}, the privacy plan assumes "
             f"q={plan.sample_rate}: refusing to train with an accounting that does not match"
         )
-    # replaces the hook make_private attached (which books 1 / len(loader))
-    optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate))
+    # replaces the hook make_private attached (the engine's own accountant, booking 1 / len(loader))
+    optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate))
     optimizer.expected_batch_size = len(loader.dataset) * plan.sample_rate
 
 
@@ -268,14 +373,3 @@ def check_budget(plan: PrivacyPlan, history: list, next_steps: int) -> float:
             f"target {plan.target_epsilon} (delta={plan.delta:g}); this site stops training"
         )
     return after
-
-
-def compact(history: list) -> list[list]:
-    """Merge consecutive history entries with the same (sigma, q): same epsilon, shorter state."""
-    merged: list[list] = []
-    for sigma, q, steps in history:
-        if merged and merged[-1][0] == sigma and merged[-1][1] == q:
-            merged[-1][2] += int(steps)
-        else:
-            merged.append([float(sigma), float(q), int(steps)])
-    return merged

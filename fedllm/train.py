@@ -12,12 +12,12 @@ learning-rate schedule, the accountant and ``max_steps`` all count logical steps
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
-from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
@@ -27,12 +27,12 @@ from fedllm.config import Settings
 from fedllm.features import HeadOnFeatures, pooled_features
 from fedllm.privacy import (
     PrivacyPlan,
+    attach,
     check_budget,
-    compact,
     entropy_generator,
     local_steps,
-    make_private,
     sample_rate,
+    zero_sum_gradients,
 )
 
 
@@ -65,21 +65,6 @@ def _trim(input_ids: torch.Tensor, mask: torch.Tensor):
 
 def _trainable(model: nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
-
-
-def _empty_batch_gradients(params: list[torch.nn.Parameter], ghost: bool) -> None:
-    """Give the DP optimizer the gradients of a batch that sampled no example: a sum of zero.
-
-    Poisson sampling draws empty batches; skipping them would change the mechanism that was
-    accounted, so each is a step that adds noise to a zero sum and is booked. Per-sample modes
-    clip and sum ``p.grad_sample`` (here zero rows); ghost clipping sums ``p.grad`` itself
-    (its optimizer copies ``p.grad`` into ``summed_grad`` and fails on ``None``).
-    """
-    for p in params:
-        if ghost:
-            p.grad = torch.zeros_like(p)
-        else:
-            p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
 
 
 def lr_schedule(settings: Settings, steps_per_round: int, round_index: int = 1, num_rounds: int = 1):
@@ -137,27 +122,9 @@ def _forward(
     return net(input_ids=input_ids, attention_mask=mask).logits, labels.to(device)
 
 
-def _physical_batches(
-    loader: DataLoader, optimizer: torch.optim.Optimizer, size: int, private: bool
-) -> Iterator[tuple[list[torch.Tensor], int, bool]]:
-    """One pass over ``loader`` in physical batches of at most ``size`` (0 = no limit).
-
-    Yields ``(batch, logical_size, last)``. Private: ``BatchMemoryManager`` splits each Poisson
-    batch and tells the DP optimizer to skip the step until the last chunk; the logical size is
-    unknown then (0) and ``last`` is not used (a step is detected when the optimizer takes it).
-    Non-private: each shuffled batch is split here, ``last`` marks its final chunk.
-    """
-    if private:
-        if size > 0:
-            with BatchMemoryManager(
-                data_loader=loader, max_physical_batch_size=size, optimizer=optimizer
-            ) as physical:
-                for batch in physical:
-                    yield list(batch), 0, False
-        else:
-            for batch in loader:
-                yield list(batch), 0, False
-        return
+def _chunks(loader: DataLoader, size: int) -> Iterator[tuple[list[torch.Tensor], int, bool]]:
+    """One pass over the shuffled (non-private) batches, each split in chunks of at most ``size``
+    (0 = unsplit): ``(chunk, logical batch size, last chunk of its batch)``."""
     for batch in loader:
         count = len(batch[-1])
         chunks = list(zip(*(t.split(size) for t in batch), strict=True)) if 0 < size < count else [batch]
@@ -165,30 +132,29 @@ def _physical_batches(
             yield list(chunk), count, i == len(chunks) - 1
 
 
-def _backward(
-    net: nn.Module,
-    batch: list[torch.Tensor],
-    device: torch.device,
-    criterion: nn.Module,
-    weight: torch.Tensor | None,
-    ghost: bool,
-    logical_size: int,
-) -> float:
-    """Forward and backward one non-empty physical batch; returns the sum of its example losses.
+def _private_batches(
+    batches: Callable[[], Iterable[list[torch.Tensor]]],
+) -> Iterator[tuple[list[torch.Tensor], int, bool]]:
+    """Private physical batches as ``_chunks`` yields them: divisor 1 (the loss is already their
+    mean), each one "last" (the DP optimizer itself skips the step until a Poisson batch's end)."""
+    for batch in batches():
+        yield batch, 1, True
 
-    Private (``logical_size == 0``): the mean over the physical batch, as Opacus expects (its
-    per-example gradients undo the mean; the DP optimizer divides the noisy sum of clipped
-    gradients by the expected logical batch ``n q``). Non-private: the sum over the chunk divided
-    by the logical batch size, so the chunks' gradients add up to the logical batch's mean.
+
+class _ExampleLoss(nn.CrossEntropyLoss):
+    """Class-weighted cross-entropy per example, reduced by the *number* of examples.
+
+    ``reduction``: ``"none"`` (the example losses), ``"sum"``, or ``"mean"`` (their sum over the
+    count, not over the summed class weights as ``nn.CrossEntropyLoss`` does). Opacus' ghost
+    clipping sets ``reduction = "none"`` on it to get the example losses, then takes their mean.
     """
-    logits, labels = _forward(net, batch, device)
-    if ghost:  # Opacus' loss wrapper: two backward passes, per-example clipping in between
-        loss = criterion(logits, labels)
-        loss.backward()
-        return float(loss.detach()) * len(labels)
-    losses = F.cross_entropy(logits, labels, weight=weight, reduction="none")
-    (losses.mean() if logical_size == 0 else losses.sum() / logical_size).backward()
-    return float(losses.detach().sum())
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The example losses of ``logits`` against ``labels``, reduced by ``self.reduction``."""
+        losses = F.cross_entropy(logits, labels, weight=self.weight, reduction="none")
+        if self.reduction == "none":
+            return losses
+        return losses.sum() if self.reduction == "sum" else losses.mean()
 
 
 class _StepWatch:
@@ -203,10 +169,6 @@ class _StepWatch:
 
     def remove(self) -> None:
         self._handle.remove()
-
-
-def _booked_steps(history: list) -> int:
-    return int(sum(h[2] for h in history))
 
 
 def train_local(
@@ -258,17 +220,17 @@ def train_local(
     optimizer = build_optimizer(params, settings)
     watch = _StepWatch(optimizer)  # the optimizer itself: its DP wrapper may skip steps
     weight = class_weight.to(device) if class_weight is not None else None
-    criterion = nn.CrossEntropyLoss(weight=weight)
-    engine, net = None, model
-    if plan is not None:
-        engine, net, optimizer, *rest = make_private(
-            model, optimizer, loader, settings, plan, history, criterion
-        )
-        if settings.grad_sample_mode == "ghost":
-            criterion, loader = rest
-        else:
-            (loader,) = rest
-    ghost = plan is not None and settings.grad_sample_mode == "ghost"
+    # a physical batch back-propagates criterion(logits, labels) / divisor: non-private, the sum
+    # of a chunk's example losses over its logical batch's size (the chunks add up to the logical
+    # batch's mean); private, Opacus' convention, the mean over the physical batch (divisor 1)
+    private = None
+    if plan is None:
+        net, criterion = model, _ExampleLoss(weight=weight, reduction="sum")
+        batches = partial(_chunks, loader, settings.physical_batch_size)
+    else:
+        private = attach(model, optimizer, loader, settings, plan, history, _ExampleLoss(weight=weight))
+        net, optimizer, criterion = private.model, private.optimizer, private.criterion
+        batches = partial(_private_batches, private.batches)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(settings, steps_goal, *round_of))
     net.train()
     result = TrainResult(0, 0, 0.0, 0.0)
@@ -277,30 +239,28 @@ def train_local(
     pending = 0  # physical batches since the last step
     bar = tqdm(total=steps_goal, desc="train", unit="step", disable=not progress, leave=False)
     while result.steps < steps_goal:
-        for batch, logical_size, last in _physical_batches(
-            loader, optimizer, settings.physical_batch_size, private=plan is not None
-        ):
+        for batch, divisor, last in batches():
             if len(batch[-1]) == 0:  # an empty Poisson batch: still a noisy step, still accounted
-                _empty_batch_gradients(params, ghost=settings.grad_sample_mode == "ghost")
+                zero_sum_gradients(params)
                 result.empty_batches += 1
             else:
-                loss_sum += _backward(net, batch, device, criterion, weight, ghost, logical_size)
-                result.examples_seen += len(batch[-1])
+                logits, labels = _forward(net, batch, device)
+                (criterion(logits, labels) / divisor).backward()
+                loss_sum += float(
+                    F.cross_entropy(logits.detach(), labels, weight=weight, reduction="none").sum()
+                )
+                result.examples_seen += len(labels)
             result.physical_batches += 1
             pending += 1
-            if plan is None:  # accumulate the chunks' gradients, step after the last one
-                if not last:
-                    continue
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            else:  # the DP optimizer clips and sums each chunk, skips the step but on the last
-                taken = watch.count
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)  # keeps the summed clipped gradients
-                if watch.count == taken:
-                    if pending > n:  # a Poisson batch has at most n examples
-                        raise RuntimeError(f"{pending} physical batches without an optimizer step")
-                    continue
+            if not last:  # a non-private chunk: accumulate, step after the batch's last one
+                continue
+            taken = watch.count
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)  # a DP optimizer keeps its summed clipped gradients
+            if watch.count == taken:  # the DP optimizer clipped and summed a chunk, skipped the step
+                if pending > n:  # a Poisson batch has at most n examples
+                    raise RuntimeError(f"{pending} physical batches without an optimizer step")
+                continue
             pending = 0
             scheduler.step()
             if before is not None:
@@ -319,17 +279,9 @@ def train_local(
     watch.remove()
     result.mean_loss = loss_sum / max(result.examples_seen, 1)
     result.seconds = time.perf_counter() - start
-    if engine is not None:
-        booked = _booked_steps(engine.accountant.history) - _booked_steps(history)
-        if booked != result.steps or watch.count != result.steps:
-            raise RuntimeError(
-                f"{result.steps} logical steps, {watch.count} optimizer steps, {booked} accounted: "
-                "every optimizer step must be exactly one accounted step"
-            )
-        result.history = compact(engine.accountant.history)
-        result.epsilon = float(engine.get_epsilon(plan.delta))
+    if private is not None:  # back to the plain model: evaluation needs no per-sample gradients
+        result.history, result.epsilon = private.finish(result.steps)
         result.noise_multiplier = plan.noise_multiplier
-        net.remove_hooks()  # back to the plain model: evaluation needs no per-sample grads
     return result
 
 

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedllm import train as train_module
 from fedllm.config import DP_SAMPLE_RATE, Settings
-from fedllm.privacy import epsilon_for, local_steps, make_private, plan_privacy
+from fedllm.privacy import attach, local_steps, plan_privacy
 from fedllm.train import build_optimizer, logical_batch_size, train_local
 
 STEP = -1  # marks an optimizer step in the event list
@@ -170,11 +170,10 @@ def test_physical_batch_size_does_not_change_the_accounting():
     chunked = train_local(RecordingClassifier([]), data, split, plan=plan)
     assert chunked.physical_batches > chunked.steps == whole.steps == whole.physical_batches == 6
     assert whole.history == chunked.history == [[plan.noise_multiplier, 0.3, 6]]
-    assert whole.epsilon == chunked.epsilon
-    assert chunked.epsilon == pytest.approx(epsilon_for(chunked.history, plan.delta, "rdp"), rel=1e-12)
+    assert 0 < whole.epsilon == chunked.epsilon
     # a continued training books on top of the restored history, still one entry per (sigma, q)
     again = train_local(RecordingClassifier([]), data, split, plan=plan, history=chunked.history)
-    assert again.history == [[plan.noise_multiplier, 0.3, 12]]
+    assert again.history == [[plan.noise_multiplier, 0.3, 12]] and again.epsilon > chunked.epsilon
 
 
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
@@ -251,4 +250,4 @@ def test_a_plan_for_another_configured_rate_is_refused():
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
     loader = DataLoader(_dataset(60), batch_size=8)
     with pytest.raises(RuntimeError, match="privacy plan assumes"):
-        make_private(model, optimizer, loader, s, plan_privacy(s.replace(sample_rate=0.5), 60))
+        attach(model, optimizer, loader, s, plan_privacy(s.replace(sample_rate=0.5), 60))

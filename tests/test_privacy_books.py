@@ -2,8 +2,9 @@
 
 Opacus' ``UniformWithReplacementSampler`` runs ``int(1 / q)`` batches per epoch; for some
 ``k = ceil(n / B)`` the float ``1 / (1 / k)`` is just below ``k`` (93, 99, 105, ...), so the
-loader has ``k - 1`` batches and ``make_private`` books ``q = 1 / (k - 1)`` although the
-sampler draws every example with probability ``1 / k``. fedllm books the realised ``1 / k``.
+loader has ``k - 1`` batches and Opacus' ``make_private`` books ``q = 1 / (k - 1)`` although the
+sampler draws every example with probability ``1 / k``. fedllm books the realised ``1 / k``, and
+``finish()`` hands back exactly the steps taken, with the hooks removed.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from fedllm.config import Settings
 from fedllm.data import tokenize
 from fedllm.model import build_model
-from fedllm.privacy import compact, epsilon_for, make_private, plan_privacy, steps_per_epoch
+from fedllm.privacy import attach, plan_privacy, steps_per_epoch, zero_sum_gradients
 from fedllm.train import train_local
 
 from .conftest import DEVICE, LABELS
@@ -65,10 +66,7 @@ def test_planned_round_books_the_sampled_rate_and_stays_within_target():
     result = train_local(TinyClassifier(), _tiny_dataset(n), s, plan=plan)
     assert result.steps == 93
     assert result.history == [[plan.noise_multiplier, 1 / 93, 93]]  # Opacus alone books 1/92
-    assert result.epsilon <= 8.0 + 1e-6  # with 1/92 booked it reports 8.04
-    assert result.epsilon == pytest.approx(
-        epsilon_for([(plan.noise_multiplier, 1 / 93, 93)], plan.delta), rel=1e-9
-    )
+    assert 7.9 < result.epsilon <= 8.0 + 1e-6  # the plan spent; with 1/92 booked it reports 8.04
 
 
 @pytest.mark.parametrize("batch_size", [1, 8, 32])
@@ -83,27 +81,25 @@ def test_every_miscounted_size_books_the_realised_rate_and_every_step(batch_size
         model = TinyClassifier()
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
         loader = DataLoader(_tiny_dataset(n), batch_size=batch_size)
-        engine, net, optimizer, dp_loader = make_private(model, optimizer, loader, s, plan)
-        assert isinstance(dp_loader, DPDataLoader)
-        assert len(dp_loader) == k - 1, f"n={n}: a size Opacus' sampler miscounts"
-        realised = dp_loader.batch_sampler.sample_rate  # the rate each example is drawn with
+        private = attach(model, optimizer, loader, s, plan)
+        assert isinstance(private.loader, DPDataLoader)
+        assert len(private.loader) == k - 1, f"n={n}: a size Opacus' sampler miscounts"
+        realised = private.loader.batch_sampler.sample_rate  # the rate each example is drawn with
         assert realised == plan.sample_rate == 1 / k
         taken = 0
-        for input_ids, mask, labels in dp_loader:
+        for input_ids, mask, labels in private.batches():
             if len(labels) == 0:  # as train_local does for an empty Poisson batch
-                for p in net.parameters():
-                    p.grad_sample = torch.zeros((0, *p.shape))
+                zero_sum_gradients(model.parameters())
             else:
-                logits = net(input_ids=input_ids, attention_mask=mask).logits
-                nn.functional.cross_entropy(logits, labels).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+                logits = private.model(input_ids=input_ids, attention_mask=mask).logits
+                private.criterion(logits, labels).backward()
+            private.optimizer.step()
+            private.optimizer.zero_grad(set_to_none=True)
             taken += 1
             if taken == 3:
                 break
-        assert compact(engine.accountant.history) == [[1.0, realised, taken]], f"n={n}"
-        assert optimizer.expected_batch_size == pytest.approx(n * realised)  # mean of the draws
-        net.remove_hooks()
+        assert private.optimizer.expected_batch_size == pytest.approx(n * realised)  # mean of the draws
+        assert private.finish(taken)[0] == [[1.0, realised, taken]], f"n={n}"
 
 
 def test_the_sweep_finds_opacus_miscounts_only_where_the_float_rounds_down():
@@ -119,7 +115,54 @@ def test_a_plan_for_another_sampling_rate_is_refused():
     loader = DataLoader(_tiny_dataset(2960), batch_size=32)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
     with pytest.raises(RuntimeError, match="privacy plan assumes"):
-        make_private(model, optimizer, loader, s, plan_privacy(s, 100))
+        attach(model, optimizer, loader, s, plan_privacy(s, 100))
+
+
+def _one_private_step(model: nn.Module, settings: Settings, history: list) -> tuple[list, float]:
+    """Attach, take one noisy step on a (possibly empty) Poisson batch, finish."""
+    loader = DataLoader(_tiny_dataset(40), batch_size=8)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    private = attach(model, optimizer, loader, settings, plan_privacy(settings, 40), history)
+    input_ids, mask, labels = next(iter(private.batches()))
+    if len(labels):
+        private.criterion(private.model(input_ids=input_ids, attention_mask=mask).logits, labels).backward()
+    else:
+        zero_sum_gradients(model.parameters())
+    private.optimizer.step()
+    return private.finish(1)
+
+
+def test_finish_removes_the_hooks_and_the_next_attach_books_on_top():
+    s = Settings(batch_size=8, noise_multiplier=1.0, accountant="rdp", **_FROM_BATCH_SIZE)
+    model = TinyClassifier()
+    history, first = _one_private_step(model, s, [])
+    assert history == [[1.0, 1 / 5, 1]]
+    # the plain model again: a backward computes no per-example gradients
+    for p in model.parameters():
+        p.grad_sample = None
+    ids, mask, labels = _tiny_dataset(4).tensors
+    nn.functional.cross_entropy(model(input_ids=ids, attention_mask=mask).logits, labels).backward()
+    assert all(getattr(p, "grad_sample", None) is None for p in model.parameters())
+    history, second = _one_private_step(model, s, history)  # attaching twice fails without finish()
+    assert history == [[1.0, 1 / 5, 2]] and second > first
+
+
+def test_attaching_a_model_that_was_not_finished_is_refused():
+    s = Settings(batch_size=8, noise_multiplier=1.0, accountant="rdp", **_FROM_BATCH_SIZE)
+    model = TinyClassifier()
+    loader = DataLoader(_tiny_dataset(40), batch_size=8)
+    attach(model, torch.optim.SGD(model.parameters(), lr=1e-2), loader, s, plan_privacy(s, 40))
+    with pytest.raises(ValueError, match="hooks twice"):
+        attach(model, torch.optim.SGD(model.parameters(), lr=1e-2), loader, s, plan_privacy(s, 40))
+
+
+def test_finish_refuses_steps_the_accountant_did_not_book():
+    s = Settings(batch_size=8, noise_multiplier=1.0, accountant="rdp", **_FROM_BATCH_SIZE)
+    model = TinyClassifier()
+    loader = DataLoader(_tiny_dataset(40), batch_size=8)
+    private = attach(model, torch.optim.SGD(model.parameters(), lr=1e-2), loader, s, plan_privacy(s, 40))
+    with pytest.raises(RuntimeError, match="1 logical steps, 0 accounted"):
+        private.finish(1)  # no optimizer step was taken
 
 
 def _lora_b(model: nn.Module) -> dict[str, torch.Tensor]:
