@@ -18,6 +18,7 @@ from functools import partial
 
 import numpy as np
 import torch
+from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
@@ -320,20 +321,23 @@ def evaluate(
 def classification_metrics(
     y_true: np.ndarray, y_pred: np.ndarray, labels: list[str], loss_sum: float = 0.0
 ) -> dict:
-    """Accuracy and macro-F1 (over classes present in truth or prediction, as scikit-learn)."""
-    n = len(y_true)
-    per_class, f1s = {}, []
-    for i, name in enumerate(labels):
-        support = int((y_true == i).sum())
-        predicted = int((y_pred == i).sum())
-        correct = int(((y_true == i) & (y_pred == i)).sum())
-        per_class[name] = {"support": support, "predicted": predicted, "correct": correct}
-        if support or predicted:
-            f1s.append(2 * correct / (support + predicted))
+    """Loss, accuracy, macro-F1 and per-class counts (support, predicted, correct), by scikit-learn.
+
+    Class ``i`` is ``labels[i]``. Macro-F1 averages over the classes present in the truth or the
+    predictions (as scikit-learn's default does), counting only classes in ``labels``. An empty
+    set scores 0.
+    """
+    n, k = len(y_true), len(labels)
+    support, predicted = (np.bincount(y, minlength=k)[:k] for y in (y_true, y_pred))
+    correct = np.bincount(y_true[y_true == y_pred], minlength=k)[:k]
+    present = [i for i in range(k) if support[i] or predicted[i]]
     return {
         "loss": loss_sum / max(n, 1),
-        "accuracy": float((y_true == y_pred).mean()) if n else 0.0,
-        "macro_f1": float(np.mean(f1s)) if f1s else 0.0,
+        "accuracy": float(accuracy_score(y_true, y_pred)) if n else 0.0,
+        "macro_f1": float(f1_score(y_true, y_pred, labels=present, average="macro")) if present else 0.0,
         "num_examples": n,
-        "per_class": per_class,
+        "per_class": {
+            name: {"support": int(support[i]), "predicted": int(predicted[i]), "correct": int(correct[i])}
+            for i, name in enumerate(labels)
+        },
     }

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from fedllm.data import tokenize
 from fedllm.model import build_model
 from fedllm.privacy import BudgetExhaustedError, epsilon_for, plan_privacy
-from fedllm.train import FrozenTrainingError, evaluate, lr_schedule, train_local
+from fedllm.train import FrozenTrainingError, classification_metrics, evaluate, lr_schedule, train_local
 
 from .conftest import DEVICE, LABELS
 
@@ -177,6 +178,16 @@ def test_empty_splits_fail_clearly_or_score_zero(settings, tiny_config, tokenize
         train_local(model, empty, settings.replace(target_epsilon=math.inf))
     scores = evaluate(model, empty, LABELS)
     assert scores["num_examples"] == 0 and scores["accuracy"] == 0.0
+
+
+def test_macro_f1_averages_over_the_classes_in_truth_or_prediction():
+    truth, predicted = np.array([0, 0, 1, 1]), np.array([0, 0, 0, 3])  # 3: no class of the model
+    scores = classification_metrics(truth, predicted, LABELS, loss_sum=2.0)
+    # class 0: F1 2*2/(2+3); class 1: 0; class 2 (never true, never predicted) is not averaged
+    assert scores["macro_f1"] == pytest.approx((0.8 + 0.0) / 2)
+    assert scores["accuracy"] == 0.5 and scores["loss"] == 0.5
+    assert scores["per_class"]["negative"] == {"support": 2, "predicted": 3, "correct": 2}
+    assert scores["per_class"]["positive"] == {"support": 0, "predicted": 0, "correct": 0}
 
 
 def test_linear_schedule_decays_over_all_planned_rounds(settings):
