@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 PROJECT = Path(__file__).resolve().parent.parent
 
 
@@ -199,43 +201,28 @@ def stop_process(proc: subprocess.Popen | None, timeout: float = 20) -> None:
 
 
 def processes_with_env(name: str, value: str) -> list[int]:
-    """PIDs of the live processes whose environment has ``name=value`` (Linux ``/proc``)."""
-    needle = f"{name}={value}".encode()
-    found = []
-    for entry in Path("/proc").glob("[0-9]*"):
-        with contextlib.suppress(OSError):  # exited meanwhile, or not ours to read
-            if needle in (entry / "environ").read_bytes().split(b"\0") and int(entry.name) != os.getpid():
-                found.append(int(entry.name))
-    return found
-
-
-def _stat_fields(pid: int | str) -> list[str]:
-    """The fields of ``/proc/<pid>/stat`` after the command name (which may hold spaces):
-    ``[state, parent pid, ...]``. Raises ``OSError`` once the process is gone."""
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    """PIDs of the live processes whose environment has ``name=value`` (this one excepted)."""
+    return [
+        proc.pid
+        for proc in psutil.process_iter(["environ"])  # None where not ours to read
+        if (proc.info["environ"] or {}).get(name) == value and proc.pid != os.getpid()
+    ]
 
 
 def descendants(pids: set[int]) -> set[int]:
-    """The live descendants of ``pids`` (children, their children, ...), from Linux ``/proc``."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").glob("[0-9]*"):
-        with contextlib.suppress(OSError):  # exited meanwhile
-            children.setdefault(int(_stat_fields(entry.name)[1]), []).append(int(entry.name))
+    """The live descendants of ``pids`` (children, their children, ...)."""
     found: set[int] = set()
-    todo = list(pids)
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found and child not in pids:
-                found.add(child)
-                todo.append(child)
-    return found
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):  # exited meanwhile
+            found.update(child.pid for child in psutil.Process(pid).children(recursive=True))
+    return found - pids
 
 
 def is_alive(pid: int) -> bool:
     """Whether ``pid`` runs (exists and is not a zombie)."""
     try:
-        return _stat_fields(pid)[0] != "Z"
-    except OSError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
 
 

@@ -10,7 +10,7 @@ import sys
 import time
 import uuid
 
-from simulations.engine import descendants, is_alive, stop_processes_with_env
+from simulations.engine import descendants, is_alive, processes_with_env, stop_processes_with_env
 
 # a stand-in for Ray's raylet: it carries the marker and starts a child with an environment of its
 # own (as the raylet starts ray::DashboardAgent and ray::RuntimeEnvAgent), then waits
@@ -34,6 +34,7 @@ def test_children_without_the_marker_are_ended_with_their_parent():
     )
     try:
         child = int(parent.stdout.readline())
+        assert processes_with_env("FEDLLM_TEST_MARKER", marker) == [parent.pid]  # not the child
         assert descendants({parent.pid}) == {child}
         stop_processes_with_env("FEDLLM_TEST_MARKER", marker, timeout=10)
         parent.wait(timeout=10)
