@@ -26,7 +26,7 @@ from transformers import BertConfig, BertModel
 
 from fedllm.data import read_bbc_news
 from fedllm.model import embedded_model_path
-from simulations.engine import SimulationLink, virtual_site_policy
+from simulations.superlink import SimulationLink, virtual_site_policy
 
 
 def tiny_checkpoint(path: Path) -> Path:

@@ -16,7 +16,7 @@ import json
 import time
 from pathlib import Path
 
-from simulations.engine import SimulationLink, virtual_site_policy
+from simulations.superlink import SimulationLink, virtual_site_policy
 
 
 def _round_line(row: dict) -> str:

@@ -31,8 +31,8 @@ from tqdm.auto import tqdm
 
 from fedllm.centralized import run_centralized
 from fedllm.config import Settings
-from simulations.engine import SimulationLink, virtual_site_policy
 from simulations.plots import plot_budget, plot_rounds
+from simulations.superlink import SimulationLink, virtual_site_policy
 from simulations.sweep import (
     RESULT_COLUMNS,
     Point,

@@ -26,7 +26,7 @@ import yaml
 
 from fedllm.shards import write_shards
 from server.credentials import make_ca_and_server, make_site_key
-from simulations.engine import FlowerCLI, _bin, free_port, start_process, stop_process, wait_for_port
+from simulations.superlink import FlowerCLI, _bin, free_port, start_process, stop_process, wait_for_port
 from tests.test_federation_tls import _join_args, _run_quick
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -13,7 +13,7 @@ from fedllm.data import load_splits, tokenize
 from fedllm.ledger import PrivacyLedger
 from fedllm.shards import write_shards
 from fedllm.train import evaluate
-from simulations.engine import (
+from simulations.superlink import (
     FlowerCLI,
     _bin,
     free_port,

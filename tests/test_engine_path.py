@@ -7,7 +7,7 @@ import socket
 import sys
 from pathlib import Path
 
-from simulations.engine import SimulationLink
+from simulations.superlink import SimulationLink
 
 
 def test_simulation_superlink_starts_without_the_venv_on_path(tmp_path, monkeypatch):

@@ -17,7 +17,7 @@ import pytest
 from fedllm.ledger import PrivacyLedger
 from fedllm.shards import write_shards
 from server.credentials import make_ca_and_server, make_site_key
-from simulations.engine import FlowerCLI, _bin, free_port, start_process, stop_process, wait_for_port
+from simulations.superlink import FlowerCLI, _bin, free_port, start_process, stop_process, wait_for_port
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ import sys
 import time
 import uuid
 
-from simulations.engine import descendants, is_alive, processes_with_env, stop_processes_with_env
+from simulations.superlink import descendants, is_alive, processes_with_env, stop_processes_with_env
 
 # a stand-in for Ray's raylet: it carries the marker and starts a child with an environment of its
 # own (as the raylet starts ray::DashboardAgent and ray::RuntimeEnvAgent), then waits

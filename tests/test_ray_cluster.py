@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from simulations.engine import SimulationLink, free_port, start_process, stop_process, wait_for_port
+from simulations.superlink import SimulationLink, free_port, start_process, stop_process, wait_for_port
 
 pytestmark = pytest.mark.slow
 

@@ -33,7 +33,7 @@ from server.app import _save
 from server.resume import ResumeError, commit, find, load_checkpoint, run_record, write_config
 from server.runlog import RunLog
 from server.strategy import AdapterFedAvg
-from simulations.engine import (
+from simulations.superlink import (
     FlowerCLI,
     _bin,
     descendants,

@@ -9,7 +9,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from fedllm.privacy import epsilon_for
-from simulations.engine import SimulationLink
+from simulations.superlink import SimulationLink
 
 pytestmark = pytest.mark.slow
 

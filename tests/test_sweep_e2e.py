@@ -15,8 +15,8 @@ import tomllib
 
 import pytest
 
-from simulations.engine import descendants, is_alive, processes_with_env
 from simulations.run import parse_args, run_sweep
+from simulations.superlink import descendants, is_alive, processes_with_env
 from simulations.sweep import RESULT_COLUMNS
 
 pytestmark = pytest.mark.slow

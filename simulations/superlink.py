@@ -1,7 +1,9 @@
-"""Drive Flower's Simulation Engine: a private local SuperLink and ``flwr run`` per setting.
+"""A local Flower SuperLink and the ``flwr`` CLI against it: start, submit runs, wait, stop.
 
-The very same ServerApp/ClientApp (``[tool.flwr.app.components]``) run here as in deployment;
-this module only starts a simulation SuperLink, submits runs with their run config and waits.
+``SimulationLink`` is the harness's own simulation SuperLink (``flower-superlink --simulation``:
+Flower's Simulation Engine then runs the virtual sites); the very same ServerApp/ClientApp
+(``[tool.flwr.app.components]``) run there as in deployment. ``FlowerCLI`` talks to any SuperLink,
+and the process helpers start, wait for and end Flower's processes and what they leave behind.
 """
 
 from __future__ import annotations
