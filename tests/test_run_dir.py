@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from flwr.app import Context, RecordDict
 
-from server.app import _run_dir
+from server.app import make_run_dir
 
 
 def _context(tmp_path, name: str, run_id: int = 7) -> Context:
@@ -23,18 +23,18 @@ def _everything(tmp_path) -> set[str]:
 )
 def test_a_name_that_is_not_one_plain_folder_is_refused_and_nothing_is_written(tmp_path, name):
     with pytest.raises(ValueError, match="run config run-name=") as err:
-        _run_dir(_context(tmp_path, name))
+        make_run_dir(_context(tmp_path, name))
     message = str(err.value)
     assert "\n" not in message and "use e.g. run-name=" in message
     assert _everything(tmp_path) == set()
 
 
 def test_a_plain_name_is_a_folder_inside_run_dir_and_is_never_reused(tmp_path):
-    first = _run_dir(_context(tmp_path, "bbc-robust"))
+    first = make_run_dir(_context(tmp_path, "bbc-robust"))
     assert first == (tmp_path / "runs" / "bbc-robust").resolve() and first.is_dir()
-    second = _run_dir(_context(tmp_path, " bbc-robust ", run_id=8))
+    second = make_run_dir(_context(tmp_path, " bbc-robust ", run_id=8))
     assert second.name == "bbc-robust-run8" and second.parent == first.parent
-    default = _run_dir(_context(tmp_path, ""))  # no name: the start time
+    default = make_run_dir(_context(tmp_path, ""))  # no name: the start time
     assert default.parent == first.parent and default.name[:2] == "20"
 
 
@@ -43,5 +43,5 @@ def test_a_symlink_in_run_dir_cannot_lead_outside(tmp_path):
     runs.mkdir()
     (runs / "escape").symlink_to(tmp_path / "outside")  # dangling: resolves outside run-dir
     with pytest.raises(ValueError, match="outside run-dir"):
-        _run_dir(_context(tmp_path, "escape"))
+        make_run_dir(_context(tmp_path, "escape"))
     assert not (tmp_path / "outside").exists()
