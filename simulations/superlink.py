@@ -25,7 +25,8 @@ import psutil
 PROJECT = Path(__file__).resolve().parent.parent
 
 
-def _bin(name: str) -> str:
+def venv_bin(name: str) -> str:
+    """``name`` next to this interpreter (the venv's console scripts) if there, else ``name`` for ``PATH``."""
     candidate = Path(sys.executable).parent / name
     return str(candidate) if candidate.exists() else name
 
@@ -118,7 +119,7 @@ class FlowerCLI:
     def call(self, *args: str) -> dict:
         """Run ``flwr ARGS --format json`` and return the parsed answer."""
         out = subprocess.run(
-            [_bin("flwr"), *args, "--format", "json"],
+            [venv_bin("flwr"), *args, "--format", "json"],
             cwd=self.app_dir,
             env=self.env,
             capture_output=True,
@@ -162,7 +163,7 @@ class FlowerCLI:
     def log(self, run_id: str) -> str:
         """The run's log as the SuperLink keeps it."""
         out = subprocess.run(
-            [_bin("flwr"), "log", run_id, self.connection, "--show"],
+            [venv_bin("flwr"), "log", run_id, self.connection, "--show"],
             cwd=self.app_dir,
             env=self.env,
             capture_output=True,
@@ -261,6 +262,53 @@ def wait_for_port(port: int, proc: subprocess.Popen, what: str, timeout: float =
     raise TimeoutError(f"{what} did not open port {port} in {timeout:.0f} s")
 
 
+def superlink_command(
+    port: int,
+    database: Path,
+    certificates: Path | None = None,
+    supernode_auth: bool = False,
+    simulation: bool = False,
+) -> list[str]:
+    """The ``flower-superlink`` command line on ``127.0.0.1:port`` with its state in ``database``.
+
+    Without ``certificates`` it serves plain HTTP (``--insecure``); with them, TLS from the
+    ``ca.crt``, ``server.pem`` and ``server.key`` that ``python -m server.credentials`` writes
+    there. ``supernode_auth`` admits only registered site keys; ``simulation`` runs the sites in
+    Flower's Simulation Engine. ServerApps run in their own process (``--isolation subprocess``,
+    Flower's default) and no app dependencies are installed at run time.
+    """
+    cmd = [venv_bin("flower-superlink")]
+    if certificates is None:
+        cmd.append("--insecure")
+    else:
+        cmd += ["--ssl-ca-certfile", str(certificates / "ca.crt")]
+        cmd += ["--ssl-certfile", str(certificates / "server.pem")]
+        cmd += ["--ssl-keyfile", str(certificates / "server.key")]
+    if supernode_auth:
+        cmd.append("--enable-supernode-auth")
+    if simulation:
+        cmd.append("--simulation")
+    cmd += ["--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(port)]
+    return [*cmd, "--database", str(database), "--disable-runtime-dependency-installation"]
+
+
+def start_superlink(
+    home: Path, port: int, env: dict, cwd: Path | None = None, what: str = "SuperLink", **flags
+) -> subprocess.Popen:
+    """Start ``superlink_command(port, home / "state.db", **flags)`` with ``FLWR_HOME=home``, its
+    output in ``home/superlink.log``, and wait until its port opens (the process is ended if not)."""
+    log = home / "superlink.log"
+    proc = start_process(
+        superlink_command(port, home / "state.db", **flags), log, {**env, "FLWR_HOME": str(home)}, cwd or home
+    )
+    try:
+        wait_for_port(port, proc, f"{what} (log: {log})")
+    except BaseException:
+        stop_process(proc)
+        raise
+    return proc
+
+
 class SimulationLink(FlowerCLI):
     """A simulation SuperLink of our own (started, used, stopped), under ``home``.
 
@@ -274,26 +322,9 @@ class SimulationLink(FlowerCLI):
 
     def __enter__(self) -> SimulationLink:
         self.write_connection(f"127.0.0.1:{self.port}")
-        self.proc = start_process(
-            [
-                _bin("flower-superlink"),
-                "--insecure",
-                "--simulation",
-                "--isolation",
-                "subprocess",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--database",
-                str(self.home / "state.db"),
-                "--disable-runtime-dependency-installation",
-            ],
-            self.home / "superlink.log",
-            self.env,
-            self.home,
+        self.proc = start_superlink(
+            self.home, self.port, self.env, simulation=True, what="simulation SuperLink"
         )
-        wait_for_port(self.port, self.proc, f"simulation SuperLink (log: {self.home}/superlink.log)")
         return self
 
     def __exit__(self, *exc) -> None:

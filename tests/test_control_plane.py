@@ -26,8 +26,9 @@ import yaml
 
 from fedllm.shards import write_shards
 from server.credentials import make_ca_and_server, make_site_key
-from simulations.superlink import FlowerCLI, _bin, free_port, start_process, stop_process, wait_for_port
-from tests.test_federation_tls import _join_args, _run_quick
+from simulations.superlink import FlowerCLI, free_port, start_process, start_superlink, wait_for_port
+
+from .processes import join_args, join_sites, run_quick, stop_all
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "deploy" / "fleet-proxy.conf.template"
@@ -156,8 +157,8 @@ def _outsider_is_refused(outsider: FlowerCLI, certs: Path, port: int, run_dir: P
 
     # its own SuperNode through the proxy: the Fleet API answers, and refuses its key
     probe = outsider.home.parent / "probe"
-    code, out = _run_quick(
-        _join_args(port, certs, "outsider", data, probe / "state", activation_retries=0),
+    code, out = run_quick(
+        join_args(port, certs, "outsider", data, probe / "state", activation_retries=0),
         {**outsider.env, "FLWR_HOME": str(probe)},
         probe / "site.log",
     )
@@ -181,23 +182,9 @@ def test_outsider_with_ca_is_refused_while_sites_train_through_the_proxy(tiny_ch
     outsider.write_connection(f"127.0.0.1:{public_port}", str(certs / "ca.crt"))
     procs = []
     try:
-        home = tmp_path / "superlink"
-        link = start_process(
-            [
-                _bin("flower-superlink"),
-                "--ssl-ca-certfile", str(certs / "ca.crt"),
-                "--ssl-certfile", str(certs / "server.pem"),
-                "--ssl-keyfile", str(certs / "server.key"),
-                "--enable-supernode-auth",
-                "--host", "127.0.0.1",
-                "--port", str(link_port),
-                "--database", str(home / "state.db"),
-                "--disable-runtime-dependency-installation",
-            ],
-            home / "superlink.log",
-            {**operator.env, "FLWR_HOME": str(home)},
-            tmp_path,
-        )  # fmt: skip
+        link = start_superlink(
+            tmp_path / "superlink", link_port, operator.env, tmp_path, certificates=certs, supernode_auth=True
+        )
         procs.append(link)
         proxy_dir = tmp_path / "nginx"
         config = _nginx_config(proxy_dir, public_port, certs, link_port)
@@ -208,16 +195,13 @@ def test_outsider_with_ca_is_refused_while_sites_train_through_the_proxy(tiny_ch
             tmp_path,
         )
         procs.append(proxy)
-        wait_for_port(link_port, link, "SuperLink")
         wait_for_port(public_port, proxy, "nginx")
 
         for name in ("site-1", "site-2"):  # the operator registers the sites on its own port
             answer = operator.call("supernode", "register", str(certs / f"{name}.pub"), "operator")
             assert answer.get("success"), answer
-        for i, name in enumerate(("site-1", "site-2")):  # the sites know only the public address
-            args = _join_args(public_port, certs, name, shards[i], tmp_path / name / "state")
-            env = {**operator.env, "FLWR_HOME": str(tmp_path / name)}
-            procs.append(start_process(args, tmp_path / name / "site.log", env, tmp_path))
+        sites = [("site-1", shards[0]), ("site-2", shards[1])]  # they know only the public address
+        procs += join_sites(public_port, certs, sites, tmp_path, operator.env)
 
         run_config = {
             "model": str(tiny_checkpoint),
@@ -248,8 +232,7 @@ def test_outsider_with_ca_is_refused_while_sites_train_through_the_proxy(tiny_ch
         runs = operator.call("ls", "operator")["runs"]
         assert [str(r["run-id"]) for r in runs] == [outcome.run_id], runs
     finally:
-        for proc in reversed(procs):
-            stop_process(proc)
+        stop_all(procs)
 
     rows = [
         json.loads(x)

@@ -13,14 +13,9 @@ from fedllm.data import load_splits, tokenize
 from fedllm.ledger import PrivacyLedger
 from fedllm.shards import write_shards
 from fedllm.train import evaluate
-from simulations.superlink import (
-    FlowerCLI,
-    _bin,
-    free_port,
-    start_process,
-    stop_process,
-    wait_for_port,
-)
+from simulations.superlink import FlowerCLI, free_port, start_superlink
+
+from .processes import start_supernodes, stop_all
 
 pytestmark = pytest.mark.slow
 
@@ -44,53 +39,13 @@ def test_superlink_three_supernodes_two_rounds(tiny_checkpoint, tmp_path):
     }
     procs = []
     try:
-        home = tmp_path / "superlink"
-        link = start_process(
-            [
-                _bin("flower-superlink"),
-                "--insecure",
-                "--isolation",
-                "subprocess",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--database",
-                str(home / "state.db"),
-                "--disable-runtime-dependency-installation",
-            ],
-            home / "superlink.log",
-            {**cli.env, "FLWR_HOME": str(home)},
-            tmp_path,
-        )
-        procs.append(link)
-        wait_for_port(port, link, "SuperLink")
-        for i, shard in enumerate(shards, start=1):
-            node_home = tmp_path / f"site-{i}"
-            node_config = f'data-file="{shard}" state-dir="{node_home / "state"}"'
-            procs.append(
-                start_process(
-                    [
-                        _bin("flower-supernode"),
-                        "--insecure",
-                        "--superlink",
-                        f"127.0.0.1:{port}",
-                        "--port",
-                        str(free_port()),
-                        "--node-config",
-                        node_config,
-                    ],
-                    node_home / "supernode.log",
-                    {**cli.env, "FLWR_HOME": str(node_home)},
-                    tmp_path,
-                )
-            )
+        procs.append(start_superlink(tmp_path / "superlink", port, cli.env, tmp_path))
+        procs += start_supernodes(port, shards, tmp_path, cli.env)
         outcome = cli.run(config, timeout=900)
         logs = "\n".join(p.read_text()[-2000:] for p in tmp_path.glob("site-*/supernode.log"))
         assert outcome.ok, f"{outcome}\n{cli.log(outcome.run_id)[-3000:]}\n{logs}"
     finally:
-        for proc in reversed(procs):
-            stop_process(proc)
+        stop_all(procs)
 
     run_dir = tmp_path / "runs" / "deploy"
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -9,65 +9,17 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 
 from fedllm.ledger import PrivacyLedger
 from fedllm.shards import write_shards
 from server.credentials import make_ca_and_server, make_site_key
-from simulations.superlink import FlowerCLI, _bin, free_port, start_process, stop_process, wait_for_port
+from simulations.superlink import FlowerCLI, free_port, start_superlink, venv_bin
+
+from .processes import join_args, join_sites, run_quick, stop_all, wait_until
 
 pytestmark = pytest.mark.slow
-
-
-def _join_args(port, certs, key, data, state, ca_dir=None, activation_retries=6):
-    return [
-        sys.executable,
-        "-m",
-        "clients.site",
-        "join",
-        "--superlink",
-        f"127.0.0.1:{port}",
-        "--root-certificates",
-        str((ca_dir or certs) / "ca.crt"),
-        "--auth-key",
-        str(certs / key),
-        "--data-file",
-        str(data),
-        "--state-dir",
-        str(state),
-        "--port",
-        str(free_port()),
-        "--max-retries",
-        "0",
-        "--activation-retries",
-        str(activation_retries),
-        "--max-epsilon",  # two runs at epsilon 8 each: a lifetime cap that allows both
-        "20",
-    ]
-
-
-def _run_quick(args, env, log, timeout=120) -> tuple[int, str]:
-    """Run a process that should fail fast; return (exit code, its output)."""
-    proc = start_process(args, log, env, log.parent)
-    try:
-        code = proc.wait(timeout=timeout)
-    finally:
-        stop_process(proc, timeout=5)  # also ends children still retrying (SuperExec)
-    return code, log.read_text()
-
-
-def _wait_for_activations(tmp: Path, names: list[str], count: int, timeout: float = 240) -> None:
-    """Wait until each site's log shows ``count`` activations ("SuperNode ID: ...")."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        logs = [tmp / name / "site.log" for name in names]
-        if all(p.exists() and p.read_text(errors="replace").count("SuperNode ID:") >= count for p in logs):
-            return
-        time.sleep(2)
-    raise AssertionError(f"not every site re-activated within {timeout:.0f} s: {names}")
 
 
 class Federation:
@@ -79,40 +31,20 @@ class Federation:
         self.procs = []
 
     def start(self, sites):
-        home = self.tmp / "superlink"
-        link = start_process(
-            [
-                _bin("flower-superlink"),
-                "--ssl-ca-certfile",
-                str(self.certs / "ca.crt"),
-                "--ssl-certfile",
-                str(self.certs / "server.pem"),
-                "--ssl-keyfile",
-                str(self.certs / "server.key"),
-                "--enable-supernode-auth",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--database",
-                str(home / "state.db"),
-                "--disable-runtime-dependency-installation",
-            ],
-            home / "superlink.log",
-            {**self.cli.env, "FLWR_HOME": str(home)},
+        link = start_superlink(
+            self.tmp / "superlink",
+            self.port,
+            self.cli.env,
             self.tmp,
+            certificates=self.certs,
+            supernode_auth=True,
         )
         self.procs.append(link)
-        wait_for_port(self.port, link, "SuperLink")
         self.cli.write_connection(f"127.0.0.1:{self.port}", str(self.certs / "ca.crt"))
-        for name, data in sites:
-            args = _join_args(self.port, self.certs, name, data, self.tmp / name / "state")
-            env = {**self.cli.env, "FLWR_HOME": str(self.tmp / name)}
-            self.procs.append(start_process(args, self.tmp / name / "site.log", env, self.tmp))
+        self.procs += join_sites(self.port, self.certs, sites, self.tmp, self.cli.env)
 
     def stop(self):
-        for proc in reversed(self.procs):
-            stop_process(proc)
+        stop_all(self.procs)
         self.procs = []
 
 
@@ -122,9 +54,6 @@ def test_tls_auth_federation_refusals_and_restart(tiny_checkpoint, tmp_path):
     make_ca_and_server(certs, ["localhost"])
     for i in range(1, 6):
         make_site_key(certs, f"site-{i}")
-    other = tmp_path / "other-ca"
-    other.mkdir()
-    make_ca_and_server(other, ["localhost"])
     shards = write_shards("drug-reviews", 3, "natural", "condition", 1.0, 42, tmp_path / "shards")
     bad = tmp_path / "shards" / "bad-labels.csv"
     bad.write_text("text,label\n" + "".join(f"review {i} was fine,delighted\n" for i in range(20)))
@@ -153,27 +82,19 @@ def test_tls_auth_federation_refusals_and_restart(tiny_checkpoint, tmp_path):
         env = {**cli.env, "FLWR_HOME": str(tmp_path / "probe")}
 
         probes = tmp_path / "probes"
-        code, out = _run_quick(
-            _join_args(fed.port, certs, "site-5", shards[0], probes / "s5", activation_retries=0),
+        code, out = run_quick(
+            join_args(fed.port, certs, "site-5", shards[0], probes / "s5", activation_retries=0),
             env,
             probes / "unregistered.log",
         )
         assert code != 0 and "key is not registered" in out, out[-3000:]
 
         no_ca = [
-            _bin("flower-supernode"), "--superlink", f"127.0.0.1:{fed.port}", "--max-retries", "0",
+            venv_bin("flower-supernode"), "--superlink", f"127.0.0.1:{fed.port}", "--max-retries", "0",
             "--auth-supernode-private-key", str(certs / "site-1"), "--port", str(free_port()),
         ]  # fmt: skip
-        code, out = _run_quick(no_ca, env, probes / "no-ca.log")
+        code, out = run_quick(no_ca, env, probes / "no-ca.log")
         assert code != 0 and "CERTIFICATE_VERIFY_FAILED" in out, out[-3000:]
-
-        wrong_ca = _join_args(fed.port, certs, "site-1", shards[0], probes / "s6", ca_dir=other)
-        code, out = _run_quick(wrong_ca, env, probes / "wrong-ca.log")
-        assert code == 2 and "does not trust" in out, out[-3000:]
-
-        wrong_address = _join_args(free_port(), certs, "site-1", shards[0], probes / "s7")
-        code, out = _run_quick(wrong_address, env, probes / "address.log")
-        assert code == 2 and "cannot reach the SuperLink" in out, out[-3000:]
 
         first = cli.run(config, timeout=900)
         assert first.ok, f"{first}\n{cli.log(first.run_id)[-3000:]}"
@@ -182,7 +103,14 @@ def test_tls_auth_federation_refusals_and_restart(tiny_checkpoint, tmp_path):
         fed.start(sites)
         # the SuperLink keeps a crashed site's old session online for up to a minute: submit only
         # once every site has re-activated, or the run samples stale sessions ("Node Unavailable")
-        _wait_for_activations(tmp_path, [name for name, _ in sites], count=2)
+        logs = [tmp_path / name / "site.log" for name, _ in sites]
+        wait_until(
+            "every site to re-activate",
+            lambda: all(
+                p.exists() and p.read_text(errors="replace").count("SuperNode ID:") >= 2 for p in logs
+            ),
+            timeout=240,
+        )
         second = cli.run({**config, "num-server-rounds": 1, "run-name": "second"}, timeout=900)
         assert second.ok, f"{second}\n{cli.log(second.run_id)[-3000:]}"
     finally:

@@ -33,19 +33,10 @@ from server.app import _save
 from server.resume import ResumeError, commit, find, load_checkpoint, run_record, write_config
 from server.runlog import RunLog
 from server.strategy import AdapterFedAvg
-from simulations.superlink import (
-    FlowerCLI,
-    _bin,
-    descendants,
-    free_port,
-    is_alive,
-    run_config_arg,
-    start_process,
-    stop_process,
-    wait_for_port,
-)
+from simulations.superlink import FlowerCLI, descendants, free_port, is_alive, run_config_arg, start_superlink
 
 from .conftest import LABELS
+from .processes import start_supernodes, stop_all, wait_until
 from .replies import ScriptedGrid, as_dict, dp_metrics, global_adapter, honest, reply, server_identity  # noqa: F401
 
 
@@ -231,15 +222,6 @@ def test_a_resume_that_does_not_fit_is_refused_in_one_line(tmp_path):
     assert (run_dir / "final-adapter").exists(), "a refused resume changes nothing"
 
 
-def _wait(what: str, ready, timeout: float = 300, procs=()) -> None:
-    deadline = time.monotonic() + timeout
-    while not ready():
-        dead = [p.args[0] for p in procs if p.poll() is not None]
-        if dead or time.monotonic() > deadline:
-            raise AssertionError(f"waiting for {what}: " + (f"{dead} exited" if dead else "timed out"))
-        time.sleep(0.2)
-
-
 def _logged_rounds(run_dir: Path) -> list[int]:
     path = run_dir / "metrics.jsonl"
     lines = path.read_text().splitlines() if path.exists() else []
@@ -270,42 +252,20 @@ def test_a_run_killed_after_round_1_resumes_with_no_epsilon_spent_twice(tiny_che
     }
     run_dir = tmp_path / "runs" / "crash"
     home = tmp_path / "superlink"
-    link_args = [
-        _bin("flower-superlink"), "--insecure", "--isolation", "subprocess", "--host", "127.0.0.1",
-        "--port", str(port), "--database", str(home / "state.db"),
-        "--disable-runtime-dependency-installation",
-    ]  # fmt: skip
-    env = {**cli.env, "FLWR_HOME": str(home)}
-    states = [tmp_path / f"site-{i}" / "state" for i in (1, 2)]
+    states = [tmp_path / f"site-{i}" / "state" for i in (1, 2)]  # start_supernodes' layout
     sites, link = [], None
     try:
-        link = start_process(link_args, home / "superlink.log", env, tmp_path)
-        wait_for_port(port, link, "SuperLink")
-        for shard, state in zip(shards, states, strict=True):
-            sites.append(
-                start_process(
-                    [
-                        _bin("flower-supernode"),
-                        "--insecure",
-                        "--superlink",
-                        f"127.0.0.1:{port}",
-                        "--port",
-                        str(free_port()),
-                        "--node-config",
-                        f'data-file="{shard}" state-dir="{state}"',
-                    ],  # fmt: skip
-                    state.parent / "supernode.log",
-                    {**cli.env, "FLWR_HOME": str(state.parent)},
-                    tmp_path,
-                )
-            )
+        link = start_superlink(home, port, cli.env, tmp_path)
+        sites = start_supernodes(port, shards, tmp_path, cli.env)
         submitted = cli.call("run", ".", cli.connection, "--run-config", run_config_arg(config))
         assert submitted.get("success"), submitted
         key = str(submitted["run-id"])
-        _wait("round 1's checkpoint and log row", lambda: 1 in _logged_rounds(run_dir), procs=[link, *sites])
+        wait_until(
+            "round 1's checkpoint and log row", lambda: 1 in _logged_rounds(run_dir), procs=[link, *sites]
+        )
         # site 2 answers no more: the server waits in round 2 while site 1 trains it and records it
         os.killpg(sites[1].pid, signal.SIGSTOP)
-        _wait("site 1 to train round 2", lambda: _steps(states[0], key) == 4, procs=[link, sites[0]])
+        wait_until("site 1 to train round 2", lambda: _steps(states[0], key) == 4, procs=[link, sites[0]])
         round_1 = (run_dir / "round-001" / "adapter_model.safetensors").read_bytes()
         rows_before = (run_dir / "metrics.jsonl").read_text().splitlines()
         assert _logged_rounds(run_dir) == [0, 1] and not (run_dir / "round-002").exists()
@@ -316,10 +276,9 @@ def test_a_run_killed_after_round_1_resumes_with_no_epsilon_spent_twice(tiny_che
             os.kill(pid, signal.SIGKILL)
         link.wait()
         os.killpg(sites[1].pid, signal.SIGCONT)
-        _wait("the old ServerApp to be gone", lambda: not any(map(is_alive, doomed)), timeout=30)
+        wait_until("the old ServerApp to be gone", lambda: not any(map(is_alive, doomed)), timeout=30)
 
-        link = start_process(link_args, home / "superlink.log", env, tmp_path)  # the same database
-        wait_for_port(port, link, "SuperLink")
+        link = start_superlink(home, port, cli.env, tmp_path)  # the same database
         old = cli.call("ls", cli.connection, "--run-id", key).get("runs", [{}])[0]
         outcome = cli.run({**config, "resume": str(run_dir)}, timeout=600)
         logs = "\n".join(s.parent.joinpath("supernode.log").read_text()[-3000:] for s in states)
@@ -327,11 +286,10 @@ def test_a_run_killed_after_round_1_resumes_with_no_epsilon_spent_twice(tiny_che
         # the SuperNodes outlived the SuperLink and reconnected by themselves
         assert all(site.poll() is None for site in sites)
     finally:
-        for proc in [*reversed(sites), link]:
-            if proc is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGCONT)
-                stop_process(proc)
+        for proc in sites:  # a stopped site would not hear SIGTERM
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGCONT)
+        stop_all([link, *sites])
 
     print(f"the killed run {key} ended {old.get('status')!r}")
     rows = (run_dir / "metrics.jsonl").read_text().splitlines()
