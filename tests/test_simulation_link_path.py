@@ -7,7 +7,11 @@ import socket
 import sys
 from pathlib import Path
 
+import pytest
+
 from simulations.superlink import SimulationLink
+
+pytestmark = pytest.mark.slow  # a real SuperLink process
 
 
 def test_simulation_superlink_starts_without_the_venv_on_path(tmp_path, monkeypatch):
