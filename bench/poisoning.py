@@ -11,8 +11,9 @@ Defaults: BBC News, 5 sites, Dirichlet α = 1.0, 8 rounds × 3 local steps, targ
 recipe's head; site ``--attacker`` (0) is the malicious one.
 
 Per run it counts the rounds in which the attacker's reply was dropped, clipped, capped or
-discounted (``cosine``), the honest site-rounds discounted, and the min / mean / max of the
-attacker's and the honest sites' direction scores.
+discounted (``cosine``), the honest site-rounds discounted, the min / mean / max of the
+attacker's and the honest sites' per-round direction scores, and their direction evidence after
+the last round (``server.robust.direction_weights``).
 
 Attacks: ``none``; ``sign-flip`` (its trained update × -1e6); ``random`` (a random update of norm
 ``--random-norm``); ``label-flip`` (it trains honestly on labels shifted by one class);
@@ -155,7 +156,8 @@ class Federation:
             "honest-discounted": 0,
             "unchanged": 0,
         }
-        cosines: dict[str, list[float]] = {"attacker": [], "honest": []}
+        direction: dict[str, list[float]] = {"attacker": [], "honest": []}
+        evidence: dict[str, list[float]] = {"attacker": [], "honest": []}
         for server_round in range(1, self.rounds + 1):
             strategy.remember_global(ArrayRecord({k: Array(v) for k, v in g.items()}))
             replies = []
@@ -178,17 +180,21 @@ class Federation:
             counts["discounted"] += bad in record.get("discounted", [])
             counts["honest-discounted"] += len(set(record.get("discounted", [])) - {bad})
             counts["unchanged"] += "global-unchanged" in record
-            for node, c in record.get("cosine", {}).items():
-                cosines["attacker" if int(node) == bad else "honest"].append(c)
+            for node, c in record.get("direction-score", {}).items():
+                direction["attacker" if int(node) == bad else "honest"].append(c)
+            if server_round == self.rounds:
+                for node, e in record.get("direction-evidence", {}).items():
+                    evidence["attacker" if int(node) == bad else "honest"].append(e)
             if aggregate is not None:
                 g = dict(zip(aggregate.keys(), aggregate.to_numpy_ndarrays(), strict=True))
         set_adapter_arrays(self.model, g)
         scores = evaluate(self.model, self.test, self.labels, head_only=s.trainable == "head")
         spread = {
-            f"{who}-cosine": [round(min(c), 3), round(float(np.mean(c)), 3), round(max(c), 3)]
-            for who, c in cosines.items()
+            f"{who}-score": [round(min(c), 2), round(float(np.mean(c)), 2), round(max(c), 2)]
+            for who, c in direction.items()
             if c
         }
+        spread |= {f"{who}-evidence": [round(e, 2) for e in sorted(c)] for who, c in evidence.items() if c}
         return {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"], **counts, **spread}
 
 

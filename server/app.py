@@ -174,6 +174,8 @@ def main(grid: Grid, context: Context) -> None:
         min_evaluate_nodes=int(rc.get("min-evaluate-nodes", 2)),
         min_available_nodes=int(rc.get("min-available-nodes", 2)),
     )
+    if rows:
+        strategy.restore(rows)  # the kept rounds' direction evidence (cosine) carries on
     strategy.start(
         grid=grid,
         initial_arrays=initial,

@@ -4,10 +4,11 @@ Run config keys (pyproject.toml's ``[tool.flwr.app.config]``):
 
 - ``aggregator``: ``cosine`` (default) | ``fedavg`` | ``median`` | ``trimmed-mean`` | ``krum`` |
   ``bulyan``, over the (clipped) adapters. ``cosine`` is FedAvg without the site (at most
-  ``num-malicious-sites``) whose update points away from the others' (``direction_weights``:
-  the median of its cosines with the other updates is the lowest and below 0); ``fedavg`` is the
-  plain weighted mean (the default before); the others are Flower's own aggregation code
-  (``flwr.serverapp.strategy``).
+  ``num-malicious-sites``) whose updates keep pointing away from the others' (``direction_weights``:
+  each round a site scores the median cosine of its update with the others', in units of a random
+  direction's spread 1/√d; its evidence, the sum of its scores over √rounds, must fall below
+  ``-direction-threshold``, default 3); ``fedavg`` is the plain weighted mean (the default
+  before); the others are Flower's own aggregation code (``flwr.serverapp.strategy``).
 - ``max-update-norm``: each site's update Δ = reply − current global adapter (L2 over all adapter
   tensors) is scaled down to this bound before aggregation. ``auto`` (default) = 2 × the median
   update norm of the round's valid replies: scale-free (no knowledge of lr, steps or DP noise
@@ -20,6 +21,8 @@ Run config keys (pyproject.toml's ``[tool.flwr.app.config]``):
 - ``num-malicious-sites`` (default 1): the f that ``cosine`` may discount (it needs 2f + 1 valid
   replies, else it discounts none) and that Krum and Bulyan assume (Bulyan needs at least 4f + 3
   valid replies; with fewer the round keeps the global adapter and says why).
+- ``direction-threshold`` (default 3): how far below 0 a site's accumulated direction evidence
+  must fall before ``cosine`` discounts it.
 - ``trim-fraction`` (default 0.2): the fraction trimmed-mean cuts from each tail per coordinate.
 
 With 1 or 2 valid replies the medians are not robust (no honest majority to take them from);
@@ -43,6 +46,7 @@ from server.validation import DEFAULT_MAX_NUM_EXAMPLES, ValidReply
 AGGREGATORS = ("cosine", "fedavg", "median", "trimmed-mean", "krum", "bulyan")
 AUTO_NORM_MULTIPLE = 2.0
 AUTO_WEIGHT_MULTIPLE = 2.0
+DIRECTION_THRESHOLD = 3.0  # units of 1/√d, the spread of a random direction's cosine
 _WEIGHT = "weight"  # the key Flower's aggregate_arrayrecords reads the weights from
 
 
@@ -93,6 +97,7 @@ class RobustSettings:
     max_num_examples: float = DEFAULT_MAX_NUM_EXAMPLES
     num_malicious_sites: int = 1
     trim_fraction: float = 0.2
+    direction_threshold: float = DIRECTION_THRESHOLD
 
     @classmethod
     def from_run_config(cls, rc: dict) -> RobustSettings:
@@ -111,6 +116,11 @@ class RobustSettings:
         beta = float(rc.get("trim-fraction", 0.2))
         if not 0.0 <= beta < 0.5:
             raise ValueError(f"run config trim-fraction={beta!r}: expected 0 ≤ trim-fraction < 0.5")
+        threshold = float(rc.get("direction-threshold", DIRECTION_THRESHOLD))
+        if not (math.isfinite(threshold) and threshold > 0):
+            raise ValueError(
+                f"run config direction-threshold={threshold!r}: expected a positive number (default 3)"
+            )
         return cls(
             aggregator=aggregator,
             max_update_norm=parse_bound(
@@ -122,6 +132,7 @@ class RobustSettings:
             max_num_examples=cap,
             num_malicious_sites=f,
             trim_fraction=beta,
+            direction_threshold=threshold,
         )
 
     def describe(self) -> str:
@@ -191,26 +202,51 @@ def cap_weights(replies: list[ValidReply], bound: Bound) -> tuple[list[float], f
     return [min(n, cap) for n in counts], cap, capped
 
 
-def direction_weights(
-    global_arrays: dict[str, np.ndarray],
-    adapters: list[dict[str, np.ndarray]],
-    weights: list[float],
-    num_malicious: int,
-) -> tuple[list[float], list[float]]:
-    """Weight 0 for the (at most ``num_malicious``) sites whose update points away from the others.
+@dataclass
+class DirectionEvidence:
+    """Each site's direction scores summed over the rounds it was scored in (strategy state).
 
-    Δ_i = adapter − global over all tensors (float64). A site's score is the median of its
-    cosines with every other site's Δ: one hostile reply can shift an honest site's score only
-    within the range of its cosines with the honest ones, and a reply pointing away from the
-    honest majority (a sign flip, a flipped-label site) scores below 0. The ``num_malicious``
-    lowest scores that are below 0 get weight 0; the rest keep ``weights``. Under DP noise honest
-    updates are nearly orthogonal (scores near 0, some negative on non-IID data), so a threshold
-    alone would drop honest sites every round: at most f are discounted. With fewer than 2f + 1
-    replies there is no majority to judge by and nothing is discounted. Returns (weights, scores).
+    ``sums[node]`` is the sum of its per-round scores z (median pairwise cosine × √d),
+    ``counts[node]`` the number of rounds summed. ``evidence`` = sum / √count: for a site whose
+    updates are independent of the others' (z ≈ N(0, ≲1) each round) it stays near 0 however
+    long the run; for one that points away every round it falls like √rounds.
     """
-    n = len(adapters)
-    if n < 2 * num_malicious + 1 or n < 3:
-        return list(weights), [math.nan] * n
+
+    sums: dict[int, float] = field(default_factory=dict)
+    counts: dict[int, int] = field(default_factory=dict)
+
+    def add(self, node: int, score: float) -> None:
+        """Count one round's score for ``node``."""
+        self.sums[node] = self.sums.get(node, 0.0) + score
+        self.counts[node] = self.counts.get(node, 0) + 1
+
+    def evidence(self, node: int) -> float:
+        """The node's summed scores over √(rounds scored); 0 for a node never scored."""
+        count = self.counts.get(node, 0)
+        return self.sums[node] / math.sqrt(count) if count else 0.0
+
+    @classmethod
+    def from_rounds(cls, records: list[dict]) -> DirectionEvidence:
+        """Rebuilt from round records (a resumed run's kept ``metrics.jsonl`` rows), in order."""
+        evidence = cls()
+        for record in records:
+            for node, score in (record.get("direction-score") or {}).items():
+                evidence.add(int(node), float(score))
+        return evidence
+
+
+def direction_scores(
+    global_arrays: dict[str, np.ndarray], adapters: list[dict[str, np.ndarray]]
+) -> list[float]:
+    """Per site: the median of the cosines of its update with every other site's, × √d.
+
+    Δ_i = adapter − global over all d adapter values (float64). Two independent random
+    directions in d dimensions have a cosine of mean 0 and spread 1/√d, so the score is in units
+    of that spread: near 0 (within a few units) for an update that shares nothing with the
+    others (DP noise dominates each site's update here), far below 0 for one that points away
+    from them. The median: one hostile reply moves an honest site's score only within the range
+    of its cosines with the honest ones.
+    """
     keys = list(global_arrays)
     deltas = np.stack(
         [
@@ -221,10 +257,40 @@ def direction_weights(
     norms = np.linalg.norm(deltas, axis=1, keepdims=True)
     units = np.nan_to_num(deltas / np.where(norms > 0, norms, 1.0))
     pair = units @ units.T
-    scores = [float(np.median(np.delete(pair[i], i))) for i in range(n)]
-    lowest = sorted(range(n), key=scores.__getitem__)[:num_malicious]
-    discounted = {i for i in lowest if scores[i] < 0}
-    return [0.0 if i in discounted else w for i, w in enumerate(weights)], scores
+    scale = math.sqrt(deltas.shape[1])
+    return [float(np.median(np.delete(pair[i], i))) * scale for i in range(len(adapters))]
+
+
+def direction_weights(
+    global_arrays: dict[str, np.ndarray],
+    adapters: list[dict[str, np.ndarray]],
+    weights: list[float],
+    nodes: list[int],
+    evidence: DirectionEvidence,
+    num_malicious: int,
+    threshold: float = DIRECTION_THRESHOLD,
+) -> tuple[list[float], list[float], list[float]]:
+    """Weight 0 for the (at most ``num_malicious``) sites whose updates keep pointing away.
+
+    Adds this round's ``direction_scores`` to ``evidence`` (the sites' record over the run) and
+    discounts the ``num_malicious`` sites of lowest evidence that is below ``-threshold``. One
+    round decides little: under DP noise honest updates are nearly orthogonal and a non-IID
+    honest site scores below 0 in some rounds, but a sign-flipped or label-flipped site does so
+    in every round, and its evidence falls like √rounds while a site without a direction (a
+    random update: nothing to gain by dropping it beyond the norm clip) stays near 0. With fewer
+    than 2f + 1 (and 3) replies there is no majority to judge by: nothing is scored or
+    discounted. Returns (weights, this round's scores, each site's evidence after it).
+    """
+    n = len(adapters)
+    if n < 2 * num_malicious + 1 or n < 3:
+        return list(weights), [math.nan] * n, [math.nan] * n
+    scores = direction_scores(global_arrays, adapters)
+    for node, score in zip(nodes, scores, strict=True):
+        evidence.add(node, score)
+    record = [evidence.evidence(node) for node in nodes]
+    lowest = sorted(range(n), key=record.__getitem__)[:num_malicious]
+    discounted = {i for i in lowest if record[i] < -threshold}
+    return [0.0 if i in discounted else w for i, w in enumerate(weights)], scores, record
 
 
 def _records(adapters: list[dict[str, np.ndarray]], weights: list[float]) -> list[RecordDict]:

@@ -11,8 +11,9 @@ A resumed run (server/resume.py) starts at a later round: ``start(..., first_rou
 Flower's ``Strategy.start`` numbers its rounds 1, 2, ...; every round number it passes in is
 shifted by ``k`` here, so train/evaluate messages (``server-round``), round records and
 ``evaluate_fn`` (checkpoints, run log) carry the run's real round numbers (Flower's own
-``[ROUND i/n]`` log lines count the rounds of this start). Across rounds the strategy keeps no
-state but the global adapter, which the resumed run loads from its last checkpoint.
+``[ROUND i/n]`` log lines count the rounds of this start). Across rounds the strategy keeps the
+global adapter, which the resumed run loads from its last checkpoint, and each site's direction
+evidence (``cosine``), which ``restore`` rebuilds from the kept rounds' records.
 """
 
 from __future__ import annotations
@@ -28,7 +29,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
-from server.robust import RobustSettings, cap_weights, clip_updates, combine, direction_weights
+from server.robust import (
+    DirectionEvidence,
+    RobustSettings,
+    cap_weights,
+    clip_updates,
+    combine,
+    direction_weights,
+)
 from server.validation import (
     EVALUATE_METRICS,
     ReplyError,
@@ -72,6 +80,11 @@ class AdapterFedAvg(FedAvg):
         self.rounds: dict[int, dict] = {}
         self._global: dict[str, np.ndarray] | None = None
         self.round_offset = 0  # rounds done before this start (a resumed run)
+        self.direction = DirectionEvidence()  # the sites' direction record over the run (cosine)
+
+    def restore(self, records: list[dict]) -> None:
+        """Carry the state of the rounds a resumed run keeps: their records (``metrics.jsonl`` rows)."""
+        self.direction = DirectionEvidence.from_rounds(records)
 
     def start(
         self,
@@ -184,12 +197,18 @@ class AdapterFedAvg(FedAvg):
         weights, record["weight-cap"], record["capped"] = cap_weights(valid, self.robust.max_site_weight)
         scored = weights
         if self.robust.aggregator == "cosine" and self._global is not None:
-            scored, cosines = direction_weights(
-                self._global, adapters, weights, self.robust.num_malicious_sites
+            scored, scores, evidence = direction_weights(
+                self._global,
+                adapters,
+                weights,
+                [r.node for r in valid],
+                self.direction,
+                self.robust.num_malicious_sites,
+                self.robust.direction_threshold,
             )
-            record["cosine"] = {
-                str(r.node): round(c, 4) for r, c in zip(valid, cosines, strict=True) if math.isfinite(c)
-            }
+            for key, values in (("direction-score", scores), ("direction-evidence", evidence)):
+                # unrounded: a resumed run rebuilds the evidence from these rows (``restore``)
+                record[key] = {str(r.node): v for r, v in zip(valid, values, strict=True) if math.isfinite(v)}
             record["discounted"] = [
                 r.node for r, w, v in zip(valid, weights, scored, strict=True) if v == 0 < w
             ]

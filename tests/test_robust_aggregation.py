@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from server.robust import AGGREGATORS, Bound, RobustSettings, parse_bound
+from server.robust import AGGREGATORS, DIRECTION_THRESHOLD, Bound, RobustSettings, parse_bound
 from server.strategy import AdapterFedAvg
 
 from .replies import (
@@ -170,7 +171,9 @@ def test_cosine_gives_a_sign_flipped_update_weight_zero_and_the_honest_ones_thei
     assert settings.aggregator == "cosine"  # the default
     aggregate, record = _scored_round(settings, g, adapters, {**HONEST, BAD: 100})
     assert record["discounted"] == [BAD]
-    assert record["cosine"][str(BAD)] < 0 < min(record["cosine"][str(n)] for n in HONEST)
+    scores = record["direction-score"]
+    assert scores[str(BAD)] < -DIRECTION_THRESHOLD < 0 < min(scores[str(n)] for n in HONEST)
+    assert record["direction-evidence"] == scores  # one round: the evidence is its score
     assert all(np.isfinite(v).all() for v in aggregate.values())
     total = sum(HONEST.values())
     expected = {k: sum(c * adapters[n][k] for n, c in HONEST.items()) / total for k in g}
@@ -182,15 +185,66 @@ def test_cosine_gives_a_sign_flipped_update_weight_zero_and_the_honest_ones_thei
 
 def test_cosine_discounts_at_most_f_sites_and_none_without_an_honest_majority():
     g = global_adapter()
-    # independent updates (no shared direction): scores scatter around 0, several below it
-    adapters = {n: honest(g, n) for n in range(1, 8)}
+    adapters = {n: _agreeing(g, n) for n in range(1, 8)}
+    for bad in (6, 7):  # two sign-flipped sites
+        adapters[bad] = {k: (2 * v - adapters[bad][k]).astype(np.float32) for k, v in g.items()}
     counts = dict.fromkeys(adapters, 100)
     for f in (1, 2):
         _, record = _scored_round(RobustSettings(num_malicious_sites=f), g, adapters, counts)
-        below = sorted((c, int(n)) for n, c in record["cosine"].items() if c < 0)
-        assert len(below) > 1  # a threshold alone would drop them all
-        assert sorted(record["discounted"]) == sorted(n for _, n in below[:f])
-    two = {n: adapters[n] for n in (1, 2)}
+        evidence = record["direction-evidence"]
+        assert evidence["6"] < -DIRECTION_THRESHOLD and evidence["7"] < -DIRECTION_THRESHOLD
+        lowest = sorted(evidence, key=evidence.get)[:f]
+        assert sorted(record["discounted"]) == sorted(int(n) for n in lowest)
+    two = {n: adapters[n] for n in (1, 6)}
     aggregate, record = _scored_round(RobustSettings(), g, two, counts)
-    assert record["discounted"] == [] and record["cosine"] == {}
-    assert all(np.allclose(aggregate[k], (two[1][k] + two[2][k]) / 2, atol=1e-6) for k in g)
+    assert record["discounted"] == [] and record["direction-score"] == {}
+    assert all(np.allclose(aggregate[k], (two[1][k] + two[6][k]) / 2, atol=1e-5) for k in g)
+
+
+def _rounds(strategy: AdapterFedAvg, g: dict, adapters_of_round, first: int, last: int) -> list[dict]:
+    """Rounds ``first`` .. ``last``, each from the global adapter ``g``; their records."""
+    records = []
+    for server_round in range(first, last + 1):
+        adapters = adapters_of_round(server_round)
+        start_round(strategy, g, list(adapters), server_round)
+        strategy.aggregate_train(server_round, [reply(n, a, dp_metrics(100)) for n, a in adapters.items()])
+        records.append(strategy.round_summary(server_round))
+    return records
+
+
+def _noisy_round(g: dict, server_round: int, lean: float) -> dict[int, dict]:
+    """Updates dominated by noise (as under DP); site BAD leans ``lean`` against a shared direction."""
+    rng = np.random.default_rng(server_round)
+    shared = {k: rng.normal(size=v.shape) for k, v in g.items()}
+    adapters = {}
+    for node in [*HONEST, BAD]:
+        sign = -lean if node == BAD else 0.3
+        adapters[node] = {
+            k: (v + rng.normal(size=v.shape) + sign * shared[k]).astype(np.float32) for k, v in g.items()
+        }
+    return adapters
+
+
+def test_cosine_keeps_a_random_update_and_discounts_a_site_that_leans_away_round_after_round():
+    g = global_adapter()
+    # a random update (no direction): never discounted, the honest sites neither
+    records = _rounds(AdapterFedAvg(), g, lambda r: _noisy_round(g, r, lean=0.0), 1, 8)
+    assert all(r["discounted"] == [] for r in records)
+    # a site leaning away a little every round: too little to tell in round 1, clear by the end
+    records = _rounds(AdapterFedAvg(), g, lambda r: _noisy_round(g, r, lean=0.25), 1, 8)
+    first, last = records[0], records[-1]
+    assert first["direction-evidence"][str(BAD)] > -DIRECTION_THRESHOLD and first["discounted"] == []
+    assert last["direction-evidence"][str(BAD)] < -DIRECTION_THRESHOLD and last["discounted"] == [BAD]
+    assert all(BAD not in r["discounted"] or r["discounted"] == [BAD] for r in records)
+
+
+def test_a_resumed_strategy_carries_the_direction_evidence_of_the_kept_rounds():
+    g = global_adapter()
+    whole = _rounds(AdapterFedAvg(), g, lambda r: _noisy_round(g, r, lean=0.25), 1, 6)
+    resumed = AdapterFedAvg()
+    resumed.restore(json.loads(json.dumps(whole[:3])))  # as the run log keeps them
+    later = _rounds(resumed, g, lambda r: _noisy_round(g, r, lean=0.25), 4, 6)
+    assert later[-1]["direction-evidence"] == whole[-1]["direction-evidence"]
+    assert later[-1]["discounted"] == whole[-1]["discounted"]
+    fresh = _rounds(AdapterFedAvg(), g, lambda r: _noisy_round(g, r, lean=0.25), 4, 6)
+    assert fresh[-1]["direction-evidence"] != whole[-1]["direction-evidence"]
