@@ -32,6 +32,7 @@ from opacus.optimizers import DPOptimizer
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import DataLoader
 
+from fedllm import known_warnings
 from fedllm.config import Settings
 
 
@@ -150,11 +151,12 @@ def plan_privacy(
 @lru_cache(maxsize=256)
 def _calibrate(epsilon: float, delta: float, q: float, steps: int, mechanism: str) -> float:
     """Opacus' noise calibration, memoised: every site of a simulation plans the same (q, steps)."""
-    return float(
-        get_noise_multiplier(
-            target_epsilon=epsilon, target_delta=delta, sample_rate=q, steps=steps, accountant=mechanism
+    with known_warnings():  # the RDP order search at its edge; the PRV accountant's log(1 - q) at q = 1
+        return float(
+            get_noise_multiplier(
+                target_epsilon=epsilon, target_delta=delta, sample_rate=q, steps=steps, accountant=mechanism
+            )
         )
-    )
 
 
 def epsilon_for(history: list, delta: float, mechanism: str = "prv") -> float:
@@ -171,7 +173,8 @@ def epsilon_for(history: list, delta: float, mechanism: str = "prv") -> float:
 
 @lru_cache(maxsize=1024)
 def _epsilon(history: tuple, delta: float, mechanism: str) -> float:
-    return float(restore_accountant(mechanism, history).get_epsilon(delta=delta))
+    with known_warnings():  # as in _calibrate; sigma = 0 (no noise) ends the RDP search at its edge
+        return float(restore_accountant(mechanism, history).get_epsilon(delta=delta))
 
 
 def restore_accountant(mechanism: str, history: Iterable[Sequence]) -> IAccountant:
@@ -288,17 +291,18 @@ def attach(
     for the same reason (only the step size depends on it, not the privacy).
     """
     criterion = criterion if criterion is not None else torch.nn.CrossEntropyLoss()
-    private = PrivacyEngine(accountant=plan.accountant).make_private(
-        module=model,
-        optimizer=optimizer,
-        criterion=criterion,
-        data_loader=loader,
-        noise_generator=entropy_generator(next(model.parameters()).device),
-        noise_multiplier=plan.noise_multiplier,
-        max_grad_norm=settings.max_grad_norm,
-        poisson_sampling=True,
-        grad_sample_mode=settings.grad_sample_mode,
-    )
+    with known_warnings():  # "Secure RNG turned off": the noise comes from entropy_generator instead
+        private = PrivacyEngine(accountant=plan.accountant).make_private(
+            module=model,
+            optimizer=optimizer,
+            criterion=criterion,
+            data_loader=loader,
+            noise_generator=entropy_generator(next(model.parameters()).device),
+            noise_multiplier=plan.noise_multiplier,
+            max_grad_norm=settings.max_grad_norm,
+            poisson_sampling=True,
+            grad_sample_mode=settings.grad_sample_mode,
+        )
     if settings.grad_sample_mode == "ghost":  # Opacus' loss wrapper runs the two backward passes
         net, dp_optimizer, criterion, dp_loader = private
     else:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -24,6 +25,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
+from fedllm import known_warnings
 from fedllm.config import Settings
 from fedllm.features import HeadOnFeatures, pooled_features
 from fedllm.privacy import (
@@ -239,43 +241,46 @@ def train_local(
     before: list[torch.Tensor] | None = [p.detach().clone() for p in params]
     pending = 0  # physical batches since the last step
     bar = tqdm(total=steps_goal, desc="train", unit="step", disable=not progress, leave=False)
-    while result.steps < steps_goal:
-        for batch, divisor, last in batches():
-            if len(batch[-1]) == 0:  # an empty Poisson batch: still a noisy step, still accounted
-                zero_sum_gradients(params)
-                result.empty_batches += 1
-            else:
-                logits, labels = _forward(net, batch, device)
-                (criterion(logits, labels) / divisor).backward()
-                loss_sum += float(
-                    F.cross_entropy(logits.detach(), labels, weight=weight, reduction="none").sum()
-                )
-                result.examples_seen += len(labels)
-            result.physical_batches += 1
-            pending += 1
-            if not last:  # a non-private chunk: accumulate, step after the batch's last one
-                continue
-            taken = watch.count
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)  # a DP optimizer keeps its summed clipped gradients
-            if watch.count == taken:  # the DP optimizer clipped and summed a chunk, skipped the step
-                if pending > n:  # a Poisson batch has at most n examples
-                    raise RuntimeError(f"{pending} physical batches without an optimizer step")
-                continue
-            pending = 0
-            scheduler.step()
-            if before is not None:
-                if all(torch.equal(b, p.detach()) for b, p in zip(before, params, strict=True)):
-                    raise FrozenTrainingError(
-                        "the first training step left all trainable weights unchanged: check that the "
-                        "model was on its device before get_peft_model and that lr > 0"
+    # Opacus' hooks warn at every backward pass that the inputs need no grad: frozen embeddings
+    quiet = known_warnings() if private is not None else nullcontext()
+    with quiet:
+        while result.steps < steps_goal:
+            for batch, divisor, last in batches():
+                if len(batch[-1]) == 0:  # an empty Poisson batch: still a noisy step, still accounted
+                    zero_sum_gradients(params)
+                    result.empty_batches += 1
+                else:
+                    logits, labels = _forward(net, batch, device)
+                    (criterion(logits, labels) / divisor).backward()
+                    loss_sum += float(
+                        F.cross_entropy(logits.detach(), labels, weight=weight, reduction="none").sum()
                     )
-                before = None
-            result.steps += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum / max(result.examples_seen, 1):.3f}")
-            if result.steps >= steps_goal:
-                break
+                    result.examples_seen += len(labels)
+                result.physical_batches += 1
+                pending += 1
+                if not last:  # a non-private chunk: accumulate, step after the batch's last one
+                    continue
+                taken = watch.count
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)  # a DP optimizer keeps its summed clipped gradients
+                if watch.count == taken:  # the DP optimizer clipped and summed a chunk, skipped the step
+                    if pending > n:  # a Poisson batch has at most n examples
+                        raise RuntimeError(f"{pending} physical batches without an optimizer step")
+                    continue
+                pending = 0
+                scheduler.step()
+                if before is not None:
+                    if all(torch.equal(b, p.detach()) for b, p in zip(before, params, strict=True)):
+                        raise FrozenTrainingError(
+                            "the first training step left all trainable weights unchanged: check that the "
+                            "model was on its device before get_peft_model and that lr > 0"
+                        )
+                    before = None
+                result.steps += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum / max(result.examples_seen, 1):.3f}")
+                if result.steps >= steps_goal:
+                    break
     bar.close()
     watch.remove()
     result.mean_loss = loss_sum / max(result.examples_seen, 1)
