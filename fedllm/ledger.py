@@ -33,7 +33,8 @@ from fedllm.privacy import PrivacyPlan, compact, epsilon_for
 VERSION = 1
 ACCOUNTANTS = ("prv", "rdp", "gdp")
 DEFAULT_NOT_COVERED = [  # what every DP site releases outside DP (clients.policy adds opt-ins)
-    "the number of training examples n and the sampling rate q = 1/ceil(n/batch) sent with every update",
+    "the number of training examples n sent with every update (the sampling rate q, noise multiplier and "
+    "steps sent with it follow from n and the public settings)",
     "which rounds the site took part in and when (timing of replies)",
 ]
 

@@ -4,7 +4,7 @@
 
 Three virtual newsrooms (the BBC News training articles split over them by desk, Dirichlet
 α = 1.0), FedAvg over the sites' adapters, DP-SGD at ε = 8 per site with the DP recipe
-(``trainable = auto``: the classification head on the frozen encoder, SGD, Poisson q = 0.5),
+(``trainable = auto``: the classification head on the frozen encoder, SGD, full-batch steps: Poisson q = 1),
 in Flower's Simulation Engine with the project's own ServerApp and ClientApp. Prints each
 round's scores as the round ends, and where the results are.
 """
