@@ -11,6 +11,8 @@ from safetensors.numpy import load_file
 from fedllm.privacy import epsilon_for
 from simulations.superlink import SimulationLink
 
+from .rescore import rescore
+
 pytestmark = pytest.mark.slow
 
 
@@ -53,6 +55,11 @@ def test_three_sites_two_rounds_with_dp(tiny_checkpoint, tmp_path):
         assert any(not np.array_equal(before[k], after[k]) for k in before)
     final = _adapter(run_dir, "final-adapter")
     assert all(np.array_equal(final[k], rounds[2][k]) for k in final)
+    # the last round's logged server score is the final adapter's, reloaded as a user does
+    scores = rescore(run_dir / "final-adapter")
+    logged = rows[2]["server"]
+    assert scores["accuracy"] == logged["accuracy"] and scores["macro_f1"] == logged["macro-f1"]
+    assert scores["loss"] == pytest.approx(logged["loss"], rel=1e-5)
 
     # each site's epsilon grows and is the accountant's value for the steps it really took
     first, second = rows[1]["sites"], rows[2]["sites"]
