@@ -196,7 +196,9 @@ def test_the_audit_hooks_do_not_change_a_run(tiny_run, tiny_config):
 
 def test_the_noise_free_point_is_dp_sgd_without_noise(tiny_run, tiny_config):
     run = _run(tiny_run, tiny_config, noise_free=True)
-    assert run.epsilons == [math.inf, math.inf] and all(0 < d < 1 for d in run.deltas)
+    assert run.epsilons == [math.inf, math.inf]
+    # booked like any private site: the default delta, min(1e-5, 1 / (10 n)) for its n examples
+    assert run.deltas == [min(1e-5, 1 / (10 * len(site.train))) for site in run.sites]
 
 
 def test_alignment_scores_a_record_trained_on_by_its_gradient(settings, tiny_config, tokenizer, frame):
