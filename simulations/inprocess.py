@@ -13,7 +13,6 @@ training table, e.g. canaries) and ``on_update`` (called with each site's update
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -142,17 +141,15 @@ def federate(
         updates, weights = [], []
         for i, (dataset, plan) in enumerate(zip(data, plans, strict=True)):
             _load(model, global_state)
-            with warnings.catch_warnings():  # sigma = 0: the RDP accountant's search ends at its edge
-                warnings.filterwarnings("ignore", message="Optimal order is the smallest alpha")
-                result = train_local(
-                    model,
-                    dataset,
-                    settings,
-                    plan=plan,
-                    history=histories[i],
-                    seed_offset=server_round,
-                    round_of=(server_round, rounds),
-                )
+            result = train_local(
+                model,
+                dataset,
+                settings,
+                plan=plan,
+                history=histories[i],
+                seed_offset=server_round,
+                round_of=(server_round, rounds),
+            )
             histories[i], epsilons[i] = result.history, result.epsilon
             state = _copy(adapter_state(model))
             if on_update is not None:
