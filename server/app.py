@@ -76,9 +76,6 @@ def make_run_dir(context: Context) -> Path:
     return path
 
 
-_run_dir = make_run_dir  # the former private name, still imported by tests/test_run_dir.py
-
-
 def _save(model, folder: Path, labels: list[str], extra: dict | None = None) -> None:
     """``save_adapter`` into ``.<name>.partial``, then a rename: a crash leaves no half folder."""
     partial = folder.with_name(f".{folder.name}.partial")
