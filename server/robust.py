@@ -32,6 +32,7 @@ set a fixed bound there.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -269,16 +270,20 @@ def direction_weights(
     evidence: DirectionEvidence,
     num_malicious: int,
     threshold: float = DIRECTION_THRESHOLD,
+    oversized: Sequence[int] = (),
 ) -> tuple[list[float], list[float], list[float]]:
-    """Weight 0 for the (at most ``num_malicious``) sites whose updates keep pointing away.
+    """Weight 0 for the (at most ``num_malicious``) sites that are oversized or keep pointing away.
 
-    Adds this round's ``direction_scores`` to ``evidence`` (the sites' record over the run) and
-    discounts the ``num_malicious`` sites of lowest evidence that is below ``-threshold``. One
-    round decides little: under DP noise honest updates are nearly orthogonal and a non-IID
-    honest site scores below 0 in some rounds, but a sign-flipped or label-flipped site does so
-    in every round, and its evidence falls like √rounds while a site without a direction (a
-    random update: nothing to gain by dropping it beyond the norm clip) stays near 0. With fewer
-    than 2f + 1 (and 3) replies there is no majority to judge by: nothing is scored or
+    ``oversized``: indices of the updates the norm bound had to cut (more than twice an honest
+    norm), most oversized first. They are discounted first: a clip bounds how far such an
+    update moves the global, but it still adds a norm bound's worth of its direction (a sign
+    flip's, or noise) to every round. The remaining places go by direction: this round's
+    ``direction_scores`` are added to ``evidence`` (the sites' record over the run) and the
+    sites of lowest evidence that is below ``-threshold`` are discounted. One round decides
+    little: under DP noise honest updates are nearly orthogonal and a non-IID honest site scores
+    below 0 in some rounds, but a sign-flipped or label-flipped site does so in every round, and
+    its evidence falls like √rounds while an update without a direction stays near 0. With
+    fewer than 2f + 1 (and 3) replies there is no majority to judge by: nothing is scored or
     discounted. Returns (weights, this round's scores, each site's evidence after it).
     """
     n = len(adapters)
@@ -288,8 +293,9 @@ def direction_weights(
     for node, score in zip(nodes, scores, strict=True):
         evidence.add(node, score)
     record = [evidence.evidence(node) for node in nodes]
-    lowest = sorted(range(n), key=record.__getitem__)[:num_malicious]
-    discounted = {i for i in lowest if record[i] < -threshold}
+    discounted = list(oversized)[:num_malicious]
+    by_evidence = [i for i in sorted(range(n), key=record.__getitem__) if i not in discounted]
+    discounted += [i for i in by_evidence[: num_malicious - len(discounted)] if record[i] < -threshold]
     return [0.0 if i in discounted else w for i, w in enumerate(weights)], scores, record
 
 

@@ -197,6 +197,7 @@ class AdapterFedAvg(FedAvg):
         weights, record["weight-cap"], record["capped"] = cap_weights(valid, self.robust.max_site_weight)
         scored = weights
         if self.robust.aggregator == "cosine" and self._global is not None:
+            norms = {c["node"]: c["norm"] for c in record["clipped"]}  # the oversized updates
             scored, scores, evidence = direction_weights(
                 self._global,
                 adapters,
@@ -205,6 +206,11 @@ class AdapterFedAvg(FedAvg):
                 self.direction,
                 self.robust.num_malicious_sites,
                 self.robust.direction_threshold,
+                oversized=[
+                    i
+                    for i in sorted(range(len(valid)), key=lambda i: -norms.get(valid[i].node, 0.0))
+                    if valid[i].node in norms
+                ],
             )
             for key, values in (("direction-score", scores), ("direction-evidence", evidence)):
                 # unrounded: a resumed run rebuilds the evidence from these rows (``restore``)

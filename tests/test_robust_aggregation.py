@@ -225,9 +225,9 @@ def _noisy_round(g: dict, server_round: int, lean: float) -> dict[int, dict]:
     return adapters
 
 
-def test_cosine_keeps_a_random_update_and_discounts_a_site_that_leans_away_round_after_round():
+def test_cosine_keeps_an_update_without_direction_and_discounts_one_that_leans_away_round_after_round():
     g = global_adapter()
-    # a random update (no direction): never discounted, the honest sites neither
+    # an honest-sized update with no direction (as a site with no signal): never discounted
     records = _rounds(AdapterFedAvg(), g, lambda r: _noisy_round(g, r, lean=0.0), 1, 8)
     assert all(r["discounted"] == [] for r in records)
     # a site leaning away a little every round: too little to tell in round 1, clear by the end
@@ -248,3 +248,19 @@ def test_a_resumed_strategy_carries_the_direction_evidence_of_the_kept_rounds():
     assert later[-1]["discounted"] == whole[-1]["discounted"]
     fresh = _rounds(AdapterFedAvg(), g, lambda r: _noisy_round(g, r, lean=0.25), 4, 6)
     assert fresh[-1]["direction-evidence"] != whole[-1]["direction-evidence"]
+
+
+def test_an_oversized_update_is_discounted_first_and_takes_the_place_of_a_leaning_site():
+    g = global_adapter()
+
+    def attacked(server_round: int) -> dict[int, dict]:
+        adapters = _noisy_round(g, server_round, lean=0.6)  # BAD leans away: evidence < -3 soon
+        rng = np.random.default_rng(100 + server_round)
+        adapters[99] = {k: (v + 1e3 * rng.normal(size=v.shape)).astype(np.float32) for k, v in g.items()}
+        return adapters
+
+    records = _rounds(AdapterFedAvg(), g, attacked, 1, 6)
+    assert all(r["discounted"] == [99] for r in records)  # f = 1: the random update of norm 1e3
+    assert records[-1]["direction-evidence"][str(BAD)] < -DIRECTION_THRESHOLD
+    records = _rounds(AdapterFedAvg(robust=RobustSettings(num_malicious_sites=2)), g, attacked, 1, 6)
+    assert sorted(records[-1]["discounted"]) == sorted([99, BAD])
