@@ -4,7 +4,8 @@ Run config keys (pyproject.toml's ``[tool.flwr.app.config]``):
 
 - ``aggregator``: ``cosine`` (default) | ``fedavg`` | ``median`` | ``trimmed-mean`` | ``krum`` |
   ``bulyan``, over the (clipped) adapters. ``cosine`` is FedAvg without the site (at most
-  ``num-malicious-sites``) whose updates keep pointing away from the others' (``direction_weights``:
+  ``num-malicious-sites``) whose update the norm bound had to cut, or else whose updates keep
+  pointing away from the others' (``direction_weights``:
   each round a site scores the median cosine of its update with the others', in units of a random
   direction's spread 1/√d; its evidence, the sum of its scores over √rounds, must fall below
   ``-direction-threshold``, default 3); ``fedavg`` is the plain weighted mean (the default
