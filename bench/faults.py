@@ -5,9 +5,9 @@
 No training, no servers: each probe calls the piece of fedllm that meets the fault in a real run.
 
 - train replies: one site of five sends a malformed or hostile reply; the round goes through the
-  server's own ``AdapterFedAvg.aggregate_train`` (default run config: fedavg, ``max-update-norm``
-  and ``max-site-weight`` auto), against the adapter of a tiny random BERT with the run's LoRA
-  layout, and the aggregate is loaded into that model as the server's evaluation does;
+  server's own ``AdapterFedAvg.aggregate_train`` (default run config: ``cosine``,
+  ``max-update-norm`` and ``max-site-weight`` auto), against the adapter of a tiny random BERT
+  with the run's LoRA layout, and the aggregate is loaded into that model as the server's evaluation does;
 - run names: ``server.app.make_run_dir`` with a submitted ``run-name``;
 - data files: the site's own reading (``clients.site`` join's check, ``load_site_file``, ``tokenize``);
 - credentials: ``server.credentials`` main.
@@ -280,6 +280,8 @@ def attack_probes(model) -> list[Row]:
             )
         else:
             happened = "averaged as sent"
+        if BAD in record.get("discounted", []):
+            happened += "; discounted by cosine (weight 0)"
         plain_move = "not finite" if unbounded is None else f"{_distance(unbounded, game.g):.3g}"
         bound = record["norm-bound"]
         within = "≤" if moved <= bound + 1e-6 else "ABOVE"
