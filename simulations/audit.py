@@ -54,6 +54,7 @@ from fedllm.model import load_tokenizer
 from simulations.inprocess import federate
 from simulations.run import PRESETS
 from simulations.sweep import eps_label
+from simulations.sweep_config import keep_or_refuse
 
 _PRESET = PRESETS["default"]
 DEFAULTS: dict = {
@@ -112,17 +113,7 @@ def check_config(config: dict, saved: Path) -> None:
         raise SystemExit(f"--canary-kind {config['canary-kind']!r}: use one of {CANARY_KINDS}")
     if config["canaries"] < 2 or not 0 < config["confidence"] < 1:
         raise SystemExit("--canaries must be >= 2 and --confidence in (0, 1)")
-    if saved.exists():
-        old = json.loads(saved.read_text())
-        changed = sorted(
-            k for k in set(old) | set(config) if k not in EXTENDABLE and old.get(k) != config.get(k)
-        )
-        if changed:
-            raise SystemExit(
-                f"{saved.parent} holds an audit with other settings ({', '.join(changed)}): its finished "
-                "points would not match; use another --out (nothing was changed)"
-            )
-    saved.write_text(json.dumps(config, indent=2))
+    keep_or_refuse(config, saved, EXTENDABLE, "an audit")
 
 
 def point_settings(config: dict, epsilon: float, seed: int) -> Settings:
