@@ -1,280 +1,36 @@
-"""Empirical privacy audit: canaries in one training run, and membership inference on real records.
+"""Empirical privacy audit: from membership scores to a lower bound on ε and an attack's success.
 
-- **Canaries** (``draw_canaries``): m records, each assigned to one site at random and inserted
-  there with probability ½, independently, from a seeded numpy generator (the audit seed). The
-  inclusion draw is the secret the attacker guesses.
-- **Scores**, higher = "in": black-box, minus the final model's loss on the canary
-  (``per_example_losses``); white-box (``UpdateLog``, ``alignment_scores``), the alignment of
-  the canary's site's updates with the canary's negative loss gradient at the model the site
-  started from, summed over rounds, in the metric ``whitener`` makes of the features' second
-  moment (the head only).
-- **Lower bound** (``epsilon_lower_bound``, ``audit_from_scores``): Steinke, Nasr and Jagielski,
-  "Privacy auditing with one (1) training run" (NeurIPS 2023), Theorem 3.1 with its δ term: the
-  attacker guesses "in" for the k+ highest scores, "out" for the k- lowest, abstains on the
-  rest; from r guesses with v correct, the largest ε that an (ε, δ)-DP mechanism would make
-  this unlikely (p-value ≤ β) is a lower bound on ε at confidence 1 − β.
-- **Membership inference** (``membership_inference``): any score (the loss-threshold attack:
-  minus the loss), ROC AUC with a bootstrap interval, TPR at 1% and 0.1% FPR.
+The audit's parts, in the order a run uses them:
 
-Everything after training works on saved scores too: an operator who holds a run's canary
-scores and inclusion draw calls ``audit_from_scores``. The method: docs/audit.md.
+- **Canaries** (``fedllm.canaries``): m records, each inserted at a random site with probability
+  ½ from a seeded draw; the inclusion draw is the secret the attacker guesses.
+- **Scores** (``fedllm.audit_scores``), higher = "in": black-box, minus the final model's loss;
+  white-box, the alignment of a site's updates with the record's negative loss gradient.
+- **Lower bound** (``epsilon_lower_bound``, ``audit_from_scores``, here): Steinke, Nasr and
+  Jagielski, "Privacy auditing with one (1) training run" (NeurIPS 2023), Theorem 3.1 with its
+  δ term: the attacker guesses "in" for the k+ highest scores, "out" for the k- lowest, abstains
+  on the rest; from r guesses with v correct, the largest ε that an (ε, δ)-DP mechanism would
+  make this unlikely (p-value ≤ β) is a lower bound on ε at confidence 1 − β.
+- **Membership inference** (``membership_inference``, here): any score (the loss-threshold
+  attack: minus the loss), ROC AUC with a bootstrap interval, TPR at 1% and 0.1% FPR.
+
+Everything here works on saved scores too: an operator who holds a run's canary scores and
+inclusion draw calls ``audit_from_scores``. The method: docs/audit.md.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-import pandas as pd
-import torch
 from scipy import stats
 from sklearn.metrics import roc_auc_score, roc_curve
-from torch import nn
-from torch.nn import functional as F
-from torch.utils.data import DataLoader, TensorDataset
-from transformers import PreTrainedTokenizerBase
 
-from fedllm.adapters import set_adapter_arrays, wire_parameters
-from fedllm.features import HeadOnFeatures, pooled_features
-
-CANARY_KINDS = ("random-tokens", "mislabeled")
 # Guess r = fraction * m canaries (half "in" from the top, half "out" from the bottom); the bound
 # is the best of these options, each tested at beta / len(options) (a union bound). Fixed in advance.
 GUESS_FRACTIONS = (0.05, 0.1, 0.2, 0.5, 1.0)
-RIDGE = 0.1  # the white-box metric's ridge, relative to the features' mean eigenvalue (docs/audit.md)
-CANARY_WEIGHT = 0.5  # a canary's weight in that metric: its probability of being in the data
-
-
-# ---------------------------------------------------------------- canaries
-
-
-@dataclass
-class Canaries:
-    """m canary records, the site each would join, and whether it did (the secret)."""
-
-    texts: list[str]
-    labels: list[str]
-    sites: np.ndarray  # int, the site each canary is assigned to
-    included: np.ndarray  # bool, inserted at its site or not (probability 1/2, independent)
-    kind: str
-    seed: int
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-    def rows(self, site: int) -> pd.DataFrame:
-        """The canaries inserted at ``site``: a ``text``/``label`` table to add to its training data."""
-        keep = (self.sites == site) & self.included
-        return self.frame()[keep][["text", "label"]].reset_index(drop=True)
-
-    def frame(self) -> pd.DataFrame:
-        """Every canary with its site and inclusion (for saving next to the scores)."""
-        return pd.DataFrame(
-            {"text": self.texts, "label": self.labels, "site": self.sites, "included": self.included}
-        )
-
-
-def vocabulary_words(tokenizer: PreTrainedTokenizerBase) -> list[str]:
-    """The tokenizer's whole-word, alphabetic vocabulary entries (no ``##`` pieces, no specials)."""
-    words = [w for w in tokenizer.get_vocab() if w.isalpha() and w.isascii() and len(w) > 1]
-    return sorted(set(words) - set(tokenizer.all_special_tokens))
-
-
-def draw_canaries(
-    m: int,
-    num_sites: int,
-    seed: int,
-    *,
-    kind: str,
-    labels: Sequence[str],
-    vocabulary: Sequence[str] = (),
-    source: pd.DataFrame | None = None,
-    label: str = "",
-    length: int = 32,
-) -> Canaries:
-    """Draw m canaries, their sites and their inclusion from ``seed`` alone.
-
-    ``random-tokens``: ``length`` words drawn uniformly from ``vocabulary``, labelled ``label``
-    (``""``: each canary a label drawn uniformly from ``labels``). ``mislabeled``: m distinct
-    rows of ``source`` (``text``, ``label``; e.g. the held-out split), each with a label drawn
-    uniformly from the others. Three independent streams spawned from ``seed`` draw the
-    contents, the sites (uniform over ``num_sites``) and the inclusions (each 1/2,
-    independently): the secret does not depend on what the canaries are.
-    """
-    if m < 0 or num_sites < 1:
-        raise ValueError(f"canaries={m}, sites={num_sites}: use canaries >= 0 and sites >= 1")
-    content, placing, secret = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
-    if kind == "random-tokens":
-        if m and not vocabulary:
-            raise ValueError("random-tokens canaries need a vocabulary (see vocabulary_words)")
-        if label and label not in labels:
-            raise ValueError(f"canary label {label!r} is not one of the labels {list(labels)}: use one or ''")
-        words = np.asarray(vocabulary)
-        texts = [" ".join(content.choice(words, size=length)) for _ in range(m)]
-        names = [label or labels[int(content.integers(len(labels)))] for _ in range(m)]
-    elif kind == "mislabeled":
-        if source is None or len(source) < m:
-            have = 0 if source is None else len(source)
-            raise ValueError(f"mislabeled canaries: {m} wanted, {have} source rows; use fewer canaries")
-        rows = source.iloc[content.choice(len(source), size=m, replace=False)]
-        texts = [str(t) for t in rows["text"]]
-        names = []
-        for true in rows["label"]:
-            others = [name for name in labels if name != true]
-            names.append(others[int(content.integers(len(others)))])
-    else:
-        raise ValueError(f"unknown canary kind {kind!r}: use one of {CANARY_KINDS}")
-    sites = placing.integers(0, num_sites, size=m)
-    included = secret.random(m) < 0.5
-    return Canaries(texts, names, sites, included, kind, seed)
-
-
-# ---------------------------------------------------------------- scores
-
-
-def _net(model: nn.Module, dataset: TensorDataset, head_only: bool) -> tuple[nn.Module, TensorDataset]:
-    if head_only:
-        return HeadOnFeatures(model), pooled_features(model, dataset)
-    return model, dataset
-
-
-def _logits(net: nn.Module, batch: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    if len(batch) == 2:
-        return net(batch[0].to(device))
-    return net(input_ids=batch[0].to(device), attention_mask=batch[1].to(device)).logits
-
-
-@torch.no_grad()
-def per_example_losses(
-    model: nn.Module, dataset: TensorDataset, head_only: bool = False, batch_size: int = 64
-) -> np.ndarray:
-    """Each example's cross-entropy loss under ``model`` (eval mode; the head on cached features
-    when ``head_only``)."""
-    if len(dataset) == 0:
-        return np.zeros(0)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    net, data = _net(model, dataset, head_only)
-    out = []
-    for batch in DataLoader(data, batch_size=batch_size):
-        batch = list(batch)
-        out.append(F.cross_entropy(_logits(net, batch, device), batch[-1].to(device), reduction="none"))
-    model.train(was_training)
-    return torch.cat(out).cpu().double().numpy()
-
-
-def per_example_gradients(model: nn.Module, dataset: TensorDataset, head_only: bool = False) -> torch.Tensor:
-    """(n, P): each example's loss gradient w.r.t. the trainable (wire) parameters, flattened in
-    wire order (``fedllm.adapters``), at the model's current weights (eval mode)."""
-    params = list(wire_parameters(model).values())
-    device = params[0].device
-    was_training = model.training
-    model.eval()
-    net, data = _net(model, dataset, head_only)
-    rows = []
-    for batch in DataLoader(data, batch_size=1):
-        batch = list(batch)
-        loss = F.cross_entropy(_logits(net, batch, device), batch[-1].to(device))
-        grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
-        rows.append(torch.cat([g.flatten() for g in grads]))
-    model.train(was_training)
-    width = sum(p.numel() for p in params)
-    return torch.stack(rows).detach().cpu().double() if rows else torch.zeros((0, width), dtype=torch.float64)
-
-
-def flat(state: dict[str, torch.Tensor]) -> torch.Tensor:
-    """A state (wire order) as one float64 vector."""
-    return torch.cat([v.detach().cpu().double().flatten() for v in state.values()])
-
-
-class UpdateLog:
-    """What the server sees of a federation: each round's global adapter and each site's update.
-
-    Pass ``observe`` every site's reply (round, site, the global state it started from, its
-    trained state); ``alignment_scores`` scores records against the log afterwards.
-    """
-
-    def __init__(self) -> None:
-        self.starts: dict[int, dict[str, torch.Tensor]] = {}
-        self.updates: dict[int, dict[int, torch.Tensor]] = {}
-
-    def observe(
-        self, round: int, site: int, start: dict[str, torch.Tensor], state: dict[str, torch.Tensor]
-    ) -> None:
-        """Record site ``site``'s update (``state - start``) of round ``round``."""
-        self.starts.setdefault(round, {k: v.detach().cpu().clone() for k, v in start.items()})
-        self.updates.setdefault(round, {})[site] = flat(state) - flat(start)
-
-
-def second_moment(blocks: Sequence[tuple[torch.Tensor | np.ndarray, float]]) -> np.ndarray:
-    """Σ w X^T X / Σ w n over (features X, weight w) blocks: the features' second moment."""
-    width = np.asarray(blocks[0][0]).shape[1]
-    total, count = np.zeros((width, width)), 0.0
-    for features, weight in blocks:
-        x = np.asarray(features, dtype=np.float64)
-        total += weight * x.T @ x
-        count += weight * len(x)
-    return total / max(count, 1e-12)
-
-
-def whitener(moment: np.ndarray, ridge: float = RIDGE) -> np.ndarray:
-    """(M + ridge · tr(M)/d · I)^-1: the metric that weighs the directions where the data's
-    gradients do not reach (the matched filter for the other records' interference)."""
-    d = moment.shape[0]
-    return np.linalg.inv(moment + ridge * np.trace(moment) / d * np.eye(d))
-
-
-def _precondition(grads: torch.Tensor, shapes: list[torch.Size], metric: np.ndarray | None) -> torch.Tensor:
-    """Each matrix block's input (feature) side times ``metric``; vector blocks (biases) left out."""
-    if metric is None:
-        return grads
-    m = torch.as_tensor(metric, dtype=grads.dtype)
-    blocks, at = [], 0
-    for shape in shapes:
-        size = int(np.prod(shape))
-        block = grads[:, at : at + size]
-        if len(shape) == 2 and shape[1] == m.shape[0]:
-            blocks.append((block.reshape(len(grads), *shape) @ m).reshape(len(grads), size))
-        else:
-            blocks.append(torch.zeros_like(block))
-        at += size
-    return torch.cat(blocks, dim=1)
-
-
-def alignment_scores(
-    log: UpdateLog,
-    model: nn.Module,
-    dataset: TensorDataset,
-    sites: np.ndarray,
-    head_only: bool,
-    metric: np.ndarray | Mapping[int, np.ndarray] | None = None,
-) -> np.ndarray:
-    """The white-box score of each record: Σ over rounds of ⟨Δ_s, d⟩, d = −g / ‖g‖.
-
-    Δ_s is the round's update of the record's site ``sites[i]``, g the record's loss gradient
-    at the global adapter that site started from (``model`` is loaded with each round's global
-    adapter: pass a model of the federation's settings). With ``metric`` (the head only; one
-    matrix, or one per site) g's weight block is preconditioned on its feature side first
-    (``whitener``) and the bias block left out. A record trained on pushes Δ_s along −g.
-    """
-    sites = np.asarray(sites)
-    scores = np.zeros(len(sites))
-    shapes = [p.shape for p in wire_parameters(model).values()]
-    for round_, start in sorted(log.starts.items()):
-        set_adapter_arrays(model, {k: v.numpy() for k, v in start.items()})
-        grads = -per_example_gradients(model, dataset, head_only)
-        for site, update in log.updates[round_].items():
-            mine = np.flatnonzero(sites == site)
-            if len(mine) == 0:
-                continue
-            local = metric.get(site) if isinstance(metric, Mapping) else metric
-            d = _precondition(grads[mine], shapes, local)
-            d = d / d.norm(dim=1, keepdim=True).clamp(min=1e-12)
-            scores[mine] += (d @ update).numpy()
-    return scores
 
 
 # ---------------------------------------------------------------- the lower bound

@@ -34,19 +34,16 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch.utils.data import TensorDataset
 
-from fedllm.audit import (
-    CANARY_KINDS,
+from fedllm.audit import audit_from_scores, membership_inference
+from fedllm.audit_scores import (
     CANARY_WEIGHT,
     UpdateLog,
     alignment_scores,
-    audit_from_scores,
-    draw_canaries,
-    membership_inference,
     per_example_losses,
     second_moment,
-    vocabulary_words,
     whitener,
 )
+from fedllm.canaries import CANARY_KINDS, draw_canaries, vocabulary_words
 from fedllm.config import Settings, settings_from
 from fedllm.data import load_splits
 from fedllm.features import pooled_features

@@ -13,16 +13,14 @@ import torch
 from fedllm.adapters import adapter_state
 from fedllm.audit import (
     GUESS_FRACTIONS,
-    UpdateLog,
-    alignment_scores,
     audit_from_scores,
-    draw_canaries,
     epsilon_lower_bound,
     guesses,
     membership_inference,
     p_value,
-    per_example_gradients,
 )
+from fedllm.audit_scores import UpdateLog, alignment_scores, per_example_gradients
+from fedllm.canaries import draw_canaries
 from fedllm.data import tokenize
 from fedllm.model import build_model
 from simulations.audit import check_config, parse_args, violations
