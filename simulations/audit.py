@@ -5,7 +5,7 @@
 
 For each ε (and seed) one in-process federation (``simulations.inprocess``: the library's own
 sites, training loop, DP plans and FedAvg) trains once with m canaries, each inserted at a random
-site with probability ½ (``fedllm.audit``). Then: the canary lower bound on ε at the stated
+site with probability ½ (``fedllm.canaries``). Then: the canary lower bound on ε at the stated
 confidence (Steinke, Nasr, Jagielski 2023) from the white-box score (pre-registered; the
 black-box score's bound is reported beside it), and membership inference on the real records
 (members: the sites' training rows; non-members: their local test rows): the loss-threshold
