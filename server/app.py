@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import time
-import unicodedata
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
@@ -29,31 +28,15 @@ from fedllm.train import evaluate
 from server.resume import commit, find, load_checkpoint, resume_dir, run_record, write_config
 from server.robust import RobustSettings
 from server.runlog import RunLog
+from server.settings import ServerSettings
 from server.strategy import AdapterFedAvg
 
 app = ServerApp()
 
 
-def _run_name(raw: object) -> str:
-    """``run-name`` as one folder name; raises one line naming the key and the fix otherwise."""
-    name = str(raw).strip()
-    bad = (
-        not name
-        or name in (".", "..")
-        or any(sep in name for sep in ("/", "\\"))
-        or any(unicodedata.category(c) == "Cc" for c in name)
-    )
-    if bad:
-        raise ValueError(
-            f"run config run-name={str(raw)!r}: a run name is one folder name inside run-dir "
-            "(no '/', '\\', '.', '..', control characters, not blank); use e.g. run-name=\"bbc-robust\""
-        )
-    return name
-
-
-def _root(context: Context) -> Path:
+def _root(server: ServerSettings) -> Path:
     """``run-dir``, resolved."""
-    return Path(str(context.run_config.get("run-dir", "runs"))).expanduser().resolve()
+    return Path(server.run_dir).expanduser().resolve()
 
 
 def make_run_dir(context: Context) -> Path:
@@ -61,15 +44,15 @@ def make_run_dir(context: Context) -> Path:
 
     The final path is resolved (symlinks followed) and must lie directly inside ``run-dir``.
     """
-    root = _root(context)
-    raw = context.run_config.get("run-name", "")
-    name = _run_name(raw) if str(raw) else time.strftime("%Y%m%d-%H%M%S")
+    server = ServerSettings.from_run_config(context.run_config)  # a bad run-name fails here
+    root = _root(server)
+    name = server.run_name or time.strftime("%Y%m%d-%H%M%S")
     path = (root / name).resolve()
     if path.exists():
         path = (root / f"{name}-run{context.run_id}").resolve()
     if path.parent != root:
         raise ValueError(
-            f"run config run-name={str(raw)!r} resolves to {path}, outside run-dir {root}; "
+            f"run config run-name={server.run_name!r} resolves to {path}, outside run-dir {root}; "
             "use a plain folder name"
         )
     path.mkdir(parents=True, exist_ok=False)
@@ -98,21 +81,18 @@ def main(grid: Grid, context: Context) -> None:
     rc = context.run_config
     settings = settings_from(rc)
     robust = RobustSettings.from_run_config(rc)
-    num_rounds = int(rc.get("num-server-rounds", 3))
-    resume = str(rc.get("resume", "")).strip()
+    server = ServerSettings.from_run_config(rc)  # a bad key (run-name included) fails here
+    num_rounds, resume, server_eval = server.num_server_rounds, server.resume, server.server_eval
     if resume:
-        resume_dir(resume, _root(context))  # a bad resume fails before any data is loaded
-    elif str(rc.get("run-name", "")):
-        _run_name(rc["run-name"])  # a bad name fails before any data is loaded
-    explicit = [x.strip() for x in str(rc.get("labels", "")).split(",") if x.strip()]
-    server_eval = bool(rc.get("server-eval", True))
+        resume_dir(resume, _root(server))  # a bad resume fails before any data is loaded
+    explicit = server.label_list
     splits = load_splits(settings, explicit or None) if (server_eval or not explicit) else None
     labels = explicit or splits.labels
     model = build_model(settings, labels, pick_device(settings.device))
     record = run_record(dict(rc), settings.to_dict(), labels)
     rows, first_round = None, 1
     if resume:
-        point = find(resume, _root(context), record, num_rounds)
+        point = find(resume, _root(server), record, num_rounds)
         initial = load_checkpoint(model, point.checkpoint)
         commit(point, record, context.run_id)
         run_dir, run_key, rows, first_round = point.run_dir, point.run_key, point.rows, point.last_round + 1
@@ -163,14 +143,7 @@ def main(grid: Grid, context: Context) -> None:
         log.round(server_round, strategy.round_summary(server_round), scores)
         return MetricRecord(scores) if scores else None
 
-    strategy = AdapterFedAvg(
-        robust=robust,
-        fraction_train=float(rc.get("fraction-train", 1.0)),
-        fraction_evaluate=float(rc.get("fraction-evaluate", 0.0)),
-        min_train_nodes=int(rc.get("min-train-nodes", 2)),
-        min_evaluate_nodes=int(rc.get("min-evaluate-nodes", 2)),
-        min_available_nodes=int(rc.get("min-available-nodes", 2)),
-    )
+    strategy = AdapterFedAvg(robust=robust, **server.strategy_kwargs())
     if rows:
         strategy.restore(rows)  # the kept rounds' direction evidence (cosine) carries on
     strategy.start(
