@@ -32,6 +32,7 @@ from fedllm.data import SiteData, load_site_file, loss_weights, partition_sites,
 from fedllm.ledger import LedgerError, PrivacyLedger, fingerprint_file, statement
 from fedllm.model import build_model, load_tokenizer, pick_device
 from fedllm.privacy import epsilon_for, plan_privacy
+from fedllm.shards import ShardSettings
 from fedllm.train import evaluate, train_local
 
 app = ClientApp(mods=[failures_as_codes])
@@ -47,13 +48,14 @@ def _labels(msg: Message) -> list[str]:
 def _simulated_sites(run_items: tuple, labels: tuple, num_partitions: int) -> list[SiteData]:
     """All virtual sites of a run, computed once per process (tables only, no models)."""
     run = dict(run_items)
+    shards = ShardSettings.from_run_config(run)
     return partition_sites(
         settings_from(run),
         list(labels),
         num_partitions,
-        str(run.get("partitioning", "iid")),
-        float(run.get("dirichlet-alpha", 1.0)),
-        str(run.get("partition-column", "")),
+        shards.partitioning,
+        shards.dirichlet_alpha,
+        shards.partition_column,
     )
 
 
