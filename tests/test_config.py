@@ -19,7 +19,12 @@ from fedllm.config import (
     flower_defaults,
     settings_from,
 )
+from fedllm.shards import ShardSettings
 from server.robust import RobustSettings
+from server.settings import ServerSettings
+
+# the classes whose defaults the table holds as they are (a TOML value of the field's type)
+PLAIN_SOURCES = {"server/settings.py": ServerSettings, "fedllm/shards.py": ShardSettings}
 
 
 def test_hyphenated_keys_and_string_values_are_coerced():
@@ -109,3 +114,86 @@ def test_the_server_and_simulated_site_keys_hold_their_readers_defaults():
 def test_federated_defaults_are_settings():
     assert set(FEDERATED_DEFAULTS) <= set(SETTING_TYPES)
     assert settings_from(flower_defaults()) == Settings(**{k: v for k, v in FEDERATED_DEFAULTS.items()})
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def test_the_federation_server_and_shard_keys_hold_their_classes_defaults():
+    """server/settings.py's ServerSettings and fedllm/shards.py's ShardSettings are the one source of
+    these keys: the table holds each default with its type, and reads back as the defaults."""
+    table = _flower_table()
+    wrong = []
+    for source, cls in PLAIN_SOURCES.items():
+        for f in fields(cls):
+            key, want = _key(f.name), f.default
+            if key not in table:
+                wrong.append(f"{key}: not declared; {source} reads it: add {key} = {_toml(want)}")
+            elif table[key] != want or type(table[key]) is not type(want):
+                wrong.append(
+                    f"{key} = {_toml(table[key])}, but {source}'s default is {_toml(want)}: "
+                    f"write {key} = {_toml(want)} (or change the default in {source})"
+                )
+    assert not wrong, "pyproject.toml [tool.flwr.app.config]:\n" + "\n".join(wrong)
+    assert ServerSettings.from_run_config(table) == ServerSettings()
+    assert ShardSettings.from_run_config(table) == ShardSettings()
+
+
+def _owners() -> dict[str, list[str]]:
+    """Every run config key the code reads, with the module(s) that own it."""
+    owned = [(key, "fedllm/config.py") for key in flower_defaults()]
+    owned += [(_key(f.name), "server/robust.py") for f in fields(RobustSettings)]
+    owned += [(_key(f.name), source) for source, cls in PLAIN_SOURCES.items() for f in fields(cls)]
+    owned += [(SIM_PREFIX + _key(f.name), "clients/policy.py") for f in fields(SitePolicy)]
+    owners: dict[str, list[str]] = {}
+    for key, source in owned:
+        owners.setdefault(key, []).append(source)
+    return owners
+
+
+def test_every_key_in_the_table_has_exactly_one_owner():
+    """A declared key no code reads is a setting that does nothing; a key two classes read has two
+    defaults that can disagree."""
+    owners = _owners()
+    wrong = [
+        f"{key}: no code reads it (fedllm/config.py, server/settings.py, server/robust.py, "
+        "fedllm/shards.py, clients/policy.py); remove it or add it to the class that owns it"
+        for key in _flower_table()
+        if key not in owners
+    ]
+    wrong += [
+        f"{key}: read by {' and '.join(sources)}; keep one owner"
+        for key, sources in owners.items()
+        if len(sources) > 1
+    ]
+    assert not wrong, "pyproject.toml [tool.flwr.app.config]:\n" + "\n".join(wrong)
+
+
+def test_server_keys_given_as_text_are_read_as_their_types():
+    server = ServerSettings.from_run_config(
+        {"num-server-rounds": "5", "server-eval": "false", "fraction-train": "0.5", "run-name": " a "}
+    )
+    assert (server.num_server_rounds, server.server_eval, server.fraction_train) == (5, False, 0.5)
+    assert server.run_name == "a" and ServerSettings(labels=" x, ,y ").label_list == ["x", "y"]
+
+
+@pytest.mark.parametrize(
+    ("reader", "key", "value", "fix"),
+    [
+        (ServerSettings, "num-server-rounds", 0, "at least 1 round"),
+        (ServerSettings, "num-server-rounds", 2.5, "a whole number"),
+        (ServerSettings, "min-train-nodes", True, "a whole number"),
+        (ServerSettings, "fraction-train", 1.5, r"\(0, 1\]"),
+        (ServerSettings, "fraction-evaluate", "half", "expected a number"),
+        (ServerSettings, "server-eval", "maybe", "true or false"),
+        (ServerSettings, "run-name", "../x", "one folder name"),
+        (ShardSettings, "partitioning", "random", "iid | dirichlet | natural"),
+        (ShardSettings, "dirichlet-alpha", 0, "positive number"),
+        (ShardSettings, "partition-column", " ", "natural split needs the column"),
+    ],
+)
+def test_a_bad_server_or_shard_key_is_one_line_naming_it(reader, key, value, fix):
+    with pytest.raises(ValueError, match=f"^run config {key}=.*{fix}") as err:
+        reader.from_run_config({key: value})
+    assert "\n" not in str(err.value)
