@@ -66,20 +66,25 @@ def _toml(value: object) -> str:
     return f'"{value}"' if isinstance(value, str) else repr(value)
 
 
+def _wrong_defaults(table: dict, defaults: dict, source: str) -> list[str]:
+    """One line per key of ``defaults`` that ``table`` lacks or holds with another value or type."""
+    wrong = []
+    for key, want in defaults.items():
+        if key not in table:
+            wrong.append(f"{key}: not declared; {source} reads it: add {key} = {_toml(want)}")
+        elif table[key] != want or type(table[key]) is not type(want):
+            wrong.append(
+                f"{key} = {_toml(table[key])}, but {source}'s default is {_toml(want)}: "
+                f"write {key} = {_toml(want)} (or change the default in {source})"
+            )
+    return wrong
+
+
 def test_the_flower_app_config_declares_every_setting_with_its_default():
     """Flower refuses a run whose config has keys the app does not declare ('Invalid run
     configuration'), and a run without overrides trains with the table's values: the table must
     hold fedllm.config's defaults (FEDERATED_DEFAULTS over Settings), key by key."""
-    table = _flower_table()
-    wrong = []
-    for key, default in flower_defaults().items():
-        if key not in table:
-            wrong.append(f"{key}: not declared; add {key} = {_toml(default)}")
-        elif table[key] != default or type(table[key]) is not type(default):
-            wrong.append(
-                f"{key} = {_toml(table[key])}, but fedllm/config.py's default is {_toml(default)}: "
-                f"write {key} = {_toml(default)} (or change the default in fedllm/config.py)"
-            )
+    wrong = _wrong_defaults(_flower_table(), flower_defaults(), "fedllm/config.py")
     assert not wrong, "pyproject.toml [tool.flwr.app.config]:\n" + "\n".join(wrong)
 
 
@@ -124,17 +129,11 @@ def test_the_federation_server_and_shard_keys_hold_their_classes_defaults():
     """server/settings.py's ServerSettings and fedllm/shards.py's ShardSettings are the one source of
     these keys: the table holds each default with its type, and reads back as the defaults."""
     table = _flower_table()
-    wrong = []
-    for source, cls in PLAIN_SOURCES.items():
-        for f in fields(cls):
-            key, want = _key(f.name), f.default
-            if key not in table:
-                wrong.append(f"{key}: not declared; {source} reads it: add {key} = {_toml(want)}")
-            elif table[key] != want or type(table[key]) is not type(want):
-                wrong.append(
-                    f"{key} = {_toml(table[key])}, but {source}'s default is {_toml(want)}: "
-                    f"write {key} = {_toml(want)} (or change the default in {source})"
-                )
+    wrong = [
+        line
+        for source, cls in PLAIN_SOURCES.items()
+        for line in _wrong_defaults(table, {_key(f.name): f.default for f in fields(cls)}, source)
+    ]
     assert not wrong, "pyproject.toml [tool.flwr.app.config]:\n" + "\n".join(wrong)
     assert ServerSettings.from_run_config(table) == ServerSettings()
     assert ShardSettings.from_run_config(table) == ShardSettings()
