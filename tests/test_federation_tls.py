@@ -1,54 +1,34 @@
-"""The containers' entry points as local processes: TLS, SuperNode authentication, restarts.
+"""The containers' entry points as local processes: TLS, SuperNode authentication, two runs.
 
-SuperLink with TLS and ``--enable-supernode-auth``; sites started with ``python -m clients.site
-join`` (the site image's entry point) with their own keys and data shards.
+SuperLink with TLS and ``--enable-supernode-auth`` (``simulations.superlink.superlink_command``);
+sites started with ``python -m clients.site join`` (the site image's entry point) with their own
+keys and data shards. The federation is started once: the operator registers the keys over TLS,
+the sites join, an unregistered key is refused (and the site's rejoin loop retries, then explains),
+a site with bad labels is reported while the others train, and a second run composes with the
+first in every site's privacy ledger. What a site checks before joining (wrong CA, wrong address)
+is in ``tests/test_site_check.py``.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
+from clients.site import main as site_main
 from fedllm.ledger import PrivacyLedger
 from fedllm.shards import write_shards
 from server.credentials import make_ca_and_server, make_site_key
-from simulations.superlink import FlowerCLI, free_port, start_superlink, venv_bin
+from simulations.superlink import FlowerCLI, free_port, start_process, start_superlink, stop_process
 
-from .processes import join_args, join_sites, run_quick, stop_all, wait_until
+from .processes import join_args, join_sites, stop_all
 
 pytestmark = pytest.mark.slow
 
 
-class Federation:
-    """SuperLink + sites as processes; ``stop`` ends them all, ``start`` brings them back."""
-
-    def __init__(self, tmp, certs, shards, cli):
-        self.tmp, self.certs, self.shards, self.cli = tmp, certs, shards, cli
-        self.port = free_port()
-        self.procs = []
-
-    def start(self, sites):
-        link = start_superlink(
-            self.tmp / "superlink",
-            self.port,
-            self.cli.env,
-            self.tmp,
-            certificates=self.certs,
-            supernode_auth=True,
-        )
-        self.procs.append(link)
-        self.cli.write_connection(f"127.0.0.1:{self.port}", str(self.certs / "ca.crt"))
-        self.procs += join_sites(self.port, self.certs, sites, self.tmp, self.cli.env)
-
-    def stop(self):
-        stop_all(self.procs)
-        self.procs = []
-
-
-def test_tls_auth_federation_refusals_and_restart(tiny_checkpoint, tmp_path):
+def test_tls_auth_federation_refuses_unregistered_key_and_composes_two_runs(
+    tiny_checkpoint, tmp_path, capsys
+):
     certs = tmp_path / "certs"
     certs.mkdir()
     make_ca_and_server(certs, ["localhost"])
@@ -59,7 +39,7 @@ def test_tls_auth_federation_refusals_and_restart(tiny_checkpoint, tmp_path):
     bad.write_text("text,label\n" + "".join(f"review {i} was fine,delighted\n" for i in range(20)))
 
     cli = FlowerCLI(tmp_path / "cli", "tls")
-    fed = Federation(tmp_path, certs, shards, cli)
+    port = free_port()
     sites = [("site-1", shards[0]), ("site-2", shards[1]), ("site-3", shards[2]), ("site-4", bad)]
     config = {
         "model": str(tiny_checkpoint),
@@ -72,49 +52,39 @@ def test_tls_auth_federation_refusals_and_restart(tiny_checkpoint, tmp_path):
         "run-dir": str(tmp_path / "runs"),
         "run-name": "first",
     }
+    procs = []
+    probe = None
     try:
-        fed.start([])
+        link = start_superlink(
+            tmp_path / "superlink", port, cli.env, tmp_path, certificates=certs, supernode_auth=True
+        )
+        procs.append(link)
+        cli.write_connection(f"127.0.0.1:{port}", str(certs / "ca.crt"))  # the operator's CLI: TLS
         for i in range(1, 5):  # the operator registers four sites; site-5 is not registered
             answer = cli.call("supernode", "register", str(certs / f"site-{i}.pub"), "tls")
             assert answer.get("success"), answer
-        fed.stop()
-        fed.start(sites)  # registrations live in the SuperLink's database
-        env = {**cli.env, "FLWR_HOME": str(tmp_path / "probe")}
+        procs += join_sites(port, certs, sites, tmp_path, cli.env)
 
-        probes = tmp_path / "probes"
-        code, out = run_quick(
-            join_args(fed.port, certs, "site-5", shards[0], probes / "s5", activation_retries=0),
-            env,
-            probes / "unregistered.log",
+        # site-5 is refused activation, retries once (the rejoin loop after a crash), then explains;
+        # its 15 s wait overlaps the first run
+        probe_log = tmp_path / "site-5" / "site.log"
+        args = join_args(
+            port, certs, "site-5", shards[0], tmp_path / "site-5" / "state", activation_retries=1
         )
-        assert code != 0 and "key is not registered" in out, out[-3000:]
-
-        no_ca = [
-            venv_bin("flower-supernode"), "--superlink", f"127.0.0.1:{fed.port}", "--max-retries", "0",
-            "--auth-supernode-private-key", str(certs / "site-1"), "--port", str(free_port()),
-        ]  # fmt: skip
-        code, out = run_quick(no_ca, env, probes / "no-ca.log")
-        assert code != 0 and "CERTIFICATE_VERIFY_FAILED" in out, out[-3000:]
+        probe = start_process(args, probe_log, {**cli.env, "FLWR_HOME": str(tmp_path / "site-5")}, tmp_path)
 
         first = cli.run(config, timeout=900)
         assert first.ok, f"{first}\n{cli.log(first.run_id)[-3000:]}"
-
-        fed.stop()  # restart everything: the run dir and each site's privacy state survive
-        fed.start(sites)
-        # the SuperLink keeps a crashed site's old session online for up to a minute: submit only
-        # once every site has re-activated, or the run samples stale sessions ("Node Unavailable")
-        logs = [tmp_path / name / "site.log" for name, _ in sites]
-        wait_until(
-            "every site to re-activate",
-            lambda: all(
-                p.exists() and p.read_text(errors="replace").count("SuperNode ID:") >= 2 for p in logs
-            ),
-            timeout=240,
-        )
         second = cli.run({**config, "num-server-rounds": 1, "run-name": "second"}, timeout=900)
         assert second.ok, f"{second}\n{cli.log(second.run_id)[-3000:]}"
+
+        code = probe.wait(timeout=120)
+        out = probe_log.read_text(errors="replace")
+        assert code != 0 and "key is not registered" in out, out[-3000:]
+        assert out.count("activation refused; retrying") == 1, out[-3000:]
     finally:
-        fed.stop()
+        stop_process(probe, timeout=5)
+        stop_all(procs)
 
     rows = [json.loads(x) for x in (tmp_path / "runs" / "first" / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
@@ -130,11 +100,10 @@ def test_tls_auth_federation_refusals_and_restart(tiny_checkpoint, tmp_path):
         ledger = PrivacyLedger(tmp_path / name / "state" / "privacy_ledger.json")
         assert {first.run_id, second.run_id} <= set(ledger.runs)
         assert sum(h[2] for h in ledger.runs[first.run_id]["history"]) == 4  # 2 rounds x 2 steps
-        spend = subprocess.run(
-            [sys.executable, "-m", "clients.site", "spend", "--state-dir", str(tmp_path / name / "state")],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_code:
+            site_main(["spend", "--state-dir", str(tmp_path / name / "state")])
+        spend = capsys.readouterr().out
+        assert exit_code.value.code == 0, spend
         assert "lifetime over 2 runs" in spend and "example-level differential privacy" in spend
         assert any(line.split()[:1] == [str(first.run_id)] for line in spend.splitlines())
