@@ -206,11 +206,9 @@ class AdapterFedAvg(FedAvg):
                 self.direction,
                 self.robust.num_malicious_sites,
                 self.robust.direction_threshold,
-                oversized=[
-                    i
-                    for i in sorted(range(len(valid)), key=lambda i: -norms.get(valid[i].node, 0.0))
-                    if valid[i].node in norms
-                ],
+                oversized=sorted(
+                    (i for i, r in enumerate(valid) if r.node in norms), key=lambda i: -norms[valid[i].node]
+                ),
             )
             for key, values in (("direction-score", scores), ("direction-evidence", evidence)):
                 # unrounded: a resumed run rebuilds the evidence from these rows (``restore``)

@@ -6,12 +6,10 @@ query/value), not taken from ``fedllm.model``, so that a change in what trains s
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import MetricRecord
 from peft import get_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 
@@ -29,6 +27,7 @@ from fedllm.train import train_local
 from server.strategy import AdapterFedAvg
 
 from .conftest import DEVICE, LABELS
+from .replies import reply
 
 HEAD = {
     "base_model.model.classifier.modules_to_save.default.weight",
@@ -131,22 +130,6 @@ def test_ffa_lora_a_is_shared_frozen_and_stays_home(settings, tiny_config, token
     assert all(not torch.equal(v, moved[n]) for n, v in b.items()), "B did not train"
 
 
-def _reply(node: int, arrays: ArrayRecord, num_examples: int) -> Message:
-    meta = Metadata(
-        run_id=1,
-        message_id=f"reply-{node}-{time.time_ns()}",
-        src_node_id=node,
-        dst_node_id=0,
-        reply_to_message_id="train-1",
-        group_id="1",
-        created_at=time.time(),
-        ttl=3600.0,
-        message_type="train",
-    )
-    content = RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": num_examples})})
-    return Message(content, metadata=meta)
-
-
 def _delta_weights(model) -> dict[str, torch.Tensor]:
     """Per adapted layer, the LoRA update B @ A * scaling, as peft merges it."""
     return {
@@ -167,7 +150,8 @@ def _fedavg_delta(settings, tiny_config, mode: str, seed: int) -> tuple[dict, di
         update = {k: rng.normal(size=v.shape) for k, v in adapter_state(site).items()}
         set_adapter_arrays(site, update)
         site_deltas.append(_delta_weights(site))
-        replies.append(_reply(node, adapter_to_record(site), n))
+        records = {"arrays": adapter_to_record(site), "metrics": MetricRecord({"num-examples": n})}
+        replies.append(reply(node, {}, records=records))
     arrays, _ = AdapterFedAvg().aggregate_train(1, replies)
     server = build_model(s, LABELS, DEVICE, tiny_config)
     adapter_from_record(server, arrays)
