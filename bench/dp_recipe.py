@@ -6,8 +6,10 @@
 FedAvg in one process with the library's own pieces (``simulations.inprocess.federate``: the
 sites' shards and local splits, the one training loop with the privacy plan of each site, the
 adapter wire and weighted averaging as Flower's FedAvg does it) — without the Flower runtime,
-so a point with the ``head`` trainable takes seconds. Prints one line per
-setting: mean accuracy / macro-F1 over the seeds at every ε, and seconds per point.
+so a point with the ``head`` trainable takes seconds. ``--partitioning iid --training-sites 1``
+trains one site alone: a centralized run at one site's data size, to compare the levers fast.
+Prints each finished round on stderr, then one line per setting: mean accuracy / macro-F1 over
+the seeds at every ε, and seconds per point.
 Use it to search; confirm the winner with ``python -m simulations.run`` (real Flower runs).
 """
 
@@ -17,6 +19,7 @@ import argparse
 import itertools
 import json
 import math
+import sys
 import time
 
 import numpy as np
@@ -26,10 +29,17 @@ from fedllm.config import settings_from
 from simulations.inprocess import federate
 
 
-def federated_point(config: dict, epsilon: float, seed: int, sites: int, rounds: int, scheme: dict) -> dict:
+def federated_point(
+    config: dict, epsilon: float, seed: int, sites: int, rounds: int, scheme: dict, training_sites: int = 0
+) -> dict:
     """One federation, every site every round: server test accuracy and macro-F1 at the end."""
     settings = settings_from({**config, "target-epsilon": epsilon, "seed": seed})
-    run = federate(settings, sites, rounds, scheme)
+    start = time.perf_counter()
+
+    def progress(line: str) -> None:
+        print(f"  eps {epsilon:g} seed {seed}: {line} [{time.perf_counter() - start:.0f} s]", file=sys.stderr)
+
+    run = federate(settings, sites, rounds, scheme, progress=progress, training_sites=training_sites)
     return {
         "accuracy": run.scores["accuracy"],
         "macro_f1": run.scores["macro_f1"],
@@ -50,6 +60,12 @@ def main() -> None:
     parser.add_argument("--epsilons", default="1,3,8,inf")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--set", default="{}", help='fixed settings, JSON: {"max-steps": 3}')
+    parser.add_argument(
+        "--training-sites",
+        type=int,
+        default=0,
+        help="only the first K sites train (0 = all); --partitioning iid --training-sites 1: one site's size",
+    )
     parser.add_argument("--grid", default="{}", help='settings to vary, JSON: {"lr": [3, 5]}')
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -62,13 +78,17 @@ def main() -> None:
     grid = json.loads(args.grid)
     epsilons = [float(e) for e in args.epsilons.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
-    print(f"{args.dataset}: {args.sites} sites, {args.rounds} rounds, {base}; seeds {seeds}")
+    trained = f", the first {args.training_sites} training" if args.training_sites else ""
+    print(f"{args.dataset}: {args.sites} sites{trained}, {args.rounds} rounds, {base}; seeds {seeds}")
     for values in itertools.product(*grid.values()) if grid else [()]:
         config = {**base, **dict(zip(grid, values, strict=True))}
         start = time.perf_counter()
         cells = []
         for epsilon in epsilons:
-            runs = [federated_point(config, epsilon, s, args.sites, args.rounds, scheme) for s in seeds]
+            runs = [
+                federated_point(config, epsilon, s, args.sites, args.rounds, scheme, args.training_sites)
+                for s in seeds
+            ]
             acc = np.mean([r["accuracy"] for r in runs])
             f1 = np.mean([r["macro_f1"] for r in runs])
             eps = max(r["epsilon"] for r in runs)

@@ -102,6 +102,7 @@ def federate(
     exclude_from_test: Sequence[str] = (),
     bert_config: BertConfig | None = None,
     progress: Callable[[str], None] | None = None,
+    training_sites: int = 0,
 ) -> Federation:
     """Train one federation: every site every round, FedAvg, the server's scores at the end.
 
@@ -111,13 +112,17 @@ def federate(
     non-private settings with DP-SGD's mechanism at σ = 0 (``noise_free_plan``) instead of the
     non-private loop. ``exclude_from_test``: texts dropped from the server's test split (e.g.
     records an audit reuses with other labels). ``bert_config``: a (tiny, test) BERT instead of
-    the checkpoint. ``progress`` receives one line per finished round.
+    the checkpoint. ``progress`` receives one line per finished round. ``training_sites``: only
+    the first this many sites train (0 = all); with ``iid`` partitioning and 1, a centralized run
+    at one site's data size.
     """
     settings = settings.resolved()
     splits = load_splits(settings)
     labels = splits.labels
     tokenizer = load_tokenizer(settings.model)
     sites = partition_sites(settings, labels, num_sites, **scheme)
+    if training_sites:
+        sites = sites[:training_sites]
     extra = list(extra_rows) if extra_rows is not None else [None] * len(sites)
     if len(extra) != len(sites):
         raise ValueError(f"extra_rows has {len(extra)} entries for {len(sites)} sites: give one per site")

@@ -199,6 +199,17 @@ def test_the_noise_free_point_is_dp_sgd_without_noise(tiny_run, tiny_config):
     assert run.deltas == [min(1e-5, 1 / (10 * len(site.train))) for site in run.sites]
 
 
+def test_training_sites_trains_only_the_first_sites_as_partitioned(tiny_run, tiny_config):
+    both = _run(tiny_run, tiny_config)
+    seen = []
+    one = _run(tiny_run, tiny_config, training_sites=1, on_update=lambda u: seen.append((u.round, u.site)))
+    assert seen == [(1, 0), (2, 0)] and len(one.sites) == 1 and len(one.epsilons) == 1
+    # site 0 holds the same shard as in the full federation: only who trains changed
+    assert one.sites[0].train.equals(both.sites[0].train)
+    a, b = both.model.state_dict(), one.model.state_dict()
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_alignment_scores_a_record_trained_on_by_its_gradient(settings, tiny_config, tokenizer, frame):
     s = settings.replace(trainable="head", optimizer="sgd", lr=0.5, target_epsilon=math.inf)
     model = build_model(s, LABELS, torch.device("cpu"), tiny_config)
