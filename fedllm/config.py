@@ -83,7 +83,11 @@ class Settings:
         },
     )
     physical_batch_size: int = field(
-        default=0, metadata={"help": "largest batch in memory at once (0 = no limit)"}
+        default=32,
+        metadata={
+            "help": "largest batch in memory at once (0 = no limit); a private full-batch step "
+            "runs in chunks of this size (Opacus BatchMemoryManager)"
+        },
     )
     optimizer: str = field(
         default="auto", metadata={"help": "'adamw' or 'sgd'; 'auto' = sgd under DP, adamw without"}
