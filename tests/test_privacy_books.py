@@ -28,8 +28,9 @@ from fedllm.train import train_local
 
 from .conftest import DEVICE, LABELS
 
-# these tests are about q = 1 / ceil(n / B): pinned, whatever a configured or 'auto' default is
-_FROM_BATCH_SIZE = {"sample_rate": 0.0, "optimizer": "adamw", "trainable": "lora"}
+# these tests are about q = 1 / ceil(n / B): pinned, whatever a configured or 'auto' default is;
+# unchunked, since some drive the optimizer one loader batch per step (chunking: test_batches.py)
+_FROM_BATCH_SIZE = {"sample_rate": 0.0, "optimizer": "adamw", "trainable": "lora", "physical_batch_size": 0}
 
 
 class TinyClassifier(nn.Module):
