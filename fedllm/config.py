@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 DP_HEAD_LR = 10.0  # SGD on the head over the frozen encoder's pooled features, under DP
+DP_ENCODER_LR = 5.0  # SGD on lora / ffa-lora / bias under DP (docs/dp-recipe.md: 0.5 lost 12-25 points)
 DP_SAMPLE_RATE = 1.0  # Poisson q of the DP recipe: full-batch steps, the least noise per signal
 DP_MAX_STEP_NOISE = 2.0  # noise norm of one averaged DP step, in clipping norms: see plan_privacy
 # A federated run's defaults where they differ from one local fine-tune's: a site trains one
@@ -94,7 +95,8 @@ class Settings:
     )
     momentum: float = field(default=0.0, metadata={"help": "SGD momentum"})
     lr: float = field(
-        default=0.0, metadata={"help": "learning rate; 0 = auto (AdamW 5e-3; SGD on the head 10)"}
+        default=0.0,
+        metadata={"help": "learning rate; 0 = auto (AdamW 5e-3; SGD 10 on the head, 5 on the encoder)"},
     )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     schedule: str = field(default="linear", metadata={"help": "'linear' decay or 'constant'"})
@@ -180,7 +182,8 @@ class Settings:
         """A copy with every 'auto' setting made concrete: the DP recipe when private, else ours.
 
         Under DP the default is the DP linear probe, which won the recipe study (docs/dp-recipe.md):
-        the head alone on the frozen encoder (cached features), SGD at lr 10, full-batch steps
+        the head alone on the frozen encoder (cached features), SGD at lr 10 (5 when an encoder
+        trainable is chosen), full-batch steps
         (Poisson q = 1), and no more local steps than keep each step's noise under
         ``max-step-noise`` = 2 clipping norms (``plan_privacy``). Without DP: LoRA, AdamW at
         5e-3, batches of ``batch-size``, no step cap. Idempotent.
@@ -188,7 +191,8 @@ class Settings:
         private = self.private
         trainable = self.trainable if self.trainable != "auto" else ("head" if private else "lora")
         optimizer = self.optimizer if self.optimizer != "auto" else ("sgd" if private else "adamw")
-        lr = self.lr or (5e-3 if optimizer == "adamw" else (DP_HEAD_LR if trainable == "head" else 0.5))
+        sgd_lr = DP_HEAD_LR if trainable == "head" else DP_ENCODER_LR
+        lr = self.lr or (5e-3 if optimizer == "adamw" else sgd_lr)
         sample_rate = self.sample_rate if self.sample_rate >= 0 else (DP_SAMPLE_RATE if private else 0.0)
         step_noise = (
             self.max_step_noise if self.max_step_noise >= 0 else (DP_MAX_STEP_NOISE if private else 0.0)

@@ -8,7 +8,7 @@ import math
 import torch
 
 from fedllm.adapters import adapter_state
-from fedllm.config import DP_HEAD_LR, DP_SAMPLE_RATE, Settings
+from fedllm.config import DP_ENCODER_LR, DP_HEAD_LR, DP_SAMPLE_RATE, Settings
 from fedllm.data import tokenize
 from fedllm.features import HeadOnFeatures, pooled_features
 from fedllm.model import build_model
@@ -26,6 +26,8 @@ def test_auto_resolves_to_the_dp_recipe_under_dp_and_to_lora_without():
         DP_HEAD_LR,
         DP_SAMPLE_RATE,
     )
+    encoder = Settings(target_epsilon=8.0, trainable="bias").resolved()
+    assert (encoder.optimizer, encoder.lr, encoder.sample_rate) == ("sgd", DP_ENCODER_LR, DP_SAMPLE_RATE)
     public = Settings(target_epsilon=math.inf).resolved()
     assert (public.trainable, public.optimizer, public.lr, public.sample_rate) == ("lora", "adamw", 5e-3, 0.0)
     chosen = Settings(
