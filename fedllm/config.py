@@ -183,10 +183,9 @@ class Settings:
 
         Under DP the default is the DP linear probe, which won the recipe study (docs/dp-recipe.md):
         the head alone on the frozen encoder (cached features), SGD at lr 10 (5 when an encoder
-        trainable is chosen), full-batch steps
-        (Poisson q = 1), and no more local steps than keep each step's noise under
-        ``max-step-noise`` = 2 clipping norms (``plan_privacy``). Without DP: LoRA, AdamW at
-        5e-3, batches of ``batch-size``, no step cap. Idempotent.
+        trainable is chosen), full-batch steps (Poisson q = 1), and no more local steps than keep
+        each step's noise under ``max-step-noise`` = 2 clipping norms (``plan_privacy``). Without
+        DP: LoRA, AdamW at 5e-3, batches of ``batch-size``, no step cap. Idempotent.
         """
         private = self.private
         trainable = self.trainable if self.trainable != "auto" else ("head" if private else "lora")
