@@ -6,15 +6,15 @@ entry points as local processes.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from .system_tools import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
@@ -26,11 +26,7 @@ def _compose() -> dict:
 
 
 def test_docker_compose_config_validates():
-    exe = shutil.which("docker-compose")
-    if exe is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI must install docker-compose (apt-get install docker-compose)")
-        pytest.skip("docker-compose not installed here (apt-get install docker-compose); CI runs this")
+    exe = require_tool("docker-compose")
     result = subprocess.run(
         [exe, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True, check=False
     )

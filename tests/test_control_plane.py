@@ -16,7 +16,6 @@ import json
 import os
 import pwd
 import re
-import shutil
 import socket
 import ssl
 from pathlib import Path
@@ -29,6 +28,7 @@ from server.credentials import make_ca_and_server, make_site_key
 from simulations.superlink import FlowerCLI, free_port, start_process, start_superlink, wait_for_port
 
 from .processes import join_args, join_sites, run_quick, stop_all
+from .system_tools import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "deploy" / "fleet-proxy.conf.template"
@@ -66,10 +66,7 @@ def test_compose_publishes_only_the_fleet_proxy():
 
 
 def _nginx() -> str:
-    exe = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
-    if exe is None:
-        pytest.fail("nginx not found: apt-get install nginx (the Fleet-only proxy this test runs)")
-    return exe
+    return require_tool("nginx")
 
 
 def _nginx_config(folder: Path, port: int, certs: Path, superlink_port: int) -> Path:
