@@ -44,7 +44,7 @@ from fedllm.adapters import adapter_state, set_adapter_arrays
 from fedllm.config import settings_from
 from fedllm.data import load_splits, loss_weights, partition_sites, tokenize
 from fedllm.model import build_model, load_tokenizer
-from fedllm.privacy import plan_privacy
+from fedllm.privacy import counted_plan
 from fedllm.train import evaluate, train_local
 from server.robust import RobustSettings
 from server.strategy import AdapterFedAvg
@@ -115,7 +115,7 @@ class Federation:
         )
         arrays = {k: v.detach().cpu().numpy().copy() for k, v in adapter_state(self.model).items()}
         metrics = {
-            "num-examples": len(dataset),
+            "num-examples": plan.public_n if plan is not None else len(dataset),
             "steps": int(result.steps),
             "epsilon": float(result.epsilon) if plan else math.inf,
             "delta": float(plan.delta) if plan else 0.0,
@@ -142,10 +142,8 @@ class Federation:
         """One federation: server test accuracy at the end and what the strategy did."""
         s = self.settings
         strategy = AdapterFedAvg(robust=robust)
-        plans = [
-            plan_privacy(s, len(d), planned_rounds=self.rounds) if s.private else None for d in self.data
-        ]
-        histories: list[list] = [[] for _ in self.data]
+        counted = [counted_plan(s, len(d), self.rounds) if s.private else (None, []) for d in self.data]
+        plans, histories = [p for p, _ in counted], [list(h) for _, h in counted]
         g = {k: v.copy() for k, v in self.initial.items()}
         rng = np.random.default_rng(self.seed)
         counts = {

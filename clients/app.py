@@ -21,27 +21,23 @@ import time
 from functools import lru_cache
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.policy import SitePolicy, failures_as_codes, is_virtual_site, site_secret
+from clients.books import RunBooks, SiteBooks
+from clients.policy import SitePolicy, SitePolicyError, failures_as_codes, is_virtual_site, site_secret
 from clients.replay import KeptReply, ReplyStore, arrays_digest, run_key
 from fedllm.adapters import adapter_from_record, adapter_to_record
 from fedllm.config import Settings, settings_from
 from fedllm.data import SiteData, load_site_file, loss_weights, partition_sites, tokenize
 from fedllm.ledger import LedgerError, PrivacyLedger, fingerprint_file, statement
 from fedllm.model import build_model, load_tokenizer, pick_device
-from fedllm.privacy import epsilon_for, plan_privacy
+from fedllm.privacy import PrivacyPlan, count_entry, epsilon_for, plan_privacy, private_count
 from fedllm.shards import ShardSettings
 from fedllm.train import evaluate, train_local
 
 app = ClientApp(mods=[failures_as_codes])
-STATE_KEY = "fedllm-privacy"
 LEDGER_NAME = "privacy_ledger.json"
-
-
-def _labels(msg: Message) -> list[str]:
-    return json.loads(str(msg.content["config"]["labels"]))
 
 
 @lru_cache(maxsize=2)
@@ -101,34 +97,14 @@ def _ledger(context: Context) -> PrivacyLedger | None:
     return None if is_virtual_site(context) else PrivacyLedger(_state_dir(context) / LEDGER_NAME)
 
 
-def _histories(context: Context, ledger: PrivacyLedger | None, key: str) -> tuple[list, list, int]:
-    """(every other run's history, this run's history, number of other runs) from the books.
-
-    ``key`` is the run key (``clients.replay.run_key``). Refuses to train when ``context.state``
-    shows spend under this key that the ledger lost.
-    """
-    state = context.state.config_records.get(STATE_KEY)
-    in_state = json.loads(str(state["history"])) if state and state.get("run-key", key) == key else []
-    if ledger is None:
-        return [], in_state, 0
-    runs = ledger.runs
-    this_run = [list(h) for h in runs.get(key, {}).get("history", [])]
-    if sum(int(h[2]) for h in in_state) > sum(int(h[2]) for h in this_run):
-        raise LedgerError(
-            f"{ledger.path}: this run already spent privacy that the ledger no longer holds (deleted or "
-            "reset?); restore it from its .bak backup before this site trains again"
-        )
-    others = [run for name, run in runs.items() if name != key]
-    return [list(h) for run in others for h in run["history"]], this_run, len(others)
-
-
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """One round at this site: check its policy, DP-train locally, send the adapter back.
+    """One round at this site: check its policy, book the spend, DP-train locally, reply.
 
     The run key's lock is held from the first look at the books to the kept reply, so two
     messages of one run key (a dead run's last message, delivered after a SuperLink restart, and
     the resumed run's) are handled one after the other: the second replays the first's reply.
+    Different run keys share the site-wide budget lock while they check and book (``clients.books``).
     """
     start = time.perf_counter()
     policy = SitePolicy.from_context(context)
@@ -136,74 +112,104 @@ def train(msg: Message, context: Context) -> Message:
     ledger = _ledger(context)
     store = ReplyStore(context, None if ledger is None else ledger.path.parent)
     with store.exclusive(key):
-        return _train_round(msg, context, policy, key, ledger, store, start)
+        return _train_round(msg, context, policy, SiteBooks(context, ledger, key), store, start)
+
+
+def _replay(msg: Message, context: Context, kept: KeptReply, books: SiteBooks, private: bool) -> Message:
+    """The reply this site kept for this round and global adapter: no step, no new ε."""
+    books.this_run()  # a ledger that lost this run's spend still refuses
+    print(
+        f"[site {context.node_id}] round {kept.server_round} of run {books.key}: already trained on "
+        "this global adapter; the kept reply is sent again (no step, no new epsilon)"
+    )
+    metrics = MetricRecord(SitePolicy.from_context(context).reply_metrics(kept.metrics, private=private))
+    return Message(RecordDict({"arrays": kept.arrays, "metrics": metrics}), reply_to=msg)
+
+
+def _book_round(
+    context: Context,
+    settings: Settings,
+    policy: SitePolicy,
+    books: SiteBooks,
+    train_ds,
+    rounds: int,
+    dimension: int,
+) -> tuple[PrivacyPlan, list]:
+    """Under the budget lock: n̂, the plan from it, the lifetime check, and the booking of the
+    count, this round's steps and the rest of the plan (reserved) — before any noise is drawn.
+
+    Returns the plan and the history *before* this round's steps (the accountant books those).
+    """
+    run = books.this_run()
+    count = count_entry(settings.count_noise)
+    fresh = run.public_n is None
+    if fresh:
+        run = RunBooks([count], private_count(len(train_ds), settings.count_noise))
+    plan = plan_privacy(settings, run.public_n, rounds, dimension=dimension, count_noise=settings.count_noise)
+    this_round = [plan.noise_multiplier, plan.sample_rate, plan.local_steps]
+    done = sum(int(h[2]) for h in run.history) - 1  # the count is one entry of one "step"
+    rest = max(plan.planned_steps - done - plan.local_steps, 0)
+    reserved = [[plan.noise_multiplier, plan.sample_rate, rest]] if rest else []
+    try:
+        policy.check_count(plan.delta, run.public_n)
+        policy.check_lifetime([*books.others(), *run.history, this_round, *reserved])
+    except SitePolicyError:  # the refusal answers a question about n̂: a fresh count is booked
+        if fresh:
+            spent = epsilon_for(run.history, plan.delta, plan.accountant)
+            books.book(RunBooks(run.history, run.public_n, []), plan, spent)
+        raise
+    booked = RunBooks([*run.history, this_round], run.public_n, reserved)
+    lifetime = epsilon_for([*books.spent_by_others(), *booked.history], policy.max_delta, policy.accountant)
+    gaps = policy.not_covered()
+    books.book(
+        booked,
+        plan,
+        epsilon_for(booked.history, plan.delta, plan.accountant),
+        data_fingerprint=fingerprint_file(context.node_config["data-file"]) if books.ledger else "",
+        not_covered=gaps,
+        statement=statement(lifetime, policy.max_delta, books.other_runs() + 1, policy.accountant, gaps),
+    )
+    if books.ledger is not None:
+        print(f"[site {context.node_id}] {books.ledger.runs[books.key]['statement']}")
+    return plan, run.history
 
 
 def _train_round(
-    msg: Message,
-    context: Context,
-    policy: SitePolicy,
-    key: str,
-    ledger: PrivacyLedger | None,
-    store: ReplyStore,
-    start: float,
+    msg: Message, context: Context, policy: SitePolicy, books: SiteBooks, store: ReplyStore, start: float
 ) -> Message:
-    """``train``'s work, under the run key's lock: replay a kept reply, or check, train and record."""
+    """``train``'s work, under the run key's lock: replay a kept reply, or check, book, train, reply."""
     rounds = int(msg.content["config"]["num-rounds"])
     server_round = int(msg.content["config"]["server-round"])
     digest = arrays_digest(msg.content["arrays"])
-    kept = store.load(key)
     settings = settings_from(context.run_config)
-    if kept is not None and kept.answers(key, server_round, digest):
-        _histories(context, ledger, key)  # a ledger that lost this run's spend still refuses
-        print(
-            f"[site {context.node_id}] round {server_round} of run {key}: already trained on this "
-            "global adapter; the kept reply is sent again (no step, no new epsilon)"
+    kept = store.load(books.key)
+    if kept is not None and kept.answers(books.key, server_round, digest):
+        return _replay(msg, context, kept, books, settings.private)
+    policy.check_run(settings)  # public: before anything reads the data
+    plan, history = None, []
+    with books.locked():
+        if settings.private and books.this_run().public_n is None:  # public: the ledger and σ_n
+            policy.check_lifetime([*books.others(), count_entry(settings.count_noise)], "the run's DP count")
+        labels, site, model = _setup(msg, context, settings)
+        train_ds = tokenize(
+            site.train, load_tokenizer(settings.model), labels, settings.max_length, settings.truncation
         )
-        metrics = MetricRecord(policy.reply_metrics(kept.metrics, private=settings.private))
-        return Message(RecordDict({"arrays": kept.arrays, "metrics": metrics}), reply_to=msg)
-    labels, site, model = _setup(msg, context, settings)
-    tokenizer = load_tokenizer(settings.model)
-    train_ds = tokenize(site.train, tokenizer, labels, settings.max_length, settings.truncation)
-    plan = None
-    if settings.private:  # the noisy coordinates bound the steps worth taking (max-step-noise)
-        dimension = model.get_nb_trainable_parameters()[0]
-        plan = plan_privacy(settings, len(train_ds), rounds, dimension=dimension)
-    past, this_run, other_runs = _histories(context, ledger, key)
-    # before any step: the site's limits win
-    policy.check_train(plan, past, this_run, next_steps=plan.local_steps if plan else 0)
+        if settings.private:
+            dimension = model.get_nb_trainable_parameters()[0]
+            plan, history = _book_round(context, settings, policy, books, train_ds, rounds, dimension)
     result = train_local(
         model,
         train_ds,
         settings,
         plan=plan,
-        history=this_run,
+        history=history,
         class_weight=loss_weights(settings, site.train, labels),
         seed_offset=server_round,
         round_of=(server_round, rounds),
     )
-    if plan is not None:
-        context.state[STATE_KEY] = ConfigRecord({"run-key": key, "history": json.dumps(result.history)})
-        if ledger is not None:
-            lifetime = epsilon_for([*past, *result.history], policy.max_delta, policy.accountant)
-            signed = statement(
-                lifetime, policy.max_delta, other_runs + 1, policy.accountant, policy.not_covered()
-            )
-            ledger.record(
-                key,
-                result.history,
-                plan.to_dict(),
-                result.epsilon,
-                round=server_round,
-                num_rounds=rounds,
-                data_fingerprint=fingerprint_file(context.node_config["data-file"]),
-                not_covered=policy.not_covered(),
-                statement=signed,
-            )
-            print(f"[site {context.node_id}] {signed}")
     reply_arrays = adapter_to_record(model)
     metrics = {
-        "num-examples": len(train_ds),
+        "num-examples": plan.public_n if plan else len(train_ds),  # under DP only the DP count
         "train-loss": float(result.mean_loss),
         "steps": int(result.steps),
         "epsilon": float(result.epsilon) if plan else math.inf,
@@ -213,13 +219,15 @@ def _train_round(
         "update-bytes": reply_arrays.count_bytes(),
         "train-seconds": float(time.perf_counter() - start),
     }
-    eps = f"epsilon so far {result.epsilon:.3f} (delta {plan.delta:g})" if plan else "no DP"
+    eps = (
+        f"epsilon so far {result.epsilon:.3f} (delta {plan.delta:g}, n̂ {plan.public_n})" if plan else "no DP"
+    )
     print(
         f"[site {context.node_id}] round {server_round}: "
         f"{result.steps} steps on {len(train_ds)} texts, loss {result.mean_loss:.4f}, {eps}"
     )
     reply = MetricRecord(policy.reply_metrics(metrics, private=plan is not None))
-    store.keep(KeptReply(key, server_round, digest, reply_arrays, dict(reply)))  # after the ledger
+    store.keep(KeptReply(books.key, server_round, digest, reply_arrays, dict(reply)))  # after the books
     return Message(RecordDict({"arrays": reply_arrays, "metrics": reply}), reply_to=msg)
 
 

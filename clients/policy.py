@@ -18,7 +18,6 @@ config's ``sim-site-*`` keys (the researcher is both server and sites there).
 
 from __future__ import annotations
 
-import math
 import os
 import traceback
 from dataclasses import dataclass
@@ -28,9 +27,9 @@ from flwr.app import Context, Error, Message
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 
-from fedllm.data import DataError
+from fedllm.config import Settings
 from fedllm.ledger import DEFAULT_NOT_COVERED, LedgerError
-from fedllm.privacy import BudgetExhaustedError, PrivacyPlan, epsilon_for
+from fedllm.privacy import BudgetExhaustedError, check_delta, epsilon_for, resolve_delta
 
 DEFAULT_MAX_EPSILON = 8.0
 DEFAULT_MAX_DELTA = 1e-5
@@ -47,10 +46,11 @@ DP_REPLY_KEYS = (
 )
 RELEASED_TRAIN_KEYS = ("train-loss", "train-seconds")
 SIM_PREFIX = "sim-site-"
-# failure reasons the server may see: fixed codes; the full text stays in the site's log
+# failure reasons the server may see: fixed codes; the full text stays in the site's log. Every
+# failure that could depend on the data (reading it, training on it) is the one code DECLINED.
+DECLINED = "site-declined"
 FAILURE_CODES = (
     (LedgerError, "site-ledger-error"),
-    (DataError, "site-data-error"),
     (BudgetExhaustedError, "site-refused-budget"),
 )
 
@@ -106,39 +106,45 @@ class SitePolicy:
             return cls.from_config(dict(context.run_config), SIM_PREFIX)
         return cls.from_config(dict(context.node_config))
 
-    def check_train(self, plan: PrivacyPlan | None, past: list, this_run: list, next_steps: int = 0) -> float:
-        """Refuse a run the site's limits do not allow; return the lifetime ε if it trains to plan.
+    def check_run(self, settings: Settings) -> None:
+        """Refuse a run config this site's policy does not allow, before anything reads the data.
 
-        ``past``: the accountant history of every *other* run in the site's ledger;
-        ``this_run``: this run's history so far (under the server's run key). The run's whole
-        remaining plan, and at least ``next_steps`` (the steps this round is about to take), is
-        composed with both at ``max_delta`` before any step is taken: a run key whose history
-        already holds its plan's steps can add no step the lifetime check did not count.
+        Depends only on the run config and the policy: DP required unless ``allow-no-dp``; the
+        run's δ (``resolve_delta``: never a function of n) at most ``max-delta``.
         """
-        if plan is None:
+        if not settings.private:
             if not self.allow_no_dp:
                 raise SitePolicyError(
                     "site-requires-dp",
                     "this site trains only with DP (allow-no-dp is off); the run asks for none",
                 )
-            return math.inf
-        if plan.delta > self.max_delta * (1 + 1e-9):
+            return
+        delta = resolve_delta(settings)
+        if delta > self.max_delta * (1 + 1e-9):
             raise SitePolicyError(
                 "site-refused-delta",
-                f"the run's delta={plan.delta:g} is above this site's max-delta={self.max_delta:g}",
+                f"the run's delta={delta:g} is above this site's max-delta={self.max_delta:g}",
             )
-        done = sum(int(h[2]) for h in this_run)
-        remaining = max(plan.planned_steps - done, next_steps, 0)
-        whole = [*past, *this_run, (plan.noise_multiplier, plan.sample_rate, remaining)]
-        lifetime = epsilon_for(whole, self.max_delta, self.accountant)
+
+    def check_lifetime(self, committed: list, what: str = "this run's plan") -> float:
+        """Refuse when ``committed`` (spent, reserved and about to be booked, as accountant
+        history) composes above ``max-epsilon`` at ``max-delta``; return that lifetime ε."""
+        lifetime = epsilon_for(committed, self.max_delta, self.accountant)
         if lifetime > self.max_epsilon * (1 + 1e-6):
             raise SitePolicyError(
                 "site-refused-lifetime-budget",
-                f"this run's plan would bring the site's lifetime epsilon to {lifetime:.3f} > its "
-                f"max-epsilon {self.max_epsilon:g} (delta {self.max_delta:g}, {len(past)} earlier "
-                "history entries composed); no step was taken",
+                f"{what} would bring the site's lifetime epsilon to {lifetime:.3f} > its max-epsilon "
+                f"{self.max_epsilon:g} (delta {self.max_delta:g}); nothing was trained",
             )
         return lifetime
+
+    @staticmethod
+    def check_count(delta: float, public_n: int) -> None:
+        """Refuse a δ that is not below 1/n̂ (post-processing of the booked DP count)."""
+        try:
+            check_delta(delta, public_n)
+        except ValueError as err:
+            raise SitePolicyError("site-refused-delta", str(err)) from err
 
     def check_evaluate(self, private: bool) -> None:
         """Exact scores on the local test split are a release: only if the site opted in."""
@@ -190,7 +196,7 @@ def failure_code(err: BaseException) -> str:
     """The fixed code the server sees for a failure (never the message: it may hold data)."""
     if isinstance(err, SitePolicyError):
         return err.code
-    return next((code for kind, code in FAILURE_CODES if isinstance(err, kind)), "site-internal-error")
+    return next((code for kind, code in FAILURE_CODES if isinstance(err, kind)), DECLINED)
 
 
 def failures_as_codes(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

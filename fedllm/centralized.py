@@ -17,7 +17,7 @@ from fedllm.adapters import save_adapter
 from fedllm.config import Settings, add_settings_arguments, settings_from
 from fedllm.data import load_splits, loss_weights, tokenize
 from fedllm.model import build_model, count_parameters, load_tokenizer, pick_device
-from fedllm.privacy import plan_privacy
+from fedllm.privacy import counted_plan
 from fedllm.train import evaluate, train_local
 
 
@@ -37,14 +37,18 @@ def run_centralized(settings: Settings, out_dir: str | Path, progress: bool = Tr
     model = build_model(settings, splits.labels, device)
     trainable, total = count_parameters(model)
     print(f"model: {trainable:,} trainable of {total:,} parameters on {device}")
-    plan = plan_privacy(settings, len(train_ds), dimension=trainable) if settings.private else None
+    plan, history = (
+        counted_plan(settings, len(train_ds), dimension=trainable) if settings.private else (None, [])
+    )
     if plan:
         print(
             f"privacy: noise multiplier {plan.noise_multiplier:.3f}, q={plan.sample_rate:.4f}, "
-            f"{plan.planned_steps} steps, delta={plan.delta:g}"
+            f"{plan.planned_steps} steps, delta={plan.delta:g}, DP count n̂={plan.public_n}"
         )
     weight = loss_weights(settings, splits.train, splits.labels)
-    result = train_local(model, train_ds, settings, plan=plan, class_weight=weight, progress=progress)
+    result = train_local(
+        model, train_ds, settings, plan=plan, history=history, class_weight=weight, progress=progress
+    )
     metrics = evaluate(model, test_ds, splits.labels, head_only=settings.resolved().trainable == "head")
     save_adapter(model, out_dir / "adapter", splits.labels, {"settings": settings.to_dict()})
     summary = {

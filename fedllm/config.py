@@ -114,7 +114,11 @@ class Settings:
     target_epsilon: float = field(
         default=8.0, metadata={"help": "epsilon for the whole planned training; inf = no DP"}
     )
-    delta: float = field(default=0.0, metadata={"help": "DP delta; 0 = min(1e-5, 1/(10 n))"})
+    delta: float = field(default=0.0, metadata={"help": "DP delta; 0 = 1e-5 (never a function of n)"})
+    count_noise: float = field(
+        default=20.0,
+        metadata={"help": "std (rows) of the DP count n̂ a private site sends instead of n"},
+    )
     noise_multiplier: float = field(
         default=0.0, metadata={"help": "fixed noise multiplier (> 0 overrides target-epsilon)"}
     )
@@ -164,6 +168,7 @@ class Settings:
             (0 < self.test_fraction < 1, "test-fraction", "use a value in (0, 1)"),
             (self.target_epsilon > 0, "target-epsilon", "use a positive epsilon or inf"),
             (0 <= self.delta < 1, "delta", "use 0 (auto) or a value in (0, 1)"),
+            (self.count_noise > 0, "count-noise", "use a positive standard deviation in rows, e.g. 20"),
             (self.noise_multiplier >= 0, "noise-multiplier", "use 0 (off) or a positive value"),
             (self.max_grad_norm > 0, "max-grad-norm", "use a positive clipping norm"),
             (

@@ -27,6 +27,7 @@ from fedllm.readers import DataError, read_bbc_news, read_table
 BUNDLED = Path(__file__).parent / "bundled"
 BUILTIN = ("bbc-news", "drug-reviews")
 DRUG_COLUMNS = {"text_column": "review", "label_column": "rating"}
+UNLISTED_LABEL = -100  # a label the run does not list: cross-entropy's ignore index (zero gradient)
 
 
 @dataclass
@@ -71,11 +72,13 @@ def clean_text(text: str) -> str:
 
 
 def clean(frame: pd.DataFrame, source: str) -> tuple[pd.DataFrame, CleanReport]:
-    """Clean texts and labels; drop rows without a text or a label and duplicate texts, counting both.
+    """Clean texts and labels; drop rows without a text or a label and duplicate rows, counting both.
 
-    Of rows sharing a text, the one with the smallest label string is kept (ties broken by the
-    other columns, compared as strings), so which record survives does not depend on row
-    order; the surviving rows keep their order.
+    A duplicate is a row whose (text, label) pair an earlier row already has: one example, kept
+    once (the first, by the other columns compared as strings, so which record survives does not
+    depend on row order). Rows sharing a text with *different* labels are different examples and
+    are all kept: dropping or choosing between them would turn adding one row into replacing
+    another (docs/privacy.md, "Duplicates"). The surviving rows keep their order.
     """
     report = CleanReport(source=source, rows_in=len(frame))
     frame = frame.copy()
@@ -89,7 +92,7 @@ def clean(frame: pd.DataFrame, source: str) -> tuple[pd.DataFrame, CleanReport]:
         {"text": frame["text"], "label": frame["label"]}
         | {f"_{i}": frame[c].astype(str) for i, c in enumerate(others)}
     )
-    first = ranking.sort_values(list(ranking.columns), kind="stable").drop_duplicates("text").index
+    first = ranking.sort_values(list(ranking.columns), kind="stable").drop_duplicates(["text", "label"]).index
     dup = ~frame.index.isin(first)
     report.duplicates_dropped = int(dup.sum())
     frame = frame[~dup].reset_index(drop=True)
@@ -190,6 +193,9 @@ def tokenize(
 ) -> TensorDataset:
     """(input_ids, attention_mask, label_id) tensors, padded to ``max_length``.
 
+    A label not in ``labels`` gets the id ``UNLISTED_LABEL`` (cross-entropy's ignore index): the
+    row stays an example (in n) with a zero loss and gradient, and evaluation leaves it out.
+
     Fixed-size tensors keep Opacus' empty-batch handling simple; the training loop trims each
     batch to its longest text, so padding costs no compute. ``truncation="left"`` keeps the
     end of long texts (where reviews tend to give their verdict). Each text is first cut to
@@ -208,7 +214,7 @@ def tokenize(
         return_tensors="pt",
     )
     index = {name: i for i, name in enumerate(labels)}
-    ids = torch.tensor([index[v] for v in frame["label"]], dtype=torch.long)
+    ids = torch.tensor([index.get(v, UNLISTED_LABEL) for v in frame["label"]], dtype=torch.long)
     return TensorDataset(enc["input_ids"], enc["attention_mask"], ids)
 
 
@@ -389,9 +395,15 @@ def load_site_file(
     """A real site: its own data file, cleaned, checked against the federation's labels, split.
 
     ``key`` is the site's own secret split key (never the server's seed): a record's side of
-    the train / test split depends only on its text and this key (``site_split``).
+    the train / test split depends only on its text and this key (``site_split``). Rows whose
+    label ``labels`` does not list are kept (``tokenize`` gives them a zero gradient) and counted
+    in ``source``, which stays in the site's own log: whether the run lists every label of the
+    site is never an error the server could see.
     """
     frame, report = clean(read_table(path, text_column, label_column), str(path))
-    check_labels(frame, labels, str(path), label_column)
     train, test = site_split(frame, settings.test_fraction, key, str(path))
-    return SiteData(train, test, f"{path} ({report})")
+    unlisted = int((~train["label"].isin(labels)).sum())
+    note = (
+        f", {unlisted} training rows with a label the run does not list (zero gradient)" if unlisted else ""
+    )
+    return SiteData(train, test, f"{path} ({report}{note})")

@@ -33,9 +33,7 @@ from fedllm.privacy import PrivacyPlan, compact, epsilon_for
 VERSION = 1
 ACCOUNTANTS = ("prv", "rdp", "gdp")
 DEFAULT_NOT_COVERED = [  # what every DP site releases outside DP (clients.policy adds opt-ins)
-    "the number of training examples n sent with every update (the sampling rate q, noise multiplier and "
-    "steps sent with it follow from n and the public settings)",
-    "which rounds the site took part in and when (timing of replies)",
+    "which rounds the site took part in, whether it answered and when (timing of replies)",
 ]
 
 
@@ -104,6 +102,12 @@ def _entry_problem(entry: object) -> str | None:
     delta, accountant = plan.get("delta"), plan.get("accountant")
     if not (_finite(delta) and 0 < delta < 1) or accountant not in ACCOUNTANTS:
         return f"the plan lacks a delta in (0, 1) or an accountant in {ACCOUNTANTS}"
+    public_n = entry.get("public-n")
+    if public_n is not None and not (isinstance(public_n, numbers.Integral) and public_n >= 1):
+        return "'public-n' (the DP count) is not a positive whole number"
+    reserved = entry.get("reserved", [])
+    if not isinstance(reserved, list) or any(_item_problem(h) for h in reserved):
+        return "'reserved' is not a list of [sigma, q, steps] items"
     gaps = entry.get("not-covered", [])
     if not (isinstance(gaps, list) and all(isinstance(s, str) for s in gaps)):
         return "'not-covered' is not a list of strings"
@@ -181,12 +185,13 @@ class PrivacyLedger:
         self.lock = self.path.with_name(self.path.name + ".lock")
 
     @contextlib.contextmanager
-    def _locked(self, mode: int) -> Iterator[None]:
+    def _locked(self, mode: int, lock: Path | None = None) -> Iterator[None]:
+        lock = lock or self.lock
         try:
-            fd = os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o600)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as err:
             raise _fault(
-                self.lock,
+                lock,
                 f"cannot open the lock file ({err.strerror})",
                 "run as the site's user, with the state folder writable",
             ) from err
@@ -240,6 +245,28 @@ class PrivacyLedger:
     def all_history(self) -> list[list]:
         """Every run's history entries, concatenated: the site's lifetime of DP-SGD steps."""
         return [list(h) for run in self.runs.values() for h in run["history"]]
+
+    def committed_history(self, exclude: str | None = None) -> list[list]:
+        """Every run's spent steps *and* its reserved plan (all runs but ``exclude``).
+
+        What a lifetime check composes: a run reserves its whole remaining plan when it starts
+        (``record(..., reserved=...)``), so a second run checked while the first is training
+        counts the first's future steps too.
+        """
+        return [
+            list(h)
+            for key, run in self.runs.items()
+            if key != exclude
+            for h in [*run["history"], *run.get("reserved", [])]
+        ]
+
+    @contextlib.contextmanager
+    def budget_lock(self) -> Iterator[None]:
+        """The site-wide budget lock (``budget.lock`` beside the ledger), held from a run's
+        lifetime check to its booking, so no two runs' checks interleave."""
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with self._locked(fcntl.LOCK_EX, self.path.with_name("budget.lock")):
+            yield
 
     def lifetime_epsilon(self, delta: float, mechanism: str = "prv") -> float:
         """Epsilon of all runs composed (the same data answered every run)."""
@@ -313,6 +340,6 @@ def statement(
     return (
         f"This site's data is protected by (ε = {epsilon:.2f}, δ = {delta:g}) example-level "
         f"differential privacy, lifetime over {count} (every DP-SGD step this site took, composed "
-        f"with Opacus' {mechanism.upper()} accountant; neighbouring datasets: this site's data file "
-        f"with one example added or removed). Not covered: {gaps}."
+        f"with Opacus' {mechanism.upper()} accountant, each run's DP count of n included; neighbouring "
+        f"datasets: this site's data file with one example added or removed). Not covered: {gaps}."
     )

@@ -242,7 +242,22 @@ def build_model(
     if settings.trainable != "lora":  # lora: exactly what peft marks (A, B, head), as ever
         for name, param in model.named_parameters():
             param.requires_grad_(trains(name, settings))
+    if settings.private:
+        switch_off_dropout(model)
     return model
+
+
+def switch_off_dropout(model: nn.Module) -> None:
+    """Set every dropout of ``model`` to p = 0 (encoder, attention, LoRA, head).
+
+    Under DP the masks would be drawn from the global RNG, which the server's ``seed`` sets:
+    a server that can predict the masks sees one added row move the other rows' clipped
+    gradients, beyond the sensitivity C the noise is calibrated for (docs/privacy.md). BERT's
+    attention reads ``self.dropout.p`` at each call, so p = 0 switches every kind off.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
 
 
 def load_trained(adapter_dir: str | Path, settings: Settings) -> tuple[PeftModel, list[str]]:

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import math
 import os
+import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import torch
 from opacus import PrivacyEngine
@@ -40,16 +41,44 @@ class BudgetExhaustedError(RuntimeError):
     """Training once more would spend more than the site's privacy budget."""
 
 
-def resolve_delta(settings: Settings, num_examples: int) -> float:
-    """The configured delta, or min(1e-5, 1/(10 n)) so that delta stays well below 1/n."""
-    if settings.delta > 0:
-        if settings.delta >= 1.0 / max(num_examples, 1):
-            raise ValueError(
-                f"delta={settings.delta} is not below 1/n = 1/{num_examples}: "
-                "a mechanism may then publish a whole record; lower delta"
-            )
-        return settings.delta
-    return min(1e-5, 1.0 / (10 * max(num_examples, 1)))
+DEFAULT_DELTA = 1e-5
+
+
+def resolve_delta(settings: Settings) -> float:
+    """The run's delta: ``settings.delta`` when set, else ``DEFAULT_DELTA``; never a function of n.
+
+    Under add/remove-one-row DP the exact n is private (docs/privacy.md), so delta may depend on
+    public values only; ``check_delta`` compares it with the site's DP count.
+    """
+    return settings.delta if settings.delta > 0 else DEFAULT_DELTA
+
+
+def check_delta(delta: float, public_n: int) -> None:
+    """``ValueError`` when ``delta`` is not below 1/n̂ (a mechanism could publish a whole record).
+
+    ``public_n`` is the site's DP count (or another public size), so the check is post-processing
+    of a booked release and answers nothing about the exact n.
+    """
+    if delta >= 1.0 / max(public_n, 1):
+        raise ValueError(f"delta={delta:g} is not below 1/n̂ = 1/{public_n}: lower delta")
+
+
+def count_entry(count_noise: float) -> list:
+    """The accountant entry of one DP count: a Gaussian of sensitivity 1, ``[σ_n, 1, 1]``.
+
+    A count changes by at most 1 when a row is added or removed, so the count with noise
+    ``N(0, σ_n²)`` is exactly one full-batch DP-SGD step with clipping norm 1 and noise multiplier
+    ``σ_n``: it composes with the site's steps in the same accountant.
+    """
+    return [float(count_noise), 1.0, 1]
+
+
+def private_count(n: int, count_noise: float) -> int:
+    """n̂ = round(n + N(0, σ_n²)), at least 1, with noise from the OS's entropy (never a seed).
+
+    Book ``count_entry(count_noise)`` before releasing the result.
+    """
+    return max(1, round(n + random.SystemRandom().gauss(0.0, count_noise)))
 
 
 def _check_rate(rate: float) -> None:
@@ -96,6 +125,8 @@ class PrivacyPlan:
     target_epsilon: float
     accountant: str
     local_steps: int = 0  # steps per local training; 0 = as the settings say (``local_steps``)
+    public_n: int = 0  # the public size the plan was made for (the DP count n̂); 0 = len(dataset)
+    count_noise: float = 0.0  # σ_n of the DP count composed into the target (0: no count)
 
     def to_dict(self) -> dict:
         """Plain values (for JSON, Flower ConfigRecords and the site ledger)."""
@@ -103,9 +134,17 @@ class PrivacyPlan:
 
 
 def plan_privacy(
-    settings: Settings, num_examples: int, planned_rounds: int = 1, dimension: int = 0
+    settings: Settings,
+    num_examples: int,
+    planned_rounds: int = 1,
+    dimension: int = 0,
+    count_noise: float = 0.0,
 ) -> PrivacyPlan:
     """Calibrate the noise for ``planned_rounds`` local trainings of ``settings`` on n examples.
+
+    ``num_examples`` must be public: at a site, its DP count n̂ (docs/privacy.md), never the exact
+    n. ``count_noise`` > 0: that count (``count_entry``) is part of the run's release, so the
+    steps' noise is calibrated for the count and every planned step together to meet the target.
 
     ``dimension``: the number of noisy coordinates (trainable parameters). With it and
     ``max-step-noise`` > 0 the plan takes fewer local steps per round when the configured number
@@ -118,22 +157,24 @@ def plan_privacy(
     q = sample_rate(num_examples, settings.batch_size, settings.sample_rate)
     rounds = max(planned_rounds, 1)
     per_round = local_steps(settings, num_examples)
-    delta = resolve_delta(settings, num_examples)
+    delta = resolve_delta(settings)
+    prior = (tuple(count_entry(count_noise)),) if count_noise > 0 else ()
+    plan = partial(
+        PrivacyPlan,
+        delta=delta,
+        accountant=settings.accountant,
+        public_n=num_examples,
+        count_noise=count_noise,
+    )
     if settings.noise_multiplier > 0:
-        sigma = settings.noise_multiplier
-        steps = per_round * rounds
-        return PrivacyPlan(
-            sigma,
-            q,
-            delta,
-            steps,
-            epsilon_for([(sigma, q, steps)], delta, settings.accountant),
-            settings.accountant,
-            per_round,
-        )
+        sigma, steps = settings.noise_multiplier, per_round * rounds
+        spent = epsilon_for([*prior, (sigma, q, steps)], delta, settings.accountant)
+        return plan(sigma, q, planned_steps=steps, target_epsilon=spent, local_steps=per_round)
 
     def sigma_for(steps_per_round: int) -> float:
-        return _calibrate(settings.target_epsilon, delta, q, steps_per_round * rounds, settings.accountant)
+        return _calibrate(
+            settings.target_epsilon, delta, q, steps_per_round * rounds, settings.accountant, prior
+        )
 
     if settings.max_step_noise > 0 and dimension > 0:
         ceiling = settings.max_step_noise * q * num_examples / math.sqrt(dimension)  # on sigma
@@ -142,21 +183,63 @@ def plan_privacy(
             middle = (low + high + 1) // 2
             low, high = (middle, high) if sigma_for(middle) <= ceiling else (low, middle - 1)
         per_round = low
-    sigma = sigma_for(per_round)
-    return PrivacyPlan(
-        sigma, q, delta, per_round * rounds, settings.target_epsilon, settings.accountant, per_round
+    return plan(
+        sigma_for(per_round),
+        q,
+        planned_steps=per_round * rounds,
+        target_epsilon=settings.target_epsilon,
+        local_steps=per_round,
     )
 
 
+def counted_plan(
+    settings: Settings, num_examples: int, planned_rounds: int = 1, dimension: int = 0
+) -> tuple[PrivacyPlan, list]:
+    """A site's plan as the privacy statement has it: n̂ drawn, the plan made from n̂.
+
+    Returns the plan and the site's history so far (the DP count's entry, to pass to the first
+    ``train_local``). For drivers that hold the data themselves (centralized, in-process, bench);
+    the ClientApp books the count before it draws it (``clients.app``).
+    """
+    public_n = private_count(num_examples, settings.count_noise)
+    plan = plan_privacy(settings, public_n, planned_rounds, dimension, count_noise=settings.count_noise)
+    return plan, [count_entry(settings.count_noise)]
+
+
 @lru_cache(maxsize=256)
-def _calibrate(epsilon: float, delta: float, q: float, steps: int, mechanism: str) -> float:
-    """Opacus' noise calibration, memoised: every site of a simulation plans the same (q, steps)."""
+def _calibrate(
+    epsilon: float, delta: float, q: float, steps: int, mechanism: str, prior: tuple = ()
+) -> float:
+    """The noise multiplier for ``steps`` steps at rate q that, after ``prior``, meets (ε, δ).
+
+    Without a prior, Opacus' own calibration; with one (the DP count), the same search Opacus
+    runs (double the upper bound, then bisect until ε is within 0.01 below the target), on the
+    composition of ``prior`` and the steps. Memoised: every site of a simulation plans the same.
+    """
     with known_warnings():  # the RDP order search at its edge; the PRV accountant's log(1 - q) at q = 1
-        return float(
-            get_noise_multiplier(
-                target_epsilon=epsilon, target_delta=delta, sample_rate=q, steps=steps, accountant=mechanism
+        if not prior:
+            return float(
+                get_noise_multiplier(
+                    target_epsilon=epsilon,
+                    target_delta=delta,
+                    sample_rate=q,
+                    steps=steps,
+                    accountant=mechanism,
+                )
             )
-        )
+
+        def spent(sigma: float) -> float:
+            return epsilon_for([*prior, (sigma, q, steps)], delta, mechanism)
+
+        low, high = 0.0, 10.0
+        while spent(high) > epsilon:
+            low, high = high, 2 * high
+            if high > 1e6:
+                raise ValueError(f"no noise multiplier reaches epsilon {epsilon} after {prior}")
+        while epsilon - spent(high) > 0.01:
+            middle = (low + high) / 2
+            low, high = (low, middle) if spent(middle) <= epsilon else (middle, high)
+        return float(high)
 
 
 def epsilon_for(history: list, delta: float, mechanism: str = "prv") -> float:
@@ -287,8 +370,9 @@ def attach(
     ``1 / len(loader)`` instead, and its sampler runs ``int(1 / q)`` batches per epoch: for some
     sizes (``ceil(n / B)`` = 93, 99, 105, ...) that float rounds down, so it would book
     ``1 / (k - 1)`` and overstate the spend (n = 2960, B = 32: epsilon 8.04 reported for a plan
-    calibrated to 8). The mean-reduced gradient is divided by the expected batch size ``n * q``
-    for the same reason (only the step size depends on it, not the privacy).
+    calibrated to 8). The mean-reduced gradient is divided by the expected batch size
+    ``q * plan.public_n`` (the DP count n̂ at a site): a public divisor, never the exact n or the
+    realised batch, which would scale the released step by a private number.
     """
     criterion = criterion if criterion is not None else torch.nn.CrossEntropyLoss()
     with known_warnings():  # "Secure RNG turned off": the noise comes from entropy_generator instead
@@ -361,7 +445,7 @@ def _book_realised_rate(
         )
     # replaces the hook make_private attached (the engine's own accountant, booking 1 / len(loader))
     optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate))
-    optimizer.expected_batch_size = len(loader.dataset) * plan.sample_rate
+    optimizer.expected_batch_size = (plan.public_n or len(loader.dataset)) * plan.sample_rate
 
 
 def check_budget(plan: PrivacyPlan, history: list, next_steps: int) -> float:

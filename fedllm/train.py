@@ -238,7 +238,10 @@ def train_local(
     net.train()
     result = TrainResult(0, 0, 0.0, 0.0)
     loss_sum, start = 0.0, time.perf_counter()
-    before: list[torch.Tensor] | None = [p.detach().clone() for p in params]
+    # a frozen first step is a silent LoRA / device failure worth one clear error, but only without
+    # DP: under DP "did the noisy step move the weights" is a question about the noise and the data
+    # that the server could pose for free (a post-noise branch); a site answers none (privacy.md)
+    before: list[torch.Tensor] | None = [p.detach().clone() for p in params] if plan is None else None
     pending = 0  # physical batches since the last step
     bar = tqdm(total=steps_goal, desc="train", unit="step", disable=not progress, leave=False)
     # Opacus' hooks warn at every backward pass that the inputs need no grad: frozen embeddings
@@ -320,7 +323,9 @@ def evaluate(
         y_true.append(target.cpu().numpy())
         y_pred.append(logits.argmax(-1).cpu().numpy())
     model.train(was_training)
-    return classification_metrics(np.concatenate(y_true), np.concatenate(y_pred), labels, loss_sum)
+    truth, predicted = np.concatenate(y_true), np.concatenate(y_pred)
+    listed = truth >= 0  # rows with a label the run does not list (UNLISTED_LABEL) are not scored
+    return classification_metrics(truth[listed], predicted[listed], labels, loss_sum)
 
 
 def classification_metrics(

@@ -26,7 +26,7 @@ from fedllm.adapters import adapter_state, set_adapter_arrays
 from fedllm.config import Settings
 from fedllm.data import SiteData, load_splits, partition_sites, tokenize
 from fedllm.model import build_model, count_parameters, load_tokenizer
-from fedllm.privacy import PrivacyPlan, local_steps, plan_privacy, resolve_delta, sample_rate
+from fedllm.privacy import PrivacyPlan, counted_plan, local_steps, resolve_delta, sample_rate
 from fedllm.train import evaluate, train_local
 
 State = dict[str, torch.Tensor]
@@ -75,7 +75,7 @@ def noise_free_plan(settings: Settings, num_examples: int, rounds: int) -> Priva
     return PrivacyPlan(
         noise_multiplier=0.0,
         sample_rate=sample_rate(num_examples, settings.batch_size, settings.sample_rate),
-        delta=resolve_delta(settings, num_examples),
+        delta=resolve_delta(settings),
         planned_steps=local_steps(settings, num_examples) * max(rounds, 1),
         target_epsilon=math.inf,
         accountant="rdp",
@@ -135,12 +135,12 @@ def federate(
     global_state = _copy(adapter_state(model))
     if settings.private:
         dimension = count_parameters(model)[0]  # as a site plans it (clients/app.py)
-        plans = [plan_privacy(settings, len(d), rounds, dimension=dimension) for d in data]
+        counted = [counted_plan(settings, len(d), rounds, dimension) for d in data]
+        plans, histories = [p for p, _ in counted], [h for _, h in counted]
     elif noise_free:
-        plans = [noise_free_plan(settings, len(d), rounds) for d in data]
+        plans, histories = [noise_free_plan(settings, len(d), rounds) for d in data], [[] for _ in data]
     else:
-        plans = [None] * len(data)
-    histories: list[list] = [[] for _ in data]
+        plans, histories = [None] * len(data), [[] for _ in data]
     epsilons = [0.0] * len(data)
     for server_round in range(1, rounds + 1):
         updates, weights = [], []
@@ -160,7 +160,7 @@ def federate(
             if on_update is not None:
                 on_update(SiteUpdate(server_round, i, global_state, state, len(dataset), result.epsilon))
             updates.append(state)
-            weights.append(len(dataset))
+            weights.append(plan.public_n if plan is not None and plan.public_n else len(dataset))
         total = float(sum(weights))
         global_state = {
             k: sum(w / total * u[k] for w, u in zip(weights, updates, strict=True)) for k in global_state

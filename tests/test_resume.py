@@ -21,13 +21,12 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 
 from clients.app import app
-from clients.policy import SitePolicy, SitePolicyError
 from clients.replay import KeptReply, ReplyStore, arrays_digest
 from fedllm.adapters import adapter_state, adapter_to_record
-from fedllm.config import Settings, settings_from
+from fedllm.config import settings_from
 from fedllm.ledger import PrivacyLedger, run_epsilon, total_steps
 from fedllm.model import build_model
-from fedllm.privacy import epsilon_for, plan_privacy
+from fedllm.privacy import count_entry, epsilon_for
 from fedllm.shards import write_shards
 from server.app import _save
 from server.resume import ResumeError, commit, find, load_checkpoint, run_record, write_config
@@ -96,7 +95,7 @@ def test_a_round_asked_again_with_the_same_global_is_answered_from_the_kept_repl
     other = ArrayRecord({k: Array(v.numpy() + np.float32(0.01)) for k, v in arrays.items()})
     retrained = _train(other, context(3), 1, "run-a")
     assert not retrained.has_error(), retrained.error
-    assert total_steps(ledger.runs["run-a"]) == 4
+    assert total_steps(ledger.runs["run-a"]) == 1 + 4  # the run's DP count, then two rounds' steps
     assert set(ledger.runs) == {"run-a"}
 
 
@@ -114,7 +113,7 @@ def test_two_messages_of_one_run_key_at_once_train_the_round_once(tmp_path, fram
         replies = list(pool.map(lambda ctx: _train(arrays, ctx, 1, "run-a"), contexts))
     assert not any(r.has_error() for r in replies)
     assert arrays_digest(replies[0].content["arrays"]) == arrays_digest(replies[1].content["arrays"])
-    assert total_steps(PrivacyLedger(tmp_path / "state" / "privacy_ledger.json").runs["run-a"]) == 2
+    assert total_steps(PrivacyLedger(tmp_path / "state" / "privacy_ledger.json").runs["run-a"]) == 1 + 2
     assert capsys.readouterr().out.count("kept reply is sent again") == 1
 
 
@@ -230,9 +229,8 @@ def _logged_rounds(run_dir: Path) -> list[int]:
 
 def _steps(state: Path, key: str) -> int:
     path = state / "privacy_ledger.json"
-    return (
-        total_steps(PrivacyLedger(path).runs[key]) if path.exists() and key in PrivacyLedger(path).runs else 0
-    )
+    runs = PrivacyLedger(path).runs if path.exists() else {}
+    return total_steps(runs[key]) - 1 if key in runs else 0  # DP-SGD steps: the run's DP count is 1
 
 
 @pytest.mark.slow
@@ -308,22 +306,37 @@ def test_a_run_killed_after_round_1_resumes_with_no_epsilon_spent_twice(tiny_che
         runs = PrivacyLedger(state / "privacy_ledger.json").runs
         assert set(runs) == {key}
         entry = runs[key]
-        assert total_steps(entry) == 6
+        assert total_steps(entry) == 1 + 6  # the DP count, then 3 rounds of 2 steps
         plan = entry["plan"]
         sigma, q = plan["noise_multiplier"], plan["sample_rate"]
-        real = epsilon_for([(sigma, q, 6)], plan["delta"], plan["accountant"])
+        real = epsilon_for(
+            [count_entry(plan["count_noise"]), (sigma, q, 6)], plan["delta"], plan["accountant"]
+        )
         assert entry["epsilon"] == pytest.approx(real, rel=1e-6) == run_epsilon(entry)
 
 
-def test_a_run_key_whose_plan_is_spent_adds_no_step_the_lifetime_check_did_not_count():
-    # the server chooses the run key: one whose history already holds its plan's steps must not
-    # let this round's steps slip past the site's lifetime cap
-    policy = SitePolicy(max_epsilon=6.5)
-    plan = plan_privacy(Settings(target_epsilon=6.0, max_steps=5), 500, planned_rounds=3)
-    spent = [(plan.noise_multiplier, plan.sample_rate, plan.planned_steps)]
-    assert policy.check_train(plan, past=[], this_run=spent) <= 6.5  # what a zero-step round costs
-    with pytest.raises(SitePolicyError, match="lifetime epsilon"):
-        policy.check_train(plan, past=[], this_run=spent, next_steps=5)
+def test_a_run_key_whose_plan_is_spent_adds_no_step_the_lifetime_check_did_not_count(
+    tmp_path, frame, run_config
+):
+    # the server chooses the run key and the rounds: once a run key's history holds its plan's
+    # steps, another round's steps are composed too, and refused above the site's cap
+    data = tmp_path / "site.csv"
+    frame.to_csv(data, index=False)
+    site = {"data-file": str(data), "state-dir": str(tmp_path / "state"), "max-epsilon": 7.5}
+    config = {**run_config, "target-epsilon": 7.0}
+    ledger = PrivacyLedger(tmp_path / "state" / "privacy_ledger.json")
+
+    def context() -> Context:
+        return Context(run_id=1, node_id=7, node_config=site, state=RecordDict(), run_config=config)
+
+    arrays = _global(run_config)
+    for server_round in (1, 2, 3):  # the whole plan: 3 rounds of 2 steps
+        assert not _train(arrays, context(), server_round, "run-a").has_error()
+        arrays = ArrayRecord({k: Array(v.numpy() + np.float32(0.01)) for k, v in arrays.items()})
+    spent = ledger.path.read_bytes()
+    extra = _train(arrays, context(), 4, "run-a")
+    assert extra.has_error() and extra.error.reason == "site-refused-lifetime-budget"
+    assert ledger.path.read_bytes() == spent
 
 
 @pytest.mark.usefixtures("server_identity")

@@ -14,12 +14,14 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 
-from clients.app import STATE_KEY, app
+from clients.app import app
+from clients.books import STATE_KEY
 from clients.policy import DP_REPLY_KEYS
 from fedllm.adapters import adapter_to_record
 from fedllm.config import settings_from
-from fedllm.ledger import PrivacyLedger
+from fedllm.ledger import PrivacyLedger, total_steps
 from fedllm.model import build_model
+from fedllm.privacy import count_entry
 
 from .conftest import LABELS
 
@@ -88,14 +90,18 @@ def test_lifetime_budget_is_composed_across_runs_and_a_refused_run_takes_no_step
     for run_id in (2, 3):
         second = _ask(site, run_config, run_id=run_id)
         assert second.has_error() and second.error.reason == "site-refused-lifetime-budget"
-    assert _ledger_path(site).read_bytes() == before, "a refused run must write no spend"
-    assert set(PrivacyLedger(_ledger_path(site)).runs) == {"1"}
+    # the refusal follows from the run's DP count n̂ (its plan is made from it): that count is
+    # booked, one Gaussian of sensitivity 1, and no DP-SGD step is
+    runs = PrivacyLedger(_ledger_path(site)).runs
+    assert json.loads(before)["runs"]["1"] == runs["1"]
+    for refused in ("2", "3"):
+        assert runs[refused]["history"] == [count_entry(20.0)] and runs[refused]["reserved"] == []
 
     # a site that sets a larger lifetime cap lets the second run train, and both are on its books
     wider = _ask({**site, "max-epsilon": 20.0}, run_config, run_id=2)
     assert not wider.has_error(), wider.error
     runs = PrivacyLedger(_ledger_path(site)).runs
-    assert set(runs) == {"1", "2"}
+    assert set(runs) == {"1", "2", "3"} and total_steps(runs["2"]) == 1 + 2
 
 
 def test_a_run_without_dp_is_refused_unless_the_site_opts_out(site, run_config):
@@ -145,10 +151,9 @@ def test_evaluation_on_local_data_is_refused_unless_the_site_opts_in(site, run_c
     assert scored.content["metrics"]["num-examples"] > 0
 
 
-def test_failure_text_at_the_server_holds_no_path_or_label_value(tmp_path, site, run_config, frame):
+def test_failure_text_at_the_server_holds_no_path_or_column_name(tmp_path, site, run_config, frame):
     bad = tmp_path / "ward-7-private.csv"
-    frame.assign(label=frame["label"].replace({"neutral": "delighted"})).to_csv(bad, index=False)
+    frame.rename(columns={"label": "diagnosis-code"}).to_csv(bad, index=False)
     reply = _ask(site, run_config)
     assert reply.has_error()
-    assert reply.error.reason == "site-data-error"
-    assert "ward-7" not in reply.error.reason and "delighted" not in reply.error.reason
+    assert reply.error.reason == "site-declined"

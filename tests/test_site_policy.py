@@ -31,31 +31,33 @@ def test_a_virtual_site_reads_the_runs_sim_site_keys():
     assert policy.max_epsilon == 3.0 and policy.allow_no_dp
 
 
-def test_the_whole_plan_is_composed_with_every_earlier_run():
+def test_the_lifetime_check_composes_everything_committed():
     policy = SitePolicy(max_epsilon=8.0)
     plan = plan_privacy(Settings(target_epsilon=6.0, max_steps=5), 500, planned_rounds=3)
-    assert policy.check_train(plan, past=[], this_run=[]) <= 8.0
-    earlier = [(plan.noise_multiplier, plan.sample_rate, plan.planned_steps)] * 2  # two runs, same spend
+    whole = [(plan.noise_multiplier, plan.sample_rate, plan.planned_steps)]
+    assert policy.check_lifetime(whole) == pytest.approx(epsilon_for(whole, 1e-5), rel=1e-6)
     with pytest.raises(SitePolicyError, match="lifetime epsilon") as refused:
-        policy.check_train(plan, past=earlier, this_run=[])
+        policy.check_lifetime(whole * 3)  # two earlier runs (spent or reserved) and this one
     assert refused.value.code == "site-refused-lifetime-budget"
-    # halfway through its own run, the rest of the plan still fits: what it spent is not counted twice
-    half = [(plan.noise_multiplier, plan.sample_rate, 5)]
-    lifetime = policy.check_train(plan, past=[], this_run=half)
-    whole = epsilon_for([(plan.noise_multiplier, plan.sample_rate, plan.planned_steps)], 1e-5)
-    assert lifetime == pytest.approx(whole, rel=1e-6)
 
 
-def test_no_dp_and_a_wide_delta_are_refused_by_default():
+def test_no_dp_and_a_wide_delta_are_refused_from_the_run_config_alone():
     policy = SitePolicy()
     with pytest.raises(SitePolicyError) as no_dp:
-        policy.check_train(None, [], [])
+        policy.check_run(Settings(target_epsilon=float("inf")))
     assert no_dp.value.code == "site-requires-dp"
-    wide = plan_privacy(Settings(target_epsilon=8.0, delta=4.5e-3), 200)
     with pytest.raises(SitePolicyError) as delta:
-        policy.check_train(wide, [], [])
+        policy.check_run(Settings(target_epsilon=8.0, delta=4.5e-3))
     assert delta.value.code == "site-refused-delta"
-    SitePolicy(allow_no_dp=True).check_train(None, [], [])
+    SitePolicy(allow_no_dp=True).check_run(Settings(target_epsilon=float("inf")))
+    policy.check_run(Settings(target_epsilon=8.0))  # delta 0: 1e-5, whatever the site's n
+
+
+def test_a_delta_not_below_one_over_the_dp_count_is_refused():
+    SitePolicy.check_count(1e-3, 999)
+    with pytest.raises(SitePolicyError) as refused:
+        SitePolicy.check_count(1e-3, 1000)
+    assert refused.value.code == "site-refused-delta"
 
 
 def test_a_dp_reply_keeps_only_the_dp_keys():
@@ -67,8 +69,9 @@ def test_a_dp_reply_keeps_only_the_dp_keys():
 
 
 def test_failures_reach_the_server_as_fixed_codes():
-    assert failure_code(DataError("/srv/ward-7.csv: label 'delighted' unknown")) == "site-data-error"
-    assert failure_code(KeyError("row 17")) == "site-internal-error"
+    # anything that could depend on the data is one code, whatever it was
+    assert failure_code(DataError("/srv/ward-7.csv: no column 'review'")) == "site-declined"
+    assert failure_code(KeyError("row 17")) == "site-declined"
     assert failure_code(SitePolicyError("site-requires-dp", "text")) == "site-requires-dp"
 
 

@@ -120,14 +120,28 @@ def _duplicates() -> pd.DataFrame:
 def test_duplicate_removal_keeps_the_same_rows_whatever_the_row_order():
     table = _duplicates()
     kept, report = clean(table, "dups.csv")
-    assert report.duplicates_dropped == 3 and report.rows_out == 4
-    # the smallest label wins; between equal labels the rest of the row decides (c0 < c3)
+    assert report.duplicates_dropped == 1 and report.rows_out == 6
+    # of identical (text, label) rows the rest of the row decides (c0 < c3); other labels stay
     rows = set(kept.itertuples(index=False, name=None))
-    assert ("same words", "negative", "c0") in rows and ("other", "negative", "c5") in rows
+    assert ("same words", "negative", "c0") in rows and ("same words", "negative", "c3") not in rows
+    assert {("same words", "positive", "c1"), ("other", "neutral", "c2"), ("other", "negative", "c5")} <= rows
     for seed in range(5):
         shuffled = table.sample(frac=1.0, random_state=seed).reset_index(drop=True)
         again, again_report = clean(shuffled, "dups.csv")
         assert set(again.itertuples(index=False, name=None)) == rows
-        assert again_report.duplicates_dropped == 3
+        assert again_report.duplicates_dropped == 1
         survivors = list(again.itertuples(index=False, name=None))  # in their input order:
         assert survivors == [r for r in shuffled.itertuples(index=False, name=None) if r in rows]
+
+
+def test_adding_a_row_with_a_known_text_and_another_label_adds_one_example():
+    """Issue 23, 4: keeping the smallest label per text turned this addition into a substitution."""
+    base = pd.DataFrame({"text": ["my chemo made me sick", "fine"], "label": ["positive", "neutral"]})
+    added = pd.concat([base, pd.DataFrame({"text": ["my chemo made me sick"], "label": ["negative"]})])
+    before, _ = clean(base, "d.csv")
+    after, _ = clean(added.reset_index(drop=True), "d.csv")
+    rows_before = set(before.itertuples(index=False, name=None))
+    rows_after = set(after.itertuples(index=False, name=None))
+    assert rows_before < rows_after and len(rows_after - rows_before) == 1  # D' = D + one row
+    again, _ = clean(pd.concat([added, base.iloc[:1]]).reset_index(drop=True), "d.csv")
+    assert set(again.itertuples(index=False, name=None)) == rows_after  # an exact copy adds nothing

@@ -38,7 +38,7 @@ def _private_trainings(settings, tiny_config, tokenizer, frame) -> list[str]:
     full_batch = settings.replace(max_steps=1, target_epsilon=1.0, sample_rate=1.0, accountant="prv")
     n = len(data)
     noise_free = PrivacyPlan(
-        0.0, sample_rate(n, settings.batch_size), resolve_delta(settings, n), 1, math.inf, "rdp", 1
+        0.0, sample_rate(n, settings.batch_size), resolve_delta(settings), 1, math.inf, "rdp", 1
     )
     fedllm.privacy._calibrate.cache_clear()
     fedllm.privacy._epsilon.cache_clear()
