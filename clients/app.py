@@ -24,6 +24,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients.bookkeeping import book_releases, site_state_dir
 from clients.policy import SitePolicy, failures_as_codes, is_virtual_site, site_secret
 from clients.replay import KeptReply, ReplyStore, arrays_digest, run_key
 from fedllm.adapters import adapter_from_record, adapter_to_record
@@ -35,7 +36,7 @@ from fedllm.privacy import epsilon_for, plan_privacy
 from fedllm.shards import ShardSettings
 from fedllm.train import evaluate, train_local
 
-app = ClientApp(mods=[failures_as_codes])
+app = ClientApp(mods=[failures_as_codes, book_releases])
 STATE_KEY = "fedllm-privacy"
 LEDGER_NAME = "privacy_ledger.json"
 
@@ -60,14 +61,8 @@ def _simulated_sites(run_items: tuple, labels: tuple, num_partitions: int) -> li
 
 
 def _state_dir(context: Context) -> Path:
-    """A real site's state folder (its ledger and secret); a site without one may not train."""
-    state_dir = context.node_config.get("state-dir")
-    if not state_dir:
-        raise LedgerError(
-            "this site has no state-dir in its node config: it cannot keep a privacy ledger; "
-            "set state-dir (python -m clients.site join --state-dir DIR)"
-        )
-    return Path(str(state_dir))
+    """A real site's state folder (its ledger and secret): initialised and absolute, or refused."""
+    return site_state_dir(context)
 
 
 def _site_data(context: Context, settings: Settings, labels: list[str]) -> SiteData:
@@ -186,7 +181,7 @@ def _train_round(
         context.state[STATE_KEY] = ConfigRecord({"run-key": key, "history": json.dumps(result.history)})
         if ledger is not None:
             lifetime = epsilon_for([*past, *result.history], policy.max_delta, policy.accountant)
-            signed = statement(
+            lifetime_text = statement(
                 lifetime, policy.max_delta, other_runs + 1, policy.accountant, policy.not_covered()
             )
             ledger.record(
@@ -198,9 +193,9 @@ def _train_round(
                 num_rounds=rounds,
                 data_fingerprint=fingerprint_file(context.node_config["data-file"]),
                 not_covered=policy.not_covered(),
-                statement=signed,
+                statement=lifetime_text,
             )
-            print(f"[site {context.node_id}] {signed}")
+            print(f"[site {context.node_id}] {lifetime_text}")
     reply_arrays = adapter_to_record(model)
     metrics = {
         "num-examples": len(train_ds),
