@@ -158,7 +158,8 @@ def init_state(
             "that site's state folder instead, or pass --new-site if this is another site"
         )
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
+    if path.stat().st_uid == os.geteuid():  # a mount point owned by another uid keeps its mode
+        os.chmod(path, 0o700)
     secret = path / SECRET
     if not secret.exists():  # a folder from before init keeps its secret: its split stays the same
         with os.fdopen(os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as handle:
