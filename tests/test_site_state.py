@@ -206,6 +206,16 @@ def test_init_refuses_a_second_state_beside_a_mark_with_spend_unless_told(state,
     assert init_state(tmp_path / "fresh", new_site=True)[1]
 
 
+def test_init_adopts_a_state_folder_from_before_init_keeping_its_secret_and_spend(tmp_path):
+    folder = tmp_path / "state"
+    folder.mkdir()
+    (folder / SECRET).write_bytes(b"s" * 32)
+    _book(PrivacyLedger(folder / "privacy_ledger.json"), "run-old", 5)
+    site, created = init_state(folder)
+    assert created and (folder / SECRET).read_bytes() == b"s" * 32
+    assert json.loads(site.mark.read_text())["runs"] == {"run-old": 5}  # the mark starts at the books
+
+
 def test_join_refuses_an_uninitialised_state_dir_in_one_line(tmp_path, capsys):
     data = tmp_path / "site.csv"
     data.write_text("text,label\nhello,a\nworld,b\n")
