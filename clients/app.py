@@ -24,19 +24,20 @@ from pathlib import Path
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients.bookkeeping import book_releases, site_state_dir
 from clients.books import RunBooks, SiteBooks
 from clients.policy import SitePolicy, SitePolicyError, failures_as_codes, is_virtual_site, site_secret
 from clients.replay import KeptReply, ReplyStore, arrays_digest, run_key
 from fedllm.adapters import adapter_from_record, adapter_to_record
 from fedllm.config import Settings, settings_from
 from fedllm.data import SiteData, load_site_file, loss_weights, partition_sites, tokenize
-from fedllm.ledger import LedgerError, PrivacyLedger, fingerprint_file, statement
+from fedllm.ledger import PrivacyLedger, fingerprint_file, lifetime_statement, statement
 from fedllm.model import build_model, load_tokenizer, pick_device
 from fedllm.privacy import PrivacyPlan, count_entry, epsilon_for, plan_privacy, private_count
 from fedllm.shards import ShardSettings
 from fedllm.train import evaluate, train_local
 
-app = ClientApp(mods=[failures_as_codes])
+app = ClientApp(mods=[failures_as_codes, book_releases])
 LEDGER_NAME = "privacy_ledger.json"
 
 
@@ -56,14 +57,8 @@ def _simulated_sites(run_items: tuple, labels: tuple, num_partitions: int) -> li
 
 
 def _state_dir(context: Context) -> Path:
-    """A real site's state folder (its ledger and secret); a site without one may not train."""
-    state_dir = context.node_config.get("state-dir")
-    if not state_dir:
-        raise LedgerError(
-            "this site has no state-dir in its node config: it cannot keep a privacy ledger; "
-            "set state-dir (python -m clients.site join --state-dir DIR)"
-        )
-    return Path(str(state_dir))
+    """A real site's state folder (its ledger and secret): initialised and absolute, or refused."""
+    return site_state_dir(context)
 
 
 def _site_data(context: Context, settings: Settings, labels: list[str]) -> SiteData:
@@ -132,20 +127,22 @@ def _book_round(
     policy: SitePolicy,
     books: SiteBooks,
     train_ds,
-    rounds: int,
+    rounds: tuple[int, int],
     dimension: int,
 ) -> tuple[PrivacyPlan, list]:
     """Under the budget lock: n̂, the plan from it, the lifetime check, and the booking of the
     count, this round's steps and the rest of the plan (reserved) — before any noise is drawn.
 
-    Returns the plan and the history *before* this round's steps (the accountant books those).
+    ``rounds``: (this round, the run's rounds). Returns the plan and the history *before* this
+    round's steps (the accountant books those).
     """
+    server_round, num_rounds = rounds
     run = books.this_run()
     count = count_entry(settings.count_noise)
     fresh = run.public_n is None
     if fresh:
         run = RunBooks([count], private_count(len(train_ds), settings.count_noise))
-    plan = plan_privacy(settings, run.public_n, rounds, dimension=dimension, count_noise=settings.count_noise)
+    plan = plan_privacy(settings, run.public_n, num_rounds, dimension, count_noise=settings.count_noise)
     this_round = [plan.noise_multiplier, plan.sample_rate, plan.local_steps]
     done = sum(int(h[2]) for h in run.history) - 1  # the count is one entry of one "step"
     rest = max(plan.planned_steps - done - plan.local_steps, 0)
@@ -165,12 +162,15 @@ def _book_round(
         booked,
         plan,
         epsilon_for(booked.history, plan.delta, plan.accountant),
+        round=server_round,
+        num_rounds=num_rounds,
         data_fingerprint=fingerprint_file(context.node_config["data-file"]) if books.ledger else "",
         not_covered=gaps,
         statement=statement(lifetime, policy.max_delta, books.other_runs() + 1, policy.accountant, gaps),
     )
-    if books.ledger is not None:
-        print(f"[site {context.node_id}] {books.ledger.runs[books.key]['statement']}")
+    if books.ledger is not None:  # the whole ledger's statement: a no-DP release reads ε = ∞ here too
+        text = lifetime_statement(books.ledger, policy.max_delta, policy.accountant, gaps)
+        print(f"[site {context.node_id}] {text}")
     return plan, run.history
 
 
@@ -196,7 +196,8 @@ def _train_round(
         )
         if settings.private:
             dimension = model.get_nb_trainable_parameters()[0]
-            plan, history = _book_round(context, settings, policy, books, train_ds, rounds, dimension)
+            when = (server_round, rounds)
+            plan, history = _book_round(context, settings, policy, books, train_ds, when, dimension)
     result = train_local(
         model,
         train_ds,

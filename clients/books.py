@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from flwr.app import ConfigRecord, Context
 
-from fedllm.ledger import LedgerError, PrivacyLedger
+from fedllm.ledger import LedgerError, PrivacyLedger, is_release
 from fedllm.privacy import PrivacyPlan
 
 STATE_KEY = "fedllm-privacy"
@@ -86,7 +86,9 @@ class SiteBooks:
 
     def other_runs(self) -> int:
         """How many other runs this site's ledger holds."""
-        return 0 if self.ledger is None else len([k for k in self.ledger.runs if k != self.key])
+        if self.ledger is None:
+            return 0
+        return len([k for k, e in self.ledger.runs.items() if k != self.key and not is_release(e)])
 
     def book(self, books: RunBooks, plan: PrivacyPlan, epsilon: float, **extra: object) -> None:
         """Write this run's books durably (before the noise they account for is drawn)."""

@@ -1,5 +1,6 @@
 """A site joins a federation: check everything locally, then run Flower's SuperNode.
 
+    python -m clients.site init --state-dir /state       # once: the site's state folder
     python -m clients.site join --superlink fed.example.org:8000 --root-certificates ca.crt \\
         --auth-key site-1 --data-file /data/reviews.csv --state-dir /state
     python -m clients.site spend --state-dir /state      # this site's lifetime privacy guarantee
@@ -8,13 +9,14 @@
 that the SuperLink answers and that its certificate is signed by that CA, and only then starts
 ``flower-supernode`` with the same flags a site would give it by hand. Failures are explained in
 one line each (wrong address, untrusted certificate, unregistered key, bad data, a privacy
-ledger that fails validation). ``spend`` states the site's lifetime guarantee, every run composed
-at the site's δ (``--delta``), then each run alone; a corrupt ledger is one line, exit code 2.
+ledger that fails validation, a state folder that is not initialised, or older than its
+high-water mark). ``init``, ``rebase`` and ``spend`` are in ``clients.state_commands``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import signal
 import socket
@@ -29,9 +31,11 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
-from clients.policy import DEFAULT_MAX_DELTA, DEFAULT_MAX_EPSILON
+from clients import state_commands
+from clients.policy import DEFAULT_MAX_DELTA, DEFAULT_MAX_EPSILON, SitePolicy
 from fedllm.data import DataError, clean, read_table
-from fedllm.ledger import LedgerError, PrivacyLedger, lifetime_statement, not_covered_by, run_epsilon
+from fedllm.ledger import LedgerError
+from fedllm.site_state import StateError, open_state, raise_high_water, remember_policy
 
 EXPLAIN = {
     "2004": "the SuperLink refused to activate this site: its key is not registered (send the "
@@ -44,7 +48,6 @@ EXPLAIN = {
 
 
 ACTIVATION_REFUSED = "[code: 2004]"
-LEDGER_NAME = "privacy_ledger.json"
 ACTIVATION_WAIT_S = 15
 
 
@@ -115,9 +118,9 @@ def _node_value(value: object) -> str:
     return repr(value) if isinstance(value, float) else f'"{value}"'
 
 
-def supernode_command(args: argparse.Namespace) -> list[str]:
-    """The ``flower-supernode`` command line for these site settings."""
-    node_config = {
+def node_config_of(args: argparse.Namespace) -> dict[str, object]:
+    """The SuperNode's node config for these join flags (absolute paths, the site's policy)."""
+    node_config: dict[str, object] = {
         "data-file": str(Path(args.data_file).resolve()),
         "text-column": args.text_column,
         "label-column": args.label_column,
@@ -130,6 +133,14 @@ def supernode_command(args: argparse.Namespace) -> list[str]:
     for flag in ("allow_no_dp", "release_train_metrics", "release_evaluation"):
         if getattr(args, flag):
             node_config[flag.replace("_", "-")] = True
+    if args.high_water_dir:
+        node_config["high-water-dir"] = str(Path(args.high_water_dir).resolve())
+    return node_config
+
+
+def supernode_command(args: argparse.Namespace) -> list[str]:
+    """The ``flower-supernode`` command line for these site settings."""
+    node_config = node_config_of(args)
     cmd = [str(Path(sys.executable).parent / "flower-supernode"), "--superlink", args.superlink]
     cmd += ["--root-certificates", str(args.root_certificates)] if args.root_certificates else ["--insecure"]
     if args.auth_key:
@@ -149,9 +160,11 @@ def join(args: argparse.Namespace) -> int:
     print(f"site data: {check_data(Path(args.data_file), args.text_column, args.label_column)}")
     check_credentials(args.root_certificates, args.auth_key)
     check_superlink(args.superlink, args.root_certificates)
-    Path(args.state_dir).mkdir(parents=True, exist_ok=True)
-    runs = PrivacyLedger(Path(args.state_dir) / LEDGER_NAME).runs  # a corrupt ledger stops us here
-    print(f"privacy ledger: {len(runs)} run(s) on record in {args.state_dir}")
+    node_config = node_config_of(args)
+    state = open_state(node_config["state-dir"], node_config.get("high-water-dir"))  # init first
+    runs = raise_high_water(state)  # a corrupt ledger, or one older than its mark, stops us here
+    remember_policy(state, dataclasses.asdict(SitePolicy.from_config(node_config)))
+    print(f"privacy ledger: {len(runs)} entr(y/ies) on record in {state.folder}")
     cmd = supernode_command(args)
     for attempt in range(args.activation_retries + 1):
         code, output = _run_supernode(cmd)
@@ -197,49 +210,6 @@ def _run_supernode(cmd: list[str]) -> tuple[int, str]:
     return code, "".join(seen)
 
 
-def spend(args: argparse.Namespace) -> int:
-    """Print this site's lifetime guarantee (every run composed at ``--delta``), then each run.
-
-    A ledger that fails validation raises ``LedgerError`` (``main`` prints its one line).
-    """
-    ledger = PrivacyLedger(Path(args.state_dir) / LEDGER_NAME)
-    runs = ledger.runs
-    print(lifetime_statement(ledger, args.delta, args.mechanism, not_covered_by(runs)))
-    if not runs:
-        return 0
-    rows = [("run", "epsilon", "target", "delta", "steps", "round", "data")]
-    for key, run in sorted(runs.items()):
-        plan = run["plan"]
-        last, planned = run.get("round", "?"), run.get("num-rounds")
-        rows.append(
-            (
-                key,
-                f"{run_epsilon(run):.3f}",
-                f"{target:g}" if isinstance(target := plan.get("target_epsilon"), int | float) else "?",
-                f"{plan['delta']:g}",
-                str(sum(int(h[2]) for h in run["history"])),
-                f"{last}/{planned}" if planned is not None else str(last),
-                str(run.get("data-fingerprint", "-")),
-            )
-        )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    print("\nper run (epsilon of that run alone, recomputed from its history at its own delta):")
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
-    return 0
-
-
-def _delta(text: str) -> float:
-    """A δ for ``spend``: a number strictly between 0 and 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a delta strictly between 0 and 1, e.g. 1e-5")
-    return value
-
-
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry."""
     parser = argparse.ArgumentParser(
@@ -254,7 +224,10 @@ def main(argv: list[str] | None = None) -> None:
     j.add_argument("--data-file", required=True, help="this site's data: CSV/TSV/JSONL/HF folder")
     j.add_argument("--text-column", default="text")
     j.add_argument("--label-column", default="label")
-    j.add_argument("--state-dir", default="site-state", help="where the site's privacy ledger lives")
+    j.add_argument(
+        "--state-dir", required=True, help="the site's state folder, made by `init` (privacy ledger, secret)"
+    )
+    j.add_argument("--high-water-dir", help="folder of its high-water mark (default: the one init recorded)")
     policy = j.add_argument_group("this site's privacy policy (no run config can widen it)")
     policy.add_argument(
         "--max-epsilon",
@@ -264,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     policy.add_argument(
         "--max-delta",
-        type=_delta,
+        type=state_commands.parse_delta,
         default=DEFAULT_MAX_DELTA,
         help="largest delta a run may use (default %(default)s)",
     )
@@ -286,15 +259,15 @@ def main(argv: list[str] | None = None) -> None:
         default=6,
         help=f"rejoin attempts, {ACTIVATION_WAIT_S} s apart, when the SuperLink refuses activation",
     )
-    s = sub.add_parser("spend", help="print this site's privacy spend")
-    s.add_argument("--state-dir", default="site-state")
-    s.add_argument("--delta", type=_delta, default=1e-5, help="the site's delta: every run is composed at it")
-    s.add_argument("--mechanism", default="prv", choices=["prv", "rdp"], help="Opacus accountant")
+    state_commands.add_parsers(sub)
     args = parser.parse_args(argv)
     try:
-        code = join(args) if args.command == "join" else spend(args)
+        code = join(args) if args.command == "join" else state_commands.COMMANDS[args.command](args)
     except (SiteConfigError, DataError) as err:
         print(f"site cannot join: {err}", file=sys.stderr)
+        code = 2
+    except StateError as err:  # one line naming the fix (init, restore, rebase)
+        print(f"site state refused: {err}", file=sys.stderr)
         code = 2
     except LedgerError as err:  # one line, never a traceback: the message says what to restore
         print(f"privacy ledger refused: {err}", file=sys.stderr)

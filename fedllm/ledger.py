@@ -9,9 +9,14 @@ float, ...}}}``, with ``<name>.bak`` (a copy of the last write) and ``<name>.loc
 - Every read validates both files, including consistency: a run's stored epsilon may exceed the
   epsilon recomputed from its history (its plan's delta and accountant) by at most 1% + 1e-6.
   Recomputations are cached per (history, delta, accountant): a write pays for one at most.
-- Forgetting is refused, never repaired: a missing ledger whose backup exists, or a ledger holding
-  less spend than its backup. No ledger and no backup is a fresh site (deleting both cannot be
-  detected: keep the state folder on backed-up storage).
+- Forgetting is refused, never repaired: a missing ledger whose backup exists, a ledger holding
+  less spend than its backup, an empty ledger without a backup (fedllm never writes one), and a
+  ledger or backup that is a symbolic link (a write would replace the link, not its target).
+  No ledger and no backup looks like a fresh site here; ``fedllm.site_state``'s high-water mark,
+  kept outside the state folder, catches a deleted or restored-older ledger of an initialised site.
+- Release records (``kind``: ``no-dp`` for train replies sent without DP, ε = ∞; ``evaluation``
+  for exact scores on the local test split) sit beside the runs under ``<run key>#<kind>`` with a
+  ``count`` and an empty history (``record_release``): every release is on the books.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from pathlib import Path
 from fedllm.privacy import PrivacyPlan, compact, epsilon_for
 
 VERSION = 1
+RELEASE_KINDS = ("no-dp", "evaluation")  # release records: not DP (no-dp is epsilon = infinity)
 ACCOUNTANTS = ("prv", "rdp", "gdp")
 DEFAULT_NOT_COVERED = [  # what every DP site releases outside DP (clients.policy adds opt-ins)
     "which rounds the site took part in, whether it answered and when (timing of replies)",
@@ -84,10 +90,34 @@ def total_steps(entry: Mapping) -> int:
     return sum(int(h[2]) for h in entry["history"])
 
 
+def is_release(entry: Mapping) -> bool:
+    """A release record (``kind`` in ``RELEASE_KINDS``), not a DP run."""
+    return "kind" in entry
+
+
+def entry_measure(entry: Mapping) -> int:
+    """How much an entry has spent: DP-SGD steps of a run, the ``count`` of a release record."""
+    return int(entry["count"]) if is_release(entry) else total_steps(entry)
+
+
+def _release_problem(entry: dict) -> str | None:
+    """Why a release record is invalid, or None when it is sound."""
+    if entry["kind"] not in RELEASE_KINDS:
+        return f"'kind' {entry['kind']!r} is not one of {RELEASE_KINDS}"
+    count = entry.get("count")
+    if not (isinstance(count, int) and not isinstance(count, bool) and count >= 1):
+        return "'count' is not an integer >= 1"
+    if entry.get("history", []) != []:
+        return "a release record holds DP-SGD history"
+    return None
+
+
 def _entry_problem(entry: object) -> str | None:
     """Why a run entry is invalid or inconsistent, or None when it is sound."""
     if not isinstance(entry, dict):
         return f"is a {type(entry).__name__}, not an object"
+    if is_release(entry):
+        return _release_problem(entry)
     history = entry.get("history")
     if not isinstance(history, list):
         return "'history' is missing or not a list"
@@ -188,7 +218,7 @@ class PrivacyLedger:
     def _locked(self, mode: int, lock: Path | None = None) -> Iterator[None]:
         lock = lock or self.lock
         try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         except OSError as err:
             raise _fault(
                 lock,
@@ -202,6 +232,7 @@ class PrivacyLedger:
             os.close(fd)  # releases the lock
 
     def _read(self, path: Path, fix: str | None = None) -> dict[str, dict] | None:
+        refuse_link(path)
         try:
             raw = path.read_bytes()
         except FileNotFoundError:
@@ -222,6 +253,7 @@ class PrivacyLedger:
             if backup is not None:
                 raise _fault(self.path, f"is missing but its backup {self.backup.name} exists")
             return {}
+        refuse_empty_without_backup(self.path, runs, backup)
         for key, entry in (backup or {}).items():
             if key not in runs or total_steps(runs[key]) < total_steps(entry):
                 what = "lacks run" if key not in runs else "has fewer steps in run"
@@ -310,6 +342,51 @@ class PrivacyLedger:
             finally:
                 os.close(fd)
 
+    def record_release(self, run_key: str, kind: str, **extra: object) -> int:
+        """Count one more release of ``kind`` in run ``run_key`` (durably, under the lock); the new count.
+
+        ``extra`` keys are stored with ``-`` for ``_``, as in ``record``.
+        """
+        key = f"{run_key}#{kind}"
+        extra = {name.replace("_", "-"): value for name, value in extra.items()}
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with self._locked(fcntl.LOCK_EX):
+            runs = self._load()
+            count = int(runs.get(key, {}).get("count", 0)) + 1
+            entry = {**extra, "kind": kind, "count": count, "history": []}
+            validate({"runs": {key: entry}}, self.path, "nothing was recorded; fix the caller")
+            runs[key] = entry
+            self._write_runs(runs)
+        return count
+
+    def _write_runs(self, runs: Mapping[str, dict]) -> None:
+        """Ledger and backup, each durably, then the folder; the caller holds the exclusive lock."""
+        data = json.dumps({"version": VERSION, "runs": dict(runs)}, indent=1).encode("utf-8")
+        write_durably(self.path, data)
+        write_durably(self.backup, data)
+        fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def refuse_link(path: Path) -> None:
+    """A ledger or backup that is a symbolic link is refused: a write would replace the link."""
+    if path.is_symlink():
+        raise _fault(
+            path,
+            f"is a symbolic link (to {os.readlink(path)})",
+            "replace it with the file it points to (cp --remove-destination TARGET LINK); "
+            "fedllm writes ledgers only as plain files",
+        )
+
+
+def refuse_empty_without_backup(path: Path, runs: Mapping, backup: Mapping | None) -> None:
+    """fedllm never writes a ledger without runs, nor one without its backup: such a file is a reset."""
+    if not runs and backup is None:
+        raise _fault(path, "holds no runs and has no backup (fedllm never writes such a ledger: reset?)")
+
 
 def not_covered_by(runs: Mapping[str, Mapping]) -> list[str]:
     """The union of the runs' ``not-covered`` lists (first-seen order), else the default."""
@@ -320,15 +397,41 @@ def not_covered_by(runs: Mapping[str, Mapping]) -> list[str]:
 def lifetime_statement(
     ledger: PrivacyLedger, delta: float, mechanism: str = "prv", not_covered: list[str] | None = None
 ) -> str:
-    """The site's lifetime guarantee in plain words, over every run in the ledger."""
-    runs = ledger.runs
+    """The site's lifetime guarantee in plain words, over every run and release in the ledger.
+
+    A train reply sent without DP makes it ε = ∞, said plainly; evaluation answers are listed
+    as not covered.
+    """
+    entries = ledger.runs
+    runs = {k: e for k, e in entries.items() if not is_release(e)}
+    releases = {k: e for k, e in entries.items() if is_release(e)}
+    gaps = [*(not_covered or DEFAULT_NOT_COVERED), *release_gaps(releases)]
+    no_dp = sorted(k.rsplit("#", 1)[0] for k, e in releases.items() if e["kind"] == "no-dp")
+    if no_dp:
+        return (
+            f"This site's data has NO differential privacy guarantee: lifetime ε = ∞ (δ = {delta:g}), "
+            f"because it sent updates trained without DP in {len(no_dp)} run(s) ({', '.join(no_dp)}). "
+            f"Not covered either: {'; '.join(gaps)}."
+        )
     if not runs:
         return (
-            f"No DP training was recorded at this site ({ledger.path} holds no runs): "
-            "no privacy budget has been spent, and no guarantee can be stated."
+            f"No DP training was recorded at this site ({ledger.path} holds no DP runs): no privacy "
+            "budget has been spent, and no guarantee can be stated."
+            + (f" Released outside DP: {'; '.join(release_gaps(releases))}." if releases else "")
         )
     epsilon = epsilon_for([h for run in runs.values() for h in run["history"]], delta, mechanism)
-    return statement(epsilon, delta, len(runs), mechanism, not_covered)
+    return statement(epsilon, delta, len(runs), mechanism, gaps)
+
+
+def release_gaps(releases: Mapping[str, Mapping]) -> list[str]:
+    """Plain-words lines for the evaluation release records (exact scores, not DP)."""
+    answers = [e["count"] for e in releases.values() if e["kind"] == "evaluation"]
+    if not answers:
+        return []
+    return [
+        f"{sum(answers)} exact evaluation answer(s) on the local test split in {len(answers)} run(s) "
+        "(release-evaluation; the rows of that split have no DP guarantee from them)"
+    ]
 
 
 def statement(

@@ -14,6 +14,7 @@ from transformers import BertConfig, BertModel
 
 from fedllm.config import Settings
 from fedllm.model import embedded_model_path, load_tokenizer
+from fedllm.site_state import HIGH_WATER_ENV, init_state
 
 TINY = BertConfig(
     vocab_size=30522,
@@ -26,6 +27,19 @@ TINY = BertConfig(
 LABELS = ["negative", "neutral", "positive"]
 # The library tests run on the CPU; FEDLLM_TEST_DEVICE=cuda runs the same tests on a GPU.
 DEVICE = torch.device(os.environ.get("FEDLLM_TEST_DEVICE", "cpu"))
+
+
+@pytest.fixture(autouse=True)
+def high_water_dir(tmp_path, monkeypatch):
+    """Every test's high-water marks in its own folder (never the user's ~/.local/state)."""
+    folder = tmp_path / "high-water"
+    monkeypatch.setenv(HIGH_WATER_ENV, str(folder))
+    return folder
+
+
+def init_site(state_dir) -> str:
+    """``python -m clients.site init`` for a test site's state folder; its absolute path."""
+    return str(init_state(state_dir, new_site=True)[0].folder)
 
 
 @pytest.fixture(scope="session")

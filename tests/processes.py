@@ -13,15 +13,18 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from fedllm.site_state import init_state
 from simulations.superlink import free_port, start_process, stop_process, venv_bin
 
 
 def start_supernodes(port: int, shards: Iterable[Path], root: Path, env: dict) -> list[subprocess.Popen]:
     """One insecure SuperNode per shard joined to ``127.0.0.1:port``: site ``i`` lives in
-    ``root/site-i`` (``FLWR_HOME``, ``supernode.log``, its privacy state in ``state/``)."""
+    ``root/site-i`` (``FLWR_HOME``, ``supernode.log``, its privacy state in ``state/``, initialised
+    as ``python -m clients.site init`` would)."""
     sites = []
     for i, shard in enumerate(shards, start=1):
         home = root / f"site-{i}"
+        init_state(home / "state", new_site=True)
         args = [
             venv_bin("flower-supernode"),
             "--insecure",
@@ -77,9 +80,10 @@ def join_sites(
     port: int, certs: Path, sites: Iterable[tuple[str, Path]], root: Path, env: dict
 ) -> list[subprocess.Popen]:
     """``join_args`` for each ``(key name, data file)``: site ``name`` lives in ``root/name``
-    (``FLWR_HOME``, ``site.log``, its privacy state in ``state/``)."""
+    (``FLWR_HOME``, ``site.log``, its privacy state in ``state/``, initialised first)."""
     procs = []
     for name, data in sites:
+        init_state(root / name / "state", new_site=True)
         args = join_args(port, certs, name, data, root / name / "state")
         procs.append(
             start_process(args, root / name / "site.log", {**env, "FLWR_HOME": str(root / name)}, root)

@@ -51,6 +51,25 @@ def test_each_site_mounts_only_its_own_shard_and_key_read_only():
         assert "--allow-no-dp" not in flags
 
 
+def test_each_site_starts_only_after_init_on_its_own_state_and_high_water_volumes():
+    services = _compose()["services"]
+    for name in ("site-1", "site-2", "site-3"):
+        init = services[f"init-{name}"]
+        assert init["entrypoint"] == ["python", "-m", "clients.site", "init"]
+        assert "--state-dir=/state" in init["command"]
+        assert services[name]["depends_on"][f"init-{name}"] == {"condition": "service_completed_successfully"}
+        assert "register" in services[name]["depends_on"]
+        mounts = {f"{name}-state:/state", f"{name}-high-water:/high-water"}
+        assert mounts <= set(init["volumes"]) and mounts <= set(services[name]["volumes"])
+    assert {f"site-{i}-high-water" for i in (1, 2, 3)} <= set(_compose()["volumes"])
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.parent.name)
+def test_images_declare_no_anonymous_volume(dockerfile):
+    # an anonymous VOLUME gives a new container a fresh, empty state: books reset without a word
+    assert not re.search(r"^\s*VOLUME\b", dockerfile.read_text(), re.M | re.I)
+
+
 def test_superlink_uses_tls_auth_and_named_volumes():
     config = _compose()
     link = config["services"]["superlink"]

@@ -12,6 +12,7 @@ from fedllm.config import Settings
 from fedllm.data import load_splits, tokenize
 from fedllm.ledger import PrivacyLedger
 from fedllm.shards import write_shards
+from fedllm.site_state import open_state
 from fedllm.train import evaluate
 from simulations.superlink import FlowerCLI, free_port, start_superlink
 
@@ -67,4 +68,7 @@ def test_superlink_three_supernodes_two_rounds(tiny_checkpoint, tmp_path):
         ledger = PrivacyLedger(tmp_path / f"site-{i}" / "state" / "privacy_ledger.json")
         spent = ledger.runs[outcome.run_id]
         assert sum(h[2] for h in spent["history"]) == 4  # 2 rounds x 2 steps
+        # the high-water mark outside the state folder saw that spend (raised after each round)
+        mark = json.loads(open_state(ledger.path.parent).mark.read_text())
+        assert mark["runs"][outcome.run_id] == 4
         assert spent["epsilon"] in [s["epsilon"] for s in rows[2]["sites"].values()]

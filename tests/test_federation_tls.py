@@ -21,6 +21,7 @@ from fedllm.shards import write_shards
 from server.credentials import make_ca_and_server, make_site_key
 from simulations.superlink import FlowerCLI, free_port, start_process, start_superlink, stop_process
 
+from .conftest import init_site
 from .processes import join_args, join_sites, stop_all
 
 pytestmark = pytest.mark.slow
@@ -68,6 +69,7 @@ def test_tls_auth_federation_refuses_unregistered_key_and_composes_two_runs(
         # site-5 is refused activation, retries once (the rejoin loop after a crash), then explains;
         # its 15 s wait overlaps the first run
         probe_log = tmp_path / "site-5" / "site.log"
+        init_site(tmp_path / "site-5" / "state")
         args = join_args(
             port, certs, "site-5", shards[0], tmp_path / "site-5" / "state", activation_retries=1
         )

@@ -24,6 +24,8 @@ from fedllm.ledger import (
 )
 from fedllm.privacy import epsilon_for
 
+from .conftest import init_site
+
 ROOT = Path(__file__).resolve().parents[1]
 RDP = {"delta": 1e-5, "accountant": "rdp", "target_epsilon": 8.0, "noise_multiplier": 1.0}
 ONE_STEP = [[1.0, 0.01, 1]]
@@ -132,7 +134,7 @@ CORRUPTIONS: dict[str, Callable[[dict], object]] = {
 
 @pytest.fixture
 def spent(tmp_path) -> PrivacyLedger:
-    ledger = PrivacyLedger(tmp_path / "privacy_ledger.json")
+    ledger = PrivacyLedger(Path(init_site(tmp_path / "state")) / "privacy_ledger.json")
     history = [[1.0, 0.01, 100]]
     ledger.record("1", history, RDP, epsilon_for(history, 1e-5, "rdp"), round=1)
     return ledger
@@ -235,7 +237,7 @@ def _spend(state_dir: Path) -> subprocess.CompletedProcess:
 
 
 def test_spend_states_the_lifetime_guarantee_and_each_run(tmp_path):
-    ledger = PrivacyLedger(tmp_path / "privacy_ledger.json")
+    ledger = PrivacyLedger(Path(init_site(tmp_path / "state")) / "privacy_ledger.json")
     plan = {**RDP, "accountant": "prv"}
     own = {key: epsilon_for(history, 1e-5, "prv") for key, history in RUNS.items()}
     for key, history in RUNS.items():
@@ -243,7 +245,7 @@ def test_spend_states_the_lifetime_guarantee_and_each_run(tmp_path):
     lifetime = epsilon_for([h for history in RUNS.values() for h in history], 1e-5, "prv")
     assert lifetime > max(own.values())
 
-    done = _spend(tmp_path)
+    done = _spend(ledger.path.parent)
     assert done.returncode == 0, done.stderr
     out = done.stdout
     printed = re.search(r"protected by \(ε = ([0-9.]+), δ = 1e-05\)", out)

@@ -34,7 +34,7 @@ from server.runlog import RunLog
 from server.strategy import AdapterFedAvg
 from simulations.superlink import FlowerCLI, descendants, free_port, is_alive, run_config_arg, start_superlink
 
-from .conftest import LABELS
+from .conftest import LABELS, init_site
 from .processes import start_supernodes, stop_all, wait_until
 from .replies import ScriptedGrid, as_dict, dp_metrics, global_adapter, honest, reply, server_identity  # noqa: F401
 
@@ -71,7 +71,7 @@ def test_a_round_asked_again_with_the_same_global_is_answered_from_the_kept_repl
 ):
     data = tmp_path / "site.csv"
     frame.to_csv(data, index=False)
-    site = {"data-file": str(data), "state-dir": str(tmp_path / "state")}
+    site = {"data-file": str(data), "state-dir": init_site(tmp_path / "state")}
     ledger = PrivacyLedger(tmp_path / "state" / "privacy_ledger.json")
     arrays = _global(run_config)
 
@@ -103,7 +103,7 @@ def test_two_messages_of_one_run_key_at_once_train_the_round_once(tmp_path, fram
     # a dead run's last message, delivered after the SuperLink restarts, and the resumed run's
     data = tmp_path / "site.csv"
     frame.to_csv(data, index=False)
-    site = {"data-file": str(data), "state-dir": str(tmp_path / "state")}
+    site = {"data-file": str(data), "state-dir": init_site(tmp_path / "state")}
     arrays = _global(run_config)
     contexts = [
         Context(run_id=i, node_id=7, node_config=site, state=RecordDict(), run_config=run_config)
@@ -120,7 +120,7 @@ def test_two_messages_of_one_run_key_at_once_train_the_round_once(tmp_path, fram
 def test_a_bad_run_key_is_refused_before_any_step(tmp_path, frame, run_config):
     data = tmp_path / "site.csv"
     frame.to_csv(data, index=False)
-    site = {"data-file": str(data), "state-dir": str(tmp_path / "state")}
+    site = {"data-file": str(data), "state-dir": init_site(tmp_path / "state")}
     ctx = Context(run_id=1, node_id=7, node_config=site, state=RecordDict(), run_config=run_config)
     reply = _train(_global(run_config), ctx, 1, "../../etc/passwd")
     assert reply.has_error() and reply.error.reason == "site-ledger-error"

@@ -17,20 +17,21 @@ from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 from clients.app import app
 from clients.books import STATE_KEY
 from clients.policy import DP_REPLY_KEYS
+from clients.site import main as site_main
 from fedllm.adapters import adapter_to_record
 from fedllm.config import settings_from
 from fedllm.ledger import PrivacyLedger, total_steps
 from fedllm.model import build_model
 from fedllm.privacy import count_entry
 
-from .conftest import LABELS
+from .conftest import LABELS, init_site
 
 
 @pytest.fixture
 def site(tmp_path, frame):
     data = tmp_path / "ward-7-private.csv"
     frame.to_csv(data, index=False)
-    return {"data-file": str(data), "state-dir": str(tmp_path / "state")}
+    return {"data-file": str(data), "state-dir": init_site(tmp_path / "state")}
 
 
 @pytest.fixture
@@ -104,7 +105,7 @@ def test_lifetime_budget_is_composed_across_runs_and_a_refused_run_takes_no_step
     assert set(runs) == {"1", "2", "3"} and total_steps(runs["2"]) == 1 + 2
 
 
-def test_a_run_without_dp_is_refused_unless_the_site_opts_out(site, run_config):
+def test_a_run_without_dp_is_refused_unless_the_site_opts_out(site, run_config, capsys):
     no_dp = {**run_config, "target-epsilon": float("inf")}
     # the run config cannot speak for a real site: virtual-site keys are ignored there
     refused = _ask(site, {**no_dp, "sim-site-allow-no-dp": True})
@@ -112,6 +113,15 @@ def test_a_run_without_dp_is_refused_unless_the_site_opts_out(site, run_config):
     assert not _ledger_path(site).exists()
     allowed = _ask({**site, "allow-no-dp": True}, no_dp)
     assert not allowed.has_error(), allowed.error
+    # the release is on the books as epsilon = infinity, and spend says so plainly
+    assert PrivacyLedger(_ledger_path(site)).runs == {
+        "1#no-dp": {"kind": "no-dp", "count": 1, "history": [], "round": 1}
+    }
+    with pytest.raises(SystemExit) as code:
+        site_main(["spend", "--state-dir", site["state-dir"]])
+    out = capsys.readouterr().out
+    assert code.value.code == 0 and "lifetime ε = ∞" in out, out
+    assert ("1", "no-dp", "1", "inf") in {tuple(line.split()) for line in out.splitlines()}
 
 
 def test_a_delta_above_the_site_cap_is_refused(site, run_config):
@@ -146,9 +156,13 @@ def test_under_dp_the_reply_holds_only_the_dp_keys_unless_the_site_opts_in(site,
 def test_evaluation_on_local_data_is_refused_unless_the_site_opts_in(site, run_config):
     refused = _ask(site, run_config, kind="evaluate")
     assert refused.has_error() and refused.error.reason == "site-refused-evaluation"
-    scored = _ask({**site, "release-evaluation": True}, run_config, kind="evaluate")
-    assert not scored.has_error(), scored.error
-    assert scored.content["metrics"]["num-examples"] > 0
+    assert not _ledger_path(site).exists(), "a refused evaluation releases nothing and books nothing"
+    for answers in (1, 2):
+        scored = _ask({**site, "release-evaluation": True}, run_config, kind="evaluate")
+        assert not scored.has_error(), scored.error
+        assert scored.content["metrics"]["num-examples"] > 0
+        # every answer is booked as a release of this run (its count grows)
+        assert PrivacyLedger(_ledger_path(site)).runs["1#evaluation"]["count"] == answers
 
 
 def test_failure_text_at_the_server_holds_no_path_or_column_name(tmp_path, site, run_config, frame):
