@@ -338,8 +338,10 @@ def report(out: Path, rows: list[dict], config: dict, wall: float | None = None)
         writer = csv.DictWriter(fh, fieldnames=COLUMNS, restval=math.nan)
         writer.writeheader()
         writer.writerows(rows)
+    gradient = max((int(r.get("gradient_canaries", 0)) for r in rows), default=0)
     title = (
-        f"{config['dataset']} · {config['sites']} sites · {config['partitioning']} · m = {config['canaries']}"
+        f"{config['dataset']} · {config['sites']} sites · {config['partitioning']} · "
+        f"{gradient} gradient + {config['canaries']} text canaries"
     )
     plot_audit(rows, out / "audit.png", title)
     head = [
