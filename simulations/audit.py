@@ -5,10 +5,11 @@
 
 For each ε (and seed) one in-process federation (``simulations.inprocess``: the library's own
 sites, training loop, DP plans and FedAvg) trains once with m canaries, each inserted at a random
-site with probability ½ (``fedllm.canaries``). Then: the canary lower bound on ε at the stated
-confidence (Steinke, Nasr, Jagielski 2023) from the white-box score (pre-registered; the
-black-box score's bound is reported beside it), and membership inference on the real records
-(members: the sites' training rows; non-members: their local test rows): the loss-threshold
+site with probability ½ (``fedllm.canaries``), and gradient canaries inserted in the clipped
+gradient sums (``fedllm.gradient_canaries``). Then: lower bounds on ε at the stated confidence
+(Steinke, Nasr, Jagielski 2023) from the gradient canaries (pre-registered, the design with
+power) and from the text canaries' white-box and black-box scores, and membership inference on
+the real records (members: the sites' training rows; non-members: their local test rows): the loss-threshold
 attack on the final model and the white-box update-alignment attack. ε = ∞ trains the same
 trainable, optimizer, lr and q with DP-SGD's sampling and clipping but no noise, so the ε axis
 changes only the noise. Each finished point is saved under ``<out>/points/`` (scores included)
