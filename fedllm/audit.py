@@ -191,3 +191,50 @@ def membership_inference(
         "members": len(members),
         "nonmembers": len(others),
     }
+
+
+# ---------------------------------------------------------------- what a bound can reach
+
+
+def correct_needed(
+    m: int, r: int, epsilon: float, delta: float = 0.0, confidence: float = 0.95
+) -> int | None:
+    """The fewest correct guesses of r (m canaries) whose lower bound exceeds ``epsilon``, i.e.
+    that refute (ε, δ)-DP at ``confidence``; None when even r of r do not."""
+    beta = 1.0 - confidence
+    if p_value(m, r, r, epsilon, delta) > beta:
+        return None
+    low, high = 0, r  # p_value falls as v grows: p(low) > beta >= p(high)
+    if p_value(m, r, 0, epsilon, delta) <= beta:
+        return 0
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if p_value(m, r, middle, epsilon, delta) <= beta else (middle, high)
+    return high
+
+
+def canaries_to_refute(
+    epsilon: float, delta: float = 0.0, confidence: float = 0.95, limit: int = 10**6
+) -> int | None:
+    """The fewest canaries m that refute (ε, δ)-DP when all m are guessed and every guess is
+    right; None when no m up to ``limit`` does.
+
+    Fewer canaries cannot refute ε in one run at ``confidence``, however good the attack. With
+    δ > 0 the reachable bound rises with m and then falls (the δ term grows with m), so ε near
+    log(β / δ) is out of reach at any m. Found by doubling, then bisection below the first m
+    that refutes.
+    """
+
+    def refutes(m: int) -> bool:
+        return correct_needed(m, m, epsilon, delta, confidence) is not None
+
+    high = 1
+    while not refutes(high):
+        high *= 2
+        if high > limit:
+            return None
+    low = high // 2  # does not refute (or is 0)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if refutes(middle) else (middle, high)
+    return high

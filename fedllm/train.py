@@ -174,6 +174,17 @@ class _StepWatch:
         self._handle.remove()
 
 
+def _call_before_noise(optimizer: torch.optim.Optimizer, hook: Callable[[list], None]) -> None:
+    """Make the DP optimizer call ``hook(params)`` on the clipped sums right before its noise."""
+    add_noise = optimizer.add_noise
+
+    def wrapped() -> None:
+        hook(list(optimizer.params))
+        add_noise()
+
+    optimizer.add_noise = wrapped
+
+
 def train_local(
     model: nn.Module,
     dataset: TensorDataset,
@@ -185,6 +196,7 @@ def train_local(
     progress: bool = False,
     seed_offset: int = 0,
     round_of: tuple[int, int] = (1, 1),
+    before_noise: Callable[[list[torch.nn.Parameter]], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``dataset`` for ``settings.epochs`` (or ``max_steps``) logical steps.
 
@@ -199,6 +211,9 @@ def train_local(
     training in the federated learning-rate schedule (``lr_schedule``). 'auto' settings are
     resolved first (``Settings.resolved``); with ``trainable = "head"`` the head trains on the
     frozen encoder's cached pooled features (``fedllm.features``), the same model in seconds.
+    ``before_noise`` (under a plan; audits only): called at every step with the DP optimizer's
+    parameters when each ``p.summed_grad`` holds the step's clipped gradient sum, before the
+    noise is added (``fedllm.gradient_canaries`` adds its canaries there).
     """
     settings = settings.resolved()
     device = next(model.parameters()).device
@@ -233,6 +248,8 @@ def train_local(
     else:
         private = attach(model, optimizer, loader, settings, plan, history, _ExampleLoss(weight=weight))
         net, optimizer, criterion = private.model, private.optimizer, private.criterion
+        if before_noise is not None:
+            _call_before_noise(optimizer, before_noise)
         batches = partial(_private_batches, private.batches)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(settings, steps_goal, *round_of))
     net.train()

@@ -5,10 +5,11 @@
 
 For each ε (and seed) one in-process federation (``simulations.inprocess``: the library's own
 sites, training loop, DP plans and FedAvg) trains once with m canaries, each inserted at a random
-site with probability ½ (``fedllm.canaries``). Then: the canary lower bound on ε at the stated
-confidence (Steinke, Nasr, Jagielski 2023) from the white-box score (pre-registered; the
-black-box score's bound is reported beside it), and membership inference on the real records
-(members: the sites' training rows; non-members: their local test rows): the loss-threshold
+site with probability ½ (``fedllm.canaries``), and gradient canaries inserted in the clipped
+gradient sums (``fedllm.gradient_canaries``). Then: lower bounds on ε at the stated confidence
+(Steinke, Nasr, Jagielski 2023) from the gradient canaries (pre-registered, the design with
+power) and from the text canaries' white-box and black-box scores, and membership inference on
+the real records (members: the sites' training rows; non-members: their local test rows): the loss-threshold
 attack on the final model and the white-box update-alignment attack. ε = ∞ trains the same
 trainable, optimizer, lr and q with DP-SGD's sampling and clipping but no noise, so the ε axis
 changes only the noise. Each finished point is saved under ``<out>/points/`` (scores included)
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 from torch.utils.data import TensorDataset
+from transformers import AutoConfig
 
 from fedllm.audit import audit_from_scores, membership_inference
 from fedllm.audit_scores import (
@@ -47,7 +49,8 @@ from fedllm.canaries import CANARY_KINDS, draw_canaries, vocabulary_words
 from fedllm.config import Settings, settings_from
 from fedllm.data import load_splits
 from fedllm.features import pooled_features
-from fedllm.model import load_tokenizer
+from fedllm.gradient_canaries import CanaryInserter, draw_gradient_canaries, gradient_canary_scores
+from fedllm.model import load_tokenizer, resolve_model_path
 from simulations.inprocess import federate
 from simulations.run import PRESETS
 from simulations.sweep import eps_label
@@ -66,12 +69,15 @@ DEFAULTS: dict = {
     "canary-label": "",
     "canary-length": 32,
     "confidence": 0.95,
+    "gradient-canaries": -1,
 }
 EXTENDABLE = {"epsilons", "seeds", "out"}  # a resumed audit may add points, not change them
 SET_BY_AUDIT = {"target-epsilon", "noise-multiplier", "seed"}
 COLUMNS = [
-    "target_epsilon", "seed", "accounted_epsilon", "delta", "accuracy", "canaries", "inserted",
-    "epsilon_lb", "guesses", "correct", "epsilon_lb_blackbox", "canary_auc_whitebox",
+    "target_epsilon", "seed", "accounted_epsilon", "delta", "accuracy", "gradient_canaries",
+    "gradient_inserted", "epsilon_lb_gradient", "gradient_guesses", "gradient_correct",
+    "canary_auc_gradient", "canaries", "inserted", "epsilon_lb", "guesses", "correct",
+    "epsilon_lb_blackbox", "canary_auc_whitebox",
     "canary_auc_blackbox", "mia_auc", "mia_auc_low", "mia_auc_high", "mia_tpr_at_1pct_fpr",
     "mia_tpr_at_0.1pct_fpr", "mia_whitebox_auc", "mia_whitebox_auc_low", "mia_whitebox_auc_high",
     "mia_whitebox_tpr_at_1pct_fpr", "mia_whitebox_tpr_at_0.1pct_fpr", "trainable", "wall_seconds",
@@ -110,6 +116,8 @@ def check_config(config: dict, saved: Path) -> None:
         raise SystemExit(f"--canary-kind {config['canary-kind']!r}: use one of {CANARY_KINDS}")
     if config["canaries"] < 2 or not 0 < config["confidence"] < 1:
         raise SystemExit("--canaries must be >= 2 and --confidence in (0, 1)")
+    if config["gradient-canaries"] < -1 or config["gradient-canaries"] == 1:
+        raise SystemExit("--gradient-canaries: -1 (one per site and feature), 0 (none) or >= 2")
     keep_or_refuse(config, saved, EXTENDABLE, "an audit")
 
 
@@ -123,6 +131,37 @@ def point_settings(config: dict, epsilon: float, seed: int) -> Settings:
 
 def _stack(datasets: list[TensorDataset]) -> TensorDataset:
     return TensorDataset(*(torch.cat(parts) for parts in zip(*(d.tensors for d in datasets), strict=True)))
+
+
+def gradient_canaries_for(config: dict, settings: Settings, seed: int):
+    """The point's gradient canaries (``--gradient-canaries``; -1: every clean direction, one
+    per site and feature of the head) and their inserter; (None, None) when there are none."""
+    width = AutoConfig.from_pretrained(resolve_model_path(settings.model)).hidden_size
+    sites, wanted = int(config["sites"]), int(config["gradient-canaries"])
+    m = sites * width if wanted < 0 else wanted
+    if m == 0:
+        return None, None
+    if settings.trainable != "head":
+        raise SystemExit("--gradient-canaries: the head only (trainable=head); use 0 with another trainable")
+    canaries = draw_gradient_canaries(m, sites, width, seed)
+    return canaries, CanaryInserter(canaries, settings.max_grad_norm)
+
+
+def gradient_row(canaries, log: UpdateLog, delta: float, confidence: float) -> tuple[dict, dict]:
+    """The gradient canaries' bound and AUC (row entries) and their audit (saved with the point)."""
+    if canaries is None:
+        return {"gradient_canaries": 0, "epsilon_lb_gradient": math.nan}, {}
+    scores = gradient_canary_scores(log, canaries)
+    audit = audit_from_scores(scores, canaries.included, delta, confidence)
+    row = {
+        "gradient_canaries": len(canaries),
+        "gradient_inserted": int(canaries.included.sum()),
+        "epsilon_lb_gradient": audit.epsilon,
+        "gradient_guesses": audit.r,
+        "gradient_correct": audit.v,
+        "canary_auc_gradient": float(roc_auc_score(canaries.included, scores)),
+    }
+    return row, {**audit.to_dict(), "scores": scores.tolist(), "included": canaries.included.tolist()}
 
 
 def audit_point(config: dict, epsilon: float, seed: int) -> dict:
@@ -145,6 +184,7 @@ def audit_point(config: dict, epsilon: float, seed: int) -> dict:
         length=int(config["canary-length"]),
     )
     log = UpdateLog()
+    gradient, inserter = gradient_canaries_for(config, settings, seed)
     scheme = {
         "scheme": config["partitioning"],
         "alpha": config["dirichlet-alpha"],
@@ -160,6 +200,7 @@ def audit_point(config: dict, epsilon: float, seed: int) -> dict:
         noise_free=not math.isfinite(epsilon),
         exclude_from_test=canaries.texts if kind == "mislabeled" else (),
         progress=lambda line: print(f"  [{name}] {line}", flush=True),
+        before_noise=inserter,
     )
     head = fed.settings.trainable == "head"
     canary_data = fed.tokenized(canaries.frame())
@@ -191,6 +232,7 @@ def audit_point(config: dict, epsilon: float, seed: int) -> dict:
     delta, confidence = max(fed.deltas), float(config["confidence"])
     primary = audit_from_scores(white, canaries.included, delta, confidence)
     secondary = audit_from_scores(black, canaries.included, delta, confidence)
+    gradient_entries, gradient_audit = gradient_row(gradient, log, delta, confidence)
     counts = ("members", "nonmembers")
     row = {
         "target_epsilon": epsilon,
@@ -198,6 +240,7 @@ def audit_point(config: dict, epsilon: float, seed: int) -> dict:
         "accounted_epsilon": max(fed.epsilons),
         "delta": delta,
         "accuracy": fed.scores["accuracy"],
+        **gradient_entries,
         "canaries": len(canaries),
         "inserted": int(canaries.included.sum()),
         "epsilon_lb": primary.epsilon,
@@ -215,6 +258,7 @@ def audit_point(config: dict, epsilon: float, seed: int) -> dict:
         "row": row,
         "whitebox": primary.to_dict(),
         "blackbox": secondary.to_dict(),
+        "gradient": gradient_audit,
         "mia": mia_loss,
         "mia_whitebox": mia_white,
         "canaries": {**canaries.frame().to_dict(orient="list"), "seed": seed, "kind": kind},
@@ -227,8 +271,8 @@ def violations(rows: list[dict]) -> list[str]:
     bad = []
     for r in rows:
         if math.isfinite(r["target_epsilon"]):
-            for key in ("epsilon_lb", "epsilon_lb_blackbox"):
-                if r[key] > r["accounted_epsilon"]:
+            for key in ("epsilon_lb_gradient", "epsilon_lb", "epsilon_lb_blackbox"):
+                if r.get(key, math.nan) > r["accounted_epsilon"]:
                     bad.append(
                         f"eps {eps_label(r['target_epsilon'])} seed {r['seed']}: {key} {r[key]:.3f} > "
                         f"accounted epsilon {r['accounted_epsilon']:.3f}"
@@ -250,11 +294,13 @@ def plot_audit(rows: list[dict], path: Path, title: str) -> Path:
         return [r["accounted_epsilon"] if math.isfinite(r["accounted_epsilon"]) else at_inf for r in group]
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
-    for key, label in (("epsilon_lb", "white-box (pre-registered)"), ("epsilon_lb_blackbox", "black-box")):
-        left.plot(xs(rows), [r[key] for r in rows], "o", label=f"audited lower bound, {label}")
+    bounds = ("epsilon_lb_gradient", "epsilon_lb", "epsilon_lb_blackbox")
+    names = ("gradient canaries (pre-registered)", "text canaries, white-box", "text canaries, black-box")
+    for key, label in zip(bounds, names, strict=True):
+        left.plot(xs(rows), [r.get(key, math.nan) for r in rows], "o", label=f"audited lower bound, {label}")
     if finite:
         left.plot([0, max(finite)], [0, max(finite)], "k--", label="accountant's ε (upper bound)")
-    top = max([*finite, *(r[k] for r in rows for k in ("epsilon_lb", "epsilon_lb_blackbox")), 1.0])
+    top = max([*finite, *(r.get(k, 0.0) for r in rows for k in bounds), 1.0])
     left.set_ylim(0, 1.1 * top)
     left.set_ylabel("ε lower bound (95% confidence)")
     for key, label in (("mia", "loss threshold"), ("mia_whitebox", "white-box update alignment")):
@@ -293,12 +339,15 @@ def report(out: Path, rows: list[dict], config: dict, wall: float | None = None)
         writer = csv.DictWriter(fh, fieldnames=COLUMNS, restval=math.nan)
         writer.writeheader()
         writer.writerows(rows)
+    gradient = max((int(r.get("gradient_canaries", 0)) for r in rows), default=0)
     title = (
-        f"{config['dataset']} · {config['sites']} sites · {config['partitioning']} · m = {config['canaries']}"
+        f"{config['dataset']} · {config['sites']} sites · {config['partitioning']} · "
+        f"{gradient} gradient + {config['canaries']} text canaries"
     )
     plot_audit(rows, out / "audit.png", title)
     head = [
-        "target ε", "seed", "accounted ε", "ε lower bound (white-box)", "correct / guesses",
+        "target ε", "seed", "accounted ε", "ε lower bound (gradient canaries)", "correct / guesses",
+        "canary AUC (gradient)", "ε lower bound (text, white-box)", "correct / guesses",
         "ε lower bound (black-box)", "canary AUC white / black", "MIA AUC (loss) [95% CI]",
         "MIA TPR @1% / 0.1% FPR", "MIA AUC (white-box) [95% CI]", "accuracy", "s",
     ]  # fmt: skip
@@ -306,7 +355,10 @@ def report(out: Path, rows: list[dict], config: dict, wall: float | None = None)
     for r in rows:
         g = r.get
         cells = [
-            _cell(r["target_epsilon"]), r["seed"], _cell(r["accounted_epsilon"]), _cell(r["epsilon_lb"]),
+            _cell(r["target_epsilon"]), r["seed"], _cell(r["accounted_epsilon"]),
+            _cell(g("epsilon_lb_gradient", math.nan)),
+            f"{g('gradient_correct', '-')} / {g('gradient_guesses', '-')}",
+            _cell(g("canary_auc_gradient", math.nan)), _cell(r["epsilon_lb"]),
             f"{r['correct']} / {r['guesses']}", _cell(r["epsilon_lb_blackbox"]),
             f"{_cell(r['canary_auc_whitebox'])} / {_cell(r['canary_auc_blackbox'])}",
             f"{_cell(r['mia_auc'])} [{_cell(r['mia_auc_low'])}, {_cell(r['mia_auc_high'])}]",
@@ -367,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(r)
         print(
             f"done eps {eps_label(epsilon)} seed {seed}: accounted ε {_cell(r['accounted_epsilon'])}, "
-            f"lower bound {r['epsilon_lb']:.2f} (black-box {r['epsilon_lb_blackbox']:.2f}), "
+            f"lower bound {r.get('epsilon_lb_gradient', math.nan):.2f} gradient canaries, "
+            f"{r['epsilon_lb']:.2f} text white-box, {r['epsilon_lb_blackbox']:.2f} black-box, "
             f"MIA AUC {r['mia_auc']:.3f} (white-box {r.get('mia_whitebox_auc', math.nan):.3f}), "
             f"accuracy {r['accuracy']:.3f}, {r['wall_seconds']:.0f} s",
             flush=True,

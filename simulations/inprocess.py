@@ -90,6 +90,15 @@ def _load(model: nn.Module, state: State) -> None:
     set_adapter_arrays(model, {k: v.numpy() for k, v in state.items()})
 
 
+def _site_hook(
+    hook: Callable[[int, PrivacyPlan, list[nn.Parameter]], None] | None, site: int, plan: PrivacyPlan | None
+) -> Callable[[list[nn.Parameter]], None] | None:
+    """``hook`` bound to one site and its plan (None without a hook or without DP-SGD)."""
+    if hook is None or plan is None:
+        return None
+    return lambda params: hook(site, plan, params)
+
+
 def federate(
     settings: Settings,
     num_sites: int,
@@ -103,6 +112,7 @@ def federate(
     bert_config: BertConfig | None = None,
     progress: Callable[[str], None] | None = None,
     training_sites: int = 0,
+    before_noise: Callable[[int, PrivacyPlan, list[nn.Parameter]], None] | None = None,
 ) -> Federation:
     """Train one federation: every site every round, FedAvg, the server's scores at the end.
 
@@ -114,7 +124,8 @@ def federate(
     records an audit reuses with other labels). ``bert_config``: a (tiny, test) BERT instead of
     the checkpoint. ``progress`` receives one line per finished round. ``training_sites``: only
     the first this many sites train (0 = all); with ``iid`` partitioning and 1, a centralized run
-    at one site's data size.
+    at one site's data size. ``before_noise(site, plan, params)``: ``train_local``'s hook on
+    the clipped gradient sums before the noise, under DP or ``noise_free`` (e.g. gradient canaries).
     """
     settings = settings.resolved()
     splits = load_splits(settings)
@@ -154,6 +165,7 @@ def federate(
                 history=histories[i],
                 seed_offset=server_round,
                 round_of=(server_round, rounds),
+                before_noise=_site_hook(before_noise, i, plan),
             )
             histories[i], epsilons[i] = result.history, result.epsilon
             state = _copy(adapter_state(model))

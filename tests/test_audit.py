@@ -249,6 +249,7 @@ def test_soundness_violations_and_resume_refusal(tmp_path):
             "accounted_epsilon": 7.99,
             "epsilon_lb": 0.4,
             "epsilon_lb_blackbox": 0.1,
+            "epsilon_lb_gradient": 8.5,
         },
         {
             "target_epsilon": math.inf,
@@ -259,7 +260,8 @@ def test_soundness_violations_and_resume_refusal(tmp_path):
         },
     ]
     bad = violations(rows)
-    assert len(bad) == 1 and "eps 1 seed 0: epsilon_lb 1.200 > accounted epsilon 0.990" in bad[0]
+    assert len(bad) == 2 and "eps 1 seed 0: epsilon_lb 1.200 > accounted epsilon 0.990" in bad[0]
+    assert "eps 8 seed 0: epsilon_lb_gradient 8.500 > accounted epsilon 7.990" in bad[1]
     saved = tmp_path / "audit-config.json"
     check_config(parse_args(["--canaries", "50"]), saved)
     check_config(parse_args(["--canaries", "50", "--epsilons", "8"]), saved)  # more points: fine
