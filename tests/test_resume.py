@@ -322,7 +322,7 @@ def test_a_run_key_whose_plan_is_spent_adds_no_step_the_lifetime_check_did_not_c
     # steps, another round's steps are composed too, and refused above the site's cap
     data = tmp_path / "site.csv"
     frame.to_csv(data, index=False)
-    site = {"data-file": str(data), "state-dir": str(tmp_path / "state"), "max-epsilon": 7.5}
+    site = {"data-file": str(data), "state-dir": init_site(tmp_path / "state"), "max-epsilon": 7.5}
     config = {**run_config, "target-epsilon": 7.0}
     ledger = PrivacyLedger(tmp_path / "state" / "privacy_ledger.json")
 
