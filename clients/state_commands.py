@@ -91,6 +91,9 @@ def spend(args: argparse.Namespace) -> int:
         header = ("run", "epsilon", "target", "delta", "steps", "round", "data")
         print("\nper run (epsilon of that run alone, recomputed from its history at its own delta):")
         print("\n".join(_table([header, *(_run_row(k, r) for k, r in sorted(runs.items()))])))
+    if reserved := _reservations(runs):
+        print("\nreserved against the cap (runs started, not finished; an abandoned one: `release`):")
+        print("\n".join(reserved))
     releases = [(k.rsplit("#", 1)[0], e) for k, e in sorted(entries.items()) if is_release(e)]
     if releases:
         rows = [("run", "release", "count", "epsilon")]
@@ -100,8 +103,29 @@ def spend(args: argparse.Namespace) -> int:
     return 0
 
 
+def release(args: argparse.Namespace) -> int:
+    """Release an abandoned run's reservation (``PrivacyLedger.release_reservation``)."""
+    state = open_state(Path(args.state_dir).absolute(), args.high_water_dir)
+    check_high_water(state)
+    steps = state.ledger.release_reservation(args.run)
+    print(
+        f"run {args.run}: released the reservation of {steps} planned steps it had not taken; "
+        "what it spent stays booked (a resumed run reserves again or is refused)"
+    )
+    return 0
+
+
+def _reservations(runs: dict) -> list[str]:
+    """One line per run holding a reservation (a started run's plan still to come)."""
+    return [
+        f"{key}: {sum(int(h[2]) for h in run['reserved'])} planned steps not yet taken"
+        for key, run in sorted(runs.items())
+        if run.get("reserved")
+    ]
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    """The ``init``, ``rebase`` and ``spend`` subcommands."""
+    """The ``init``, ``rebase``, ``release`` and ``spend`` subcommands."""
     i = sub.add_parser("init", help="create this site's state folder (once, before the first join)")
     i.add_argument("--state-dir", required=True, help="the site's state folder (made absolute)")
     _high_water_flag(i)
@@ -113,6 +137,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("rebase", help="operator override: accept the ledger as it is (forgets lost spend)")
     r.add_argument("--state-dir", required=True)
     _high_water_flag(r)
+    rel = sub.add_parser("release", help="release an abandoned run's reservation of its unspent plan")
+    rel.add_argument("--state-dir", required=True)
+    rel.add_argument("--run", required=True, help="the run key `spend` lists")
+    _high_water_flag(rel)
     s = sub.add_parser("spend", help="print this site's privacy spend and every release")
     s.add_argument("--state-dir", required=True)
     _high_water_flag(s)
@@ -142,4 +170,4 @@ def parse_delta(text: str) -> float:
     return value
 
 
-COMMANDS = {"init": init, "rebase": rebase, "spend": spend}
+COMMANDS = {"init": init, "rebase": rebase, "release": release, "spend": spend}

@@ -359,6 +359,23 @@ class PrivacyLedger:
             self._write_runs(runs)
         return count
 
+    def release_reservation(self, run_key: str) -> int:
+        """Drop run ``run_key``'s reservation (its plan's steps not yet taken); the steps released.
+
+        For a run the server abandoned: its reservation otherwise counts against the lifetime cap
+        forever. Sound at any time: what the run spent stays booked, and if it comes back its next
+        round's lifetime check reserves the rest again (or refuses it). ``LedgerError`` for an
+        unknown run key.
+        """
+        with self.budget_lock(), self._locked(fcntl.LOCK_EX):
+            runs = self._load()
+            if run_key not in runs or is_release(runs[run_key]):
+                raise _fault(self.path, f"holds no run {run_key!r}", "name a run that `spend` lists")
+            released = sum(int(h[2]) for h in runs[run_key].get("reserved", []))
+            runs[run_key] = {**runs[run_key], "reserved": []}
+            self._write_runs(runs)
+        return released
+
     def _write_runs(self, runs: Mapping[str, dict]) -> None:
         """Ledger and backup, each durably, then the folder; the caller holds the exclusive lock."""
         data = json.dumps({"version": VERSION, "runs": dict(runs)}, indent=1).encode("utf-8")

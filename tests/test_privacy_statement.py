@@ -22,6 +22,7 @@ from scipy.stats import norm
 
 import clients.app
 from clients.policy import SitePolicy
+from clients.site import main as site_main
 from fedllm.adapters import adapter_to_record
 from fedllm.config import Settings, settings_from
 from fedllm.data import tokenize
@@ -241,3 +242,22 @@ def test_the_site_sends_its_dp_count_never_its_n(site, run_config, frame, monkey
     assert reply.content["metrics"]["num-examples"] == run["public-n"] == n + 7
     assert reply.content["metrics"]["delta"] == 1e-5  # a public constant, not 1/(10 n)
     assert run["history"][0] == count_entry(20.0)
+
+
+def test_an_abandoned_runs_reservation_is_released_by_the_operator(site, run_config, capsys):
+    six = {**run_config, "target-epsilon": 6.0}
+    msg = _message(six)
+    msg.content["config"]["num-rounds"] = 3
+    assert not clients.app.app(msg, _context(site, six, run_id=1)).has_error()
+    assert _ask(site, six, run_id=2).error.reason == "site-refused-lifetime-budget"
+    # run 1 never comes back: the operator releases what it had reserved
+    capsys.readouterr()
+    for command in (["spend"], ["release", "--run", "1"]):
+        with pytest.raises(SystemExit) as done:
+            site_main([*command, "--state-dir", site["state-dir"]])
+        assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "1: 4 planned steps not yet taken" in out and "released the reservation of 4 planned steps" in out
+    run = _ledger(site).runs["1"]
+    assert run["reserved"] == [] and total_steps(run) == 1 + 2  # what it spent stays booked
+    assert not _ask(site, six, run_id=3).has_error()
