@@ -28,8 +28,8 @@ from flwr.proto.fleet_pb2 import PushMessagesRequest
 from flwr.proto.message_pb2 import PushObjectRequest
 from flwr.proto.node_pb2 import Node
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
-from flwr.supernode import fleet_http_client
 from flwr.superlink.routers.fleet.router import router as fleet_router
+from flwr.supernode import fleet_http_client
 
 from server.credentials import make_ca_and_server
 from simulations.superlink import free_port, start_process, wait_for_port
