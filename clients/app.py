@@ -26,6 +26,7 @@ from flwr.clientapp import ClientApp
 
 from clients.bookkeeping import book_releases, site_state_dir
 from clients.books import RunBooks, SiteBooks
+from clients.pin import pinned_app
 from clients.policy import SitePolicy, SitePolicyError, failures_as_codes, is_virtual_site, site_secret
 from clients.replay import KeptReply, ReplyStore, arrays_digest, run_key
 from fedllm.adapters import adapter_from_record, adapter_to_record
@@ -37,7 +38,7 @@ from fedllm.privacy import PrivacyPlan, count_entry, epsilon_for, plan_privacy, 
 from fedllm.shards import ShardSettings
 from fedllm.train import evaluate, train_local
 
-app = ClientApp(mods=[failures_as_codes, book_releases])
+app = ClientApp(mods=[failures_as_codes, pinned_app, book_releases])
 LEDGER_NAME = "privacy_ledger.json"
 
 

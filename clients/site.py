@@ -4,6 +4,7 @@
     python -m clients.site join --superlink fed.example.org:8000 --root-certificates ca.crt \\
         --auth-key site-1 --data-file /data/reviews.csv --state-dir /state
     python -m clients.site spend --state-dir /state      # this site's lifetime privacy guarantee
+    python -m clients.site app-digest fedllm.fab         # the digest `join --pin-app` takes
 
 ``join`` checks the data file (columns, rows), the CA certificate and the site key,
 that the SuperLink answers and that its certificate is signed by that CA, and only then starts
@@ -32,6 +33,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
 from clients import state_commands
+from clients.pin import PIN_KEY, check_pin, digest_of
 from clients.policy import DEFAULT_MAX_DELTA, DEFAULT_MAX_EPSILON, SitePolicy
 from fedllm.data import DataError, clean, read_table
 from fedllm.ledger import LedgerError
@@ -135,6 +137,11 @@ def node_config_of(args: argparse.Namespace) -> dict[str, object]:
             node_config[flag.replace("_", "-")] = True
     if args.high_water_dir:
         node_config["high-water-dir"] = str(Path(args.high_water_dir).resolve())
+    if getattr(args, "pin_app", None):
+        try:
+            node_config[PIN_KEY] = check_pin(args.pin_app)
+        except ValueError as err:
+            raise SiteConfigError(f"--{err}") from err
     return node_config
 
 
@@ -210,12 +217,8 @@ def _run_supernode(cmd: list[str]) -> tuple[int, str]:
     return code, "".join(seen)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Command-line entry."""
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_join_parser(sub: argparse._SubParsersAction) -> None:
+    """The ``join`` subcommand and its flags."""
     j = sub.add_parser("join", help="check the site's setup, then run its SuperNode")
     j.add_argument("--superlink", required=True, help="HOST:PORT of the federation's SuperLink")
     j.add_argument("--root-certificates", type=Path, help="the federation's CA certificate (PEM)")
@@ -259,10 +262,35 @@ def main(argv: list[str] | None = None) -> None:
         default=6,
         help=f"rejoin attempts, {ACTIVATION_WAIT_S} s apart, when the SuperLink refuses activation",
     )
+    j.add_argument(
+        "--pin-app",
+        help="train only for runs of this app: the digest `app-digest` prints for the FAB you reviewed",
+    )
+
+
+def app_digest(args: argparse.Namespace) -> int:
+    """Print the digest ``--pin-app`` takes, of a ``.fab`` file or an installed app's folder."""
+    path = Path(args.path)
+    if not path.exists():
+        raise SiteConfigError(f"{path}: no such .fab file or app folder (make one with `flwr build`)")
+    print(digest_of(path))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_join_parser(sub)
+    d = sub.add_parser("app-digest", help="print the digest of a .fab file (or app folder) for --pin-app")
+    d.add_argument("path", help="the .fab file `flwr build` made, or an installed app's folder")
     state_commands.add_parsers(sub)
     args = parser.parse_args(argv)
+    commands = {**state_commands.COMMANDS, "join": join, "app-digest": app_digest}
     try:
-        code = join(args) if args.command == "join" else state_commands.COMMANDS[args.command](args)
+        code = commands[args.command](args)
     except (SiteConfigError, DataError) as err:
         print(f"site cannot join: {err}", file=sys.stderr)
         code = 2

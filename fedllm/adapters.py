@@ -24,6 +24,8 @@ from flwr.app import ArrayRecord
 from peft import PeftModel, get_peft_model_state_dict
 from torch import nn
 
+from fedllm.wire import declared_problem
+
 
 class AdapterMismatchError(ValueError):
     """An incoming adapter does not fit the local model (names, shapes, dtype or values)."""
@@ -67,8 +69,21 @@ def adapter_to_record(model: PeftModel) -> ArrayRecord:
 def adapter_from_record(model: PeftModel, record: ArrayRecord) -> None:
     """Load a received adapter record into ``model``, validated by ``set_adapter_arrays``.
 
-    Raises ``AdapterMismatchError`` (names, shapes, dtype, NaN/inf); the model is untouched then.
+    The names and each array's declaration (float dtype, the model's shape, a payload of that
+    size: ``fedllm.wire.declared_problem``) are checked before any array is decoded, so an
+    oversized payload is refused without being copied. Raises ``AdapterMismatchError`` (names,
+    shapes, dtype, NaN/inf); the model is untouched then.
     """
+    expected = wire_parameters(model)
+    missing = [k for k in expected if k not in record]
+    extra = [k for k in record if k not in expected]
+    if missing or extra:
+        raise AdapterMismatchError(
+            f"adapter names differ from the model's: missing {missing[:3]}, unexpected {extra[:3]}"
+        )
+    for name, param in expected.items():
+        if problem := declared_problem(name, record[name], tuple(param.shape), dtypes=None):
+            raise AdapterMismatchError(problem)
     set_adapter_arrays(model, {name: array.numpy() for name, array in record.items()})
 
 

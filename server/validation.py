@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import ArrayRecord, RecordDict
 
+from fedllm.wire import declared_problem
+
 DEFAULT_MAX_NUM_EXAMPLES = 1_000_000
 # what a fedllm site may put in a train reply (clients/policy.py's DP_REPLY_KEYS + opt-ins);
 # other keys are ignored: never averaged, never logged
@@ -128,11 +130,19 @@ def check_dp_consistency(metrics: dict[str, float]) -> None:
 
 
 def check_arrays(record: ArrayRecord, spec: Spec) -> dict[str, np.ndarray]:
-    """The record's arrays, exactly ``spec``'s names and shapes, float32, all finite."""
+    """The record's arrays, exactly ``spec``'s names and shapes, float32, all finite.
+
+    Every array's declaration (serialisation, dtype, shape, payload length) is checked before
+    any is decoded (``fedllm.wire.declared_problem``), so an oversized or mislabelled array is
+    refused without being copied; the decoded arrays are checked again.
+    """
     missing = [k for k in spec if k not in record]
     extra = [k for k in record if k not in spec]
     if missing or extra:
         raise ReplyError(f"adapter names differ: missing {missing[:2]}, unexpected {extra[:2]}")
+    for name, shape in spec.items():
+        if problem := declared_problem(name, record[name], shape):
+            raise ReplyError(problem)
     arrays = {}
     for name, shape in spec.items():
         try:

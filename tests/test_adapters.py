@@ -99,6 +99,18 @@ def test_missing_names_and_int_dtype_are_refused(model):
         adapter_from_record(model, _record(arrays))
 
 
+def test_an_oversized_array_is_refused_before_it_is_decoded(model, monkeypatch):
+    """A record whose payload does not fit its declaration is never decoded (issue 22, 3)."""
+    arrays = {k: Array(v) for k, v in _numpy(adapter_to_record(model)).items()}
+    name = list(arrays)[-1]
+    shape = tuple(arrays[name].shape)
+    payload = Array(np.zeros(5_000_000, np.float32)).data  # 20 MB under a head-sized declaration
+    arrays[name] = Array(dtype="float32", shape=shape, stype="numpy.ndarray", data=payload)
+    monkeypatch.setattr(Array, "numpy", lambda self: pytest.fail("an array was decoded"))
+    with pytest.raises(AdapterMismatchError, match=f"{name!r} cannot be read: its payload is 20000128"):
+        adapter_from_record(model, ArrayRecord(arrays))
+
+
 def test_wrong_count_is_refused(model):
     arrays = list(_numpy(adapter_to_record(model)).values())
     with pytest.raises(AdapterMismatchError, match="arrays"):

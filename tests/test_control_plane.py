@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from fedllm.shards import write_shards
+from fedllm.site_state import init_state
 from server.credentials import make_ca_and_server, make_site_key
 from simulations.superlink import FlowerCLI, free_port, start_process, start_superlink, wait_for_port
 
@@ -154,6 +155,7 @@ def _outsider_is_refused(outsider: FlowerCLI, certs: Path, port: int, run_dir: P
 
     # its own SuperNode through the proxy: the Fleet API answers, and refuses its key
     probe = outsider.home.parent / "probe"
+    init_state(probe / "state", new_site=True)  # join refuses an uninitialised state before the key
     code, out = run_quick(
         join_args(port, certs, "outsider", data, probe / "state", activation_retries=0),
         {**outsider.env, "FLWR_HOME": str(probe)},

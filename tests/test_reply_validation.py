@@ -7,6 +7,7 @@ the replies), with replies built as the SuperLink delivers them.
 from __future__ import annotations
 
 import math
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from fedllm.adapters import adapter_from_record, adapter_to_record
 from fedllm.model import build_model
 from server.robust import RobustSettings
 from server.strategy import AdapterFedAvg
+from server.validation import ReplyError, check_arrays
 
 from .conftest import DEVICE, LABELS
 from .replies import (
@@ -142,6 +144,34 @@ def test_an_undecodable_array_payload_is_dropped():
     strategy.aggregate_train(1, [*_good_replies(g), bad])
     [failure] = strategy.round_summary(1)["train-failures"]
     assert "'head.bias' cannot be read" in failure["reason"]
+
+
+OVERSIZED = 20_000_000  # values: an 80 MB payload under the name of a 3-value bias
+
+
+@pytest.mark.parametrize("declared", ["its real shape", "the expected shape"])
+def test_an_oversized_array_is_refused_before_it_is_decoded(monkeypatch, declared):
+    """Issue 22 (3): the declaration and the payload's length are checked before ``numpy()``."""
+    g = global_adapter()
+    arrays = {k: Array(v) for k, v in honest(g, BAD).items()}
+    big = Array(np.zeros(OVERSIZED, np.float32))
+    if declared == "the expected shape":
+        big = Array(dtype="float32", shape=(3,), stype="numpy.ndarray", data=big.data)
+    arrays["head.bias"] = big
+    decoded = []
+    real_numpy = Array.numpy
+    monkeypatch.setattr(Array, "numpy", lambda self: decoded.append(self is big) or real_numpy(self))
+    spec = {k: tuple(v.shape) for k, v in g.items()}
+    tracemalloc.start()
+    try:
+        with pytest.raises(ReplyError, match="'head.bias' (has shape|cannot be read)") as refused:
+            check_arrays(ArrayRecord(arrays), spec)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert not any(decoded), "the oversized array was decoded"
+    assert peak < 1_000_000, f"checking the reply allocated {peak} bytes"
+    assert str(4 * OVERSIZED + 128) in str(refused.value) or str((OVERSIZED,)) in str(refused.value)
 
 
 def test_sites_releasing_different_metrics_and_a_site_without_dp_are_all_averaged():
