@@ -4,7 +4,10 @@ SuperLink with TLS and ``--enable-supernode-auth`` (``simulations.superlink.supe
 sites started with ``python -m clients.site join`` (the site image's entry point) with their own
 keys and data shards. The federation is started once: the operator registers the keys over TLS,
 the sites join, an unregistered key is refused (and the site's rejoin loop retries, then explains),
-a site with bad labels is reported while the others train, and a second run composes with the
+a site whose data file went missing after it joined is reported with the one code a site gives
+for every failure that could depend on its data (`site-declined`) while the others train (a row
+whose label the run does not list is no failure: it trains with a zero gradient), and a second
+run composes with the
 first in every site's privacy ledger. What a site checks before joining (wrong CA, wrong address)
 is in ``tests/test_site_check.py``.
 """
@@ -22,7 +25,7 @@ from server.credentials import make_ca_and_server, make_site_key
 from simulations.superlink import FlowerCLI, free_port, start_process, start_superlink, stop_process
 
 from .conftest import init_site
-from .processes import join_args, join_sites, stop_all
+from .processes import join_args, join_sites, stop_all, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +39,7 @@ def test_tls_auth_federation_refuses_unregistered_key_and_composes_two_runs(
     for i in range(1, 6):
         make_site_key(certs, f"site-{i}")
     shards = write_shards("drug-reviews", 3, "natural", "condition", 1.0, 42, tmp_path / "shards")
-    bad = tmp_path / "shards" / "bad-labels.csv"
+    bad = tmp_path / "shards" / "gone-after-join.csv"
     bad.write_text("text,label\n" + "".join(f"review {i} was fine,delighted\n" for i in range(20)))
 
     cli = FlowerCLI(tmp_path / "cli", "tls")
@@ -65,6 +68,9 @@ def test_tls_auth_federation_refuses_unregistered_key_and_composes_two_runs(
             answer = cli.call("supernode", "register", str(certs / f"site-{i}.pub"), "tls")
             assert answer.get("success"), answer
         procs += join_sites(port, certs, sites, tmp_path, cli.env)
+        # site-4 passed its join check (its SuperNode is starting), then its data file goes away
+        wait_until("site-4's join check", lambda: "starting: " in _log(tmp_path / "site-4"), procs=procs)
+        bad.unlink()
 
         # site-5 is refused activation, retries once (the rejoin loop after a crash), then explains;
         # its 15 s wait overlaps the first run
@@ -93,8 +99,8 @@ def test_tls_auth_federation_refuses_unregistered_key_and_composes_two_runs(
     for row in rows[1:]:  # the bad site is reported, the federation goes on with the others
         assert row["train-replies"] == 3
         assert len(row["train-failures"]) == 1
-        # a fixed code: the file name and the unknown label stay in the site's own log
-        assert row["train-failures"][0]["reason"] == "site-data-error"
+        # a fixed code: the file name and the error stay in the site's own log
+        assert row["train-failures"][0]["reason"] == "site-declined"
     assert (tmp_path / "runs" / "first" / "final-adapter" / "adapter_model.safetensors").exists()
     assert (tmp_path / "runs" / "second" / "result.json").exists()
 
@@ -109,3 +115,8 @@ def test_tls_auth_federation_refuses_unregistered_key_and_composes_two_runs(
         assert exit_code.value.code == 0, spend
         assert "lifetime over 2 runs" in spend and "example-level differential privacy" in spend
         assert any(line.split()[:1] == [str(first.run_id)] for line in spend.splitlines())
+
+
+def _log(site_home) -> str:
+    log = site_home / "site.log"
+    return log.read_text(errors="replace") if log.exists() else ""
