@@ -94,7 +94,7 @@ def test_tls_auth_federation_refuses_unregistered_key_and_composes_two_runs(
         assert row["train-replies"] == 3
         assert len(row["train-failures"]) == 1
         # a fixed code: the file name and the unknown label stay in the site's own log
-        assert row["train-failures"][0]["reason"] == "site-data-error"
+        assert row["train-failures"][0]["reason"] == "site-declined"
     assert (tmp_path / "runs" / "first" / "final-adapter" / "adapter_model.safetensors").exists()
     assert (tmp_path / "runs" / "second" / "result.json").exists()
 
