@@ -196,7 +196,7 @@ def reply_probes(model) -> list[Row]:
         lost += f"; global {game.loads(aggregate) if aggregate else 'unchanged'}"
         rows.append(Row("train reply", name, happened, lost))
     game = Round(model)
-    aggregate, record = game.run(train_reply(BAD, error="site-data-error"))
+    aggregate, record = game.run(train_reply(BAD, error="site-declined"))
     happened = f"train-failures: {_reason(record, BAD)} (a site's fixed failure code)"
     lost = f"site {BAD}'s reply; {record['train-replies']} others averaged; global {game.loads(aggregate)}"
     rows.append(Row("train reply", "error reply", happened, lost))

@@ -27,6 +27,7 @@ from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
 from clients.policy import SitePolicyError, is_virtual_site
+from fedllm import failure_codes as codes
 
 PIN_KEY = "pin-app"
 DIGEST = re.compile(r"[0-9a-f]{64}")
@@ -84,13 +85,13 @@ def check_run(msg: Message, context: Context) -> None:
     key = str(config.get("run-key", context.run_id))
     if key != str(context.run_id) and not resumed:
         raise SitePolicyError(
-            "site-refused-run",
+            codes.REFUSED_RUN,
             f"run-key {key[:40]!r} is not this run's id {context.run_id} and the run config resumes no run",
         )
     rounds, asked = context.run_config.get("num-server-rounds"), str(config.get("num-rounds"))
     if msg.metadata.message_type.startswith("train") and asked != str(rounds):
         raise SitePolicyError(
-            "site-refused-run",
+            codes.REFUSED_RUN,
             f"num-rounds {asked[:20]!r} is not the run config's num-server-rounds {rounds}",
         )
 
@@ -103,7 +104,7 @@ def pinned_app(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     running = running_app_digest()
     if running != pin:
         raise SitePolicyError(
-            "site-refused-app",
+            codes.REFUSED_APP,
             f"run {context.run_id} runs app {running[:16]}..., not the app this site pinned ({pin[:16]}...)",
         )
     check_run(msg, context)

@@ -27,6 +27,7 @@ from flwr.app import Context, Error, Message
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 
+from fedllm import failure_codes as codes
 from fedllm.config import Settings
 from fedllm.ledger import DEFAULT_NOT_COVERED, LedgerError
 from fedllm.privacy import BudgetExhaustedError, check_delta, epsilon_for, resolve_delta
@@ -46,12 +47,13 @@ DP_REPLY_KEYS = (
 )
 RELEASED_TRAIN_KEYS = ("train-loss", "train-seconds")
 SIM_PREFIX = "sim-site-"
-# failure reasons the server may see: fixed codes; the full text stays in the site's log. Every
-# failure that could depend on the data (reading it, training on it) is the one code DECLINED.
-DECLINED = "site-declined"
+# failure reasons the server may see: fixed codes (fedllm/failure_codes.py, which the server
+# checks against); the full text stays in the site's log. Every failure that could depend on the
+# data (reading it, training on it) is the one code DECLINED.
+DECLINED = codes.DECLINED
 FAILURE_CODES = (
-    (LedgerError, "site-ledger-error"),
-    (BudgetExhaustedError, "site-refused-budget"),
+    (LedgerError, codes.LEDGER_ERROR),
+    (BudgetExhaustedError, codes.REFUSED_BUDGET),
 )
 
 
@@ -115,14 +117,14 @@ class SitePolicy:
         if not settings.private:
             if not self.allow_no_dp:
                 raise SitePolicyError(
-                    "site-requires-dp",
+                    codes.REQUIRES_DP,
                     "this site trains only with DP (allow-no-dp is off); the run asks for none",
                 )
             return
         delta = resolve_delta(settings)
         if delta > self.max_delta * (1 + 1e-9):
             raise SitePolicyError(
-                "site-refused-delta",
+                codes.REFUSED_DELTA,
                 f"the run's delta={delta:g} is above this site's max-delta={self.max_delta:g}",
             )
 
@@ -132,7 +134,7 @@ class SitePolicy:
         lifetime = epsilon_for(committed, self.max_delta, self.accountant)
         if lifetime > self.max_epsilon * (1 + 1e-6):
             raise SitePolicyError(
-                "site-refused-lifetime-budget",
+                codes.REFUSED_LIFETIME_BUDGET,
                 f"{what} would bring the site's lifetime epsilon to {lifetime:.3f} > its max-epsilon "
                 f"{self.max_epsilon:g} (delta {self.max_delta:g}); nothing was trained",
             )
@@ -144,14 +146,14 @@ class SitePolicy:
         try:
             check_delta(delta, public_n)
         except ValueError as err:
-            raise SitePolicyError("site-refused-delta", str(err)) from err
+            raise SitePolicyError(codes.REFUSED_DELTA, str(err)) from err
 
     def check_evaluate(self, private: bool) -> None:
         """Exact scores on the local test split are a release: only if the site opted in."""
         if self.release_evaluation or (not private and self.allow_no_dp):
             return
         raise SitePolicyError(
-            "site-refused-evaluation",
+            codes.REFUSED_EVALUATION,
             "this site does not release scores on its local data (release-evaluation is off)",
         )
 

@@ -6,12 +6,13 @@
     python -m clients.site spend --state-dir /state      # this site's lifetime privacy guarantee
     python -m clients.site app-digest fedllm.fab         # the digest `join --pin-app` takes
 
-``join`` checks the data file (columns, rows), the CA certificate and the site key,
-that the SuperLink answers and that its certificate is signed by that CA, and only then starts
-``flower-supernode`` with the same flags a site would give it by hand. Failures are explained in
-one line each (wrong address, untrusted certificate, unregistered key, bad data, a privacy
-ledger that fails validation, a state folder that is not initialised, or older than its
-high-water mark). ``init``, ``rebase`` and ``spend`` are in ``clients.state_commands``.
+``join`` checks the data file (columns, rows), the CA certificate and the site key (an OpenSSH
+private key no one but its owner may read), that the SuperLink answers and that its certificate
+is signed by that CA, and only then starts ``flower-supernode`` with the same flags a site would
+give it by hand. Failures are explained in one line each (wrong address, untrusted certificate,
+a key others may read, unregistered key, bad data, a privacy ledger that fails validation, a state
+folder that is not initialised, or older than its high-water mark). ``init``, ``rebase`` and
+``spend`` are in ``clients.state_commands``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import shlex
 import signal
 import socket
 import ssl
+import stat
 import subprocess
 import sys
 import threading
@@ -63,6 +65,20 @@ def check_data(path: Path, text_column: str, label_column: str) -> str:
     return str(report)
 
 
+def check_key_permissions(auth_key: Path) -> None:
+    """Refuse a site key that the file's group or anyone else may read (as OpenSSH refuses one):
+    whoever reads it can sign in as this site and make it spend its privacy budget."""
+    try:
+        mode = stat.S_IMODE(auth_key.stat().st_mode)
+    except OSError:
+        return  # a missing or unreadable key is reported by the parse below
+    if mode & 0o044:
+        raise SiteConfigError(
+            f"--auth-key {auth_key}: readable by its group or others (mode {mode:04o}); "
+            f"make it private with `chmod 600 {auth_key}`"
+        )
+
+
 def check_credentials(root_certificates: Path | None, auth_key: Path | None) -> None:
     """The CA certificate parses as PEM and the site key as an OpenSSH private key."""
     if root_certificates is not None:
@@ -73,6 +89,7 @@ def check_credentials(root_certificates: Path | None, auth_key: Path | None) -> 
                 f"--root-certificates {root_certificates}: not a PEM CA certificate ({err})"
             ) from err
     if auth_key is not None:
+        check_key_permissions(auth_key)
         try:
             load_ssh_private_key(auth_key.read_bytes(), password=None)
         except (OSError, ValueError) as err:

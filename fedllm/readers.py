@@ -50,6 +50,11 @@ def _read_jsonl(path: Path, label_column: str) -> pd.DataFrame:
                     f"{where}: not valid JSON ({err.msg} at column {err.colno}); fix that line "
                     "(one JSON object per line)"
                 ) from err
+            except RecursionError:  # nested deeper than the parser's stack (e.g. 100,000 "[")
+                raise DataError(
+                    f"{where}: JSON nested too deeply to read; write one flat "
+                    '{"text": ..., "label": ...} object per line'
+                ) from None
             if not isinstance(record, dict):
                 raise DataError(
                     f"{where}: a JSON {type(record).__name__}, not an object; write one "

@@ -15,6 +15,8 @@ import json
 import os
 import shutil
 import time
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
@@ -25,8 +27,9 @@ from fedllm.config import settings_from
 from fedllm.data import load_splits, tokenize
 from fedllm.model import build_model, load_tokenizer, pick_device
 from fedllm.train import evaluate
-from server.resume import commit, find, load_checkpoint, resume_dir, run_record, write_config
+from server.resume import commit, find, load_last_good, resume_dir, run_record, write_config
 from server.robust import RobustSettings
+from server.runlock import RunLock
 from server.runlog import RunLog
 from server.settings import ServerSettings
 from server.strategy import AdapterFedAvg
@@ -47,16 +50,21 @@ def make_run_dir(context: Context) -> Path:
     server = ServerSettings.from_run_config(context.run_config)  # a bad run-name fails here
     root = _root(server)
     name = server.run_name or time.strftime("%Y%m%d-%H%M%S")
-    path = (root / name).resolve()
-    if path.exists():
-        path = (root / f"{name}-run{context.run_id}").resolve()
-    if path.parent != root:
-        raise ValueError(
-            f"run config run-name={server.run_name!r} resolves to {path}, outside run-dir {root}; "
-            "use a plain folder name"
-        )
-    path.mkdir(parents=True, exist_ok=False)
-    return path
+    for candidate in (name, f"{name}-run{context.run_id}"):
+        path = (root / candidate).resolve()
+        if path.parent != root:
+            raise ValueError(
+                f"run config run-name={server.run_name!r} resolves to {path}, outside run-dir {root}; "
+                "use a plain folder name"
+            )
+        try:
+            path.mkdir(parents=True, exist_ok=False)
+            return path
+        except FileExistsError:  # taken (perhaps a moment ago, by another ServerApp): the next name
+            continue
+    raise ValueError(
+        f"run folders {name!r} and {name}-run{context.run_id} both exist in {root}; use another run-name"
+    )
 
 
 def _save(model, folder: Path, labels: list[str], extra: dict | None = None) -> None:
@@ -69,6 +77,50 @@ def _save(model, folder: Path, labels: list[str], extra: dict | None = None) -> 
     os.replace(partial, folder)
 
 
+def _server_test_set(settings, splits, labels: list[str]):
+    """The server's tokenized test split (None without one)."""
+    if splits is None:
+        return None
+    return tokenize(
+        splits.test, load_tokenizer(settings.model), labels, settings.max_length, settings.truncation
+    )
+
+
+@dataclass
+class OpenedRun:
+    """The run folder this ServerApp writes (locked), its run key, kept rows and first round."""
+
+    run_dir: Path
+    run_key: str
+    rows: list[dict] | None
+    first_round: int
+    initial: ArrayRecord
+
+
+def lock_run_dir(run_dir: Path, run_id: int, stack: ExitStack) -> None:
+    """Lock ``run_dir`` for this ServerApp until ``stack`` closes (server/runlock.py)."""
+    stack.callback(RunLock.acquire(run_dir, run_id).release)
+
+
+def open_run(context: Context, server: ServerSettings, record: dict, model, stack: ExitStack) -> OpenedRun:
+    """A new run folder, locked until ``stack`` closes, or the resumed one (locked by the caller
+    before anything in it was read): checked, pruned, its checkpoint loaded into ``model`` (an
+    unreadable last one falls back to the round before it, with one warning line)."""
+    if not server.resume:
+        run_dir = make_run_dir(context)
+        lock_run_dir(run_dir, context.run_id, stack)
+        write_config(run_dir, record, str(context.run_id))  # the run key: this first run id
+        return OpenedRun(run_dir, str(context.run_id), None, 1, adapter_to_record(model))
+    num_rounds = server.num_server_rounds
+    point, initial = load_last_good(model, find(server.resume, _root(server), record, num_rounds))
+    commit(point, record, context.run_id)
+    print(
+        f"fedllm: resuming {point.run_dir} after round {point.last_round} of {num_rounds} "
+        f"(run key {point.run_key}; its checkpoint is the global adapter)"
+    )
+    return OpenedRun(point.run_dir, point.run_key, point.rows, point.last_round + 1, initial)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run ``num-server-rounds`` rounds over the adapters (server/robust.py's aggregator); log and checkpoint.
@@ -76,65 +128,45 @@ def main(grid: Grid, context: Context) -> None:
     Every train reply is validated and bounded before it is combined (server/strategy.py), so the
     arrays evaluated, checkpointed and sent each round are the previous global or a finite aggregate
     of the expected spec. With ``resume=<run dir>`` the rounds after that folder's last complete
-    round are run (server/resume.py).
+    round are run (server/resume.py). The run folder is locked for this ServerApp's lifetime
+    (server/runlock.py): a second ServerApp on it stops with one line.
     """
+    server = ServerSettings.from_run_config(context.run_config)  # a bad key (run-name included) fails here
+    with ExitStack() as stack:
+        if server.resume:  # a bad or busy resume fails before any data is loaded
+            lock_run_dir(resume_dir(server.resume, _root(server)), context.run_id, stack)
+        _run(grid, context, server, stack)
+
+
+def _run(grid: Grid, context: Context, server: ServerSettings, stack: ExitStack) -> None:
+    """``main``'s body: data, model, run folder, the rounds, the final adapter."""
     rc = context.run_config
     settings = settings_from(rc)
     robust = RobustSettings.from_run_config(rc)
-    server = ServerSettings.from_run_config(rc)  # a bad key (run-name included) fails here
-    num_rounds, resume, server_eval = server.num_server_rounds, server.resume, server.server_eval
-    if resume:
-        resume_dir(resume, _root(server))  # a bad resume fails before any data is loaded
     explicit = server.label_list
-    splits = load_splits(settings, explicit or None) if (server_eval or not explicit) else None
+    splits = load_splits(settings, explicit or None) if (server.server_eval or not explicit) else None
     labels = explicit or splits.labels
     model = build_model(settings, labels, pick_device(settings.device))
-    record = run_record(dict(rc), settings.to_dict(), labels)
-    rows, first_round = None, 1
-    if resume:
-        point = find(resume, _root(server), record, num_rounds)
-        initial = load_checkpoint(model, point.checkpoint)
-        commit(point, record, context.run_id)
-        run_dir, run_key, rows, first_round = point.run_dir, point.run_key, point.rows, point.last_round + 1
-        print(
-            f"fedllm: resuming {run_dir} after round {point.last_round} of {num_rounds} "
-            f"(run key {run_key}; its checkpoint is the global adapter)"
-        )
-    else:
-        run_dir, run_key = make_run_dir(context), str(context.run_id)  # the run key: this first run id
-        write_config(run_dir, record, run_key)
-        initial = adapter_to_record(model)
-    full_bytes = full_model_nbytes(model)
-    update_bytes = initial.count_bytes()
+    run = open_run(context, server, run_record(dict(rc), settings.to_dict(), labels), model, stack)
+    run_dir, initial = run.run_dir, run.initial
+    full_bytes, update_bytes = full_model_nbytes(model), initial.count_bytes()
     print(
         f"fedllm: adapter update {update_bytes:,} B vs full model state dict {full_bytes:,} B "
         f"({full_bytes / update_bytes:.0f}x smaller); run dir {run_dir}"
     )
     print(f"fedllm: every train reply is validated; {robust.describe()}")
-    test_ds = None
-    if server_eval and splits is not None:
-        test_ds = tokenize(
-            splits.test,
-            load_tokenizer(settings.model),
-            labels,
-            settings.max_length,
-            settings.truncation,
-        )
+    test_ds = _server_test_set(settings, splits, labels) if server.server_eval else None
     head_only = settings.resolved().trainable == "head"  # the encoder never changes
-    log = RunLog(run_dir, {"adapter-bytes": update_bytes, "full-model-bytes": full_bytes}, rows)
+    log = RunLog(run_dir, {"adapter-bytes": update_bytes, "full-model-bytes": full_bytes}, run.rows)
 
     def evaluate_and_checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if resume and server_round < first_round:  # the checkpoint this run resumes from: logged
+        if run.rows is not None and server_round < run.first_round:  # resumed from it: logged
             return None
         adapter_from_record(model, arrays)
         scores = {}
         if test_ds is not None:
             result = evaluate(model, test_ds, labels, head_only=head_only)
-            scores = {
-                "loss": result["loss"],
-                "accuracy": result["accuracy"],
-                "macro-f1": result["macro_f1"],
-            }
+            scores = {"loss": result["loss"], "accuracy": result["accuracy"], "macro-f1": result["macro_f1"]}
             print(
                 f"fedllm: round {server_round} server test: accuracy {result['accuracy']:.4f} "
                 f"macro-F1 {result['macro_f1']:.4f}"
@@ -144,18 +176,18 @@ def main(grid: Grid, context: Context) -> None:
         return MetricRecord(scores) if scores else None
 
     strategy = AdapterFedAvg(robust=robust, **server.strategy_kwargs())
-    if rows:
-        strategy.restore(rows)  # the kept rounds' direction evidence (cosine) carries on
+    if run.rows:
+        strategy.restore(run.rows)  # the kept rounds' direction evidence (cosine) carries on
     strategy.start(
         grid=grid,
         initial_arrays=initial,
-        num_rounds=num_rounds,
+        num_rounds=server.num_server_rounds,
         train_config=ConfigRecord(
-            {"labels": json.dumps(labels), "num-rounds": num_rounds, "run-key": run_key}
+            {"labels": json.dumps(labels), "num-rounds": server.num_server_rounds, "run-key": run.run_key}
         ),
-        evaluate_config=ConfigRecord({"labels": json.dumps(labels), "run-key": run_key}),
+        evaluate_config=ConfigRecord({"labels": json.dumps(labels), "run-key": run.run_key}),
         evaluate_fn=evaluate_and_checkpoint,
-        first_round=first_round,
+        first_round=run.first_round,
     )
     final = strategy.global_arrays
     final = initial if final is None else final  # the last accepted global (round 0's if none was)

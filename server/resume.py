@@ -6,7 +6,8 @@ key their ledger entry and kept replies by it (clients/app.py, clients/replay.py
 run continues the same ledger entry and a round a site already trained on the same global
 adapter is answered from its kept reply, with no new ε.
 
-A resume (``find``, then ``load_checkpoint``, then ``commit``):
+A resume (``find``, then ``load_last_good``, then ``commit``), with the run folder locked
+(server/runlock.py) before ``find``:
 
 1. ``resume`` names a folder directly inside ``run-dir`` (a plain name, or a path to it) that
    holds a ``config.json`` and no ``result.json`` (a finished run is not resumed);
@@ -14,7 +15,9 @@ A resume (``find``, then ``load_checkpoint``, then ``commit``):
    the resolved settings and the labels; otherwise one line names the differing keys;
 3. the resume point is the last round k whose checkpoint folder ``round-k/`` is complete and
    whose ``metrics.jsonl`` row exists, with the rows of rounds 0..k all present;
-4. rows after k, checkpoint folders after k, partial folders and ``final-adapter/`` are removed;
+4. when ``round-k/`` cannot be read after all (truncated: ``load_last_good``), round k−1 is the
+   resume point, with one warning line;
+5. rows after k, checkpoint folders after k, partial folders and ``final-adapter/`` are removed;
    the log keeps rows 0..k; the ServerApp loads ``round-k/`` as the global adapter and runs
    rounds k+1 .. ``num-server-rounds`` into the same folder (``server-round`` and
    ``num-rounds`` keep their real values, so the sites' privacy plans stay as calibrated).
@@ -30,16 +33,20 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from logging import WARNING
 from pathlib import Path
 
 from flwr.app import ArrayRecord
+from flwr.common import log
 from peft import PeftModel
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from fedllm.adapters import adapter_to_record
 from fedllm.ledger import write_durably
+from server.runlog import dumps, plain
 
 CONFIG = "config.json"
 CHECKPOINT_FILES = ("adapter_model.safetensors", "adapter_config.json", "labels.json")
@@ -67,15 +74,16 @@ class ResumePoint:
 
 
 def run_record(run_config: dict, settings: dict, labels: list[str]) -> dict:
-    """What ``config.json`` stores and a resume compares (as JSON would read it back)."""
+    """What ``config.json`` stores and a resume compares (as strict JSON reads it back: a
+    non-finite value such as ``target-epsilon = inf`` is the string ``"inf"``)."""
     config = {k: v for k, v in run_config.items() if k not in IGNORED_KEYS}
-    return json.loads(json.dumps({"run-config": config, "settings": settings, "labels": labels}))
+    return json.loads(dumps({"run-config": config, "settings": settings, "labels": labels}))
 
 
 def write_config(run_dir: Path, record: dict, run_key: str, resumes: list | None = None) -> None:
     """Write ``config.json`` atomically: the run record, its run key and the resumes so far."""
     doc = {"run-key": run_key, **record, "resumes": resumes or []}
-    write_durably(run_dir / CONFIG, json.dumps(doc, indent=2).encode())
+    write_durably(run_dir / CONFIG, dumps(doc, indent=2).encode())
 
 
 def resume_dir(raw: str, root: Path) -> Path:
@@ -87,7 +95,13 @@ def resume_dir(raw: str, root: Path) -> Path:
             f"run config resume={raw!r} resolves to {path}, not a folder directly inside run-dir "
             f"{root}; give the run folder's name or its path"
         )
-    if not (path / CONFIG).is_file():
+    try:
+        found = (path / CONFIG).is_file()
+    except OSError as err:  # e.g. a name longer than the file system allows (ENAMETOOLONG)
+        raise ResumeError(
+            f"run config resume={raw[:40]!r}...: {err.strerror or err}; give the run folder's name"
+        ) from None
+    if not found:
         raise ResumeError(f"run config resume={raw!r}: {path / CONFIG} does not exist; nothing to resume")
     if (path / "result.json").exists():
         raise ResumeError(
@@ -133,7 +147,7 @@ def find(raw: str, root: Path, record: dict, num_rounds: int) -> ResumePoint:
     """
     run_dir = resume_dir(raw, root)
     try:
-        stored = json.loads((run_dir / CONFIG).read_text())
+        stored = plain(json.loads((run_dir / CONFIG).read_text()))  # an older file may hold Infinity
     except (OSError, json.JSONDecodeError) as err:
         raise ResumeError(f"{run_dir / CONFIG}: not readable JSON ({err}); cannot resume") from err
     if not isinstance(stored, dict) or not isinstance(stored.get("run-key"), str):
@@ -169,6 +183,34 @@ def commit(point: ResumePoint, record: dict, run_id: int) -> None:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     entry = {"run-id": run_id, "from-round": point.last_round, "time": round(time.time(), 3)}
     write_config(point.run_dir, record, point.run_key, [*point.resumes, entry])
+
+
+def load_last_good(model: PeftModel, point: ResumePoint) -> tuple[ResumePoint, ArrayRecord]:
+    """Load the resume point's checkpoint, or the last earlier one that loads; its point and arrays.
+
+    A checkpoint that passes ``find``'s check (its files exist and are not empty) but cannot be
+    read (truncated, corrupt) is skipped with one warning line, and the round before it becomes
+    the resume point (its rows are kept; ``commit`` then removes the unreadable folder). Raises
+    ``ResumeError`` (one line) when not even round 0 loads.
+    """
+    while True:
+        try:
+            return point, load_checkpoint(model, point.checkpoint)
+        except (SafetensorError, OSError) as err:
+            why = str(err).splitlines()[0] if str(err) else type(err).__name__
+            if point.last_round == 0:
+                raise ResumeError(
+                    f"{point.checkpoint}: cannot be read ({why}) and there is no earlier round; "
+                    "start a new run"
+                ) from None
+            log(
+                WARNING,
+                "fedllm: %s cannot be read (%s); resuming after round %d instead",
+                point.checkpoint,
+                why,
+                point.last_round - 1,
+            )
+            point = replace(point, last_round=point.last_round - 1, rows=point.rows[:-1])
 
 
 def load_checkpoint(model: PeftModel, folder: Path) -> ArrayRecord:

@@ -3,6 +3,9 @@
 A resumed run (server/resume.py) starts its log from the rows it keeps (``RunLog(..., rows=)``):
 ``metrics.jsonl`` is rewritten with exactly those rows (atomically) and ``metrics.csv`` from
 them; ``wall-seconds`` continues from the last kept row (the downtime is not counted).
+
+Every JSON file here is strict JSON (``dumps``): a non-finite number is written as the string
+``"inf"``, ``"-inf"`` or ``"nan"``, never as a ``NaN`` / ``Infinity`` token.
 """
 
 from __future__ import annotations
@@ -12,19 +15,35 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from fedllm.ledger import write_durably
 
 
-def _plain(value):
-    """JSON-safe values: non-finite floats become the strings 'inf' / 'nan'."""
+def plain(value: Any) -> Any:
+    """Strict-JSON values: non-finite floats become the strings ``"inf"``, ``"-inf"``, ``"nan"``;
+    numpy scalars become Python numbers; tuples become lists, keys strings.
+
+    Strings, not null: ε = ∞ is a meaningful value (a reply without DP), and null would read as
+    "missing"; a reader turns them back with ``float(value)`` (simulations/sweep.py does).
+    """
+    if isinstance(value, np.generic):
+        value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     return value
+
+
+def dumps(value: Any, **kwargs: Any) -> str:
+    """``json.dumps`` of ``plain(value)``, refusing NaN/Infinity tokens: every JSON file of a run
+    folder (``metrics.jsonl``, ``config.json``, ``result.json``) parses with a strict reader."""
+    return json.dumps(plain(value), allow_nan=False, **kwargs)
 
 
 def _flatten(row: dict, prefix: str = "") -> dict:
@@ -44,11 +63,11 @@ class RunLog:
     def __init__(self, run_dir: Path, header: dict, rows: list[dict] | None = None):
         self.run_dir = run_dir
         self.header = header
-        self.rows: list[dict] = [_plain(r) for r in rows or []]
+        self.rows: list[dict] = [plain(r) for r in rows or []]
         done = float(self.rows[-1].get("wall-seconds", 0.0)) if self.rows else 0.0
         self.start = time.perf_counter() - done
         if rows is not None:  # a resumed log: exactly the kept rows, nothing after them
-            text = "".join(json.dumps(r) + "\n" for r in self.rows)
+            text = "".join(dumps(r) + "\n" for r in self.rows)
             write_durably(self.run_dir / "metrics.jsonl", text.encode())
             self._write_csv()
 
@@ -68,16 +87,16 @@ class RunLog:
             **received,
             "server": server_scores,
         }
-        row = _plain(row)
+        row = plain(row)
         self.rows.append(row)
         with (self.run_dir / "metrics.jsonl").open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
+            fh.write(dumps(row) + "\n")
         self._write_csv()
 
     def finish(self, final_adapter: Path) -> dict:
         """Write ``result.json``: the last round's numbers, sizes and where the adapter is."""
         last = self.rows[-1] if self.rows else {}
-        result = _plain(
+        result = plain(
             {
                 **self.header,
                 "rounds": len(self.rows) - 1,
@@ -86,5 +105,5 @@ class RunLog:
                 "wall-seconds": round(time.perf_counter() - self.start, 3),
             }
         )
-        (self.run_dir / "result.json").write_text(json.dumps(result, indent=2))
+        (self.run_dir / "result.json").write_text(dumps(result, indent=2))
         return result

@@ -23,10 +23,18 @@ from typing import Any
 
 from fedllm.config import true_or_false
 
+# a folder name is at most 255 bytes (NAME_MAX); make_run_dir may append "-run<run id>"
+MAX_RUN_NAME_BYTES = 200
+
 
 def run_name(raw: object) -> str:
     """``run-name`` as one folder name; raises one line naming the key and the fix otherwise."""
     name = str(raw).strip()
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_RUN_NAME_BYTES:
+        raise ValueError(
+            f"run config run-name={name[:40]!r}... is {len(name.encode('utf-8', 'surrogatepass'))} bytes "
+            f"long; a run name is one folder name of at most {MAX_RUN_NAME_BYTES} bytes: use a shorter one"
+        )
     bad = (
         not name
         or name in (".", "..")

@@ -42,9 +42,12 @@ from server.validation import (
     ReplyError,
     ValidReply,
     adapter_spec,
+    canonical,
     check_metrics,
     check_train_reply,
+    clean_reason,
     majority_spec,
+    site_reason,
 )
 
 SITE_KEYS = ("num-examples", "steps", "epsilon", "delta", "noise-multiplier", "sample-rate")
@@ -155,18 +158,20 @@ class AdapterFedAvg(FedAvg):
         """
         self._global = {k: v.numpy() for k, v in arrays.items()}
 
-    def _fail(self, record: dict, node: int, reason: str) -> None:
-        record["train-failures"].append({"node": node, "reason": reason})
-        log(WARNING, "train reply from node %s dropped: %s", node, reason)
+    def _fail(self, record: dict, node: int, reason: str, kind: str = "train") -> None:
+        reason = clean_reason(reason)  # one line, bounded: a site chose parts of some reasons
+        record[f"{kind}-failures"].append({"node": node, "reason": reason})
+        log(WARNING, "%s reply from node %s dropped: %s", kind, node, reason)
 
     def _validate(self, record: dict, replies: list[Message]) -> list[ValidReply]:
-        """The replies that pass every check; the others are entered in ``train-failures``."""
+        """The replies that pass every check, by node id; the others go to ``train-failures``."""
         record["train-failures"] = []
         record["dropped"] = []
+        replies = canonical(replies)
         contents = [(m.metadata.src_node_id, m.content) for m in replies if not m.has_error()]
         for m in replies:
             if m.has_error():
-                self._fail(record, m.metadata.src_node_id, str(m.error.reason))
+                self._fail(record, m.metadata.src_node_id, site_reason(m.error.reason, m.error.code))
         record["bytes-received"] = sum(a.count_bytes() for _, c in contents for a in c.array_records.values())
         spec = adapter_spec(self._global) if self._global else majority_spec([c for _, c in contents])
         valid = []
@@ -248,27 +253,36 @@ class AdapterFedAvg(FedAvg):
         record["train"] = dict(metrics)
         return self.global_arrays, metrics
 
+    def _check_evaluate(self, m: Message) -> ValidReply:
+        """One evaluation reply's checked metrics; raises ``ReplyError`` (its recorded reason)."""
+        if m.has_error():
+            raise ReplyError(site_reason(m.error.reason, m.error.code))
+        if list(m.content.metric_records) != ["metrics"]:
+            raise ReplyError("expected one MetricRecord 'metrics'")
+        metrics = check_metrics(m.content["metrics"], EVALUATE_METRICS, self.robust.max_num_examples)
+        return ValidReply(m.metadata.src_node_id, {}, metrics)
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Weighted means of the sites' checked evaluation metrics (bad replies are recorded)."""
+        """Weighted means of the sites' checked evaluation metrics (bad replies are recorded).
+
+        The weights are the claimed counts capped as in training (``max-site-weight``), so one
+        site's count cannot buy the federated score; replies are combined by node id.
+        """
         server_round += self.round_offset
         record = self.rounds.setdefault(server_round, {})
         record["evaluate-failures"] = []
         checked = []
-        for m in replies:
+        for m in canonical(replies):
             try:
-                if m.has_error():
-                    raise ReplyError(str(m.error.reason))
-                if list(m.content.metric_records) != ["metrics"]:
-                    raise ReplyError("expected one MetricRecord 'metrics'")
-                checked.append(
-                    check_metrics(m.content["metrics"], EVALUATE_METRICS, self.robust.max_num_examples)
-                )
+                checked.append(self._check_evaluate(m))
             except ReplyError as err:
-                record["evaluate-failures"].append({"node": m.metadata.src_node_id, "reason": str(err)})
+                self._fail(record, m.metadata.src_node_id, str(err), "evaluate")
         metrics = None
         if checked:
-            weights = [c["num-examples"] for c in checked]
-            records = _metric_records(checked, weights, self.weighted_by_key)
+            weights, record["evaluate-weight-cap"], record["evaluate-capped"] = cap_weights(
+                checked, self.robust.max_site_weight
+            )
+            records = _metric_records([c.metrics for c in checked], weights, self.weighted_by_key)
             metrics = self.evaluate_metrics_aggr_fn(records, self.weighted_by_key)
         record["evaluate"] = dict(metrics) if metrics else {}
         return metrics

@@ -4,17 +4,22 @@ A train reply must carry exactly one ``arrays`` ArrayRecord with the global adap
 shapes and float32 dtype and only finite values, and one ``metrics`` MetricRecord whose known
 keys are finite numbers in range. ``check_train_reply`` returns the parsed reply or raises
 ``ReplyError`` with a one-line reason; the strategy turns that into a ``train-failures`` entry.
+A site's error reply is recorded as its fixed failure code (``site_reason``: fedllm/failure_codes.py)
+or ``unknown-reason``, and every recorded reason passes ``clean_reason`` (one line, ≤ 200
+characters). Replies are taken in ``canonical`` order (by node id), never in arrival order.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import ArrayRecord, Message, RecordDict
 
+from fedllm.failure_codes import SITE_FAILURE_CODES, UNKNOWN_REASON
 from fedllm.wire import declared_problem
 
 DEFAULT_MAX_NUM_EXAMPLES = 1_000_000
@@ -32,6 +37,23 @@ TRAIN_METRICS = (
     "train-seconds",
 )
 EVALUATE_METRICS = ("num-examples", "loss", "accuracy", "macro-f1")
+# the largest loss a reply may report: a mean cross-entropy this large means logits 1e6 apart;
+# with weights ≤ max-num-examples no weighted mean of bounded values overflows
+MAX_LOSS = 1e6
+MAX_VALUE = 1e15
+# key: (lowest, highest, whole number); both bounds inclusive
+RANGES = {
+    "steps": (0.0, MAX_VALUE, True),
+    "update-bytes": (0.0, MAX_VALUE, True),
+    "noise-multiplier": (0.0, MAX_VALUE, False),
+    "train-seconds": (0.0, MAX_VALUE, False),
+    "train-loss": (0.0, MAX_LOSS, False),
+    "loss": (0.0, MAX_LOSS, False),
+    "accuracy": (0.0, 1.0, False),
+    "macro-f1": (0.0, 1.0, False),
+}
+REASON_LIMIT = 200  # characters of a reason the run log keeps
+PREVIEW_LIMIT = 40  # characters of an unknown site reason shown after the placeholder
 
 Spec = dict[str, tuple[int, ...]]
 
@@ -54,6 +76,12 @@ class ValidReply:
         return self.metrics["num-examples"]
 
 
+def canonical(replies: Iterable[Message]) -> list[Message]:
+    """The replies sorted by sender node id (then message id): the one order every aggregate and
+    decision is computed in, so the same replies give bit-identical results however they arrive."""
+    return sorted(replies, key=lambda m: (m.metadata.src_node_id, m.metadata.message_id))
+
+
 def adapter_spec(arrays: ArrayRecord | dict[str, np.ndarray]) -> Spec:
     """Names and shapes of the global adapter the server sent (its arrays are float32)."""
     return {name: tuple(int(d) for d in array.shape) for name, array in arrays.items()}
@@ -73,6 +101,33 @@ def majority_spec(contents: list[RecordDict]) -> Spec | None:
     return dict(specs.most_common(1)[0][0]) if specs else None
 
 
+def clean_reason(text: object, limit: int = REASON_LIMIT) -> str:
+    """``text`` fit for one log line: control characters escaped, at most ``limit`` characters.
+
+    Every reason the server records or logs passes here, so no text a site chose (an array or
+    record name inside a ``ReplyError``) can start a new log line, colour the terminal or grow a
+    ``metrics.jsonl`` row past ``limit``.
+    """
+    text = str(text)[: limit + 1]
+    escaped = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+    return escaped if len(escaped) <= limit else escaped[: limit - 3] + "..."
+
+
+def site_reason(reason: object, code: object = None) -> str:
+    """A site's error reply as the server records it: one of the fixed codes, or the placeholder.
+
+    fedllm sites send only ``SITE_FAILURE_CODES`` (fedllm/failure_codes.py). Any other reason,
+    from a site that is not fedllm's or one forging log lines, is ``unknown-reason`` with
+    Flower's error code and a short escaped preview (Flower's own errors, e.g. a node that went
+    away, land here too).
+    """
+    if isinstance(reason, str) and reason in SITE_FAILURE_CODES:
+        return reason
+    number = code if isinstance(code, int) and not isinstance(code, bool) else "?"
+    preview = clean_reason(str(reason)[:PREVIEW_LIMIT], PREVIEW_LIMIT)
+    return f"{UNKNOWN_REASON} (error code {number}: {preview!r})"
+
+
 def _number(key: str, value: object) -> float:
     """A metric value as a float: an int or float scalar (not bool, not a list), not NaN."""
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -83,13 +138,35 @@ def _number(key: str, value: object) -> float:
     return number
 
 
+def _check_range(key: str, value: float) -> None:
+    """``value`` within ``RANGES[key]`` (and a whole number where it must be one)."""
+    low, high, whole = RANGES[key]
+    if not low <= value <= high:
+        raise ReplyError(f"metric {key!r} is {value:g}, expected {low:g} to {high:g}")
+    if whole and not value.is_integer():
+        raise ReplyError(f"metric {key!r} is {value:g}, expected a whole number")
+
+
+def _check_epsilon(values: dict[str, float]) -> None:
+    """ε > 0; ε = +inf only for a reply without DP (no noise, δ = 0), finite for one with DP."""
+    if "epsilon" not in values:
+        return
+    epsilon = values["epsilon"]
+    dp = values.get("noise-multiplier", 0.0) > 0 or values.get("delta", 0.0) > 0
+    if not epsilon > 0:
+        raise ReplyError(f"metric 'epsilon' is {epsilon:g}, expected > 0")
+    if math.isinf(epsilon) and dp:
+        raise ReplyError("metric 'epsilon' is inf for a DP reply (noise-multiplier or delta > 0)")
+    if math.isfinite(epsilon) and epsilon > MAX_VALUE:
+        raise ReplyError(f"metric 'epsilon' is {epsilon:g}, expected at most {MAX_VALUE:g}")
+
+
 def check_metrics(metrics: dict, known: tuple[str, ...], max_num_examples: float) -> dict[str, float]:
     """The known metrics as floats, each checked; raises ``ReplyError`` on the first bad one.
 
-    ``num-examples`` must be a whole number in ``(0, max_num_examples]``; every other known
-    metric a finite number, except ``epsilon``, which is ``inf`` for a site without DP (as
-    clients/app.py reports it). Ranges: epsilon ≥ 0, 0 ≤ delta < 1, 0 < sample-rate ≤ 1,
-    steps, noise-multiplier, update-bytes, train-seconds ≥ 0.
+    ``num-examples`` must be a whole number in ``(0, max_num_examples]``; ``epsilon`` > 0, and
+    ``inf`` only for a reply without DP (as clients/app.py reports one); every other known metric
+    finite and in ``RANGES`` (0 ≤ delta < 1 and 0 < sample-rate ≤ 1 besides).
     """
     if "num-examples" not in metrics:
         raise ReplyError("metric 'num-examples' is missing")
@@ -102,9 +179,10 @@ def check_metrics(metrics: dict, known: tuple[str, ...], max_num_examples: float
         raise ReplyError(f"metric 'num-examples' is {n:g}, expected a positive whole number")
     if n > max_num_examples:
         raise ReplyError(f"metric 'num-examples' is {n:g}, above the server cap max-num-examples")
-    for key in ("epsilon", "steps", "noise-multiplier", "update-bytes", "train-seconds"):
-        if values.get(key, 0.0) < 0:
-            raise ReplyError(f"metric {key!r} is {values[key]:g}, expected ≥ 0")
+    for key, value in values.items():
+        if key in RANGES:
+            _check_range(key, value)
+    _check_epsilon(values)
     if not 0.0 <= values.get("delta", 0.0) < 1.0:
         raise ReplyError(f"metric 'delta' is {values['delta']:g}, expected 0 ≤ delta < 1")
     if not 0.0 < values.get("sample-rate", 1.0) <= 1.0:

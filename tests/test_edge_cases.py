@@ -172,6 +172,19 @@ def test_jsonl_error_names_the_line(tmp_path, line, says):
     assert _one_line(caught.value).startswith(f"{path}: line 3: {says}")
 
 
+def test_site_join_reports_a_deeply_nested_jsonl_line_in_one_line(tmp_path, capsys):
+    data = tmp_path / "site.jsonl"
+    data.write_bytes(b'{"text": "a", "label": "x"}\n' + b"[" * 200_000 + b"\n")  # RecursionError in json
+    argv = ["join", "--superlink", "127.0.0.1:9", "--insecure", "--data-file", str(data)]
+    argv += ["--state-dir", str(tmp_path / "state")]
+    with pytest.raises(SystemExit) as code:
+        site_main(argv)
+    err = capsys.readouterr().err
+    assert code.value.code == 2 and err.count("\n") == 1, err[-2000:]
+    assert err.startswith(f"site cannot join: {data}: line 2: JSON nested too deeply")
+    assert not (tmp_path / "state").exists()
+
+
 # ---------------------------------------------------------------- long texts
 
 

@@ -195,9 +195,9 @@ def test_site_errors_are_recorded_and_the_round_goes_on():
     g = global_adapter()
     strategy = AdapterFedAvg()
     start_round(strategy, g, [*GOOD, BAD])
-    aggregate, _ = strategy.aggregate_train(1, [*_good_replies(g), error_reply(BAD, "site-data-error")])
+    aggregate, _ = strategy.aggregate_train(1, [*_good_replies(g), error_reply(BAD, "site-declined")])
     record = strategy.round_summary(1)
-    assert record["train-failures"] == [{"node": BAD, "reason": "site-data-error"}]
+    assert record["train-failures"] == [{"node": BAD, "reason": "site-declined"}]
     assert record["dropped"] == [] and aggregate is not None
 
 

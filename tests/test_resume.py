@@ -29,7 +29,7 @@ from fedllm.model import build_model
 from fedllm.privacy import count_entry, epsilon_for
 from fedllm.shards import write_shards
 from server.app import _save
-from server.resume import ResumeError, commit, find, load_checkpoint, run_record, write_config
+from server.resume import ResumeError, commit, find, load_checkpoint, load_last_good, run_record, write_config
 from server.runlog import RunLog
 from server.strategy import AdapterFedAvg
 from simulations.superlink import FlowerCLI, descendants, free_port, is_alive, run_config_arg, start_superlink
@@ -160,6 +160,41 @@ def test_a_checkpoint_loads_bit_for_bit_so_the_sites_see_the_same_global(tmp_pat
     loaded = load_checkpoint(fresh, tmp_path / "round-001")
     assert list(loaded.keys()) == list(sent.keys())
     assert arrays_digest(loaded) == arrays_digest(sent)
+
+
+def test_a_truncated_checkpoint_falls_back_to_the_round_before_it_with_one_warning(
+    tmp_path, run_config, caplog
+):
+    settings = settings_from(run_config)
+    run_dir = tmp_path / "runs" / "cut"
+    run_dir.mkdir(parents=True)
+    record = run_record(run_config, {}, LABELS)
+    write_config(run_dir, record, "4242")
+    log = RunLog(run_dir, {})
+    sent = []
+    for r in range(3):
+        model = build_model(settings.replace(seed=r), LABELS, torch.device("cpu"))
+        _save(model, run_dir / f"round-{r:03d}", LABELS)
+        sent.append(adapter_to_record(model))
+        log.round(r, {}, {})
+    cut = run_dir / "round-002" / "adapter_model.safetensors"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])  # non-empty: passes find's check
+    point = find("cut", run_dir.parent.resolve(), record, num_rounds=3)
+    assert point.last_round == 2
+    model = build_model(settings.replace(seed=9), LABELS, torch.device("cpu"))
+    with caplog.at_level("WARNING"):
+        point, loaded = load_last_good(model, point)
+    assert point.last_round == 1 and [r["round"] for r in point.rows] == [0, 1]
+    assert arrays_digest(loaded) == arrays_digest(sent[1])
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "round-002" in warning and "resuming after round 1" in warning and "\n" not in warning
+    commit(point, record, run_id=8)
+    assert not (run_dir / "round-002").exists() and (run_dir / "round-001").is_dir()
+    for r in (0, 1):
+        (run_dir / f"round-{r:03d}" / "adapter_model.safetensors").write_bytes(b"\x08\x00")
+    with pytest.raises(ResumeError, match="no earlier round") as err:
+        load_last_good(model, find("cut", run_dir.parent.resolve(), record, num_rounds=3))
+    assert "\n" not in str(err.value)
 
 
 def _fake_run(root: Path, rounds_logged: int, rounds_saved: int) -> tuple[Path, dict]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from clients.site import SiteConfigError, check_superlink
+from clients.site import SiteConfigError, check_credentials, check_superlink
 from clients.site import main as site_main
 from server.credentials import make_ca_and_server, make_site_key
 from simulations.superlink import free_port
@@ -101,3 +101,16 @@ def test_an_address_where_nothing_listens_stops_the_join_in_one_line(tmp_path, f
     assert not (tmp_path / "state").exists()
     with pytest.raises(SiteConfigError, match="expected HOST:PORT"):
         check_superlink("fed.example.org", certs / "ca.crt")
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604])
+def test_a_site_key_others_may_read_is_refused_in_one_line(tmp_path, frame, certs, capsys, mode):
+    key = tmp_path / "site-1"
+    key.write_bytes((certs / "site-1").read_bytes())
+    key.chmod(mode)
+    code, err = _join(tmp_path, frame, tmp_path, f"127.0.0.1:{free_port()}", certs / "ca.crt", capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"--auth-key {key}: readable by its group or others" in err and f"chmod 600 {key}" in err
+    assert not (tmp_path / "state").exists()
+    key.chmod(0o600)
+    check_credentials(certs / "ca.crt", key)  # the same key, private: accepted
