@@ -28,6 +28,7 @@ from clients.bookkeeping import book_releases, site_state_dir
 from clients.books import RunBooks, SiteBooks
 from clients.policy import SitePolicy, SitePolicyError, failures_as_codes, is_virtual_site, site_secret
 from clients.replay import KeptReply, ReplyStore, arrays_digest, run_key
+from clients.secagg import secagg_mod
 from fedllm.adapters import adapter_from_record, adapter_to_record
 from fedllm.config import Settings, settings_from
 from fedllm.data import SiteData, load_site_file, loss_weights, partition_sites, tokenize
@@ -37,7 +38,7 @@ from fedllm.privacy import PrivacyPlan, count_entry, epsilon_for, plan_privacy, 
 from fedllm.shards import ShardSettings
 from fedllm.train import evaluate, train_local
 
-app = ClientApp(mods=[failures_as_codes, book_releases])
+app = ClientApp(mods=[failures_as_codes, secagg_mod, book_releases])  # secagg_mod: clients/secagg.py
 LEDGER_NAME = "privacy_ledger.json"
 
 

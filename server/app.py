@@ -24,10 +24,12 @@ from fedllm.adapters import adapter_from_record, adapter_to_record, full_model_n
 from fedllm.config import settings_from
 from fedllm.data import load_splits, tokenize
 from fedllm.model import build_model, load_tokenizer, pick_device
+from fedllm.secagg import SecAggSettings
 from fedllm.train import evaluate
 from server.resume import commit, find, load_checkpoint, resume_dir, run_record, write_config
 from server.robust import RobustSettings
 from server.runlog import RunLog
+from server.secagg_fedavg import SecAggFedAvg
 from server.settings import ServerSettings
 from server.strategy import AdapterFedAvg
 
@@ -110,7 +112,12 @@ def main(grid: Grid, context: Context) -> None:
         f"fedllm: adapter update {update_bytes:,} B vs full model state dict {full_bytes:,} B "
         f"({full_bytes / update_bytes:.0f}x smaller); run dir {run_dir}"
     )
-    print(f"fedllm: every train reply is validated; {robust.describe()}")
+    secagg = SecAggSettings.from_run_config(rc)
+    if secagg.enabled:
+        clip = secagg.clip(settings)
+        print(f"fedllm: secure aggregation (secagg+): the server sees only the sum; clip ±{clip:g}")
+    else:
+        print(f"fedllm: every train reply is validated; {robust.describe()}")
     test_ds = None
     if server_eval and splits is not None:
         test_ds = tokenize(
@@ -143,7 +150,10 @@ def main(grid: Grid, context: Context) -> None:
         log.round(server_round, strategy.round_summary(server_round), scores)
         return MetricRecord(scores) if scores else None
 
-    strategy = AdapterFedAvg(robust=robust, **server.strategy_kwargs())
+    if secagg.enabled:  # the server sees only the sum of the sites' updates (server/secagg_fedavg.py)
+        strategy = SecAggFedAvg(secagg, settings, robust=robust, **server.strategy_kwargs())
+    else:
+        strategy = AdapterFedAvg(robust=robust, **server.strategy_kwargs())
     if rows:
         strategy.restore(rows)  # the kept rounds' direction evidence (cosine) carries on
     strategy.start(
