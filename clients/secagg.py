@@ -187,8 +187,8 @@ def _collect(msg, context, config, state, call_next) -> tuple[RecordDict, Config
     glob = {name: array.numpy() for name, array in msg.content["arrays"].items()}
     del msg.content.config_records[RECORD]  # the train handler sees a plain train message
     reply = call_next(msg, context)
-    if reply.has_error():
-        raise SecAggRefusal("the round's training failed; this site drops out before masking")
+    if reply.has_error():  # the inner code (already a fixed one) reaches the server unchanged
+        raise SitePolicyError(str(reply.error.reason), "training failed; the site drops out before masking")
     trained = {name: array.numpy() for name, array in reply.content["arrays"].items()}
     _require(list(trained) == list(glob), "the trained adapter's names differ from the global one")
     names = list(glob)

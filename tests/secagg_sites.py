@@ -30,6 +30,7 @@ class SecAggGrid:
             for nid in updates
         }
         self.drop: dict[int, str] = {}
+        self.fail: set[int] = set()  # nodes whose training raises (a site-declined failure)
         self.recorded: list[tuple[int, str, RecordDict]] = []
         self.sent: list[Message] = []
 
@@ -39,6 +40,8 @@ class SecAggGrid:
     def _train(self, msg: Message, context: Context) -> Message:
         """The scripted train handler: the global adapter plus this site's Δ, and its metrics."""
         nid = msg.metadata.dst_node_id
+        if nid in self.fail:
+            raise RuntimeError("the site's data could not be read")
         glob = {k: v.numpy() for k, v in msg.content["arrays"].items()}
         arrays = ArrayRecord({k: Array((glob[k] + self.updates[nid][k]).astype(np.float32)) for k in glob})
         content = RecordDict({"arrays": arrays, "metrics": MetricRecord(self.metrics[nid])})

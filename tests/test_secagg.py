@@ -160,6 +160,20 @@ def test_one_of_five_sites_dropping_completes_the_round_with_the_survivors_mean(
     assert record["secagg"]["recovered"] == ([NODES[2]] if stage == "collect" else [])
 
 
+def test_a_site_whose_training_fails_drops_out_with_its_fixed_code():
+    """The train handler's failure reaches the server as the code it always was (site-declined);
+    the round goes on without that site, as for a site lost before masking."""
+    np.random.seed(5)
+    glob, updates, metrics = global_adapter(), _updates(6), _metrics(private=False)
+    grid = SecAggGrid(updates, metrics, RUN)
+    grid.fail.add(NODES[1])
+    strategy = _run(grid, glob)
+    survivors = [n for n in NODES if n != NODES[1]]
+    result = as_dict(strategy.global_arrays)
+    assert _max_error(result, _weighted_mean(glob, updates, metrics, survivors)) <= _bound(metrics, survivors)
+    assert strategy.round_summary(1)["train-failures"] == [{"node": NODES[1], "reason": "site-declined"}]
+
+
 @pytest.mark.parametrize("stage", ["setup", "share-keys", "collect", "unmask"])
 def test_too_many_drops_abort_the_round_and_the_global_stays(stage):
     glob, updates, metrics = global_adapter(), _updates(3), _metrics(private=False)
