@@ -263,3 +263,20 @@ def test_a_site_refuses_a_plain_train_message_or_a_small_round_under_secagg():
     small = Message(RecordDict({"secagg": ConfigRecord(setup)}), dst_node_id=NODES[0], message_type="train")
     [answer] = grid.send_and_receive([small])
     assert answer.has_error() and answer.error.reason == "site-refused-secagg"
+
+
+def test_settings_clip_range_and_share_plan():
+    default = SecAggSettings()
+    assert not default.enabled and SecAggSettings.from_run_config({}) == default
+    assert default.clip(Settings(target_epsilon=8.0)) == 4 * 10.0 * 1.0  # the DP head recipe: lr 10, C 1
+    assert default.clip(Settings(target_epsilon=math.inf)) == 1.0
+    assert SecAggSettings(secagg_clip=0.5).clip(Settings()) == 0.5
+    assert default.shares_and_threshold(5) == (5, 3)
+    assert SecAggSettings(secagg_num_shares=4).shares_and_threshold(10) == (5, 3)  # odd ring
+    assert SecAggSettings(secagg_threshold=1.0).shares_and_threshold(4) == (4, 4)
+    with pytest.raises(ValueError, match=r"^run config aggregation='secagg': use plain or secagg\+"):
+        SecAggSettings.from_run_config({"aggregation": "secagg"})
+    with pytest.raises(ValueError, match="secagg-threshold"):
+        SecAggSettings.from_run_config({"secagg-threshold": 0.4})
+    with pytest.raises(ValueError, match="aggregator='krum' needs each site's update"):
+        SecAggFedAvg(SecAggSettings(aggregation="secagg+"), Settings(), RobustSettings(aggregator="krum"))
