@@ -29,6 +29,7 @@ from clients.books import RunBooks, SiteBooks
 from clients.pin import pinned_app
 from clients.policy import SitePolicy, SitePolicyError, failures_as_codes, is_virtual_site, site_secret
 from clients.replay import KeptReply, ReplyStore, arrays_digest, run_key
+from clients.secagg import secagg_mod
 from fedllm.adapters import adapter_from_record, adapter_to_record
 from fedllm.config import Settings, settings_from
 from fedllm.data import SiteData, load_site_file, loss_weights, partition_sites, tokenize
@@ -38,7 +39,8 @@ from fedllm.privacy import PrivacyPlan, count_entry, epsilon_for, plan_privacy, 
 from fedllm.shards import ShardSettings
 from fedllm.train import evaluate, train_local
 
-app = ClientApp(mods=[failures_as_codes, pinned_app, book_releases])
+# pinned_app: clients/pin.py (refuses runs of other apps first); secagg_mod: clients/secagg.py
+app = ClientApp(mods=[failures_as_codes, pinned_app, secagg_mod, book_releases])
 LEDGER_NAME = "privacy_ledger.json"
 
 

@@ -26,11 +26,13 @@ from fedllm.adapters import adapter_from_record, adapter_to_record, full_model_n
 from fedllm.config import settings_from
 from fedllm.data import load_splits, tokenize
 from fedllm.model import build_model, load_tokenizer, pick_device
+from fedllm.secagg import SecAggSettings
 from fedllm.train import evaluate
 from server.resume import commit, find, load_last_good, resume_dir, run_record, write_config
 from server.robust import RobustSettings
 from server.runlock import RunLock
 from server.runlog import RunLog
+from server.secagg_fedavg import SecAggFedAvg
 from server.settings import ServerSettings
 from server.strategy import AdapterFedAvg
 
@@ -154,7 +156,12 @@ def _run(grid: Grid, context: Context, server: ServerSettings, stack: ExitStack)
         f"fedllm: adapter update {update_bytes:,} B vs full model state dict {full_bytes:,} B "
         f"({full_bytes / update_bytes:.0f}x smaller); run dir {run_dir}"
     )
-    print(f"fedllm: every train reply is validated; {robust.describe()}")
+    secagg = SecAggSettings.from_run_config(rc)
+    if secagg.enabled:
+        clip = secagg.clip(settings)
+        print(f"fedllm: secure aggregation (secagg+): the server sees only the sum; clip ±{clip:g}")
+    else:
+        print(f"fedllm: every train reply is validated; {robust.describe()}")
     test_ds = _server_test_set(settings, splits, labels) if server.server_eval else None
     head_only = settings.resolved().trainable == "head"  # the encoder never changes
     log = RunLog(run_dir, {"adapter-bytes": update_bytes, "full-model-bytes": full_bytes}, run.rows)
@@ -175,7 +182,10 @@ def _run(grid: Grid, context: Context, server: ServerSettings, stack: ExitStack)
         log.round(server_round, strategy.round_summary(server_round), scores)
         return MetricRecord(scores) if scores else None
 
-    strategy = AdapterFedAvg(robust=robust, **server.strategy_kwargs())
+    if secagg.enabled:  # the server sees only the sum of the sites' updates (server/secagg_fedavg.py)
+        strategy = SecAggFedAvg(secagg, settings, robust=robust, **server.strategy_kwargs())
+    else:
+        strategy = AdapterFedAvg(robust=robust, **server.strategy_kwargs())
     if run.rows:
         strategy.restore(run.rows)  # the kept rounds' direction evidence (cosine) carries on
     strategy.start(

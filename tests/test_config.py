@@ -19,12 +19,17 @@ from fedllm.config import (
     flower_defaults,
     settings_from,
 )
+from fedllm.secagg import SecAggSettings
 from fedllm.shards import ShardSettings
 from server.robust import RobustSettings
 from server.settings import ServerSettings
 
 # the classes whose defaults the table holds as they are (a TOML value of the field's type)
-PLAIN_SOURCES = {"server/settings.py": ServerSettings, "fedllm/shards.py": ShardSettings}
+PLAIN_SOURCES = {
+    "server/settings.py": ServerSettings,
+    "fedllm/shards.py": ShardSettings,
+    "fedllm/secagg.py": SecAggSettings,
+}
 
 
 def test_hyphenated_keys_and_string_values_are_coerced():
