@@ -28,10 +28,10 @@ def _run(trainable: str, mode: str, args: argparse.Namespace, queue) -> None:
 
     import torch
 
+    from fedllm.accounting import PrivacyPlan
     from fedllm.config import Settings
     from fedllm.data import load_splits, tokenize
     from fedllm.model import build_model, load_tokenizer
-    from fedllm.privacy import PrivacyPlan
     from fedllm.train import train_local
 
     warnings.filterwarnings("ignore")

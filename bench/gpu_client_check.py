@@ -23,11 +23,11 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 
 from clients.app import STATE_KEY, evaluate_global, train
+from fedllm.accounting import epsilon_for
 from fedllm.adapters import adapter_to_record
 from fedllm.config import settings_from
 from fedllm.data import load_splits
 from fedllm.model import build_model, pick_device
-from fedllm.privacy import epsilon_for
 
 ROOT = Path(__file__).resolve().parents[1]
 

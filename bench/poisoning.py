@@ -40,11 +40,11 @@ import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from replies import train_reply
 
+from fedllm.accounting import counted_plan
 from fedllm.adapters import adapter_state, set_adapter_arrays
 from fedllm.config import settings_from
 from fedllm.data import load_splits, loss_weights, partition_sites, tokenize
 from fedllm.model import build_model, load_tokenizer
-from fedllm.privacy import counted_plan
 from fedllm.train import evaluate, train_local
 from server.robust import RobustSettings
 from server.strategy import AdapterFedAvg

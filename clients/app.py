@@ -30,12 +30,12 @@ from clients.pin import pinned_app
 from clients.policy import SitePolicy, SitePolicyError, failures_as_codes, is_virtual_site, site_secret
 from clients.replay import KeptReply, ReplyStore, arrays_digest, run_key
 from clients.secagg import secagg_mod
+from fedllm.accounting import PrivacyPlan, count_entry, epsilon_for, plan_privacy, private_count
 from fedllm.adapters import adapter_from_record, adapter_to_record
 from fedllm.config import Settings, settings_from
 from fedllm.data import SiteData, load_site_file, loss_weights, partition_sites, tokenize
 from fedllm.ledger import PrivacyLedger, fingerprint_file, lifetime_statement, statement
 from fedllm.model import build_model, load_tokenizer, pick_device
-from fedllm.privacy import PrivacyPlan, count_entry, epsilon_for, plan_privacy, private_count
 from fedllm.shards import ShardSettings
 from fedllm.train import evaluate, train_local
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 from flwr.app import ConfigRecord, Context
 
+from fedllm.accounting import PrivacyPlan
 from fedllm.ledger import LedgerError, PrivacyLedger, is_release
-from fedllm.privacy import PrivacyPlan
 
 STATE_KEY = "fedllm-privacy"
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
+from fedllm.accounting import counted_plan
 from fedllm.adapters import save_adapter
 from fedllm.config import Settings, add_settings_arguments, settings_from
 from fedllm.data import load_splits, loss_weights, tokenize
 from fedllm.model import build_model, count_parameters, load_tokenizer, pick_device
-from fedllm.privacy import counted_plan
 from fedllm.train import evaluate, train_local
 
 

@@ -33,7 +33,7 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from fedllm.privacy import PrivacyPlan, compact, epsilon_for
+from fedllm.accounting import PrivacyPlan, compact, epsilon_for
 
 VERSION = 1
 RELEASE_KINDS = ("no-dp", "evaluation")  # release records: not DP (no-dp is epsilon = infinity)

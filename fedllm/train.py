@@ -26,17 +26,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from fedllm import known_warnings
+from fedllm.accounting import PrivacyPlan, check_budget, local_steps, sample_rate
 from fedllm.config import Settings
 from fedllm.features import HeadOnFeatures, pooled_features
-from fedllm.privacy import (
-    PrivacyPlan,
-    attach,
-    check_budget,
-    entropy_generator,
-    local_steps,
-    sample_rate,
-    zero_sum_gradients,
-)
+from fedllm.privacy import attach, entropy_generator, zero_sum_gradients
 
 
 class FrozenTrainingError(RuntimeError):

@@ -22,11 +22,11 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from transformers import BertConfig, PreTrainedTokenizerBase
 
+from fedllm.accounting import PrivacyPlan, counted_plan, local_steps, resolve_delta, sample_rate
 from fedllm.adapters import adapter_state, set_adapter_arrays
 from fedllm.config import Settings
 from fedllm.data import SiteData, load_splits, partition_sites, tokenize
 from fedllm.model import build_model, count_parameters, load_tokenizer
-from fedllm.privacy import PrivacyPlan, counted_plan, local_steps, resolve_delta, sample_rate
 from fedllm.train import evaluate, train_local
 
 State = dict[str, torch.Tensor]

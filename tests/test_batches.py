@@ -20,8 +20,9 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedllm import train as train_module
+from fedllm.accounting import local_steps, plan_privacy
 from fedllm.config import DP_SAMPLE_RATE, Settings
-from fedllm.privacy import attach, local_steps, plan_privacy
+from fedllm.privacy import attach
 from fedllm.train import build_optimizer, logical_batch_size, train_local
 
 STEP = -1  # marks an optimizer step in the event list

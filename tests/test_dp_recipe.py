@@ -7,12 +7,12 @@ import math
 
 import torch
 
+from fedllm.accounting import plan_privacy
 from fedllm.adapters import adapter_state
 from fedllm.config import DP_ENCODER_LR, DP_HEAD_LR, DP_SAMPLE_RATE, Settings
 from fedllm.data import tokenize
 from fedllm.features import HeadOnFeatures, pooled_features
 from fedllm.model import build_model
-from fedllm.privacy import plan_privacy
 from fedllm.train import evaluate, train_local
 
 from .conftest import DEVICE, LABELS

@@ -12,9 +12,9 @@ import pytest
 from flwr.app import MetricRecord
 
 from clients.policy import SitePolicyError, failure_code
+from fedllm.accounting import BudgetExhaustedError
 from fedllm.failure_codes import SITE_FAILURE_CODES, UNKNOWN_REASON
 from fedllm.ledger import LedgerError
-from fedllm.privacy import BudgetExhaustedError
 from server.runlog import RunLog
 from server.strategy import AdapterFedAvg
 

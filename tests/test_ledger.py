@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from fedllm.accounting import epsilon_for
 from fedllm.ledger import (
     LedgerError,
     PrivacyLedger,
@@ -22,7 +23,6 @@ from fedllm.ledger import (
     not_covered_by,
     run_epsilon,
 )
-from fedllm.privacy import epsilon_for
 
 from .conftest import init_site
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from fedllm.accounting import BudgetExhaustedError, epsilon_for, plan_privacy
 from fedllm.data import tokenize
 from fedllm.model import build_model
-from fedllm.privacy import BudgetExhaustedError, epsilon_for, plan_privacy
 from fedllm.train import FrozenTrainingError, classification_metrics, evaluate, lr_schedule, train_local
 
 from .conftest import DEVICE, LABELS

@@ -20,10 +20,11 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedllm.accounting import plan_privacy, steps_per_epoch
 from fedllm.config import Settings
 from fedllm.data import tokenize
 from fedllm.model import build_model
-from fedllm.privacy import attach, plan_privacy, steps_per_epoch, zero_sum_gradients
+from fedllm.privacy import attach, zero_sum_gradients
 from fedllm.train import train_local
 
 from .conftest import DEVICE, LABELS

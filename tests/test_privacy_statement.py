@@ -23,12 +23,12 @@ from scipy.stats import norm
 import clients.app
 from clients.policy import SitePolicy
 from clients.site import main as site_main
+from fedllm.accounting import PrivacyPlan, count_entry, epsilon_for, plan_privacy
 from fedllm.adapters import adapter_to_record
 from fedllm.config import Settings, settings_from
 from fedllm.data import tokenize
 from fedllm.ledger import PrivacyLedger, total_steps
 from fedllm.model import build_model
-from fedllm.privacy import PrivacyPlan, count_entry, epsilon_for, plan_privacy
 from fedllm.train import train_local
 
 from .conftest import LABELS, TINY

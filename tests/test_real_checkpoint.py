@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from fedllm.accounting import plan_privacy
 from fedllm.config import Settings
 from fedllm.data import load_splits, tokenize
 from fedllm.model import build_model, embedded_model_path, load_tokenizer
-from fedllm.privacy import plan_privacy
 from fedllm.train import train_local
 
 pytestmark = pytest.mark.slow

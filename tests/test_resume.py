@@ -22,11 +22,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadat
 
 from clients.app import app
 from clients.replay import KeptReply, ReplyStore, arrays_digest
+from fedllm.accounting import count_entry, epsilon_for
 from fedllm.adapters import adapter_state, adapter_to_record
 from fedllm.config import settings_from
 from fedllm.ledger import PrivacyLedger, run_epsilon, total_steps
 from fedllm.model import build_model
-from fedllm.privacy import count_entry, epsilon_for
 from fedllm.shards import write_shards
 from server.app import _save
 from server.resume import ResumeError, commit, find, load_checkpoint, load_last_good, run_record, write_config

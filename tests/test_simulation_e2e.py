@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from fedllm.privacy import epsilon_for
+from fedllm.accounting import epsilon_for
 from simulations.superlink import SimulationLink
 
 from .rescore import rescore

@@ -18,11 +18,11 @@ from clients.app import app
 from clients.books import STATE_KEY
 from clients.policy import DP_REPLY_KEYS
 from clients.site import main as site_main
+from fedllm.accounting import count_entry
 from fedllm.adapters import adapter_to_record
 from fedllm.config import settings_from
 from fedllm.ledger import PrivacyLedger, total_steps
 from fedllm.model import build_model
-from fedllm.privacy import count_entry
 
 from .conftest import LABELS, init_site
 

@@ -6,9 +6,9 @@ import pytest
 from flwr.app import Context, RecordDict
 
 from clients.policy import SitePolicy, SitePolicyError, failure_code
+from fedllm.accounting import epsilon_for, plan_privacy
 from fedllm.config import Settings
 from fedllm.data import DataError
-from fedllm.privacy import epsilon_for, plan_privacy
 
 
 def _context(node_config: dict, run_config: dict | None = None) -> Context:

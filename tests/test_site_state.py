@@ -21,8 +21,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, Reco
 
 from clients.app import app
 from clients.site import main as site_main
+from fedllm.accounting import epsilon_for
 from fedllm.ledger import LedgerError, PrivacyLedger
-from fedllm.privacy import epsilon_for
 from fedllm.site_state import (
     MARKER,
     SECRET,

@@ -13,6 +13,7 @@ from flwr.app import MetricRecord
 from peft import get_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 
+from fedllm.accounting import plan_privacy
 from fedllm.adapters import (
     adapter_from_record,
     adapter_state,
@@ -22,7 +23,6 @@ from fedllm.adapters import (
 )
 from fedllm.data import tokenize
 from fedllm.model import build_model, load_trained
-from fedllm.privacy import plan_privacy
 from fedllm.train import train_local
 from server.strategy import AdapterFedAvg
 

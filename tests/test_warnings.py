@@ -13,12 +13,13 @@ from contextlib import nullcontext
 
 import pytest
 
+import fedllm.accounting
 import fedllm.privacy
 import fedllm.train
 from fedllm import KNOWN_WARNINGS
+from fedllm.accounting import PrivacyPlan, plan_privacy, resolve_delta, sample_rate
 from fedllm.data import tokenize
 from fedllm.model import build_model
-from fedllm.privacy import PrivacyPlan, plan_privacy, resolve_delta, sample_rate
 from fedllm.train import train_local
 
 from .conftest import DEVICE, LABELS
@@ -40,8 +41,8 @@ def _private_trainings(settings, tiny_config, tokenizer, frame) -> list[str]:
     noise_free = PrivacyPlan(
         0.0, sample_rate(n, settings.batch_size), resolve_delta(settings), 1, math.inf, "rdp", 1
     )
-    fedllm.privacy._calibrate.cache_clear()
-    fedllm.privacy._epsilon.cache_clear()
+    fedllm.accounting._calibrate.cache_clear()
+    fedllm.accounting._epsilon.cache_clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for s, plan in ((full_batch, None), (settings.replace(max_steps=1), noise_free)):
@@ -69,6 +70,7 @@ def test_every_known_warning_is_one_private_training_emits(
     """Without fedllm's scoping each known message shows: no entry of KNOWN_WARNINGS is stale,
     and the test above checks something that would otherwise be seen."""
     monkeypatch.setattr(fedllm.privacy, "known_warnings", nullcontext)
+    monkeypatch.setattr(fedllm.accounting, "known_warnings", nullcontext)
     monkeypatch.setattr(fedllm.train, "known_warnings", nullcontext)
     messages = _private_trainings(settings, tiny_config, tokenizer, frame)
     assert [p for p in OPACUS if not _matching(messages, p)] == []
