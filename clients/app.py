@@ -34,9 +34,11 @@ from fedllm.accounting import PrivacyPlan, count_entry, epsilon_for, plan_privac
 from fedllm.adapters import adapter_from_record, adapter_to_record
 from fedllm.config import Settings, settings_from
 from fedllm.data import SiteData, load_site_file, loss_weights, partition_sites, tokenize
-from fedllm.ledger import PrivacyLedger, fingerprint_file, lifetime_statement, statement
+from fedllm.files import fingerprint_file
+from fedllm.ledger import PrivacyLedger
 from fedllm.model import build_model, load_tokenizer, pick_device
 from fedllm.shards import ShardSettings
+from fedllm.statement import lifetime_statement, statement
 from fedllm.train import evaluate, train_local
 
 # pinned_app: clients/pin.py (refuses runs of other apps first); secagg_mod: clients/secagg.py

@@ -30,7 +30,8 @@ from flwr.common.constant import ErrorCode
 from fedllm import failure_codes as codes
 from fedllm.accounting import BudgetExhaustedError, check_delta, epsilon_for, resolve_delta
 from fedllm.config import Settings
-from fedllm.ledger import DEFAULT_NOT_COVERED, LedgerError
+from fedllm.ledger import LedgerError
+from fedllm.statement import DEFAULT_NOT_COVERED
 
 DEFAULT_MAX_EPSILON = 8.0
 DEFAULT_MAX_DELTA = 1e-5

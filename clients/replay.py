@@ -35,7 +35,8 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 
-from fedllm.ledger import LedgerError, write_durably
+from fedllm.files import write_durably
+from fedllm.ledger import LedgerError
 
 REPLIES_DIR = "replies"
 STATE_ARRAYS, STATE_METRICS, STATE_META = "fedllm-kept-arrays", "fedllm-kept-metrics", "fedllm-kept-reply"

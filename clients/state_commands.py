@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 
 from clients.policy import DEFAULT_MAX_DELTA
-from fedllm.ledger import is_release, lifetime_statement, not_covered_by, run_epsilon
+from fedllm.ledger import is_release, run_epsilon
 from fedllm.site_state import (
     SiteState,
     StateError,
@@ -24,6 +24,7 @@ from fedllm.site_state import (
     open_state,
     rebase_high_water,
 )
+from fedllm.statement import lifetime_statement, not_covered_by
 
 
 def init(args: argparse.Namespace) -> int:

@@ -24,23 +24,19 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
-import hashlib
 import json
 import math
 import numbers
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from fedllm.accounting import PrivacyPlan, compact, epsilon_for
+from fedllm.files import write_durably
 
 VERSION = 1
 RELEASE_KINDS = ("no-dp", "evaluation")  # release records: not DP (no-dp is epsilon = infinity)
 ACCOUNTANTS = ("prv", "rdp", "gdp")
-DEFAULT_NOT_COVERED = [  # what every DP site releases outside DP (clients.policy adds opt-ins)
-    "which rounds the site took part in, whether it answered and when (timing of replies)",
-]
 
 
 class LedgerError(ValueError):
@@ -172,38 +168,6 @@ def validate(doc: object, path: Path, fix: str | None = None) -> dict[str, dict]
         if problem := _entry_problem(entry):
             raise _fault(path, f"run {key!r}: {problem}", fix)
     return runs
-
-
-def fingerprint_file(path: str | Path) -> str:
-    """``sha256:<hex>`` of a file's bytes, or of a folder's sorted relative paths and their bytes."""
-    root = Path(path)
-    digest = hashlib.sha256()
-    files = {"": root}
-    if root.is_dir():
-        files = {p.relative_to(root).as_posix(): p for p in root.rglob("*") if p.is_file()}
-    for name, file in sorted(files.items()):
-        if name:  # a folder: its layout counts too
-            label = name.encode()
-            digest.update(len(label).to_bytes(8, "big") + label + file.stat().st_size.to_bytes(8, "big"))
-        with file.open("rb") as handle:
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
-    return f"sha256:{digest.hexdigest()}"
-
-
-def write_durably(target: Path, data: bytes) -> None:
-    """Unique temp file in the same folder, flush + fsync, then an atomic rename over ``target``."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 class PrivacyLedger:
@@ -403,63 +367,3 @@ def refuse_empty_without_backup(path: Path, runs: Mapping, backup: Mapping | Non
     """fedllm never writes a ledger without runs, nor one without its backup: such a file is a reset."""
     if not runs and backup is None:
         raise _fault(path, "holds no runs and has no backup (fedllm never writes such a ledger: reset?)")
-
-
-def not_covered_by(runs: Mapping[str, Mapping]) -> list[str]:
-    """The union of the runs' ``not-covered`` lists (first-seen order), else the default."""
-    seen = dict.fromkeys(s for run in runs.values() for s in run.get("not-covered", []))
-    return list(seen) or list(DEFAULT_NOT_COVERED)
-
-
-def lifetime_statement(
-    ledger: PrivacyLedger, delta: float, mechanism: str = "prv", not_covered: list[str] | None = None
-) -> str:
-    """The site's lifetime guarantee in plain words, over every run and release in the ledger.
-
-    A train reply sent without DP makes it ε = ∞, said plainly; evaluation answers are listed
-    as not covered.
-    """
-    entries = ledger.runs
-    runs = {k: e for k, e in entries.items() if not is_release(e)}
-    releases = {k: e for k, e in entries.items() if is_release(e)}
-    gaps = [*(not_covered or DEFAULT_NOT_COVERED), *release_gaps(releases)]
-    no_dp = sorted(k.rsplit("#", 1)[0] for k, e in releases.items() if e["kind"] == "no-dp")
-    if no_dp:
-        return (
-            f"This site's data has NO differential privacy guarantee: lifetime ε = ∞ (δ = {delta:g}), "
-            f"because it sent updates trained without DP in {len(no_dp)} run(s) ({', '.join(no_dp)}). "
-            f"Not covered either: {'; '.join(gaps)}."
-        )
-    if not runs:
-        return (
-            f"No DP training was recorded at this site ({ledger.path} holds no DP runs): no privacy "
-            "budget has been spent, and no guarantee can be stated."
-            + (f" Released outside DP: {'; '.join(release_gaps(releases))}." if releases else "")
-        )
-    epsilon = epsilon_for([h for run in runs.values() for h in run["history"]], delta, mechanism)
-    return statement(epsilon, delta, len(runs), mechanism, gaps)
-
-
-def release_gaps(releases: Mapping[str, Mapping]) -> list[str]:
-    """Plain-words lines for the evaluation release records (exact scores, not DP)."""
-    answers = [e["count"] for e in releases.values() if e["kind"] == "evaluation"]
-    if not answers:
-        return []
-    return [
-        f"{sum(answers)} exact evaluation answer(s) on the local test split in {len(answers)} run(s) "
-        "(release-evaluation; the rows of that split have no DP guarantee from them)"
-    ]
-
-
-def statement(
-    epsilon: float, delta: float, num_runs: int, mechanism: str = "prv", not_covered: list[str] | None = None
-) -> str:
-    """The guarantee for a lifetime ε over ``num_runs`` runs, in plain words."""
-    count = f"{num_runs} run{'' if num_runs == 1 else 's'}"
-    gaps = "; ".join(not_covered or DEFAULT_NOT_COVERED)
-    return (
-        f"This site's data is protected by (ε = {epsilon:.2f}, δ = {delta:g}) example-level "
-        f"differential privacy, lifetime over {count} (every DP-SGD step this site took, composed "
-        f"with Opacus' {mechanism.upper()} accountant, each run's DP count of n included; neighbouring "
-        f"datasets: this site's data file with one example added or removed). Not covered: {gaps}."
-    )

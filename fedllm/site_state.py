@@ -29,7 +29,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from fedllm.ledger import LedgerError, PrivacyLedger, entry_measure, write_durably
+from fedllm.files import write_durably
+from fedllm.ledger import LedgerError, PrivacyLedger, entry_measure
 
 MARKER = "fedllm-state.json"
 SECRET = "site-secret"

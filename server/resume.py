@@ -45,7 +45,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from fedllm.adapters import adapter_to_record
-from fedllm.ledger import write_durably
+from fedllm.files import write_durably
 from server.runlog import dumps, plain
 
 CONFIG = "config.json"

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from fedllm.ledger import write_durably
+from fedllm.files import write_durably
 
 
 def plain(value: Any) -> Any:

@@ -15,14 +15,9 @@ from pathlib import Path
 import pytest
 
 from fedllm.accounting import epsilon_for
-from fedllm.ledger import (
-    LedgerError,
-    PrivacyLedger,
-    fingerprint_file,
-    lifetime_statement,
-    not_covered_by,
-    run_epsilon,
-)
+from fedllm.files import fingerprint_file
+from fedllm.ledger import LedgerError, PrivacyLedger, run_epsilon
+from fedllm.statement import lifetime_statement, not_covered_by
 
 from .conftest import init_site
 
