@@ -25,6 +25,7 @@ from fedllm.config import settings_from
 from fedllm.data import load_splits, tokenize
 from fedllm.model import build_model, load_tokenizer, pick_device
 from fedllm.train import evaluate
+from server.outcome import RunFailed, untrained_round
 from server.resume import commit, find, load_checkpoint, resume_dir, run_record, write_config
 from server.robust import RobustSettings
 from server.runlog import RunLog
@@ -126,6 +127,9 @@ def main(grid: Grid, context: Context) -> None:
     def evaluate_and_checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if resume and server_round < first_round:  # the checkpoint this run resumes from: logged
             return None
+        if why := untrained_round(server_round, num_rounds, strategy.round_summary(server_round)):
+            log.round(server_round, strategy.round_summary(server_round), {})  # its failures, no checkpoint
+            raise RunFailed(why)  # server/outcome.py: one line, finished:failed, no final adapter
         adapter_from_record(model, arrays)
         scores = {}
         if test_ds is not None:

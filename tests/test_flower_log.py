@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 from flwr.app import Array, ArrayRecord, Error, Message
 from flwr.common.logger import FLOWER_LOGGER
 
 from server.strategy import AdapterFedAvg
 
 from .replies import ScriptedGrid, as_dict, global_adapter, honest, reply, server_identity  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("server_identity")
 
 
 class _Lines(logging.Handler):
@@ -26,8 +29,8 @@ class PushingGrid(ScriptedGrid):
 
     def send_and_receive(self, messages, timeout: float | None = None) -> list[Message]:
         messages = list(messages)
-        for i, msg in enumerate(messages):
-            msg.metadata.__dict__["_message_id"] = f"ins-{i}"
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = f"ins-to-{msg.metadata.dst_node_id}"
         return super().send_and_receive(messages, timeout)
 
 
@@ -35,7 +38,7 @@ def _strategy() -> AdapterFedAvg:
     return AdapterFedAvg(min_train_nodes=3, min_available_nodes=3, fraction_evaluate=0.0)
 
 
-def test_a_resumed_run_logs_flowers_round_lines_with_the_real_numbers(server_identity):  # noqa: F811
+def test_a_resumed_run_logs_flowers_round_lines_with_the_real_numbers():
     grid = ScriptedGrid([2, 3, 4], lambda node, rnd, arrays: reply(node, honest(as_dict(arrays), node)))
     lines = _Lines()
     FLOWER_LOGGER.addHandler(lines)
@@ -49,12 +52,12 @@ def test_a_resumed_run_logs_flowers_round_lines_with_the_real_numbers(server_ide
     assert not FLOWER_LOGGER.filters  # the rewrite ends with the start
 
 
-def test_a_site_that_stopped_answering_is_recorded_by_its_node_id(server_identity):  # noqa: F811
+def test_a_site_that_stopped_answering_is_recorded_by_its_node_id():
     def answer(node: int, rnd: int, arrays: ArrayRecord) -> Message:
         if node != 7:
             return reply(node, honest(as_dict(arrays), node))
         gone = Message(error=Error(code=5, reason="Error: Node Unavailable"), metadata=reply(1, {}).metadata)
-        gone.metadata.__dict__["_reply_to_message_id"] = "ins-2"  # the SuperLink answers for node 7
+        gone.metadata.__dict__["_reply_to_message_id"] = "ins-to-7"  # the SuperLink answers for 7
         return gone
 
     strategy = _strategy()
