@@ -3,7 +3,7 @@
 SuperLink with TLS and ``--enable-supernode-auth`` (``simulations.superlink.superlink_command``);
 sites started with ``python -m clients.site join`` (the site image's entry point) with their own
 keys and data shards. The federation is started once: the operator registers the keys over TLS,
-the sites join, an unregistered key is refused (and the site's rejoin loop retries, then explains),
+the sites join, an unregistered key is refused in one line before its SuperNode starts,
 a site with bad labels is reported while the others train, and a second run composes with the
 first in every site's privacy ledger. What a site checks before joining (wrong CA, wrong address)
 is in ``tests/test_site_check.py``.
@@ -66,8 +66,8 @@ def test_tls_auth_federation_refuses_unregistered_key_and_composes_two_runs(
             assert answer.get("success"), answer
         procs += join_sites(port, certs, sites, tmp_path, cli.env)
 
-        # site-5 is refused activation, retries once (the rejoin loop after a crash), then explains;
-        # its 15 s wait overlaps the first run
+        # site-5's key is not registered: join says so before starting a SuperNode (exit 2), with no
+        # rejoin loop (that is for a registered key whose crashed session is still held online)
         probe_log = tmp_path / "site-5" / "site.log"
         init_site(tmp_path / "site-5" / "state")
         args = join_args(
@@ -82,8 +82,8 @@ def test_tls_auth_federation_refuses_unregistered_key_and_composes_two_runs(
 
         code = probe.wait(timeout=120)
         out = probe_log.read_text(errors="replace")
-        assert code != 0 and "key is not registered" in out, out[-3000:]
-        assert out.count("activation refused; retrying") == 1, out[-3000:]
+        assert code == 2 and "key is not registered" in out, out[-3000:]
+        assert "activation refused" not in out and "starting: " not in out, out[-3000:]
     finally:
         stop_process(probe, timeout=5)
         stop_all(procs)
