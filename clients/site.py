@@ -37,14 +37,15 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from clients import state_commands
 from clients.pin import PIN_KEY, check_pin, digest_of
 from clients.policy import DEFAULT_MAX_DELTA, DEFAULT_MAX_EPSILON, SitePolicy
+from clients.registration import key_registered
 from fedllm.data import DataError, clean, read_table
 from fedllm.ledger import LedgerError
 from fedllm.site_state import StateError, open_state, raise_high_water, remember_policy
 
 EXPLAIN = {
-    "2004": "the SuperLink refused to activate this site: its key is not registered (send the "
-    ".pub file to the operator, who runs `flwr supernode register`), or a SuperNode with this key "
-    "is still online elsewhere",
+    "2004": "the SuperLink refused to activate this site: a SuperNode with this key is still online "
+    "(another copy of this site running?), or its key is not registered (send the .pub file to the "
+    "operator, who runs `flwr supernode register`)",
     "CERTIFICATE_VERIFY_FAILED": "the SuperLink's certificate is not signed by the CA given with "
     "--root-certificates: ask the operator for the federation's ca.crt",
     "UNAVAILABLE": "the SuperLink did not answer: check --superlink (host:port) and that it runs",
@@ -52,7 +53,11 @@ EXPLAIN = {
 
 
 ACTIVATION_REFUSED = "[code: 2004]"
-ACTIVATION_WAIT_S = 15
+ACTIVATION_WAIT_S = 5  # a crashed session is held online <= 60 s: rejoin within 5 s of its end
+NOT_REGISTERED = (
+    "this site's key is not registered at the SuperLink: send {pub} to the operator, who runs "
+    "`flwr supernode register {pub} <connection>`"
+)
 
 
 class SiteConfigError(RuntimeError):
@@ -184,6 +189,8 @@ def join(args: argparse.Namespace) -> int:
     print(f"site data: {check_data(Path(args.data_file), args.text_column, args.label_column)}")
     check_credentials(args.root_certificates, args.auth_key)
     check_superlink(args.superlink, args.root_certificates)
+    if args.auth_key and key_registered(args.superlink, args.root_certificates, args.auth_key) is False:
+        raise SiteConfigError(NOT_REGISTERED.format(pub=args.auth_key.with_name(args.auth_key.name + ".pub")))
     node_config = node_config_of(args)
     state = open_state(node_config["state-dir"], node_config.get("high-water-dir"))  # init first
     runs = raise_high_water(state)  # a corrupt ledger, or one older than its mark, stops us here
@@ -194,10 +201,10 @@ def join(args: argparse.Namespace) -> int:
         code, output = _run_supernode(cmd)
         if code == 0 or ACTIVATION_REFUSED not in output or attempt == args.activation_retries:
             break
-        # after a crash the SuperLink keeps the old session online for up to 60 s
+        # after a crash the SuperLink keeps the old session online for up to 60 s (2 heartbeats)
         print(
-            f"activation refused; retrying in {ACTIVATION_WAIT_S} s "
-            f"({attempt + 1}/{args.activation_retries})",
+            f"activation refused (this site's previous session is held online for up to 60 s after "
+            f"a crash); retrying in {ACTIVATION_WAIT_S} s ({attempt + 1}/{args.activation_retries})",
             flush=True,
         )
         time.sleep(ACTIVATION_WAIT_S)
@@ -276,8 +283,9 @@ def _add_join_parser(sub: argparse._SubParsersAction) -> None:
     j.add_argument(
         "--activation-retries",
         type=int,
-        default=6,
-        help=f"rejoin attempts, {ACTIVATION_WAIT_S} s apart, when the SuperLink refuses activation",
+        default=15,
+        help=f"rejoin attempts, {ACTIVATION_WAIT_S} s apart, while the SuperLink still holds this "
+        "site's previous session (up to 60 s after a crash)",
     )
     j.add_argument(
         "--pin-app",

@@ -23,7 +23,7 @@ from functools import lru_cache, partial
 from opacus.accountants import IAccountant, create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from fedllm import known_warnings
+from fedllm import known_warnings, opacus_logging  # noqa: F401  (drops Opacus' root log handler)
 from fedllm.config import Settings
 
 

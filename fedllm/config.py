@@ -23,9 +23,10 @@ DP_HEAD_LR = 10.0  # SGD on the head over the frozen encoder's pooled features, 
 DP_ENCODER_LR = 5.0  # SGD on lora / ffa-lora / bias under DP (docs/dp-recipe.md: 0.5 lost 12-25 points)
 DP_SAMPLE_RATE = 1.0  # Poisson q of the DP recipe: full-batch steps, the least noise per signal
 DP_MAX_STEP_NOISE = 2.0  # noise norm of one averaged DP step, in clipping norms: see plan_privacy
-# A federated run's defaults where they differ from one local fine-tune's: a site trains one
-# local epoch per round (python -m fedllm.centralized trains Settings.epochs in one go).
-FEDERATED_DEFAULTS: dict[str, Any] = {"epochs": 1}
+# A federated run's defaults where they differ from one local fine-tune's: a site takes 3 local
+# steps per round (``max-steps`` replaces epochs), the DP recipe's 8 rounds x 3 steps (docs/dp-recipe.md);
+# python -m fedllm.centralized trains Settings.epochs whole epochs in one go.
+FEDERATED_DEFAULTS: dict[str, Any] = {"epochs": 1, "max-steps": 3}
 
 
 @dataclass

@@ -21,7 +21,7 @@ from opacus.optimizers import DPOptimizer
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import DataLoader
 
-from fedllm import known_warnings
+from fedllm import known_warnings, opacus_logging  # noqa: F401  (drops Opacus' root log handler)
 from fedllm.accounting import PrivacyPlan, compact, epsilon_for, restore_accountant
 from fedllm.config import Settings
 

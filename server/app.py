@@ -28,6 +28,7 @@ from fedllm.data import load_splits, tokenize
 from fedllm.model import build_model, load_tokenizer, pick_device
 from fedllm.secagg import SecAggSettings
 from fedllm.train import evaluate
+from server.outcome import RunFailed, untrained_round
 from server.resume import commit, find, load_last_good, resume_dir, run_record, write_config
 from server.robust import RobustSettings
 from server.runlock import RunLock
@@ -169,6 +170,11 @@ def _run(grid: Grid, context: Context, server: ServerSettings, stack: ExitStack)
     def evaluate_and_checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if run.rows is not None and server_round < run.first_round:  # resumed from it: logged
             return None
+        if why := untrained_round(
+            server_round, server.num_server_rounds, strategy.round_summary(server_round)
+        ):
+            log.round(server_round, strategy.round_summary(server_round), {})  # its failures, no checkpoint
+            raise RunFailed(why)  # server/outcome.py: one line, finished:failed, no final adapter
         adapter_from_record(model, arrays)
         scores = {}
         if test_ds is not None:

@@ -5,7 +5,8 @@
 tests/test_config.py checks that table against this class key by key. The fine-tune settings
 are ``fedllm.config.Settings``, the robust aggregation keys ``server.robust.RobustSettings``.
 
-- ``num-server-rounds`` (3): rounds to run;
+- ``num-server-rounds`` (8): rounds to run (the DP recipe's 8 rounds x 3 local steps,
+  ``max-steps``, docs/dp-recipe.md);
 - ``fraction-train`` (1.0), ``fraction-evaluate`` (0.0), ``min-train-nodes`` (2),
   ``min-evaluate-nodes`` (2), ``min-available-nodes`` (2): Flower's FedAvg sampling;
   ``fraction-evaluate`` 0 = no site scores adapters (sites score only if they opt in);
@@ -73,7 +74,7 @@ def _read(key: str, kind: str, value: Any) -> Any:
 class ServerSettings:
     """How many rounds, which sites, where the run is written (the keys above)."""
 
-    num_server_rounds: int = 3
+    num_server_rounds: int = 8
     fraction_train: float = 1.0
     fraction_evaluate: float = 0.0
     min_train_nodes: int = 2

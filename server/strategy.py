@@ -10,8 +10,8 @@ global adapter stays as it was and the round record says why (``global-unchanged
 A resumed run (server/resume.py) starts at a later round: ``start(..., first_round=k + 1)``.
 Flower's ``Strategy.start`` numbers its rounds 1, 2, ...; every round number it passes in is
 shifted by ``k`` here, so train/evaluate messages (``server-round``), round records and
-``evaluate_fn`` (checkpoints, run log) carry the run's real round numbers (Flower's own
-``[ROUND i/n]`` log lines count the rounds of this start). Across rounds the strategy keeps the
+``evaluate_fn`` (checkpoints, run log) carry the run's real round numbers, and so do Flower's own
+``[ROUND i/n]`` log lines (server/flower_log.py). Across rounds the strategy keeps the
 global adapter, which the resumed run loads from its last checkpoint, and each site's direction
 evidence (``cosine``), which ``restore`` rebuilds from the kept rounds' records.
 """
@@ -29,6 +29,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
+from server.flower_log import destinations, real_round_numbers, reply_node
 from server.robust import (
     DirectionEvidence,
     RobustSettings,
@@ -82,6 +83,7 @@ class AdapterFedAvg(FedAvg):
         self.robust = robust or RobustSettings()
         self.rounds: dict[int, dict] = {}
         self._global: dict[str, np.ndarray] | None = None
+        self._sent: list[Message] = []  # the round's train instructions (whom a reply is about)
         self.round_offset = 0  # rounds done before this start (a resumed run)
         self.direction = DirectionEvidence()  # the sites' direction record over the run (cosine)
 
@@ -118,15 +120,16 @@ class AdapterFedAvg(FedAvg):
 
         self.round_offset = offset
         try:
-            return super().start(
-                grid,
-                initial_arrays,
-                num_rounds - offset,
-                timeout,
-                train_config,
-                evaluate_config,
-                shifted if evaluate_fn else None,
-            )
+            with real_round_numbers(offset, num_rounds):  # Flower's [ROUND i/n] lines: real numbers
+                return super().start(
+                    grid,
+                    initial_arrays,
+                    num_rounds - offset,
+                    timeout,
+                    train_config,
+                    evaluate_config,
+                    shifted if evaluate_fn else None,
+                )
         finally:
             self.round_offset = 0
 
@@ -142,7 +145,8 @@ class AdapterFedAvg(FedAvg):
     ) -> Iterable[Message]:
         """FedAvg's train messages, after keeping ``arrays``: the spec replies are checked against."""
         self.remember_global(arrays)
-        return super().configure_train(server_round + self.round_offset, arrays, config, grid)
+        self._sent = list(super().configure_train(server_round + self.round_offset, arrays, config, grid))
+        return self._sent
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -168,10 +172,11 @@ class AdapterFedAvg(FedAvg):
         record["train-failures"] = []
         record["dropped"] = []
         replies = canonical(replies)
-        contents = [(m.metadata.src_node_id, m.content) for m in replies if not m.has_error()]
+        sent = destinations(self._sent)
+        contents = [(reply_node(m, sent), m.content) for m in replies if not m.has_error()]
         for m in replies:
             if m.has_error():
-                self._fail(record, m.metadata.src_node_id, site_reason(m.error.reason, m.error.code))
+                self._fail(record, reply_node(m, sent), site_reason(m.error.reason, m.error.code))
         record["bytes-received"] = sum(a.count_bytes() for _, c in contents for a in c.array_records.values())
         spec = adapter_spec(self._global) if self._global else majority_spec([c for _, c in contents])
         valid = []

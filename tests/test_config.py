@@ -123,7 +123,8 @@ def test_the_server_and_simulated_site_keys_hold_their_readers_defaults():
 
 def test_federated_defaults_are_settings():
     assert set(FEDERATED_DEFAULTS) <= set(SETTING_TYPES)
-    assert settings_from(flower_defaults()) == Settings(**{k: v for k, v in FEDERATED_DEFAULTS.items()})
+    federated = {k.replace("-", "_"): v for k, v in FEDERATED_DEFAULTS.items()}
+    assert settings_from(flower_defaults()) == Settings(**federated)
 
 
 def _key(name: str) -> str:

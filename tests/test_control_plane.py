@@ -11,10 +11,8 @@ sites train through the proxy.
 
 from __future__ import annotations
 
-import grp
 import json
 import os
-import pwd
 import re
 import socket
 import ssl
@@ -26,6 +24,8 @@ import yaml
 from fedllm.shards import write_shards
 from fedllm.site_state import init_state
 from server.credentials import make_ca_and_server, make_site_key
+from server.proxy import render
+from server.proxy import write as write_proxy
 from simulations.superlink import FlowerCLI, free_port, start_process, start_superlink, wait_for_port
 
 from .processes import join_args, join_sites, run_quick, stop_all
@@ -37,12 +37,7 @@ TEMPLATE = ROOT / "deploy" / "fleet-proxy.conf.template"
 
 def render_template(values: dict[str, str]) -> str:
     """The proxy template with its ``${NAME}`` variables filled in, as the nginx image does."""
-    text = TEMPLATE.read_text()
-    for name, value in values.items():
-        text = text.replace("${" + name + "}", value)
-    left = re.findall(r"\$\{\w+\}", text)
-    assert not left, f"{TEMPLATE}: no value for {left}"
-    return text
+    return render(values, TEMPLATE)
 
 
 def test_compose_publishes_only_the_fleet_proxy():
@@ -71,32 +66,8 @@ def _nginx() -> str:
 
 
 def _nginx_config(folder: Path, port: int, certs: Path, superlink_port: int) -> Path:
-    """An nginx.conf in ``folder`` (pid, logs, temp files there) around the proxy template."""
-    folder.mkdir(parents=True)
-    (folder / "fleet.conf").write_text(
-        render_template(
-            {
-                "FLEET_PORT": str(port),
-                "FLEET_CERTS": str(certs),
-                "SUPERLINK_ADDRESS": f"127.0.0.1:{superlink_port}",
-                "SUPERLINK_TLS_NAME": "localhost",
-            }
-        )
-    )
-    # as root (CI), nginx would hand requests to 'nobody', which cannot enter pytest's 0700 tmp
-    user = ""
-    if os.geteuid() == 0:
-        user = f"user {pwd.getpwuid(os.geteuid()).pw_name} {grp.getgrgid(os.getegid()).gr_name};"
-    temp = " ".join(
-        f"{kind}_temp_path {folder / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-    )
-    config = folder / "nginx.conf"
-    config.write_text(
-        f"daemon off;\nworker_processes 1;\npid {folder / 'nginx.pid'};\n{user}\n"
-        f"error_log {folder / 'error.log'} info;\nevents {{ worker_connections 64; }}\n"
-        f"http {{\n  access_log {folder / 'access.log'};\n  {temp}\n  include fleet.conf;\n}}\n"
-    )
-    return config
+    """``python -m server.proxy``'s nginx.conf in ``folder`` (pid, logs, temp files there)."""
+    return write_proxy(folder, f"127.0.0.1:{port}", f"127.0.0.1:{superlink_port}", certs)
 
 
 def _raw_request(port: int, ca: Path, method: str, target: str) -> tuple[int, bytes]:

@@ -3,7 +3,7 @@
 SuperLink with TLS and ``--enable-supernode-auth`` (``simulations.superlink.superlink_command``);
 sites started with ``python -m clients.site join`` (the site image's entry point) with their own
 keys and data shards. The federation is started once: the operator registers the keys over TLS,
-the sites join, an unregistered key is refused (and the site's rejoin loop retries, then explains),
+the sites join, an unregistered key is refused in one line before its SuperNode starts,
 a site whose data file went missing after it joined is reported with the one code a site gives
 for every failure that could depend on its data (`site-declined`) while the others train (a row
 whose label the run does not list is no failure: it trains with a zero gradient), and a second
@@ -72,8 +72,8 @@ def test_tls_auth_federation_refuses_unregistered_key_and_composes_two_runs(
         wait_until("site-4's join check", lambda: "starting: " in _log(tmp_path / "site-4"), procs=procs)
         bad.unlink()
 
-        # site-5 is refused activation, retries once (the rejoin loop after a crash), then explains;
-        # its 15 s wait overlaps the first run
+        # site-5's key is not registered: join says so before starting a SuperNode (exit 2), with no
+        # rejoin loop (that is for a registered key whose crashed session is still held online)
         probe_log = tmp_path / "site-5" / "site.log"
         init_site(tmp_path / "site-5" / "state")
         args = join_args(
@@ -88,8 +88,8 @@ def test_tls_auth_federation_refuses_unregistered_key_and_composes_two_runs(
 
         code = probe.wait(timeout=120)
         out = probe_log.read_text(errors="replace")
-        assert code != 0 and "key is not registered" in out, out[-3000:]
-        assert out.count("activation refused; retrying") == 1, out[-3000:]
+        assert code == 2 and "key is not registered" in out, out[-3000:]
+        assert "activation refused" not in out and "starting: " not in out, out[-3000:]
     finally:
         stop_process(probe, timeout=5)
         stop_all(procs)

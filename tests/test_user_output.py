@@ -79,3 +79,16 @@ def test_known_warnings_are_ignored_inside_fedllm_calls_only(settings, tiny_conf
             warnings.warn("Secure RNG turned off. (inside)", stacklevel=1)
         warnings.warn("Secure RNG turned off. (outside)", stacklevel=1)
     assert [str(w.message) for w in caught] == ["Secure RNG turned off. (outside)"]
+
+
+def test_importing_fedllm_privacy_leaves_no_root_log_handler():
+    """Opacus' ``logging.basicConfig`` printed every Flower log line twice in ``flwr run --stream``."""
+    code = (
+        "import logging, fedllm.privacy, flwr.common.logger\n"
+        "from flwr.common import log\n"
+        "assert not logging.getLogger().handlers, logging.getLogger().handlers\n"
+        "log(logging.INFO, 'one line')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    lines = (out.stdout + out.stderr).splitlines()
+    assert sum("one line" in line for line in lines) == 1, lines
