@@ -7,14 +7,15 @@ data shard, or ``python -m clients.site join`` (the site image's entry point) wi
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from fedllm.site_state import init_state
-from simulations.superlink import free_port, start_process, stop_process, venv_bin
+from simulations.superlink import FlowerCLI, free_port, start_process, start_superlink, stop_process, venv_bin
 
 
 def start_supernodes(port: int, shards: Iterable[Path], root: Path, env: dict) -> list[subprocess.Popen]:
@@ -118,3 +119,23 @@ def stop_all(procs: Iterable[subprocess.Popen | None]) -> None:
     """End the processes in reverse order of starting (sites before their SuperLink)."""
     for proc in reversed(list(procs)):
         stop_process(proc)
+
+
+@contextlib.contextmanager
+def deployment(root: Path, shards: Iterable[Path]) -> Iterator[FlowerCLI]:
+    """A SuperLink and one insecure SuperNode per shard under ``root`` (``start_supernodes``),
+    stopped on exit; yields the operator's ``flwr`` CLI, connected to it."""
+    cli = FlowerCLI(root / "cli", "deploy")
+    port = free_port()
+    cli.write_connection(f"127.0.0.1:{port}")
+    procs = [start_superlink(root / "superlink", port, cli.env, root)]
+    try:
+        procs += start_supernodes(port, shards, root, cli.env)
+        yield cli
+    finally:
+        stop_all(procs)
+
+
+def supernode_logs(root: Path, tail: int = 0) -> str:
+    """The sites' SuperNode logs under ``root`` (each cut to its last ``tail`` characters if > 0)."""
+    return "\n".join(p.read_text()[-tail:] for p in sorted(root.glob("site-*/supernode.log")))

@@ -46,6 +46,23 @@ def _metadata(node: int) -> Metadata:
     )
 
 
+def delivered(content: RecordDict, kind: str = "train", run_id: int = 1, node: int = 7) -> Message:
+    """A server message as the SuperLink delivers it to site ``node`` (a ClientApp's input;
+    ``Message(dst_node_id=...)`` would need a running Flower runtime)."""
+    meta = Metadata(
+        run_id=run_id,
+        message_id=f"{kind}-{time.time_ns()}",
+        src_node_id=0,
+        dst_node_id=node,
+        reply_to_message_id="",
+        group_id="",
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type=kind,
+    )
+    return Message(content, metadata=meta)
+
+
 def dp_metrics(num_examples: int = 100, **extra) -> dict:
     """What a DP site's reply carries (clients/policy.py's DP_REPLY_KEYS)."""
     return {

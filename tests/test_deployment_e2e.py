@@ -16,18 +16,14 @@ from fedllm.ledger import PrivacyLedger, total_steps
 from fedllm.shards import write_shards
 from fedllm.site_state import open_state
 from fedllm.train import evaluate
-from simulations.superlink import FlowerCLI, free_port, start_superlink
 
-from .processes import start_supernodes, stop_all
+from .processes import deployment, supernode_logs
 
 pytestmark = pytest.mark.slow
 
 
 def test_superlink_three_supernodes_two_rounds(tiny_checkpoint, tmp_path):
     shards = write_shards("drug-reviews", 3, "natural", "condition", 1.0, 42, tmp_path / "shards")
-    cli = FlowerCLI(tmp_path / "cli", "deploy")
-    port = free_port()
-    cli.write_connection(f"127.0.0.1:{port}")
     config = {
         "model": str(tiny_checkpoint),
         "pooling": "cls",  # stock BertForSequenceClassification: loadable with plain peft
@@ -40,15 +36,9 @@ def test_superlink_three_supernodes_two_rounds(tiny_checkpoint, tmp_path):
         "run-dir": str(tmp_path / "runs"),
         "run-name": "deploy",
     }
-    procs = []
-    try:
-        procs.append(start_superlink(tmp_path / "superlink", port, cli.env, tmp_path))
-        procs += start_supernodes(port, shards, tmp_path, cli.env)
+    with deployment(tmp_path, shards) as cli:
         outcome = cli.run(config, timeout=900)
-        logs = "\n".join(p.read_text()[-2000:] for p in tmp_path.glob("site-*/supernode.log"))
-        assert outcome.ok, f"{outcome}\n{cli.log(outcome.run_id)[-3000:]}\n{logs}"
-    finally:
-        stop_all(procs)
+        assert outcome.ok, f"{outcome}\n{cli.log(outcome.run_id)[-3000:]}\n{supernode_logs(tmp_path, 2000)}"
 
     run_dir = tmp_path / "runs" / "deploy"
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -80,9 +70,6 @@ def test_two_runs_submitted_at_once_that_together_pass_the_cap_train_once_per_si
     """Issue 23, 1, in the deployment runtime: two runs at ε 7 at once, sites capped at 8 (the
     default). Each site trains exactly one of them; the other is refused with its count booked."""
     shards = write_shards("drug-reviews", 3, "natural", "condition", 1.0, 42, tmp_path / "shards")
-    cli = FlowerCLI(tmp_path / "cli", "deploy")
-    port = free_port()
-    cli.write_connection(f"127.0.0.1:{port}")
     config = {
         "model": str(tiny_checkpoint),
         "num-server-rounds": 1,
@@ -94,14 +81,8 @@ def test_two_runs_submitted_at_once_that_together_pass_the_cap_train_once_per_si
         "target-epsilon": 7.0,
         "run-dir": str(tmp_path / "runs"),
     }
-    procs = []
-    try:
-        procs.append(start_superlink(tmp_path / "superlink", port, cli.env, tmp_path))
-        procs += start_supernodes(port, shards, tmp_path, cli.env)
-        with ThreadPoolExecutor(2) as pool:
-            outcomes = list(pool.map(lambda name: cli.run({**config, "run-name": name}, timeout=900), "ab"))
-    finally:
-        stop_all(procs)
+    with deployment(tmp_path, shards) as cli, ThreadPoolExecutor(2) as pool:
+        outcomes = list(pool.map(lambda name: cli.run({**config, "run-name": name}, timeout=900), "ab"))
     assert all(o.status.startswith("finished") for o in outcomes), outcomes
     for i in range(1, 4):
         runs = PrivacyLedger(tmp_path / f"site-{i}" / "state" / "privacy_ledger.json").runs

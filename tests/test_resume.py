@@ -11,14 +11,13 @@ import contextlib
 import json
 import os
 import signal
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from clients.app import app
 from clients.replay import KeptReply, ReplyStore, arrays_digest
@@ -36,7 +35,16 @@ from simulations.superlink import FlowerCLI, descendants, free_port, is_alive, r
 
 from .conftest import LABELS, init_site
 from .processes import start_supernodes, stop_all, wait_until
-from .replies import ScriptedGrid, as_dict, dp_metrics, global_adapter, honest, reply, server_identity  # noqa: F401
+from .replies import (  # noqa: F401
+    ScriptedGrid,
+    as_dict,
+    delivered,
+    dp_metrics,
+    global_adapter,
+    honest,
+    reply,
+    server_identity,
+)
 
 
 @pytest.fixture
@@ -51,19 +59,8 @@ def _global(run_config: dict) -> ArrayRecord:
 
 def _train(arrays: ArrayRecord, context: Context, server_round: int, run_key: str) -> Message:
     config = {"labels": json.dumps(LABELS), "num-rounds": 3, "server-round": server_round}
-    meta = Metadata(
-        run_id=context.run_id,
-        message_id=f"train-{time.time_ns()}",
-        src_node_id=0,
-        dst_node_id=7,
-        reply_to_message_id="",
-        group_id="",
-        created_at=time.time(),
-        ttl=3600.0,
-        message_type="train",
-    )
     content = RecordDict({"arrays": arrays, "config": ConfigRecord({**config, "run-key": run_key})})
-    return app(Message(content, metadata=meta), context)
+    return app(delivered(content, "train", context.run_id), context)
 
 
 def test_a_round_asked_again_with_the_same_global_is_answered_from_the_kept_reply(

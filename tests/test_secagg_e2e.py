@@ -10,9 +10,9 @@ from safetensors.numpy import load_file
 
 from fedllm.ledger import PrivacyLedger
 from fedllm.shards import write_shards
-from simulations.superlink import FlowerCLI, SimulationLink, free_port, start_superlink
+from simulations.superlink import SimulationLink
 
-from .processes import start_supernodes, stop_all
+from .processes import deployment, supernode_logs
 
 pytestmark = pytest.mark.slow
 
@@ -58,9 +58,6 @@ def test_secagg_in_the_simulation_engine(tiny_checkpoint, tmp_path):
 
 def test_secagg_with_a_superlink_and_three_supernodes(tiny_checkpoint, tmp_path):
     shards = write_shards("drug-reviews", 3, "natural", "condition", 1.0, 42, tmp_path / "shards")
-    cli = FlowerCLI(tmp_path / "cli", "deploy")
-    port = free_port()
-    cli.write_connection(f"127.0.0.1:{port}")
     config = {
         **SECURE,
         "model": str(tiny_checkpoint),
@@ -68,16 +65,10 @@ def test_secagg_with_a_superlink_and_three_supernodes(tiny_checkpoint, tmp_path)
         "run-dir": str(tmp_path / "runs"),
         "run-name": "deploy",
     }
-    procs = []
-    try:
-        procs.append(start_superlink(tmp_path / "superlink", port, cli.env, tmp_path))
-        procs += start_supernodes(port, shards, tmp_path, cli.env)
+    with deployment(tmp_path, shards) as cli:
         outcome = cli.run(config, timeout=900)
-        logs = "\n".join(p.read_text()[-2000:] for p in tmp_path.glob("site-*/supernode.log"))
-        assert outcome.ok, f"{outcome}\n{cli.log(outcome.run_id)[-3000:]}\n{logs}"
-        site_logs = "\n".join(p.read_text() for p in tmp_path.glob("site-*/supernode.log"))
-    finally:
-        stop_all(procs)
+        assert outcome.ok, f"{outcome}\n{cli.log(outcome.run_id)[-3000:]}\n{supernode_logs(tmp_path, 2000)}"
+    site_logs = supernode_logs(tmp_path)
     run_dir = tmp_path / "runs" / "deploy"
     _check_secure_rounds(run_dir)
     assert site_logs.count("coordinates clipped to") >= 6  # each site logs it, the server never sees it

@@ -7,12 +7,11 @@ with a deployed site's node config (its data file, its state folder, its policy)
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from clients.app import app
 from clients.books import STATE_KEY
@@ -25,6 +24,7 @@ from fedllm.ledger import PrivacyLedger, total_steps
 from fedllm.model import build_model
 
 from .conftest import LABELS, init_site
+from .replies import delivered
 
 
 @pytest.fixture
@@ -50,19 +50,7 @@ def _message(run_config: dict, kind: str = "train", server_round: int = 1) -> Me
     model = build_model(settings_from(run_config), LABELS, torch.device("cpu"))
     arrays = adapter_to_record(model)
     config = ConfigRecord({"labels": json.dumps(LABELS), "num-rounds": 1, "server-round": server_round})
-    # as the SuperLink delivers it (Message(dst_node_id=...) needs a running Flower runtime)
-    meta = Metadata(
-        run_id=1,
-        message_id=f"{kind}-{time.time_ns()}",
-        src_node_id=0,
-        dst_node_id=7,
-        reply_to_message_id="",
-        group_id="",
-        created_at=time.time(),
-        ttl=3600.0,
-        message_type=kind,
-    )
-    return Message(RecordDict({"arrays": arrays, "config": config}), metadata=meta)
+    return delivered(RecordDict({"arrays": arrays, "config": config}), kind)
 
 
 def _context(node_config: dict, run_config: dict, run_id: int = 1) -> Context:

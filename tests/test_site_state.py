@@ -13,11 +13,10 @@ import os
 import shutil
 import socket
 import stat
-import time
 from pathlib import Path
 
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from clients.app import app
 from clients.site import main as site_main
@@ -34,6 +33,7 @@ from fedllm.site_state import (
 )
 
 from .conftest import init_site
+from .replies import delivered
 
 PLAN = {"delta": 1e-5, "accountant": "rdp"}
 
@@ -46,18 +46,7 @@ def _book(ledger: PrivacyLedger, key: str, steps: int) -> None:
 def _message(kind: str = "train") -> Message:
     """A message the site refuses before reading it (no model is needed)."""
     config = ConfigRecord({"labels": json.dumps(["a", "b"]), "num-rounds": 1, "server-round": 1})
-    meta = Metadata(
-        run_id=1,
-        message_id=f"{kind}-{time.time_ns()}",
-        src_node_id=0,
-        dst_node_id=7,
-        reply_to_message_id="",
-        group_id="",
-        created_at=time.time(),
-        ttl=3600.0,
-        message_type=kind,
-    )
-    return Message(RecordDict({"arrays": ArrayRecord(), "config": config}), metadata=meta)
+    return delivered(RecordDict({"arrays": ArrayRecord(), "config": config}), kind)
 
 
 def _refused_by_the_site(node_config: dict) -> None:
