@@ -25,6 +25,7 @@ from fedllm.config import settings_from
 from fedllm.data import load_splits, tokenize
 from fedllm.model import build_model, load_tokenizer, pick_device
 from fedllm.train import evaluate
+from server.noise import NoiseModel
 from server.resume import commit, find, load_checkpoint, resume_dir, run_record, write_config
 from server.robust import RobustSettings
 from server.runlog import RunLog
@@ -143,7 +144,8 @@ def main(grid: Grid, context: Context) -> None:
         log.round(server_round, strategy.round_summary(server_round), scores)
         return MetricRecord(scores) if scores else None
 
-    strategy = AdapterFedAvg(robust=robust, **server.strategy_kwargs())
+    noise = NoiseModel.of(settings, num_rounds)  # what the sites' DP noise must look like (noise check)
+    strategy = AdapterFedAvg(robust=robust, noise=noise, **server.strategy_kwargs())
     if rows:
         strategy.restore(rows)  # the kept rounds' direction evidence (cosine) carries on
     strategy.start(
