@@ -85,6 +85,27 @@ def noise_floor(dimension: int, ratio: float) -> float:
     return min(ratio, statistical)
 
 
+def expected_noise_norm(
+    metrics: dict[str, float],
+    dimension: int,
+    model: NoiseModel,
+    server_round: int,
+    count_cap: float | None = None,
+) -> float | None:
+    """s √d: the norm of the noise a reply's declared plan adds to its update (see above).
+
+    None when it declares no usable plan (σ, q or steps missing or 0) or under AdamW; n̂ is
+    taken at most at ``count_cap``.
+    """
+    sigma, q = metrics.get("noise-multiplier", 0.0), metrics.get("sample-rate", 0.0)
+    steps = int(metrics.get("steps", 0))
+    gain = model.gain(steps, server_round) if sigma > 0 and q > 0 else None
+    if not gain:
+        return None
+    count = metrics["num-examples"] if count_cap is None else min(metrics["num-examples"], count_cap)
+    return gain * sigma * model.settings.max_grad_norm * math.sqrt(dimension) / (q * count)
+
+
 def too_clean(
     metrics: dict[str, float],
     norm: float,
@@ -97,7 +118,7 @@ def too_clean(
     """(expected noise norm, reason) when a reply that claims DP is too clean; else None.
 
     A reply claims DP when its ``epsilon`` is finite (a site without DP sends +inf). Declaring DP
-    with no noise multiplier, or without σ, q or steps, is too clean whatever the update.
+    with no noise multiplier, sample rate or steps is too clean whatever the update.
     """
     epsilon = metrics.get("epsilon", math.inf)
     if not math.isfinite(epsilon):
@@ -109,19 +130,15 @@ def too_clean(
             f"claims DP (epsilon {epsilon:.3g}) but declares noise-multiplier {sigma:g}, "
             f"sample-rate {q:g}, {steps} steps"
         )
-    gain = model.gain(steps, server_round)
-    count = metrics["num-examples"] if count_cap is None else min(metrics["num-examples"], count_cap)
-    if gain is None or gain <= 0:
-        return None
-    clip = model.settings.max_grad_norm
-    expected = gain * sigma * clip * math.sqrt(dimension) / (q * count)
+    expected = expected_noise_norm(metrics, dimension, model, server_round, count_cap)
     floor = noise_floor(dimension, ratio)
-    if norm >= floor * expected:
+    if expected is None or norm >= floor * expected:
         return None
+    count = metrics["num-examples"] if count_cap is None else min(metrics["num-examples"], count_cap)
     return expected, (
         f"too clean for the DP it claims: update norm {norm:.3g} is {norm / expected:.2f} of the "
         f"noise its plan adds ({expected:.3g} for sigma {sigma:g}, q {q:g}, {steps} steps, "
-        f"n {count:g}, C {clip:g}), below {floor:.2f}"
+        f"n {count:g}, C {model.settings.max_grad_norm:g}), below {floor:.2f}"
     )
 
 
