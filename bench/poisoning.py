@@ -10,8 +10,9 @@ validation, norm clipping, weight cap, aggregator), so the numbers measure what 
 Defaults: BBC News, 5 sites, Dirichlet α = 1.0, 8 rounds × 3 local steps, target ε 8, the DP
 recipe's head; site ``--attacker`` (0) is the malicious one.
 
-Per run it counts the rounds in which the attacker's reply was dropped, clipped, capped or
-discounted (``cosine``), the honest site-rounds discounted, the min / mean / max of the
+Per run it counts the rounds in which the attacker's reply was dropped, left out as too clean
+for its DP (``too-clean``: the noise check), clipped, capped or discounted (``cosine``), the
+honest site-rounds discounted or too clean (out of ``honest-site-rounds``), the min / mean / max of the
 attacker's and the honest sites' per-round direction scores, and their direction evidence after
 the last round (``server.robust.direction_weights``).
 
@@ -19,7 +20,14 @@ Attacks: ``none``; ``sign-flip`` (its trained update × -1e6); ``random`` (a ran
 ``--random-norm``); ``label-flip`` (it trains honestly on labels shifted by one class);
 ``inflated`` (honest update, ``num-examples`` 1e12); ``inflated-valid`` (honest update, the
 largest ``num-examples`` the validation accepts: just under 1/δ and ``max-num-examples``, so
-only the weight cap stands against it). Settings: ``plain`` (FedAvg, no norm bound, no weight
+only the weight cap stands against it); ``build-flip`` (issue 22: it runs the DP code with the
+noise removed and sends that noise-free update for the first half of the rounds, declaring its
+plan's σ, q and steps, so its direction agrees with the others' far more than a noisy site's
+can; then its noise-free update flipped and scaled to 1.99 × the round's median update norm,
+just inside the auto bound); ``build-flip-noisy`` (the same, but it adds Gaussian noise of its
+declared scale (``server.noise``) to every update, so the noise check cannot tell it: honest-like
+for the first half, then the flipped update as large as the 1.99 × median norm leaves room for
+beside that noise). Settings: ``plain`` (FedAvg, no norm bound, no weight
 cap; replies are still validated, as the server always does), ``robust`` (the server default:
 ``cosine``), ``fedavg`` (the default before ``cosine``: FedAvg with the bounds), ``median``,
 ``trimmed-mean``, ``krum`` (each with the default bounds), ``bulyan`` on request
@@ -31,11 +39,14 @@ rerun differs by the DP noise: compare means over ``--seeds``.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import time
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
+import opacus.optimizers.optimizer as dp_optimizer
 import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from replies import train_reply
@@ -46,10 +57,23 @@ from fedllm.config import settings_from
 from fedllm.data import load_splits, loss_weights, partition_sites, tokenize
 from fedllm.model import build_model, load_tokenizer
 from fedllm.train import evaluate, train_local
-from server.robust import RobustSettings
+from server.noise import NoiseModel, expected_noise_norm
+from server.robust import RobustSettings, update_norm
 from server.strategy import AdapterFedAvg
 
-ATTACKS = ("none", "sign-flip", "random", "label-flip", "inflated", "inflated-valid")
+ATTACKS = (
+    "none",
+    "sign-flip",
+    "random",
+    "label-flip",
+    "inflated",
+    "inflated-valid",
+    "build-flip",
+    "build-flip-noisy",
+)
+NOISE_FREE = ("build-flip", "build-flip-noisy")  # the attacker trains without DP noise
+COUNTS = ("dropped", "too-clean", "clipped", "capped", "discounted", "honest-discounted")
+COUNTS += ("honest-too-clean", "honest-site-rounds", "unchanged")
 SETTINGS = {  # run config keys, as the server reads them (RobustSettings.from_run_config)
     "plain": {"aggregator": "fedavg", "max-update-norm": 0, "max-site-weight": 0},
     "robust": {},
@@ -65,6 +89,17 @@ def _reply(node: int, arrays: dict[str, np.ndarray], metrics: dict) -> Message:
     """A train reply as the SuperLink hands it to the ServerApp."""
     record = ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
     return train_reply(node, RecordDict({"arrays": record, "metrics": MetricRecord(metrics)}))
+
+
+@contextmanager
+def _noise_free():
+    """Opacus' DP optimizer with its noise replaced by zeros: the DP code, less its noise."""
+    original = dp_optimizer._generate_noise
+    dp_optimizer._generate_noise = lambda std, reference, *args, **kwargs: torch.zeros_like(reference)
+    try:
+        yield
+    finally:
+        dp_optimizer._generate_noise = original
 
 
 def _flip_labels(frame, column: str, labels: list[str]):
@@ -101,6 +136,7 @@ class Federation:
         self.model = build_model(s, self.labels, torch.device("cpu"))
         self.initial = {k: v.detach().cpu().numpy().copy() for k, v in adapter_state(self.model).items()}
         self.rounds, self.attacker, self.seed, self.random_norm = rounds, attacker, seed, random_norm
+        self.noise = NoiseModel.of(self.settings, rounds)  # as the server builds it from its run config
 
     def _train(self, dataset, weight, plan, history: list, server_round: int):
         result = train_local(
@@ -138,65 +174,132 @@ class Federation:
             metrics = {**metrics, "num-examples": float(min(below_delta, robust.max_num_examples))}
         return arrays, metrics
 
+    def _declared_std(self, metrics: dict, server_round: int) -> float:
+        """The noise per adapter value that a reply declaring ``metrics`` must carry."""
+        d = sum(v.size for v in self.initial.values())
+        return expected_noise_norm(metrics, d, self.noise, server_round) / math.sqrt(d)
+
+    def _build_flip(
+        self,
+        g: dict,
+        arrays: list[dict],
+        metrics: dict,
+        server_round: int,
+        noisy: bool,
+        rng: np.random.Generator,
+    ) -> dict[str, np.ndarray]:
+        """The attacker's adapter for ``build-flip`` (``noisy``: ``build-flip-noisy``), from its
+        noise-free update ``arrays[attacker]`` and the other sites' updates."""
+        delta = {k: arrays[self.attacker][k].astype(np.float64) - g[k] for k in g}
+        std = self._declared_std(metrics, server_round) if noisy else 0.0
+        noise = {k: rng.normal(scale=std, size=v.shape) if noisy else np.zeros(v.shape) for k, v in g.items()}
+        if server_round > self.rounds // 2:  # flip, at 1.99 x the median norm the server will see
+            others = [update_norm(g, a) for i, a in enumerate(arrays) if i != self.attacker]
+            target = 1.99 * float(np.median([*others, np.inf]))  # the attacker is the largest
+            size = math.sqrt(sum(float(np.sum(v**2)) for v in delta.values()))
+            beside = math.sqrt(sum(float(np.sum(v**2)) for v in noise.values()))
+            scale = math.sqrt(max(target**2 - beside**2, 0.0)) / size
+            delta = {k: -scale * v for k, v in delta.items()}
+        return {k: (g[k] + delta[k] + noise[k]).astype(np.float32) for k in g}
+
+    def _replies(
+        self,
+        attack: str,
+        g: dict[str, np.ndarray],
+        plans: list,
+        histories: list[list],
+        server_round: int,
+        rng: np.random.Generator,
+        robust: RobustSettings,
+    ) -> list[Message]:
+        """Every site's train reply of one round, the attacker's attacked."""
+        arrays, metrics, bad = [], [], self.attacker
+        for i, plan in enumerate(plans):
+            set_adapter_arrays(self.model, g)
+            flip = attack == "label-flip" and i == bad
+            dataset, weight = (self.flipped, self.flipped_weight) if flip else (self.data[i], self.weights[i])
+            with _noise_free() if attack in NOISE_FREE and i == bad else nullcontext():
+                site, m, histories[i] = self._train(dataset, weight, plan, histories[i], server_round)
+            arrays.append(site)
+            metrics.append(m)
+        if attack in NOISE_FREE:
+            noisy = attack == "build-flip-noisy"
+            arrays[bad] = self._build_flip(g, arrays, metrics[bad], server_round, noisy, rng)
+        else:
+            arrays[bad], metrics[bad] = self._attack(attack, g, arrays[bad], metrics[bad], rng, robust)
+        return [_reply(i + 1, a, m) for i, (a, m) in enumerate(zip(arrays, metrics, strict=True))]
+
+    def _tally(self, record: dict, counts: dict, seen: dict, server_round: int) -> None:
+        """Add one round's record to the run's counts, direction scores and noise ratios."""
+        bad = self.attacker + 1
+        clean = {c["node"] for c in record.get("too-clean", [])}
+        sites = {int(n): m for n, m in record.get("sites", {}).items()}
+        counts["dropped"] += bad in record["dropped"]
+        counts["too-clean"] += bad in clean
+        counts["honest-too-clean"] += len(clean - {bad})
+        counts["honest-site-rounds"] += len(set(sites) - {bad})
+        counts["clipped"] += bad in {c["node"] for c in record.get("clipped", [])}
+        counts["capped"] += bad in {c["node"] for c in record.get("capped", [])}
+        counts["discounted"] += bad in record.get("discounted", [])
+        counts["honest-discounted"] += len(set(record.get("discounted", [])) - {bad})
+        counts["unchanged"] += "global-unchanged" in record
+        for node, c in record.get("direction-score", {}).items():
+            seen["attacker-score" if int(node) == bad else "honest-score"].append(c)
+        if server_round == self.rounds:
+            for node, e in record.get("direction-evidence", {}).items():
+                seen["attacker-evidence" if int(node) == bad else "honest-evidence"].append(e)
+        for node, ratio in record.get("noise-ratio", {}).items():
+            seen["attacker-noise-ratio" if int(node) == bad else "honest-noise-ratio"].append(ratio)
+
     def run(self, attack: str, robust: RobustSettings) -> dict:
         """One federation: server test accuracy at the end and what the strategy did."""
         s = self.settings
-        strategy = AdapterFedAvg(robust=robust)
+        strategy = AdapterFedAvg(robust=robust, noise=self.noise)
         counted = [counted_plan(s, len(d), self.rounds) if s.private else (None, []) for d in self.data]
         plans, histories = [p for p, _ in counted], [list(h) for _, h in counted]
         g = {k: v.copy() for k, v in self.initial.items()}
         rng = np.random.default_rng(self.seed)
-        counts = {
-            "dropped": 0,
-            "clipped": 0,
-            "capped": 0,
-            "discounted": 0,
-            "honest-discounted": 0,
-            "unchanged": 0,
+        counts = dict.fromkeys(COUNTS, 0)
+        seen: dict[str, list[float]] = {
+            f"{who}-{what}": []
+            for who in ("attacker", "honest")
+            for what in ("score", "evidence", "noise-ratio")
         }
-        direction: dict[str, list[float]] = {"attacker": [], "honest": []}
-        evidence: dict[str, list[float]] = {"attacker": [], "honest": []}
         for server_round in range(1, self.rounds + 1):
             strategy.remember_global(ArrayRecord({k: Array(v) for k, v in g.items()}))
-            replies = []
-            for i, plan in enumerate(plans):
-                set_adapter_arrays(self.model, g)
-                flip = attack == "label-flip" and i == self.attacker
-                dataset, weight = (
-                    (self.flipped, self.flipped_weight) if flip else (self.data[i], self.weights[i])
-                )
-                arrays, metrics, histories[i] = self._train(dataset, weight, plan, histories[i], server_round)
-                if i == self.attacker:
-                    arrays, metrics = self._attack(attack, g, arrays, metrics, rng, robust)
-                replies.append(_reply(i + 1, arrays, metrics))
+            replies = self._replies(attack, g, plans, histories, server_round, rng, robust)
             aggregate, _ = strategy.aggregate_train(server_round, replies)
             record = strategy.round_summary(server_round)
-            bad = self.attacker + 1
-            counts["dropped"] += bad in record["dropped"]
-            counts["clipped"] += bad in {c["node"] for c in record.get("clipped", [])}
-            counts["capped"] += bad in {c["node"] for c in record.get("capped", [])}
-            counts["discounted"] += bad in record.get("discounted", [])
-            counts["honest-discounted"] += len(set(record.get("discounted", [])) - {bad})
-            counts["unchanged"] += "global-unchanged" in record
-            for node, c in record.get("direction-score", {}).items():
-                direction["attacker" if int(node) == bad else "honest"].append(c)
-            if server_round == self.rounds:
-                for node, e in record.get("direction-evidence", {}).items():
-                    evidence["attacker" if int(node) == bad else "honest"].append(e)
+            record["noise-ratio"] = self._noise_ratios(g, replies, server_round)
+            self._tally(record, counts, seen, server_round)
             if aggregate is not None:
                 g = dict(zip(aggregate.keys(), aggregate.to_numpy_ndarrays(), strict=True))
         set_adapter_arrays(self.model, g)
         scores = evaluate(self.model, self.test, self.labels, head_only=s.trainable == "head")
         spread = {
-            f"{who}-score": [round(min(c), 2), round(float(np.mean(c)), 2), round(max(c), 2)]
-            for who, c in direction.items()
-            if c
+            key: [round(min(c), 2), round(float(np.mean(c)), 2), round(max(c), 2)]
+            for key, c in seen.items()
+            if c and not key.endswith("evidence")
         }
-        spread |= {f"{who}-evidence": [round(e, 2) for e in sorted(c)] for who, c in evidence.items() if c}
+        spread |= {
+            key: [round(e, 2) for e in sorted(c)] for key, c in seen.items() if c and key.endswith("evidence")
+        }
         return {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"], **counts, **spread}
 
+    def _noise_ratios(self, g: dict, replies: list[Message], server_round: int) -> dict[int, float]:
+        """Each DP reply's update norm over the noise norm its declared plan adds (n̂ as declared)."""
+        d = sum(v.size for v in g.values())
+        ratios = {}
+        for msg in replies:
+            metrics = dict(msg.content["metrics"])
+            arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+            expected = expected_noise_norm(metrics, d, self.noise, server_round)
+            if expected and math.isfinite(metrics.get("epsilon", math.inf)):
+                ratios[msg.metadata.src_node_id] = update_norm(g, arrays) / expected
+        return ratios
 
-def main() -> None:
+
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -219,19 +322,35 @@ def main() -> None:
         help='run config keys for every setting but plain, JSON: {"max-update-norm": "1x"}',
     )
     parser.add_argument("--out", default="", help="write every run's numbers to this JSON file")
+    parser.add_argument("--csv", default="", help="write one row per run (the table's source) here")
     args = parser.parse_args()
-    attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
-    names = [n.strip() for n in args.settings.split(",") if n.strip()]
-    unknown = sorted(set(attacks) - set(ATTACKS)) + sorted(set(names) - set(SETTINGS))
+    args.attack_list = [a.strip() for a in args.attacks.split(",") if a.strip()]
+    args.names = [n.strip() for n in args.settings.split(",") if n.strip()]
+    unknown = sorted(set(args.attack_list) - set(ATTACKS)) + sorted(set(args.names) - set(SETTINGS))
     if unknown:
         parser.error(f"unknown attack or setting {unknown}: choose from {ATTACKS} and {tuple(SETTINGS)}")
+    return args
+
+
+def _write_csv(path: str, runs: list[dict]) -> None:
+    """One row per run: seed, attack, setting, accuracy, macro-F1 and the counts."""
+    columns = ["seed", "attack", "setting", "accuracy", "macro_f1", *COUNTS]
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(runs)
+
+
+def main() -> None:
+    """Every (seed, attack, setting) federation; the mean accuracy table."""
+    args = _arguments()
     seeds = [int(s) for s in args.seeds.split(",")]
     overrides = json.loads(args.robust)
     robust = {
         name: RobustSettings.from_run_config(
             SETTINGS[name] if name == "plain" else {**overrides, **SETTINGS[name]}
         )
-        for name in names
+        for name in args.names
     }
     config = {
         "dataset": args.dataset,
@@ -241,28 +360,30 @@ def main() -> None:
     }
     scheme = {"scheme": args.partitioning, "alpha": args.dirichlet_alpha, "column": args.partition_column}
     print(f"{args.dataset}: {args.sites} sites, {args.rounds} rounds, {config}; site {args.attacker} attacks")
-    for name in names:
+    for name in args.names:
         print(f"  {name}: {robust[name].describe()}")
     runs = []
     start = time.perf_counter()
     for seed in seeds:
         fed = Federation(config, seed, args.sites, args.rounds, scheme, args.attacker, args.random_norm)
-        for attack in attacks:
-            for name in names:
+        for attack in args.attack_list:
+            for name in args.names:
                 result = fed.run(attack, robust[name])
                 runs.append({"seed": seed, "attack": attack, "setting": name, **result})
                 print(json.dumps(runs[-1]), flush=True)
     print(f"\nserver test accuracy, mean over seeds {seeds} ({time.perf_counter() - start:.0f} s)")
-    print(f"{'attack':<16}" + "".join(f"{n:>14}" for n in names))
-    for attack in attacks:
+    print(f"{'attack':<18}" + "".join(f"{n:>14}" for n in args.names))
+    for attack in args.attack_list:
         cells = []
-        for name in names:
+        for name in args.names:
             acc = [r["accuracy"] for r in runs if r["attack"] == attack and r["setting"] == name]
             cells.append(f"{np.mean(acc):>14.3f}")
-        print(f"{attack:<16}" + "".join(cells))
+        print(f"{attack:<18}" + "".join(cells))
     if args.out:
         with open(args.out, "w") as fh:
             json.dump({"config": {**vars(args), **config}, "runs": runs}, fh, indent=2)
+    if args.csv:
+        _write_csv(args.csv, runs)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from fedllm.data import load_splits, tokenize
 from fedllm.model import build_model, load_tokenizer, pick_device
 from fedllm.secagg import SecAggSettings
 from fedllm.train import evaluate
+from server.noise import NoiseModel
 from server.outcome import RunFailed, untrained_round
 from server.resume import commit, find, load_last_good, resume_dir, run_record, write_config
 from server.robust import RobustSettings
@@ -190,8 +191,9 @@ def _run(grid: Grid, context: Context, server: ServerSettings, stack: ExitStack)
 
     if secagg.enabled:  # the server sees only the sum of the sites' updates (server/secagg_fedavg.py)
         strategy = SecAggFedAvg(secagg, settings, robust=robust, **server.strategy_kwargs())
-    else:
-        strategy = AdapterFedAvg(robust=robust, **server.strategy_kwargs())
+    else:  # what the sites' DP noise must look like (noise check, server/noise.py)
+        noise = NoiseModel.of(settings, server.num_server_rounds)
+        strategy = AdapterFedAvg(robust=robust, noise=noise, **server.strategy_kwargs())
     if run.rows:
         strategy.restore(run.rows)  # the kept rounds' direction evidence (cosine) carries on
     strategy.start(

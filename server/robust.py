@@ -5,10 +5,10 @@ Run config keys (pyproject.toml's ``[tool.flwr.app.config]``):
 - ``aggregator``: ``cosine`` (default) | ``fedavg`` | ``median`` | ``trimmed-mean`` | ``krum`` |
   ``bulyan``, over the (clipped) adapters. ``cosine`` is FedAvg without the site (at most
   ``num-malicious-sites``) whose update the norm bound had to cut, or else whose updates keep
-  pointing away from the others' (``direction_weights``:
-  each round a site scores the median cosine of its update with the others', in units of a random
-  direction's spread 1/√d; its evidence, the sum of its scores over √rounds, must fall below
-  ``-direction-threshold``, default 3); ``fedavg`` is the plain weighted mean (the default
+  pointing away from the others' (server/direction.py: each round a site scores the median
+  cosine of its update with the others', in units of a random direction's spread 1/√d; its
+  evidence, the sum of its scores since the sum was last above 0 over √those rounds, must fall
+  below ``-direction-threshold``, default 3); ``fedavg`` is the plain weighted mean (the default
   before); the others are Flower's own aggregation code (``flwr.serverapp.strategy``).
 - ``max-update-norm``: each site's update Δ = reply − current global adapter (L2 over all adapter
   tensors) is scaled down to this bound before aggregation. ``auto`` (default) = 2 × the median
@@ -25,6 +25,9 @@ Run config keys (pyproject.toml's ``[tool.flwr.app.config]``):
 - ``direction-threshold`` (default 3): how far below 0 a site's accumulated direction evidence
   must fall before ``cosine`` discounts it.
 - ``trim-fraction`` (default 0.2): the fraction trimmed-mean cuts from each tail per coordinate.
+- ``min-noise-ratio`` (default 0.8): a reply that claims DP whose update norm is below this
+  fraction of the DP noise its declared plan adds is left out of the round as too clean
+  (server/noise.py; every aggregator but ``plain``'s ``without_bounds``); 0 turns the check off.
 
 With 1 or 2 valid replies the medians are not robust (no honest majority to take them from);
 set a fixed bound there.
@@ -33,7 +36,6 @@ set a fixed bound there.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -43,12 +45,13 @@ from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from flwr.serverapp.strategy.multikrum import select_multikrum
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
+from server.direction import DIRECTION_THRESHOLD
+from server.noise import MIN_NOISE_RATIO
 from server.validation import DEFAULT_MAX_NUM_EXAMPLES, ValidReply
 
 AGGREGATORS = ("cosine", "fedavg", "median", "trimmed-mean", "krum", "bulyan")
 AUTO_NORM_MULTIPLE = 2.0
 AUTO_WEIGHT_MULTIPLE = 2.0
-DIRECTION_THRESHOLD = 3.0  # units of 1/√d, the spread of a random direction's cosine
 _WEIGHT = "weight"  # the key Flower's aggregate_arrayrecords reads the weights from
 
 
@@ -100,6 +103,7 @@ class RobustSettings:
     num_malicious_sites: int = 1
     trim_fraction: float = 0.2
     direction_threshold: float = DIRECTION_THRESHOLD
+    min_noise_ratio: float = MIN_NOISE_RATIO
 
     @classmethod
     def from_run_config(cls, rc: dict) -> RobustSettings:
@@ -123,6 +127,12 @@ class RobustSettings:
             raise ValueError(
                 f"run config direction-threshold={threshold!r}: expected a positive number (default 3)"
             )
+        ratio = float(rc.get("min-noise-ratio", MIN_NOISE_RATIO))
+        if not 0.0 <= ratio < 1.0:
+            raise ValueError(
+                f"run config min-noise-ratio={ratio!r}: expected 0 ≤ min-noise-ratio < 1 (default "
+                f"{MIN_NOISE_RATIO}; 0 = no noise check)"
+            )
         return cls(
             aggregator=aggregator,
             max_update_norm=parse_bound(
@@ -135,6 +145,7 @@ class RobustSettings:
             num_malicious_sites=f,
             trim_fraction=beta,
             direction_threshold=threshold,
+            min_noise_ratio=ratio,
         )
 
     def describe(self) -> str:
@@ -152,9 +163,15 @@ class RobustSettings:
         )
 
     def without_bounds(self) -> RobustSettings:
-        """No norm bound, weight cap or direction check: plain FedAvg for fedavg and cosine."""
+        """No norm bound, weight cap, direction or noise check: plain FedAvg for fedavg and cosine."""
         aggregator = "fedavg" if self.aggregator == "cosine" else self.aggregator
-        return replace(self, aggregator=aggregator, max_update_norm=Bound(), max_site_weight=Bound())
+        return replace(
+            self,
+            aggregator=aggregator,
+            max_update_norm=Bound(),
+            max_site_weight=Bound(),
+            min_noise_ratio=0.0,
+        )
 
 
 def update_norm(global_arrays: dict[str, np.ndarray], arrays: dict[str, np.ndarray]) -> float:
@@ -202,102 +219,6 @@ def cap_weights(replies: list[ValidReply], bound: Bound) -> tuple[list[float], f
         return counts, None, []
     capped = [{"node": r.node, "num-examples": r.num_examples} for r in replies if r.num_examples > cap]
     return [min(n, cap) for n in counts], cap, capped
-
-
-@dataclass
-class DirectionEvidence:
-    """Each site's direction scores summed over the rounds it was scored in (strategy state).
-
-    ``sums[node]`` is the sum of its per-round scores z (median pairwise cosine × √d),
-    ``counts[node]`` the number of rounds summed. ``evidence`` = sum / √count: for a site whose
-    updates are independent of the others' (z ≈ N(0, ≲1) each round) it stays near 0 however
-    long the run; for one that points away every round it falls like √rounds.
-    """
-
-    sums: dict[int, float] = field(default_factory=dict)
-    counts: dict[int, int] = field(default_factory=dict)
-
-    def add(self, node: int, score: float) -> None:
-        """Count one round's score for ``node``."""
-        self.sums[node] = self.sums.get(node, 0.0) + score
-        self.counts[node] = self.counts.get(node, 0) + 1
-
-    def evidence(self, node: int) -> float:
-        """The node's summed scores over √(rounds scored); 0 for a node never scored."""
-        count = self.counts.get(node, 0)
-        return self.sums[node] / math.sqrt(count) if count else 0.0
-
-    @classmethod
-    def from_rounds(cls, records: list[dict]) -> DirectionEvidence:
-        """Rebuilt from round records (a resumed run's kept ``metrics.jsonl`` rows), in order."""
-        evidence = cls()
-        for record in records:
-            for node, score in (record.get("direction-score") or {}).items():
-                evidence.add(int(node), float(score))
-        return evidence
-
-
-def direction_scores(
-    global_arrays: dict[str, np.ndarray], adapters: list[dict[str, np.ndarray]]
-) -> list[float]:
-    """Per site: the median of the cosines of its update with every other site's, × √d.
-
-    Δ_i = adapter − global over all d adapter values (float64). Two independent random
-    directions in d dimensions have a cosine of mean 0 and spread 1/√d, so the score is in units
-    of that spread: near 0 (within a few units) for an update that shares nothing with the
-    others (DP noise dominates each site's update here), far below 0 for one that points away
-    from them. The median: one hostile reply moves an honest site's score only within the range
-    of its cosines with the honest ones.
-    """
-    keys = list(global_arrays)
-    deltas = np.stack(
-        [
-            np.concatenate([(a[k].astype(np.float64) - global_arrays[k]).ravel() for k in keys])
-            for a in adapters
-        ]
-    )
-    norms = np.linalg.norm(deltas, axis=1, keepdims=True)
-    units = np.nan_to_num(deltas / np.where(norms > 0, norms, 1.0))
-    pair = units @ units.T
-    scale = math.sqrt(deltas.shape[1])
-    return [float(np.median(np.delete(pair[i], i))) * scale for i in range(len(adapters))]
-
-
-def direction_weights(
-    global_arrays: dict[str, np.ndarray],
-    adapters: list[dict[str, np.ndarray]],
-    weights: list[float],
-    nodes: list[int],
-    evidence: DirectionEvidence,
-    num_malicious: int,
-    threshold: float = DIRECTION_THRESHOLD,
-    oversized: Sequence[int] = (),
-) -> tuple[list[float], list[float], list[float]]:
-    """Weight 0 for the (at most ``num_malicious``) sites that are oversized or keep pointing away.
-
-    ``oversized``: indices of the updates the norm bound had to cut (more than twice an honest
-    norm), most oversized first. They are discounted first: a clip bounds how far such an
-    update moves the global, but it still adds a norm bound's worth of its direction (a sign
-    flip's, or noise) to every round. The remaining places go by direction: this round's
-    ``direction_scores`` are added to ``evidence`` (the sites' record over the run) and the
-    sites of lowest evidence that is below ``-threshold`` are discounted. One round decides
-    little: under DP noise honest updates are nearly orthogonal and a non-IID honest site scores
-    below 0 in some rounds, but a sign-flipped or label-flipped site does so in every round, and
-    its evidence falls like √rounds while an update without a direction stays near 0. With
-    fewer than 2f + 1 (and 3) replies there is no majority to judge by: nothing is scored or
-    discounted. Returns (weights, this round's scores, each site's evidence after it).
-    """
-    n = len(adapters)
-    if n < 2 * num_malicious + 1 or n < 3:
-        return list(weights), [math.nan] * n, [math.nan] * n
-    scores = direction_scores(global_arrays, adapters)
-    for node, score in zip(nodes, scores, strict=True):
-        evidence.add(node, score)
-    record = [evidence.evidence(node) for node in nodes]
-    discounted = list(oversized)[:num_malicious]
-    by_evidence = [i for i in sorted(range(n), key=record.__getitem__) if i not in discounted]
-    discounted += [i for i in by_evidence[: num_malicious - len(discounted)] if record[i] < -threshold]
-    return [0.0 if i in discounted else w for i, w in enumerate(weights)], scores, record
 
 
 def _records(adapters: list[dict[str, np.ndarray]], weights: list[float]) -> list[RecordDict]:

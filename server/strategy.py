@@ -29,15 +29,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
+from server.direction import DirectionEvidence, direction_weights
 from server.flower_log import destinations, real_round_numbers, reply_node
-from server.robust import (
-    DirectionEvidence,
-    RobustSettings,
-    cap_weights,
-    clip_updates,
-    combine,
-    direction_weights,
-)
+from server.noise import NoiseModel, noise_check
+from server.robust import RobustSettings, cap_weights, clip_updates, combine, update_norm
 from server.validation import (
     EVALUATE_METRICS,
     ReplyError,
@@ -75,12 +70,17 @@ def _metric_records(metrics: list[dict[str, float]], weights: list[float], key: 
 
 
 class AdapterFedAvg(FedAvg):
-    """Flower's FedAvg with reply validation, robust aggregation and a per-round record."""
+    """Flower's FedAvg with reply validation, robust aggregation and a per-round record.
 
-    def __init__(self, robust: RobustSettings | None = None, **kwargs):
+    ``noise``: the run's settings and rounds, for the noise check (server/noise.py); None = no
+    noise check.
+    """
+
+    def __init__(self, robust: RobustSettings | None = None, noise: NoiseModel | None = None, **kwargs):
         kwargs.setdefault("train_metrics_aggr_fn", aggregate_train_metrics)
         super().__init__(**kwargs)
         self.robust = robust or RobustSettings()
+        self.noise = noise
         self.rounds: dict[int, dict] = {}
         self._global: dict[str, np.ndarray] | None = None
         self._sent: list[Message] = []  # the round's train instructions (whom a reply is about)
@@ -188,6 +188,56 @@ class AdapterFedAvg(FedAvg):
                 record["dropped"].append(node)
         return valid
 
+    def _noise_check(self, record: dict, valid: list[ValidReply], server_round: int) -> list[ValidReply]:
+        """The replies without those too clean for the DP they claim (``too-clean`` in the record)."""
+        record["too-clean"] = []
+        if self.noise is None or self._global is None or self.robust.min_noise_ratio <= 0 or not valid:
+            return valid
+        record["too-clean"], note = noise_check(
+            [r.metrics for r in valid],
+            [r.node for r in valid],
+            [update_norm(self._global, r.arrays) for r in valid],
+            sum(v.size for v in self._global.values()),
+            self.noise,
+            server_round,
+            self.robust.min_noise_ratio,
+            self.robust.max_site_weight.resolve([r.num_examples for r in valid]),
+        )
+        if note:
+            record["noise-check-skipped"] = note
+            log(WARNING, "round %s: %s", server_round, note)
+        for entry in record["too-clean"]:
+            log(WARNING, "round %s: node %s left out, %s", server_round, entry["node"], entry["reason"])
+        out = {entry["node"] for entry in record["too-clean"]}
+        return [r for r in valid if r.node not in out]
+
+    def _direction(
+        self,
+        record: dict,
+        valid: list[ValidReply],
+        adapters: list[dict[str, np.ndarray]],
+        weights: list[float],
+    ) -> list[float]:
+        """``cosine``'s weights: 0 for the oversized and the pointing-away sites (server/direction.py)."""
+        norms = {c["node"]: c["norm"] for c in record["clipped"]}  # the oversized updates
+        scored, scores, evidence = direction_weights(
+            self._global,
+            adapters,
+            weights,
+            [r.node for r in valid],
+            self.direction,
+            self.robust.num_malicious_sites,
+            self.robust.direction_threshold,
+            oversized=sorted(
+                (i for i, r in enumerate(valid) if r.node in norms), key=lambda i: -norms[valid[i].node]
+            ),
+        )
+        for key, values in (("direction-score", scores), ("direction-evidence", evidence)):
+            # unrounded: a resumed run rebuilds the evidence from these rows (``restore``)
+            record[key] = {str(r.node): v for r, v in zip(valid, values, strict=True) if math.isfinite(v)}
+        record["discounted"] = [r.node for r, w, v in zip(valid, weights, scored, strict=True) if v == 0 < w]
+        return scored
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -198,6 +248,7 @@ class AdapterFedAvg(FedAvg):
         record["train-replies"] = len(valid)
         record["sites"] = {str(r.node): {k: r.metrics[k] for k in SITE_KEYS if k in r.metrics} for r in valid}
         record["aggregator"] = self.robust.aggregator
+        valid = self._noise_check(record, valid, server_round)
         if not valid:
             record["global-unchanged"] = "no valid train reply"
             return None, None
@@ -207,25 +258,7 @@ class AdapterFedAvg(FedAvg):
         weights, record["weight-cap"], record["capped"] = cap_weights(valid, self.robust.max_site_weight)
         scored = weights
         if self.robust.aggregator == "cosine" and self._global is not None:
-            norms = {c["node"]: c["norm"] for c in record["clipped"]}  # the oversized updates
-            scored, scores, evidence = direction_weights(
-                self._global,
-                adapters,
-                weights,
-                [r.node for r in valid],
-                self.direction,
-                self.robust.num_malicious_sites,
-                self.robust.direction_threshold,
-                oversized=sorted(
-                    (i for i, r in enumerate(valid) if r.node in norms), key=lambda i: -norms[valid[i].node]
-                ),
-            )
-            for key, values in (("direction-score", scores), ("direction-evidence", evidence)):
-                # unrounded: a resumed run rebuilds the evidence from these rows (``restore``)
-                record[key] = {str(r.node): v for r, v in zip(valid, values, strict=True) if math.isfinite(v)}
-            record["discounted"] = [
-                r.node for r, w, v in zip(valid, weights, scored, strict=True) if v == 0 < w
-            ]
+            scored = self._direction(record, valid, adapters, weights)
         with np.errstate(over="ignore", invalid="ignore"):  # a non-finite result is caught below
             combined, used, why = combine(adapters, scored, self.robust)
         if self.robust.aggregator in ("krum", "bulyan"):
@@ -239,7 +272,7 @@ class AdapterFedAvg(FedAvg):
             log(WARNING, "round %s: the aggregate is not finite; the global adapter is kept", server_round)
             return None, None
         self._global = combined
-        if record["clipped"] or record["capped"] or record.get("discounted"):
+        if record["clipped"] or record["capped"] or record.get("discounted"):  # too-clean: logged above
             clipped, capped = ([c["node"] for c in record[k]] for k in ("clipped", "capped"))
             log(
                 INFO,

@@ -32,7 +32,7 @@ from fedllm.model import build_model
 from fedllm.train import train_local
 
 from .conftest import LABELS, TINY
-from .test_site_guarantee import _ask, _context, _ledger_path, _message
+from .test_site_guarantee import COUNT_NOISE, _ask, _context, _ledger_path, _message
 from .test_site_guarantee import run_config as run_config_fixture
 from .test_site_guarantee import site as site_fixture
 
@@ -92,8 +92,8 @@ def test_a_started_run_reserves_its_whole_plan(site, run_config):
     late = _ask(site, six, run_id=2)
     assert late.has_error() and late.error.reason == "site-refused-lifetime-budget"
     # what run 1 has spent so far would have let the second run in
-    alone = plan_privacy(settings_from(six), run["public-n"], 1, count_noise=20.0)
-    second = [count_entry(20.0), (alone.noise_multiplier, alone.sample_rate, alone.planned_steps)]
+    alone = plan_privacy(settings_from(six), run["public-n"], 1, count_noise=COUNT_NOISE)
+    second = [count_entry(COUNT_NOISE), (alone.noise_multiplier, alone.sample_rate, alone.planned_steps)]
     assert epsilon_for([*run["history"], *second], 1e-5) < 8.0
 
 
@@ -226,7 +226,7 @@ def test_the_epsilon_booked_is_the_exact_one_of_the_count_and_the_steps_under_ad
     reply = _ask(site, {**run_config, "sample-rate": 1.0})
     run = _ledger(site).runs["1"]
     sigma, steps = run["plan"]["noise_multiplier"], total_steps(run) - 1
-    exact = _gaussian_epsilon(math.sqrt(1 / 20.0**2 + steps / sigma**2), 1e-5)
+    exact = _gaussian_epsilon(math.sqrt(1 / COUNT_NOISE**2 + steps / sigma**2), 1e-5)
     booked = reply.content["metrics"]["epsilon"]
     assert booked == pytest.approx(run["epsilon"])
     assert exact <= booked <= exact + 0.05
@@ -241,7 +241,7 @@ def test_the_site_sends_its_dp_count_never_its_n(site, run_config, frame, monkey
     )
     assert reply.content["metrics"]["num-examples"] == run["public-n"] == n + 7
     assert reply.content["metrics"]["delta"] == 1e-5  # a public constant, not 1/(10 n)
-    assert run["history"][0] == count_entry(20.0)
+    assert run["history"][0] == count_entry(COUNT_NOISE)
 
 
 def test_an_abandoned_runs_reservation_is_released_by_the_operator(site, run_config, capsys):

@@ -140,6 +140,7 @@ def test_run_config_keys_are_read_and_bad_values_are_one_line_naming_the_key():
         ("num-malicious-sites", -1),
         ("trim-fraction", 0.5),
         ("max-num-examples", 0),
+        ("min-noise-ratio", 1.5),
     ]:
         with pytest.raises(ValueError, match=f"run config {key}=") as err:
             RobustSettings.from_run_config({key: value})
@@ -173,7 +174,8 @@ def test_cosine_gives_a_sign_flipped_update_weight_zero_and_the_honest_ones_thei
     assert record["discounted"] == [BAD]
     scores = record["direction-score"]
     assert scores[str(BAD)] < -DIRECTION_THRESHOLD < 0 < min(scores[str(n)] for n in HONEST)
-    assert record["direction-evidence"] == scores  # one round: the evidence is its score
+    # one round: the evidence is the score where it is below 0; a positive one restarts the record
+    assert record["direction-evidence"] == {n: min(z, 0.0) for n, z in scores.items()}
     assert all(np.isfinite(v).all() for v in aggregate.values())
     total = sum(HONEST.values())
     expected = {k: sum(c * adapters[n][k] for n, c in HONEST.items()) / total for k in g}
@@ -264,3 +266,37 @@ def test_an_oversized_update_is_discounted_first_and_takes_the_place_of_a_leanin
     assert records[-1]["direction-evidence"][str(BAD)] < -DIRECTION_THRESHOLD
     records = _rounds(AdapterFedAvg(robust=RobustSettings(num_malicious_sites=2)), g, attacked, 1, 6)
     assert sorted(records[-1]["discounted"]) == sorted([99, BAD])
+
+
+def _build_then_flip(g: dict, server_round: int, flip_from: int = 5) -> dict[int, dict]:
+    """Honest sites: a shared direction under noise twice its size. Site BAD sends the shared
+    direction without noise (it scores high and agrees) until ``flip_from``, then the flipped
+    direction at 1.99 x the round's median update norm (just inside the auto bound, never cut)."""
+    rng = np.random.default_rng(server_round)
+    shared = {k: rng.normal(size=v.shape) for k, v in g.items()}
+    adapters = {
+        n: {k: (v + rng.normal(size=v.shape) + 0.5 * shared[k]).astype(np.float32) for k, v in g.items()}
+        for n in HONEST
+    }
+    if server_round < flip_from:
+        adapters[BAD] = {k: (v + 0.5 * shared[k]).astype(np.float32) for k, v in g.items()}
+        return adapters
+    norms = [distance(a, g) for a in adapters.values()]
+    target = 1.99 * float(np.median([*norms, np.inf]))  # the median of all five, BAD the largest
+    size = float(np.sqrt(sum(np.sum(s**2) for s in shared.values())))
+    adapters[BAD] = {k: (v - target / size * shared[k]).astype(np.float32) for k, v in g.items()}
+    return adapters
+
+
+def test_good_rounds_cannot_be_banked_against_a_flip():
+    g = global_adapter()
+    records = _rounds(AdapterFedAvg(), g, lambda r: _build_then_flip(g, r), 1, 8)
+    early, late = records[:4], records[4:]
+    assert min(r["direction-score"][str(BAD)] for r in early) > 5  # it agreed, strongly
+    assert all(r["clipped"] == [] for r in late)  # inside the norm bound: only direction can tell
+    assert all(r["direction-score"][str(BAD)] < -5 for r in late)
+    # with the plain sum over the run (before issue 22) its evidence stayed above -3 to round 8;
+    # the record restarts whenever it turns positive, so the first flipped round counts alone
+    assert all(r["discounted"] == [BAD] for r in late)
+    assert late[0]["direction-evidence"][str(BAD)] == late[0]["direction-score"][str(BAD)]
+    assert all(BAD not in r["discounted"] and r["discounted"] == [] for r in early)

@@ -26,6 +26,8 @@ from fedllm.model import build_model
 from .conftest import LABELS, init_site
 from .replies import delivered
 
+COUNT_NOISE = 4.0
+
 
 @pytest.fixture
 def site(tmp_path, frame):
@@ -43,6 +45,9 @@ def run_config(tiny_checkpoint):
         "max-steps": 2,
         "lr": 0.05,
         "target-epsilon": 7.0,
+        # the DP count's noise, in rows: small beside this ~47-row site, so the plan made from n̂
+        # (the head's step cap) takes the same steps whatever n̂ is drawn
+        "count-noise": COUNT_NOISE,
     }
 
 
@@ -84,7 +89,7 @@ def test_lifetime_budget_is_composed_across_runs_and_a_refused_run_takes_no_step
     runs = PrivacyLedger(_ledger_path(site)).runs
     assert json.loads(before)["runs"]["1"] == runs["1"]
     for refused in ("2", "3"):
-        assert runs[refused]["history"] == [count_entry(20.0)] and runs[refused]["reserved"] == []
+        assert runs[refused]["history"] == [count_entry(COUNT_NOISE)] and runs[refused]["reserved"] == []
 
     # a site that sets a larger lifetime cap lets the second run train, and both are on its books
     wider = _ask({**site, "max-epsilon": 20.0}, run_config, run_id=2)
