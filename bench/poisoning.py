@@ -75,7 +75,7 @@ NOISE_FREE = ("build-flip", "build-flip-noisy")  # the attacker trains without D
 COUNTS = ("dropped", "too-clean", "clipped", "capped", "discounted", "honest-discounted")
 COUNTS += ("honest-too-clean", "honest-site-rounds", "unchanged")
 SETTINGS = {  # run config keys, as the server reads them (RobustSettings.from_run_config)
-    "plain": {"aggregator": "fedavg", "max-update-norm": 0, "max-site-weight": 0},
+    "plain": {"aggregator": "fedavg", "max-update-norm": 0, "max-site-weight": 0, "min-noise-ratio": 0},
     "robust": {},
     "fedavg": {"aggregator": "fedavg"},
     "median": {"aggregator": "median"},

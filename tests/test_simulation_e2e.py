@@ -48,6 +48,8 @@ def test_three_sites_two_rounds_with_dp(tiny_checkpoint, tmp_path):
     assert all("accuracy" in r["evaluate"] for r in rows[1:])  # site-side evaluation, opted in
     # under DP a site's reply holds the DP keys only: no exact training loss or time
     assert all("train-loss" not in r["train"] and "train-seconds" not in r["train"] for r in rows[1:])
+    # the real sites' DP updates carry the noise their plans declare: none is too clean (issue 22)
+    assert all(r["too-clean"] == [] and "noise-check-skipped" not in r for r in rows[1:])
 
     # the global adapter changes every round
     rounds = [_adapter(run_dir, f"round-{i:03d}") for i in range(3)]
