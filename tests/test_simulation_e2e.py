@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from fedllm.accounting import epsilon_for
+from fedllm.accounting import count_entry, epsilon_for
 from simulations.superlink import SimulationLink
 
 from .rescore import rescore
@@ -63,14 +63,15 @@ def test_three_sites_two_rounds_with_dp(tiny_checkpoint, tmp_path):
     assert scores["accuracy"] == logged["accuracy"] and scores["macro_f1"] == logged["macro-f1"]
     assert scores["loss"] == pytest.approx(logged["loss"], rel=1e-5)
 
-    # each site's epsilon grows and is the accountant's value for the steps it really took
+    # each site's epsilon grows and is the accountant's value for the steps it really took, after
+    # the run's DP count of n (the default count-noise, 20 rows; docs/privacy.md)
     first, second = rows[1]["sites"], rows[2]["sites"]
     assert len(first) == 3 and set(first) == set(second)
     for node, site in second.items():
         assert site["epsilon"] > first[node]["epsilon"] > 0
         assert site["epsilon"] <= 8.0 + 1e-6
         steps = first[node]["steps"] + site["steps"]
-        history = [(site["noise-multiplier"], site["sample-rate"], int(steps))]
+        history = [count_entry(20.0), (site["noise-multiplier"], site["sample-rate"], int(steps))]
         assert site["epsilon"] == pytest.approx(epsilon_for(history, site["delta"], "prv"), rel=1e-6)
     assert rows[2]["train"]["epsilon-max"] == pytest.approx(max(s["epsilon"] for s in second.values()))
     assert (run_dir / "metrics.csv").read_text().startswith("round,")
