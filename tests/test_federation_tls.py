@@ -107,7 +107,9 @@ def test_tls_auth_federation_refuses_unregistered_key_and_composes_two_runs(
     for name in ("site-1", "site-2", "site-3"):
         ledger = PrivacyLedger(tmp_path / name / "state" / "privacy_ledger.json")
         assert {first.run_id, second.run_id} <= set(ledger.runs)
-        assert sum(h[2] for h in ledger.runs[first.run_id]["history"]) == 1 + 4  # DP count, 2 rounds x 2 steps
+        assert (
+            sum(h[2] for h in ledger.runs[first.run_id]["history"]) == 1 + 4
+        )  # DP count, 2 rounds x 2 steps
         capsys.readouterr()
         with pytest.raises(SystemExit) as exit_code:
             site_main(["spend", "--state-dir", str(tmp_path / name / "state")])
