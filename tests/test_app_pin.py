@@ -12,11 +12,10 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.cli.install import install_from_fab
 
 import clients.pin as pin
@@ -36,6 +35,9 @@ def fab(tmp_path_factory) -> Path:
     subprocess.run([str(flwr), "build", "--app", str(ROOT)], cwd=out, check=True, capture_output=True)
     [bundle] = out.glob("*.fab")
     return bundle
+
+
+from .replies import delivered  # noqa: E402
 
 
 def test_the_digest_of_a_fab_is_the_digest_of_the_app_flower_installs_from_it(fab, tmp_path, capsys):
@@ -59,19 +61,8 @@ def _site(tmp_path: Path, run_config: dict | None = None, **node) -> Context:
 
 
 def _train(run_key: str = "42", num_rounds: int = 3, kind: str = "train") -> Message:
-    metadata = Metadata(
-        run_id=42,
-        message_id="m",
-        src_node_id=1,
-        dst_node_id=7,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=time.time(),
-        ttl=3600.0,
-        message_type=kind,
-    )
     config = ConfigRecord({"run-key": run_key, "num-rounds": num_rounds, "server-round": 1, "labels": "[]"})
-    return Message(RecordDict({"config": config}), metadata=metadata)
+    return delivered(RecordDict({"config": config}), kind, run_id=42)
 
 
 @pytest.fixture
