@@ -22,6 +22,8 @@ import clients.pin as pin
 from clients.app import app
 from clients.site import SiteConfigError, main, node_config_of, supernode_command
 
+from .replies import delivered
+
 ROOT = Path(__file__).resolve().parent.parent
 PINNED = "ab" * 32
 OTHER = "cd" * 32
@@ -35,9 +37,6 @@ def fab(tmp_path_factory) -> Path:
     subprocess.run([str(flwr), "build", "--app", str(ROOT)], cwd=out, check=True, capture_output=True)
     [bundle] = out.glob("*.fab")
     return bundle
-
-
-from .replies import delivered  # noqa: E402
 
 
 def test_the_digest_of_a_fab_is_the_digest_of_the_app_flower_installs_from_it(fab, tmp_path, capsys):
