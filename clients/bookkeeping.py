@@ -31,7 +31,10 @@ from fedllm.site_state import SiteState, open_state, raise_high_water, remember_
 def site_state_of(context: Context) -> SiteState:
     """A real site's initialised state (node config ``state-dir``, optional ``high-water-dir``)."""
     node = context.node_config
-    return open_state(node.get("state-dir"), node.get("high-water-dir"))
+    state_dir, high_water = node.get("state-dir"), node.get("high-water-dir")
+    return open_state(
+        None if state_dir is None else str(state_dir), None if high_water is None else str(high_water)
+    )
 
 
 def site_state_dir(context: Context) -> Path:
@@ -62,7 +65,7 @@ def book_releases(msg: Message, context: Context, call_next: ClientAppCallable) 
         if kind is not None and not reply.has_error():
             config = msg.content.config_records.get("config")
             server_round = config.get("server-round", 0) if config is not None else 0
-            state.ledger.record_release(run_key(msg, context), kind, round=int(server_round))
+            state.ledger.record_release(run_key(msg, context), kind, round=int(str(server_round)))
         return reply
     finally:
         raise_high_water(state)

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from flwr.proto.fleet_pb2 import ActivateNodeRequest  # pylint: disable=E0611
 from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+from flwr.supercore.protobuf.client import ProtobufClientInterceptor
 from flwr.supernode.fleet_http_client import FleetHttpClient
 from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
 
@@ -44,7 +45,7 @@ def key_registered(
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         return None
     insecure = root_certificates is None
-    interceptors = [
+    interceptors: list[ProtobufClientInterceptor] = [
         RuntimeVersionHttpInterceptor(component_name="SuperNode"),
         NodeAuthHttpInterceptor(key, key.public_key()),
     ]
@@ -54,7 +55,8 @@ def key_registered(
         with FleetHttpClient.from_server_address(address, insecure, certs, interceptors) as client:
             client.ActivateNode(request)
     except httpx.HTTPStatusError as err:
-        return {UNKNOWN_KEY: False, KNOWN_KEY: True}.get(_code(err))
+        code = _code(err)
+        return None if code is None else {UNKNOWN_KEY: False, KNOWN_KEY: True}.get(code)
     except (httpx.HTTPError, ValueError):
         return None
     return None  # an interval of 0 was accepted: not the SuperLink this check knows

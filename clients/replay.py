@@ -91,6 +91,7 @@ class ReplyStore:
         self.folder = None if state_dir is None else state_dir / REPLIES_DIR
 
     def _file(self, key: str) -> Path:
+        assert self.folder is not None  # a deployed site's store
         return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz"
 
     @contextlib.contextmanager
@@ -109,24 +110,29 @@ class ReplyStore:
 
     def keep(self, reply: KeptReply) -> None:
         """Store ``reply`` as this run key's last reply (replacing the previous round's)."""
+        if self.folder is None:
+            self.state[STATE_ARRAYS] = reply.arrays
+            self.state[STATE_METRICS] = MetricRecord(reply.metrics)
+            self.state[STATE_META] = ConfigRecord(
+                {
+                    "run-key": reply.run_key,
+                    "server-round": reply.server_round,
+                    "global-digest": reply.global_digest,
+                }
+            )
+            return
+        names = list(reply.arrays.keys())
         meta = {
             "run-key": reply.run_key,
             "server-round": reply.server_round,
             "global-digest": reply.global_digest,
+            "names": names,
+            "metrics": reply.metrics,
         }
-        if self.folder is None:
-            self.state[STATE_ARRAYS] = reply.arrays
-            self.state[STATE_METRICS] = MetricRecord(reply.metrics)
-            self.state[STATE_META] = ConfigRecord(meta)
-            return
-        names = list(reply.arrays.keys())
-        meta.update(names=names, metrics=reply.metrics)
+        arrays = {f"a{i}": reply.arrays[name].numpy() for i, name in enumerate(names)}
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         buffer = io.BytesIO()
-        np.savez(
-            buffer,
-            meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
-            **{f"a{i}": reply.arrays[name].numpy() for i, name in enumerate(names)},
-        )
+        np.savez(buffer, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as bool
         self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         write_durably(self._file(reply.run_key), buffer.getvalue())
 
@@ -135,13 +141,13 @@ class ReplyStore:
         if self.folder is None:
             if STATE_META not in self.state or self.state[STATE_META]["run-key"] != key:
                 return None
-            meta = self.state[STATE_META]
+            meta = self.state.config_records[STATE_META]
             return KeptReply(
                 key,
-                int(meta["server-round"]),
+                int(str(meta["server-round"])),
                 str(meta["global-digest"]),
-                self.state[STATE_ARRAYS],
-                dict(self.state[STATE_METRICS]),
+                self.state.array_records[STATE_ARRAYS],
+                dict(self.state.metric_records[STATE_METRICS]),
             )
         path = self._file(key)
         if not path.exists():

@@ -192,7 +192,8 @@ def join(args: argparse.Namespace) -> int:
     if args.auth_key and key_registered(args.superlink, args.root_certificates, args.auth_key) is False:
         raise SiteConfigError(NOT_REGISTERED.format(pub=args.auth_key.with_name(args.auth_key.name + ".pub")))
     node_config = node_config_of(args)
-    state = open_state(node_config["state-dir"], node_config.get("high-water-dir"))  # init first
+    high_water = node_config.get("high-water-dir")  # init first:
+    state = open_state(str(node_config["state-dir"]), None if high_water is None else str(high_water))
     runs = raise_high_water(state)  # a corrupt ledger, or one older than its mark, stops us here
     remember_policy(state, dataclasses.asdict(SitePolicy.from_config(node_config)))
     print(f"privacy ledger: {len(runs)} entr(y/ies) on record in {state.folder}")
@@ -221,7 +222,7 @@ def _run_supernode(cmd: list[str]) -> tuple[int, str]:
     seen: deque[str] = deque(maxlen=200)
 
     def echo() -> None:  # a thread: the SuperNode's children may hold the pipe after it exits
-        for line in proc.stdout:
+        for line in proc.stdout or ():
             sys.stdout.write(line)
             sys.stdout.flush()
             seen.append(line)

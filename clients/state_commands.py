@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 
 from clients.policy import DEFAULT_MAX_DELTA
@@ -59,7 +60,7 @@ def site_delta(state: SiteState, given: float | None) -> tuple[float, str]:
     return DEFAULT_MAX_DELTA, "the default max-delta: the site's own is not on record yet"
 
 
-def _table(rows: list[tuple[str, ...]]) -> list[str]:
+def _table(rows: Sequence[tuple[str, ...]]) -> list[str]:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
 
@@ -97,7 +98,7 @@ def spend(args: argparse.Namespace) -> int:
         print("\n".join(reserved))
     releases = [(k.rsplit("#", 1)[0], e) for k, e in sorted(entries.items()) if is_release(e)]
     if releases:
-        rows = [("run", "release", "count", "epsilon")]
+        rows: list[tuple[str, ...]] = [("run", "release", "count", "epsilon")]
         rows += [(k, e["kind"], str(e["count"]), "inf" if e["kind"] == "no-dp" else "-") for k, e in releases]
         print("\nreleases outside DP (no-dp: updates without noise, epsilon inf; evaluation: exact scores):")
         print("\n".join(_table(rows)))

@@ -128,18 +128,18 @@ def audit_from_scores(
     best is still a lower bound at ``confidence`` (union bound). ``delta``: the run's δ (the
     largest of the sites').
     """
-    scores, truth = np.asarray(scores, dtype=float), np.asarray(included, dtype=bool)
-    if scores.shape != truth.shape or scores.ndim != 1:
-        raise ValueError(f"scores {scores.shape} and included {truth.shape} must be 1-D of one length")
-    if not np.all(np.isfinite(scores)):
+    values, truth = np.asarray(scores, dtype=float), np.asarray(included, dtype=bool)
+    if values.shape != truth.shape or values.ndim != 1:
+        raise ValueError(f"scores {values.shape} and included {truth.shape} must be 1-D of one length")
+    if not np.all(np.isfinite(values)):
         raise ValueError("canary scores hold NaN or inf: the run or the scoring failed")
-    m = len(scores)
+    m = len(values)
     each = 1.0 - (1.0 - confidence) / max(len(fractions), 1)
     best = AuditResult(0.0, confidence, delta, m, 0, 0, 0, 0)
     for fraction in fractions:
         r = min(m, max(0, round(fraction * m)))
         k_plus = r // 2 + r % 2
-        guess = guesses(scores, k_plus, r - k_plus)
+        guess = guesses(values, k_plus, r - k_plus)
         v = int(np.sum((guess == 1) & truth) + np.sum((guess == -1) & ~truth))
         eps = epsilon_lower_bound(m, r, v, delta, each) if r else 0.0
         best.options.append(

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
+from peft import PeftModel
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
@@ -59,7 +60,7 @@ def per_example_losses(
     return torch.cat(out).cpu().double().numpy()
 
 
-def per_example_gradients(model: nn.Module, dataset: TensorDataset, head_only: bool = False) -> torch.Tensor:
+def per_example_gradients(model: PeftModel, dataset: TensorDataset, head_only: bool = False) -> torch.Tensor:
     """(n, P): each example's loss gradient w.r.t. the trainable (wire) parameters, flattened in
     wire order (``fedllm.adapters``), at the model's current weights (eval mode)."""
     params = list(wire_parameters(model).values())
@@ -139,7 +140,7 @@ def _precondition(grads: torch.Tensor, shapes: list[torch.Size], metric: np.ndar
 
 def alignment_scores(
     log: UpdateLog,
-    model: nn.Module,
+    model: PeftModel,
     dataset: TensorDataset,
     sites: np.ndarray,
     head_only: bool,

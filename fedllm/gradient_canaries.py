@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fedllm.accounting import PrivacyPlan
 from fedllm.audit_scores import UpdateLog
 
 
@@ -85,7 +86,7 @@ class CanaryInserter:
         self.drawn = np.zeros(len(canaries), dtype=int)
         self._rng = np.random.default_rng()
 
-    def __call__(self, site: int, plan: object, params: list[torch.nn.Parameter]) -> None:
+    def __call__(self, site: int, plan: PrivacyPlan, params: list[torch.nn.Parameter]) -> None:
         """Insert site ``site``'s included canaries, each with probability ``plan.sample_rate``."""
         weight = _head_weight(params)
         mine = np.flatnonzero((self.canaries.sites == site) & self.canaries.included)
@@ -96,7 +97,8 @@ class CanaryInserter:
             raise ValueError(f"a canary coordinate is beyond the head's {weight.shape[1]} features")
         self.drawn[mine] += 1
         columns = torch.as_tensor(self.canaries.coordinates[mine], device=weight.device)
-        weight.summed_grad[:, columns] += self.clip / math.sqrt(weight.shape[0])
+        summed = weight.summed_grad  # type: ignore[attr-defined]  # set by Opacus' GradSampleModule
+        summed[:, columns] += self.clip / math.sqrt(weight.shape[0])
 
 
 def _weight_block(start: dict[str, torch.Tensor]) -> tuple[int, torch.Size]:

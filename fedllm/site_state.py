@@ -105,7 +105,7 @@ def _read_marker(folder: Path) -> SiteState:
     fields = ("state-id", "created", "high-water-dir")
     if not isinstance(doc, dict) or not all(isinstance(doc.get(k), str) and doc[k] for k in fields):
         raise StateError(f"{path}: the marker lacks {', '.join(fields)}; restore it from the newest backup")
-    policy = doc.get("policy") if isinstance(doc.get("policy"), dict) else {}
+    policy = doc["policy"] if isinstance(doc.get("policy"), dict) else {}
     return SiteState(folder, doc["state-id"], doc["created"], Path(doc["high-water-dir"]), policy)
 
 

@@ -53,7 +53,7 @@ def declared_problem(
     wanted = dtype is not None and (
         str(dtype) in dtypes if dtypes is not None else np.issubdtype(dtype, np.floating)
     )
-    if not wanted:
+    if dtype is None or not wanted:
         expected = " or ".join(dtypes) if dtypes is not None else "a float dtype"
         return f"adapter array {name!r} has dtype {str(array.dtype)[:40]}, expected {expected}"
     declared = tuple(array.shape)

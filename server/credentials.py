@@ -20,6 +20,7 @@ import datetime as dt
 import ipaddress
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,7 +126,9 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def _cert(subject: str, key, issuer_name, issuer_key, ca: bool, hosts: list[str] = ()) -> x509.Certificate:
+def _cert(
+    subject: str, key, issuer_name, issuer_key, ca: bool, hosts: Sequence[str] = ()
+) -> x509.Certificate:
     now = dt.datetime.now(dt.UTC)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
     builder = (
@@ -139,7 +142,7 @@ def _cert(subject: str, key, issuer_name, issuer_key, ca: bool, hosts: list[str]
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
     )
     if hosts:
-        names = []
+        names: list[x509.GeneralName] = []
         for host in hosts:
             try:
                 names.append(x509.IPAddress(ipaddress.ip_address(host)))

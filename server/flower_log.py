@@ -31,7 +31,7 @@ class _RealRounds(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.msg == ROUND_LINE and isinstance(record.args, tuple) and len(record.args) == 2:
-            record.args = (int(record.args[0]) + self.offset, self.total)
+            record.args = (int(str(record.args[0])) + self.offset, self.total)
         return True
 
 

@@ -88,6 +88,7 @@ def submit(connection: str, run_config: str, app: Path, federation_config: str |
     stream = subprocess.Popen(
         ["flwr", "log", run_id, connection, "--stream"], cwd=app, stdout=subprocess.PIPE, text=True
     )
+    assert stream.stdout is not None  # stdout=PIPE
     for line in fold_tracebacks(stream.stdout):
         sys.stdout.write(line)
         sys.stdout.flush()
