@@ -77,7 +77,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--local-steps", type=int, default=5)
     parser.add_argument("--clip", type=float, default=1.0)
     parser.add_argument("--out", default="runs/client-dp-flower")
+    parser.add_argument(
+        "--chosen",
+        default="runs/many-sites/chosen-bbc-news.json",
+        help="the harness's choice on validation (lr, local-steps, clip), used when present",
+    )
     args = parser.parse_args(argv)
+    if Path(args.chosen).exists():
+        chosen = json.loads(Path(args.chosen).read_text())
+        args.lr, args.local_steps, args.clip = chosen["lr"], chosen["local-steps"], chosen["clip"]
+        print(f"settings chosen on validation by the harness: {chosen}")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     stop, peak = threading.Event(), [0.0]

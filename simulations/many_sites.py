@@ -6,8 +6,8 @@ RDP accountant).
         [--dataset bbc-news] [--seeds 0,1,2] [--out runs/many-sites] [--tune]
 
 The frozen MiniLM's pooled features of every text are computed once (fedllm/features.py) and
-kept in ``--out``; the training split is dealt IID over N sites (BBC's 1,557 training articles:
-15 a site at 100 sites, 1-2 at 1,000). Each round every site starts from the global head, takes
+kept in ``--out``; 15% of the training split is held out as validation (settings are chosen
+there), the rest is dealt IID over N sites. Each round every site starts from the global head, takes
 ``--local-steps`` full-batch gradient steps at ``--lr`` on its own texts (all sites at once, as
 one batched tensor: the only in-process shortcut) and answers a train reply; a scripted grid
 hands the replies to ``ClientDPFedAvg.start`` — Flower's own round loop — which validates,
@@ -16,14 +16,16 @@ clips to ``--clip``, averages uniformly and adds Flower's noise σC/N, with σ c
 site takes part every round). ε = inf is the same federation without client-level DP (no
 clipping, no noise). Writes ``many-sites.csv``: validation and test accuracy, Flower's ε and
 dp-accounting's PLD ε for the same releases, seconds, and the process RSS (psutil) after each
-point and its peak. ``--tune`` prints validation accuracy over a small (lr, steps, clip) grid
-instead (the settings are chosen there, never on test).
+point and its peak. ``--tune`` scores a small (lr, steps, clip) grid on validation at ε 3
+first and sweeps with the best (chosen on validation, never on test).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import itertools
+import json
 import logging
 import math
 import resource
@@ -39,13 +41,15 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, Metric
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedllm.config import Settings
-from fedllm.data import load_splits, tokenize
+from fedllm.data import load_splits, stratified_split, tokenize
 from fedllm.features import pooled_features
 from fedllm.model import build_model, load_tokenizer
 from server.client_dp import WEIGHT, ClientDPFedAvg, UniformFedAvg
 from server.settings import ClientDPSettings
 
 DELTA = 1e-5
+TUNE_EPSILON = 3.0  # the middle budget; settings chosen there serve all three
+VALIDATION_FRACTION = 0.15  # of the training split, held out to choose the settings
 
 
 def features(dataset: str, cache: Path) -> dict:
@@ -58,10 +62,9 @@ def features(dataset: str, cache: Path) -> dict:
     model = build_model(settings, splits.labels, torch.device("cpu"))
     tokenizer = load_tokenizer(settings.model)
     out: dict = {"labels": splits.labels}
-    for name in ("train", "validation", "test"):
-        data = tokenize(
-            getattr(splits, name), tokenizer, splits.labels, settings.max_length, settings.truncation
-        )
+    train, validation = stratified_split(splits.train, VALIDATION_FRACTION, settings.seed)  # choose here
+    for name, frame in (("train", train), ("validation", validation), ("test", splits.test)):
+        data = tokenize(frame, tokenizer, splits.labels, settings.max_length, settings.truncation)
         out[name] = pooled_features(model, data).tensors
     cache.mkdir(parents=True, exist_ok=True)
     torch.save(out, path)
@@ -210,21 +213,38 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def tune(data: dict, args: argparse.Namespace) -> None:
-    """Validation accuracy over a small grid at each ``--sites`` and the first ``--epsilons``."""
-    epsilon = float(args.epsilons.split(",")[0])
+def tune(data: dict, args: argparse.Namespace) -> dict:
+    """The (lr, local steps, clip) with the best mean validation accuracy at the first seed,
+    over ``--sites`` at ε 3; every point's line is printed, the choice is returned."""
+    scores: dict[tuple, list[float]] = {}
     for num_sites in (int(s) for s in args.sites.split(",")):
-        for lr in (0.3, 1.0, 3.0):
-            for steps in (1, 5):
-                for clip in (0.3, 1.0, 3.0):
-                    args.lr, args.local_steps, args.clip = lr, steps, clip
-                    row = run_point(data, num_sites, epsilon, args)
-                    print(f"N {num_sites} ε {epsilon} lr {lr} steps {steps} clip {clip}: "
-                          f"validation {row['validation-accuracy']:.3f}", flush=True)  # fmt: skip
+        for lr, steps, clip in itertools.product((0.3, 1.0, 3.0), (1, 5), (0.3, 1.0, 3.0)):
+            args.lr, args.local_steps, args.clip = lr, steps, clip
+            row = run_point(data, num_sites, TUNE_EPSILON, args)
+            scores.setdefault((lr, steps, clip), []).append(row["validation-accuracy"])
+            print(f"tune: N {num_sites} ε {TUNE_EPSILON} lr {lr} steps {steps} clip {clip}: "
+                  f"validation {row['validation-accuracy']:.3f}", flush=True)  # fmt: skip
+    lr, steps, clip = max(scores, key=lambda k: sum(scores[k]) / len(scores[k]))
+    return {"lr": lr, "local-steps": steps, "clip": clip, "validation-accuracy": scores[(lr, steps, clip)]}
+
+
+def sweep(data: dict, args: argparse.Namespace) -> list[dict]:
+    """One row per (sites, ε, seed)."""
+    rows = []
+    for num_sites in (int(s) for s in args.sites.split(",")):
+        for epsilon in (float(e) for e in args.epsilons.split(",")):
+            for seed in (int(s) for s in args.seeds.split(",")):
+                args.seed = seed
+                rows.append({"seed": seed, **run_point(data, num_sites, epsilon, args)})
+                print(
+                    {k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True
+                )
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The sweep (or ``--tune``); prints one line per point and writes ``many-sites.csv``."""
+    """``--tune`` first (the choice is written to ``chosen-<dataset>.json`` and used), then the
+    sweep; prints one line per point and writes ``many-sites-<dataset>.csv``."""
     args = _parse(argv)
     args.seed = int(args.seeds.split(",")[0])
     logging.getLogger("flwr").setLevel(logging.WARNING)  # Flower's per-round lines, x 1,000 sites
@@ -232,18 +252,11 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     data = features(args.dataset, out)
     if args.tune:
-        tune(data, args)
-        return
-    rows = []
-    seeds = [int(s) for s in args.seeds.split(",")]
-    for num_sites in (int(s) for s in args.sites.split(",")):
-        for epsilon in (float(e) for e in args.epsilons.split(",")):
-            for seed in seeds:
-                args.seed = seed
-                rows.append({"seed": args.seed, **run_point(data, num_sites, epsilon, args)})
-                print(
-                    {k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True
-                )
+        chosen = tune(data, args)
+        (out / f"chosen-{args.dataset}.json").write_text(json.dumps(chosen, indent=1))
+        print(f"chosen on validation: {chosen}", flush=True)
+        args.lr, args.local_steps, args.clip = chosen["lr"], chosen["local-steps"], chosen["clip"]
+    rows = sweep(data, args)
     path = out / f"many-sites-{args.dataset}.csv"
     with path.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, list(dict.fromkeys(k for r in rows for k in r)))
