@@ -242,6 +242,22 @@ def sweep(data: dict, args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def table(rows: list[dict]) -> str:
+    """Markdown: test accuracy (mean ± sd over seeds) by sites × ε, with ε spent and the RSS."""
+    epsilons = list(dict.fromkeys(r["target-epsilon"] for r in rows))
+    head = " | ".join(f"ε {e:g}" if math.isfinite(e) else "no client-level DP" for e in epsilons)
+    lines = [f"| sites | texts a site | {head} | RSS after (MB) |", "|---" * (len(epsilons) + 3) + "|"]
+    for n in dict.fromkeys(r["sites"] for r in rows):
+        cells = []
+        for e in epsilons:
+            acc = np.array([r["test-accuracy"] for r in rows if r["sites"] == n and r["target-epsilon"] == e])
+            cells.append(f"{acc.mean():.3f} ± {acc.std(ddof=1) if len(acc) > 1 else 0:.3f}")
+        mine = [r for r in rows if r["sites"] == n]
+        rss = max(r["rss-mb"] for r in mine)
+        lines.append(f"| {n} | {mine[0]['texts-per-site']} | {' | '.join(cells)} | {rss:,.0f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     """``--tune`` first (the choice is written to ``chosen-<dataset>.json`` and used), then the
     sweep; prints one line per point and writes ``many-sites-<dataset>.csv``."""
@@ -262,6 +278,9 @@ def main(argv: list[str] | None = None) -> None:
         writer = csv.DictWriter(fh, list(dict.fromkeys(k for r in rows for k in r)))
         writer.writeheader()
         writer.writerows(rows)
+    summary = table(rows)
+    path.with_suffix(".md").write_text(summary + "\n")
+    print(summary)
     print(f"CSV: {path}")
 
 
