@@ -58,9 +58,11 @@ from server.flower_log import destinations, reply_node
 from server.settings import ClientDPSettings
 from server.strategy import ResumableStart
 from server.validation import (
+    EVALUATE_METRICS,
     ReplyError,
     adapter_spec,
     canonical,
+    check_metrics,
     check_train_reply,
     clean_reason,
     site_reason,
@@ -207,8 +209,26 @@ class ClientDPFedAvg(ResumableStart, DifferentialPrivacyClientSideFixedClipping)
         return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """The inner FedAvg's evaluation metrics, under the run's real round number."""
-        return super().aggregate_evaluate(server_round + self.round_offset, replies)
+        """Means of the sites' checked evaluation metrics weighted by their counts (bad replies are
+        left out and recorded), under the run's real round number."""
+        server_round += self.round_offset
+        record = self.rounds.setdefault(server_round, {"train-failures": [], "sites": {}, "clipped": []})
+        record["evaluate-failures"], checked = [], []
+        for m in canonical(replies):
+            try:
+                if m.has_error():
+                    raise ReplyError(site_reason(m.error.reason, m.error.code))
+                if list(m.content.metric_records) != ["metrics"]:
+                    raise ReplyError("expected one MetricRecord 'metrics'")
+                metrics = check_metrics(m.content["metrics"], EVALUATE_METRICS, self.max_num_examples)
+            except ReplyError as err:
+                record["evaluate-failures"].append(
+                    {"node": m.metadata.src_node_id, "reason": clean_reason(str(err))}
+                )
+                continue
+            content = RecordDict({"metrics": MetricRecord({**metrics, WEIGHT: metrics["num-examples"]})})
+            checked.append(Message(content, metadata=m.metadata))
+        return super().aggregate_evaluate(server_round, checked) if checked else None
 
     def _clipped(self, record: dict, node: int, arrays: dict[str, np.ndarray]) -> ArrayRecord:
         """The global plus the site's update clipped to L2 ≤ C (Flower's ``compute_clip_model_update``).

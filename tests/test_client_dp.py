@@ -205,3 +205,15 @@ def test_the_server_app_stops_at_the_budget_with_its_result_saved_and_a_resume_c
     result = json.loads((runs / "stop" / "result.json").read_text())
     assert result["client-dp"]["releases"] == 1 and "budget reached" in result["stopped"]
     assert (runs / "stop" / "final-adapter").is_dir() and result["rounds"] == 1
+
+
+def test_evaluation_replies_are_checked_and_weighted_by_their_counts():
+    strategy = _strategy()
+    good = [
+        reply(2, {}, {"num-examples": 10, "accuracy": 0.5}),
+        reply(3, {}, {"num-examples": 30, "accuracy": 0.9}),
+    ]
+    bad = [reply(4, {}, {"num-examples": 10, "accuracy": float("nan")}), error_reply(5, "site-failed")]
+    metrics = strategy.aggregate_evaluate(1, good + bad)
+    assert metrics["accuracy"] == pytest.approx((10 * 0.5 + 30 * 0.9) / 40)
+    assert sorted(f["node"] for f in strategy.round_summary(1)["evaluate-failures"]) == [4, 5]
