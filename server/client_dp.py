@@ -312,7 +312,7 @@ def describe(strategy: ClientDPFedAvg, num_rounds: int) -> str:
     """One line for the server's log: the mechanism and the budget."""
     planned = epsilon_after(strategy.noise_multiplier, num_rounds, strategy.accountant.config.target_delta)
     return (
-        "client-level DP (Flower's server-side fixed clipping + RDP accountant): "
+        "client-level DP (Flower's fixed-clipping wrapper + RDP accountant, the server clips): "
         f"{strategy.num_sampled_clients} sites a round, clip {strategy.clipping_norm:g}, "
         f"σ {strategy.noise_multiplier:.4g}; "
         f"{num_rounds} rounds would spend ε {planned:.3f} at δ {strategy.accountant.config.target_delta:g} "
