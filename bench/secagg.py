@@ -48,6 +48,7 @@ def per_round(run_dir: Path) -> list[dict]:
             "uploaded-bytes": r.get("bytes-received", 0),
             "accuracy": r["server"].get("accuracy", float("nan")),
             "stage-seconds": r.get("secagg", {}).get("stage-seconds", {}),
+            "stage-bytes": r.get("secagg", {}).get("stage-bytes", {}),
         }
         for prev, r in zip(rows, rows[1:], strict=False)
     ]
@@ -75,7 +76,8 @@ def main(argv: list[str] | None = None) -> None:
             (out / f"{config['run-name']}.log").write_text(link.log(outcome.run_id))
     with (out / "secagg-bench.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(
-            fh, ["aggregation", "round", "seconds", "uploaded-bytes", "accuracy", "stage-seconds"]
+            fh,
+            ["aggregation", "round", "seconds", "uploaded-bytes", "accuracy", "stage-seconds", "stage-bytes"],
         )
         writer.writeheader()
         for aggregation, rows in results.items():
@@ -85,8 +87,17 @@ def main(argv: list[str] | None = None) -> None:
     for aggregation, rows in results.items():
         seconds, uploaded = mean(r["seconds"] for r in rows), mean(r["uploaded-bytes"] for r in rows)
         print(f"| {aggregation} | {seconds:.2f} | {uploaded:,.0f} | {rows[-1]['accuracy']:.3f} |")
+    plain = mean(r["uploaded-bytes"] for r in results["plain"])
     for r in results["secagg+"]:
-        print(f"secagg+ round {r['round']}: stage seconds {r['stage-seconds']}")
+        print(
+            f"secagg+ round {r['round']}: stage seconds {r['stage-seconds']}; stage bytes {r['stage-bytes']}"
+        )
+    vector = mean(r["stage-bytes"].get("collect", 0) for r in results["secagg+"])
+    extra = mean(r["uploaded-bytes"] for r in results["secagg+"]) - plain
+    print(f"masked vectors {vector / plain:.3f}x the plain upload; key stages add {extra / plain:.3f}x it")
+    keys = ("setup", "share-keys", "unmask")
+    protocol = mean(sum(r["stage-seconds"].get(k, 0.0) for k in keys) for r in results["secagg+"])
+    print(f"key stages (setup + share-keys + unmask): {protocol:.2f} s per round on average")
     clipped = [line for line in (out / "secagg-plus.log").read_text().splitlines() if "clipped to" in line]
     print(f"{len(clipped)} site log lines on clipping, e.g. {clipped[:2]}")
     print(f"CSV: {out / 'secagg-bench.csv'}")

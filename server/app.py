@@ -28,6 +28,7 @@ from fedllm.data import load_splits, tokenize
 from fedllm.model import build_model, load_tokenizer, pick_device
 from fedllm.secagg import SecAggSettings
 from fedllm.train import evaluate
+from server.client_dp import ClientDPFedAvg, describe
 from server.noise import NoiseModel
 from server.outcome import RunFailed, untrained_round
 from server.resume import commit, find, load_last_good, resume_dir, run_record, write_config
@@ -35,7 +36,7 @@ from server.robust import RobustSettings
 from server.runlock import RunLock
 from server.runlog import RunLog
 from server.secagg_fedavg import SecAggFedAvg
-from server.settings import ServerSettings
+from server.settings import ClientDPSettings, ServerSettings
 from server.strategy import AdapterFedAvg
 
 app = ServerApp()
@@ -125,6 +126,32 @@ def open_run(context: Context, server: ServerSettings, record: dict, model, stac
     return OpenedRun(point.run_dir, point.run_key, point.rows, point.last_round + 1, initial)
 
 
+def make_strategy(rc: dict, settings, server: ServerSettings, robust: RobustSettings):
+    """The run's strategy: SecAgg+, client-level DP (Flower's wrapper) or validated robust FedAvg."""
+    secagg = SecAggSettings.from_run_config(rc)
+    client_dp = ClientDPSettings.from_run_config(rc)
+    if secagg.enabled and client_dp.enabled:
+        raise ValueError(
+            'run config client-dp-epsilon with aggregation="secagg+": the two are not combined yet; '
+            'set client-dp-epsilon=0 or aggregation="plain"'
+        )
+    if secagg.enabled:  # the server sees only the sum of the sites' updates (server/secagg_fedavg.py)
+        print(
+            "fedllm: secure aggregation (secagg+): the server sees only the sum; "
+            f"clip ±{secagg.clip(settings):g}"
+        )
+        return SecAggFedAvg(secagg, settings, robust=robust, **server.strategy_kwargs())
+    if client_dp.enabled:  # whole sites protected, Flower's wrapper and accountant (server/client_dp.py)
+        strategy = ClientDPFedAvg(
+            client_dp, server.num_server_rounds, robust.max_num_examples, **server.strategy_kwargs()
+        )
+        print(f"fedllm: every train reply is validated; {describe(strategy, server.num_server_rounds)}")
+        return strategy
+    print(f"fedllm: every train reply is validated; {robust.describe()}")
+    noise = NoiseModel.of(settings, server.num_server_rounds)  # what the sites' DP noise must look like
+    return AdapterFedAvg(robust=robust, noise=noise, **server.strategy_kwargs())
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run ``num-server-rounds`` rounds over the adapters (server/robust.py's aggregator); log and checkpoint.
@@ -158,12 +185,6 @@ def _run(grid: Grid, context: Context, server: ServerSettings, stack: ExitStack)
         f"fedllm: adapter update {update_bytes:,} B vs full model state dict {full_bytes:,} B "
         f"({full_bytes / update_bytes:.0f}x smaller); run dir {run_dir}"
     )
-    secagg = SecAggSettings.from_run_config(rc)
-    if secagg.enabled:
-        clip = secagg.clip(settings)
-        print(f"fedllm: secure aggregation (secagg+): the server sees only the sum; clip ±{clip:g}")
-    else:
-        print(f"fedllm: every train reply is validated; {robust.describe()}")
     test_ds = _server_test_set(settings, splits, labels) if server.server_eval else None
     head_only = settings.resolved().trainable == "head"  # the encoder never changes
     log = RunLog(run_dir, {"adapter-bytes": update_bytes, "full-model-bytes": full_bytes}, run.rows)
@@ -189,11 +210,7 @@ def _run(grid: Grid, context: Context, server: ServerSettings, stack: ExitStack)
         log.round(server_round, strategy.round_summary(server_round), scores)
         return MetricRecord(scores) if scores else None
 
-    if secagg.enabled:  # the server sees only the sum of the sites' updates (server/secagg_fedavg.py)
-        strategy = SecAggFedAvg(secagg, settings, robust=robust, **server.strategy_kwargs())
-    else:  # what the sites' DP noise must look like (noise check, server/noise.py)
-        noise = NoiseModel.of(settings, server.num_server_rounds)
-        strategy = AdapterFedAvg(robust=robust, noise=noise, **server.strategy_kwargs())
+    strategy = make_strategy(rc, settings, server, robust)
     if run.rows:
         strategy.restore(run.rows)  # the kept rounds' direction evidence (cosine) carries on
     strategy.start(
@@ -211,5 +228,14 @@ def _run(grid: Grid, context: Context, server: ServerSettings, stack: ExitStack)
     final = initial if final is None else final  # the last accepted global (round 0's if none was)
     adapter_from_record(model, final)
     _save(model, run_dir / "final-adapter", labels, {"settings": settings.to_dict()})
-    log.finish(run_dir / "final-adapter")
+    extra = {}
+    if isinstance(strategy, ClientDPFedAvg):  # the run's client-level (ε, δ), and why it stopped early
+        extra = {"client-dp": strategy.spent(), "stopped": strategy.stopped}
+        spent = extra["client-dp"]
+        print(
+            f"fedllm: client-level DP for the whole run: ε {spent['epsilon']:.4f} at δ {spent['delta']:g} "
+            f"over {spent['releases']} releases"
+            + (f"; stopped early: {strategy.stopped}" if strategy.stopped else "")
+        )
+    log.finish(run_dir / "final-adapter", extra)
     print(f"fedllm: done; final adapter {run_dir / 'final-adapter'}; log {run_dir / 'metrics.jsonl'}")

@@ -93,8 +93,8 @@ class RunLog:
             fh.write(dumps(row) + "\n")
         self._write_csv()
 
-    def finish(self, final_adapter: Path) -> dict:
-        """Write ``result.json``: the last round's numbers, sizes and where the adapter is."""
+    def finish(self, final_adapter: Path, extra: dict | None = None) -> dict:
+        """Write ``result.json``: the last round's numbers, sizes, where the adapter is, and ``extra``."""
         last = self.rows[-1] if self.rows else {}
         result = plain(
             {
@@ -103,6 +103,7 @@ class RunLog:
                 "final": last,
                 "final-adapter": str(final_adapter),
                 "wall-seconds": round(time.perf_counter() - self.start, 3),
+                **(extra or {}),
             }
         )
         (self.run_dir / "result.json").write_text(dumps(result, indent=2))

@@ -69,8 +69,13 @@ class SecAggRound:
         self.total = np.zeros(self.length, dtype=np.uint32)
         self.failures: list[dict] = []
         self.uploaded = 0
+        self.stage_bytes: dict[str, int] = {}  # uploaded per stage (setup, share-keys, collect, unmask)
         self.seconds: dict[str, float] = {}
         self._started = time.perf_counter()
+
+    def _count(self, stage: str, nbytes: int) -> None:
+        self.uploaded += nbytes
+        self.stage_bytes[stage] = self.stage_bytes.get(stage, 0) + nbytes
 
     def _fail(self, node: int, stage: str, reason: str) -> None:
         self.failures.append({"node": node, "stage": stage, "reason": reason})
@@ -97,7 +102,7 @@ class SecAggRound:
             if reply.has_error():
                 self._fail(node, stage, str(reply.error.reason))
             elif node in payloads and RECORD in reply.content.config_records:
-                self.uploaded += content_bytes(reply.content)
+                self._count(stage, content_bytes(reply.content))
                 answers[node] = reply.content.config_records[RECORD]
             else:
                 self._fail(node, stage, "not a secure-aggregation answer")
@@ -159,7 +164,7 @@ class SecAggRound:
             if node not in self.shared or node in self.masked or vector is None:
                 self._fail(node, "collect", "not a masked vector of this round")
                 continue
-            self.uploaded += content_bytes(reply.content)
+            self._count("collect", content_bytes(reply.content))
             self.total += vector  # uint32: wraps mod 2³² as the masks need
             self.masked.add(node)
         self.seconds["collect"] = round(time.perf_counter() - self._started, 3)
@@ -219,6 +224,7 @@ class SecAggRound:
             "num-shares": self.shares,
             "threshold": self.threshold,
             "stage-seconds": dict(self.seconds),
+            "stage-bytes": dict(self.stage_bytes),
             "failures": list(self.failures),
         }
 

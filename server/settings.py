@@ -131,3 +131,61 @@ class ServerSettings:
             "min_evaluate_nodes": self.min_evaluate_nodes,
             "min_available_nodes": self.min_available_nodes,
         }
+
+
+@dataclass(frozen=True)
+class ClientDPSettings:
+    """Client-level DP at the server (server/client_dp.py, docs/client-level-dp.md).
+
+    - ``client-dp-epsilon`` (0 = off): the run's client-level ε budget (Flower's ``max_epsilon``);
+    - ``client-dp-delta`` (1e-5): its δ;
+    - ``client-dp-clip`` (1.0): the L2 bound on one site's update (its adapter minus the global);
+    - ``client-dp-noise-multiplier`` (0 = calibrated): σ; 0 = the smallest σ for which
+      ``num-server-rounds`` releases stay within ``client-dp-epsilon`` (Flower's RDP accountant);
+    - ``client-dp-sites`` (0 = ``min-train-nodes``): sites per round, the fixed denominator m.
+    """
+
+    client_dp_epsilon: float = 0.0
+    client_dp_delta: float = 1e-5
+    client_dp_clip: float = 1.0
+    client_dp_noise_multiplier: float = 0.0
+    client_dp_sites: int = 0
+
+    @classmethod
+    def from_run_config(cls, rc: dict) -> ClientDPSettings:
+        """Read and check the keys above; a bad value raises one line naming the key and the fix."""
+        values = {
+            f.name: _read(key, str(f.type), rc[key]) if key in rc else f.default
+            for f in fields(cls)
+            for key in [f.name.replace("_", "-")]
+        }
+        settings = cls(**values)
+        finite = {k: abs(v) < float("inf") for k, v in values.items()}  # False for ±inf and NaN
+        checks = [
+            (
+                finite["client_dp_epsilon"] and settings.client_dp_epsilon >= 0,
+                "client-dp-epsilon",
+                "use a budget > 0 (0 = off)",
+            ),
+            (0 < settings.client_dp_delta < 1, "client-dp-delta", "use a δ in (0, 1), e.g. 1e-5"),
+            (
+                finite["client_dp_clip"] and settings.client_dp_clip > 0,
+                "client-dp-clip",
+                "use an L2 bound > 0",
+            ),
+            (
+                finite["client_dp_noise_multiplier"] and settings.client_dp_noise_multiplier >= 0,
+                "client-dp-noise-multiplier",
+                "use σ > 0, or 0 to calibrate it from client-dp-epsilon",
+            ),
+            (settings.client_dp_sites >= 0, "client-dp-sites", "use a number of sites (0 = min-train-nodes)"),
+        ]
+        for ok, key, fix in checks:
+            if not ok:
+                raise ValueError(f"run config {key}={values[key.replace('-', '_')]!r}: {fix}")
+        return settings
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the server adds client-level DP."""
+        return self.client_dp_epsilon > 0

@@ -69,27 +69,14 @@ def _metric_records(metrics: list[dict[str, float]], weights: list[float], key: 
     ]
 
 
-class AdapterFedAvg(FedAvg):
-    """Flower's FedAvg with reply validation, robust aggregation and a per-round record.
+class ResumableStart:
+    """Flower's ``Strategy.start`` with ``first_round``: a resumed run's rounds keep their real numbers.
 
-    ``noise``: the run's settings and rounds, for the noise check (server/noise.py); None = no
-    noise check.
+    Mixed in before a Flower strategy (``AdapterFedAvg``, server/client_dp.py's ``ClientDPFedAvg``);
+    the strategy adds ``round_offset`` to every round number Flower passes in.
     """
 
-    def __init__(self, robust: RobustSettings | None = None, noise: NoiseModel | None = None, **kwargs):
-        kwargs.setdefault("train_metrics_aggr_fn", aggregate_train_metrics)
-        super().__init__(**kwargs)
-        self.robust = robust or RobustSettings()
-        self.noise = noise
-        self.rounds: dict[int, dict] = {}
-        self._global: dict[str, np.ndarray] | None = None
-        self._sent: list[Message] = []  # the round's train instructions (whom a reply is about)
-        self.round_offset = 0  # rounds done before this start (a resumed run)
-        self.direction = DirectionEvidence()  # the sites' direction record over the run (cosine)
-
-    def restore(self, records: list[dict]) -> None:
-        """Carry the state of the rounds a resumed run keeps: their records (``metrics.jsonl`` rows)."""
-        self.direction = DirectionEvidence.from_rounds(records)
+    round_offset = 0  # rounds done before this start (a resumed run)
 
     def start(
         self,
@@ -132,6 +119,28 @@ class AdapterFedAvg(FedAvg):
                 )
         finally:
             self.round_offset = 0
+
+
+class AdapterFedAvg(ResumableStart, FedAvg):
+    """Flower's FedAvg with reply validation, robust aggregation and a per-round record.
+
+    ``noise``: the run's settings and rounds, for the noise check (server/noise.py); None = no
+    noise check.
+    """
+
+    def __init__(self, robust: RobustSettings | None = None, noise: NoiseModel | None = None, **kwargs):
+        kwargs.setdefault("train_metrics_aggr_fn", aggregate_train_metrics)
+        super().__init__(**kwargs)
+        self.robust = robust or RobustSettings()
+        self.noise = noise
+        self.rounds: dict[int, dict] = {}
+        self._global: dict[str, np.ndarray] | None = None
+        self._sent: list[Message] = []  # the round's train instructions (whom a reply is about)
+        self.direction = DirectionEvidence()  # the sites' direction record over the run (cosine)
+
+    def restore(self, records: list[dict]) -> None:
+        """Carry the state of the rounds a resumed run keeps: their records (``metrics.jsonl`` rows)."""
+        self.direction = DirectionEvidence.from_rounds(records)
 
     @property
     def global_arrays(self) -> ArrayRecord | None:

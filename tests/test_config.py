@@ -22,13 +22,14 @@ from fedllm.config import (
 from fedllm.secagg import SecAggSettings
 from fedllm.shards import ShardSettings
 from server.robust import RobustSettings
-from server.settings import ServerSettings
+from server.settings import ClientDPSettings, ServerSettings
 
 # the classes whose defaults the table holds as they are (a TOML value of the field's type)
 PLAIN_SOURCES = {
     "server/settings.py": ServerSettings,
     "fedllm/shards.py": ShardSettings,
     "fedllm/secagg.py": SecAggSettings,
+    "server/settings.py (client-level DP)": ClientDPSettings,
 }
 
 
