@@ -27,7 +27,11 @@ can; then its noise-free update flipped and scaled to 1.99 × the round's median
 just inside the auto bound); ``build-flip-noisy`` (the same, but it adds Gaussian noise of its
 declared scale (``server.noise``) to every update, so the noise check cannot tell it: honest-like
 for the first half, then the flipped update as large as the 1.99 × median norm leaves room for
-beside that noise). Settings: ``plain`` (FedAvg, no norm bound, no weight
+beside that noise); ``build-flip-bound`` (the attacker that knows the server's bounds: an
+honest-looking update, its noise-free one plus noise of its declared scale, for the first half,
+then its noise-free update flipped at 0.99 × the lower of the auto bound and the noise model's
+bound for it, ``server.noise.noise_bounds``, computed from every reply's declared plan as the
+server will). Settings: ``plain`` (FedAvg, no norm bound, no weight
 cap; replies are still validated, as the server always does), ``robust`` (the server default:
 ``cosine``), ``fedavg`` (the default before ``cosine``: FedAvg with the bounds), ``median``,
 ``trimmed-mean``, ``krum`` (each with the default bounds), ``bulyan`` on request
