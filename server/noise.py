@@ -47,6 +47,10 @@ from fedllm.train import lr_schedule
 MIN_NOISE_RATIO = 0.8
 NOISE_BOUND_SLACK = 0.1  # the noise part's allowance: (1 + this) × s √d, ~6 of its spreads at d ≈ 2,000
 SIGNAL_MULTIPLE = 2.0  # the signal part's allowance: this × the round's median signal norm
+# An update the noise bound cuts is also discounted (``cosine``'s oversized rule) only when it is
+# more than this × that bound: an honest non-IID site's signal can be 2-4 × the round's median
+# (BBC, issue 22: up to 1.16 × its bound), so between 1 and this it is only cut.
+NOISE_OVERSIZED = 1.25
 _Z = 3.1  # a Gaussian vector's norm falls below √(1 − 3.1 √(2/d)) of its RMS with chance ≲ 1e-3
 
 

@@ -31,7 +31,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from server.direction import DirectionEvidence, direction_weights
 from server.flower_log import destinations, real_round_numbers, reply_node
-from server.noise import NoiseModel, noise_bounds, noise_check
+from server.noise import NOISE_OVERSIZED, NoiseModel, noise_bounds, noise_check
 from server.robust import RobustSettings, cap_weights, clip_updates, combine, update_norm
 from server.validation import (
     EVALUATE_METRICS,
@@ -235,8 +235,14 @@ class AdapterFedAvg(FedAvg):
         weights: list[float],
     ) -> list[float]:
         """``cosine``'s weights: 0 for the oversized and the pointing-away sites (server/direction.py)."""
-        # the oversized updates, most oversized (over its own bound) first
-        norms = {c["node"]: c["norm"] / c["bound"] for c in record["clipped"]}
+        # the oversized updates, most oversized (over its own bound) first: those the round's bound
+        # cut, and those more than NOISE_OVERSIZED x over their noise bound
+        limit = record["norm-bound"] or math.inf
+        norms = {
+            c["node"]: c["norm"] / c["bound"]
+            for c in record["clipped"]
+            if c["norm"] > limit or c["norm"] > NOISE_OVERSIZED * c["bound"]
+        }
         scored, scores, evidence = direction_weights(
             self._global,
             adapters,
