@@ -18,7 +18,7 @@ from torch.utils.data import TensorDataset
 from fedllm.accounting import plan_privacy
 from fedllm.config import Settings
 from fedllm.train import train_local
-from server.noise import NoiseModel, noise_check, too_clean
+from server.noise import NOISE_OVERSIZED, NoiseModel, noise_check, too_clean
 from server.robust import RobustSettings, update_norm
 from server.strategy import AdapterFedAvg
 
@@ -216,3 +216,26 @@ def test_the_noise_bound_clips_a_flip_sent_just_under_twice_the_median_norm():
                 honest = sum(counts[n] * (adapters[n]["head.bias"]) for n in (1, 2, 3, 4)) / 1210
                 assert np.allclose(as_dict(arrays)["head.bias"], honest, atol=1e-5)
     assert honest_clipped == 0
+
+
+@pytest.mark.usefixtures("server_identity")
+def test_an_honest_site_a_little_over_its_noise_bound_is_cut_not_discounted():
+    g = {"head.weight": np.zeros((4, 480), np.float32), "head.bias": np.zeros(4, np.float32)}
+    rng = np.random.default_rng(5)
+    shared = {k: rng.normal(size=v.shape) for k, v in g.items()}
+    leans = {1: 0.3, 2: 0.4, 3: 0.5, 4: 0.45, 5: 1.3}  # site 5: a strong signal of its own data
+    std = _declared_std(dp_metrics(300), 1)
+    adapters = {
+        n: {
+            k: (v + std * (lean * shared[k] + rng.normal(size=v.shape))).astype(np.float32)
+            for k, v in g.items()
+        }
+        for n, lean in leans.items()
+    }
+    strategy = AdapterFedAvg(robust=RobustSettings(), noise=NoiseModel.of(DP, ROUNDS))
+    start_round(strategy, g, list(leans))
+    strategy.aggregate_train(1, [reply(n, a, dp_metrics(300)) for n, a in adapters.items()])
+    record = strategy.round_summary(1)
+    (cut,) = record["clipped"]
+    assert cut["node"] == 5 and cut["bound"] < cut["norm"] < NOISE_OVERSIZED * cut["bound"]
+    assert cut["norm"] < record["norm-bound"] and record["discounted"] == []
