@@ -12,9 +12,9 @@ recipe's head; site ``--attacker`` (0) is the malicious one.
 
 Per run it counts the rounds in which the attacker's reply was dropped, left out as too clean
 for its DP (``too-clean``: the noise check), clipped, capped or discounted (``cosine``), the
-honest site-rounds discounted or too clean (out of ``honest-site-rounds``), the min / mean / max of the
-attacker's and the honest sites' per-round direction scores, and their direction evidence after
-the last round (``server.robust.direction_weights``).
+honest site-rounds discounted, too clean or clipped (out of ``honest-site-rounds``), the min /
+mean / max of the attacker's and the honest sites' per-round direction scores, and their
+direction evidence after the last round (``server.robust.direction_weights``).
 
 Attacks: ``none``; ``sign-flip`` (its trained update × -1e6); ``random`` (a random update of norm
 ``--random-norm``); ``label-flip`` (it trains honestly on labels shifted by one class);
@@ -78,7 +78,7 @@ ATTACKS = (
 )
 NOISE_FREE = ("build-flip", "build-flip-noisy", "build-flip-bound")  # the attacker trains without DP noise
 COUNTS = ("dropped", "too-clean", "clipped", "capped", "discounted", "honest-discounted")
-COUNTS += ("honest-too-clean", "honest-site-rounds", "unchanged")
+COUNTS += ("honest-too-clean", "honest-clipped", "honest-site-rounds", "unchanged")
 SETTINGS = {  # run config keys, as the server reads them (RobustSettings.from_run_config)
     "plain": {
         "aggregator": "fedavg",
@@ -265,7 +265,9 @@ class Federation:
         counts["too-clean"] += bad in clean
         counts["honest-too-clean"] += len(clean - {bad})
         counts["honest-site-rounds"] += len(set(sites) - {bad})
-        counts["clipped"] += bad in {c["node"] for c in record.get("clipped", [])}
+        clipped = {c["node"] for c in record.get("clipped", [])}
+        counts["clipped"] += bad in clipped
+        counts["honest-clipped"] += len(clipped - {bad})
         counts["capped"] += bad in {c["node"] for c in record.get("capped", [])}
         counts["discounted"] += bad in record.get("discounted", [])
         counts["honest-discounted"] += len(set(record.get("discounted", [])) - {bad})
