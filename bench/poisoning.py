@@ -12,9 +12,9 @@ recipe's head; site ``--attacker`` (0) is the malicious one.
 
 Per run it counts the rounds in which the attacker's reply was dropped, left out as too clean
 for its DP (``too-clean``: the noise check), clipped, capped or discounted (``cosine``), the
-honest site-rounds discounted or too clean (out of ``honest-site-rounds``), the min / mean / max of the
-attacker's and the honest sites' per-round direction scores, and their direction evidence after
-the last round (``server.robust.direction_weights``).
+honest site-rounds discounted, too clean or clipped (out of ``honest-site-rounds``), the min /
+mean / max of the attacker's and the honest sites' per-round direction scores, and their
+direction evidence after the last round (``server.robust.direction_weights``).
 
 Attacks: ``none``; ``sign-flip`` (its trained update × -1e6); ``random`` (a random update of norm
 ``--random-norm``); ``label-flip`` (it trains honestly on labels shifted by one class);
@@ -27,7 +27,11 @@ can; then its noise-free update flipped and scaled to 1.99 × the round's median
 just inside the auto bound); ``build-flip-noisy`` (the same, but it adds Gaussian noise of its
 declared scale (``server.noise``) to every update, so the noise check cannot tell it: honest-like
 for the first half, then the flipped update as large as the 1.99 × median norm leaves room for
-beside that noise). Settings: ``plain`` (FedAvg, no norm bound, no weight
+beside that noise); ``build-flip-bound`` (the attacker that knows the server's bounds: an
+honest-looking update, its noise-free one plus noise of its declared scale, for the first half,
+then its noise-free update flipped at 0.99 × the lower of the auto bound and the noise model's
+bound for it, ``server.noise.noise_bounds``, computed from every reply's declared plan as the
+server will). Settings: ``plain`` (FedAvg, no norm bound, no weight
 cap; replies are still validated, as the server always does), ``robust`` (the server default:
 ``cosine``), ``fedavg`` (the default before ``cosine``: FedAvg with the bounds), ``median``,
 ``trimmed-mean``, ``krum`` (each with the default bounds), ``bulyan`` on request
@@ -57,7 +61,7 @@ from fedllm.config import settings_from
 from fedllm.data import load_splits, loss_weights, partition_sites, tokenize
 from fedllm.model import build_model, load_tokenizer
 from fedllm.train import evaluate, train_local
-from server.noise import NoiseModel, expected_noise_norm
+from server.noise import NOISE_BOUND_SLACK, NoiseModel, expected_noise_norm, noise_bounds
 from server.robust import RobustSettings, update_norm
 from server.strategy import AdapterFedAvg
 
@@ -70,12 +74,19 @@ ATTACKS = (
     "inflated-valid",
     "build-flip",
     "build-flip-noisy",
+    "build-flip-bound",
 )
-NOISE_FREE = ("build-flip", "build-flip-noisy")  # the attacker trains without DP noise
+NOISE_FREE = ("build-flip", "build-flip-noisy", "build-flip-bound")  # the attacker trains without DP noise
 COUNTS = ("dropped", "too-clean", "clipped", "capped", "discounted", "honest-discounted")
-COUNTS += ("honest-too-clean", "honest-site-rounds", "unchanged")
+COUNTS += ("honest-too-clean", "honest-clipped", "honest-site-rounds", "unchanged")
 SETTINGS = {  # run config keys, as the server reads them (RobustSettings.from_run_config)
-    "plain": {"aggregator": "fedavg", "max-update-norm": 0, "max-site-weight": 0, "min-noise-ratio": 0},
+    "plain": {
+        "aggregator": "fedavg",
+        "max-update-norm": 0,
+        "max-site-weight": 0,
+        "min-noise-ratio": 0,
+        "noise-bound-slack": 0,
+    },
     "robust": {},
     "fedavg": {"aggregator": "fedavg"},
     "median": {"aggregator": "median"},
@@ -179,23 +190,40 @@ class Federation:
         d = sum(v.size for v in self.initial.values())
         return expected_noise_norm(metrics, d, self.noise, server_round) / math.sqrt(d)
 
+    def _flip_target(
+        self, g: dict, arrays: list[dict], metrics: list[dict], server_round: int, adaptive: bool
+    ) -> float:
+        """The norm the attacker's flipped update goes out at: 1.99 × the median norm the server
+        will see (the attacker is the largest), or (``adaptive``) 0.99 × the lowest bound the
+        server's default applies to it (that and the noise model's, ``server.noise.noise_bounds``,
+        computed as the server will from every reply's declared plan)."""
+        others = [update_norm(g, a) for i, a in enumerate(arrays) if i != self.attacker]
+        target = 1.99 * float(np.median([*others, np.inf]))
+        if not adaptive:
+            return target
+        norms = [np.inf if i == self.attacker else update_norm(g, a) for i, a in enumerate(arrays)]
+        d, cap = sum(v.size for v in g.values()), 2.0 * float(np.median([m["num-examples"] for m in metrics]))
+        bounds = noise_bounds(metrics, norms, d, self.noise, server_round, NOISE_BOUND_SLACK, cap)
+        return min(target, 0.99 * bounds[self.attacker]) if bounds[self.attacker] else target
+
     def _build_flip(
         self,
         g: dict,
         arrays: list[dict],
-        metrics: dict,
+        metrics: list[dict],
         server_round: int,
-        noisy: bool,
+        attack: str,
         rng: np.random.Generator,
     ) -> dict[str, np.ndarray]:
-        """The attacker's adapter for ``build-flip`` (``noisy``: ``build-flip-noisy``), from its
-        noise-free update ``arrays[attacker]`` and the other sites' updates."""
+        """The attacker's adapter for the build-flip attacks, from its noise-free update
+        ``arrays[attacker]`` and the other sites' updates (and declared plans)."""
+        flipping = server_round > self.rounds // 2
+        noisy = attack == "build-flip-noisy" or (attack == "build-flip-bound" and not flipping)
         delta = {k: arrays[self.attacker][k].astype(np.float64) - g[k] for k in g}
-        std = self._declared_std(metrics, server_round) if noisy else 0.0
+        std = self._declared_std(metrics[self.attacker], server_round) if noisy else 0.0
         noise = {k: rng.normal(scale=std, size=v.shape) if noisy else np.zeros(v.shape) for k, v in g.items()}
-        if server_round > self.rounds // 2:  # flip, at 1.99 x the median norm the server will see
-            others = [update_norm(g, a) for i, a in enumerate(arrays) if i != self.attacker]
-            target = 1.99 * float(np.median([*others, np.inf]))  # the attacker is the largest
+        if flipping:  # flip, at the target norm (beside its noise, if any)
+            target = self._flip_target(g, arrays, metrics, server_round, attack == "build-flip-bound")
             size = math.sqrt(sum(float(np.sum(v**2)) for v in delta.values()))
             beside = math.sqrt(sum(float(np.sum(v**2)) for v in noise.values()))
             scale = math.sqrt(max(target**2 - beside**2, 0.0)) / size
@@ -223,8 +251,7 @@ class Federation:
             arrays.append(site)
             metrics.append(m)
         if attack in NOISE_FREE:
-            noisy = attack == "build-flip-noisy"
-            arrays[bad] = self._build_flip(g, arrays, metrics[bad], server_round, noisy, rng)
+            arrays[bad] = self._build_flip(g, arrays, metrics, server_round, attack, rng)
         else:
             arrays[bad], metrics[bad] = self._attack(attack, g, arrays[bad], metrics[bad], rng, robust)
         return [_reply(i + 1, a, m) for i, (a, m) in enumerate(zip(arrays, metrics, strict=True))]
@@ -238,7 +265,9 @@ class Federation:
         counts["too-clean"] += bad in clean
         counts["honest-too-clean"] += len(clean - {bad})
         counts["honest-site-rounds"] += len(set(sites) - {bad})
-        counts["clipped"] += bad in {c["node"] for c in record.get("clipped", [])}
+        clipped = {c["node"] for c in record.get("clipped", [])}
+        counts["clipped"] += bad in clipped
+        counts["honest-clipped"] += len(clipped - {bad})
         counts["capped"] += bad in {c["node"] for c in record.get("capped", [])}
         counts["discounted"] += bad in record.get("discounted", [])
         counts["honest-discounted"] += len(set(record.get("discounted", [])) - {bad})

@@ -92,6 +92,25 @@ def direction_scores(
     return [float(np.median(np.delete(pair[i], i))) * scale for i in range(len(adapters))]
 
 
+def _pulls(
+    global_arrays: dict[str, np.ndarray], adapters: list[dict[str, np.ndarray]], record: list[float]
+) -> list[float]:
+    """Each site's evidence × its update norm over the round's median: how hard it pulls away.
+
+    Among sites whose evidence is below the threshold, the one that moves the global most against
+    the others goes first: a flip at 1.5 × an honest norm before an honest non-IID site whose
+    evidence is a little lower (issue 22: the first flipped round was missed that way).
+    """
+    norms = [
+        math.sqrt(
+            sum(float(np.sum(np.square(a[k].astype(np.float64) - g))) for k, g in global_arrays.items())
+        )
+        for a in adapters
+    ]
+    median = float(np.median(norms)) or 1.0
+    return [e * norm / median for e, norm in zip(record, norms, strict=True)]
+
+
 def direction_weights(
     global_arrays: dict[str, np.ndarray],
     adapters: list[dict[str, np.ndarray]],
@@ -108,8 +127,9 @@ def direction_weights(
     norm), most oversized first. They are discounted first: a clip bounds how far such an
     update moves the global, but it still adds a norm bound's worth of its direction (a sign
     flip's, or noise) to every round. The remaining places go by direction: this round's
-    ``direction_scores`` are added to ``evidence`` (the sites' record over the run) and the
-    sites of lowest evidence that is below ``-threshold`` are discounted. One round decides
+    ``direction_scores`` are added to ``evidence`` (the sites' record over the run) and, of the
+    sites whose evidence is below ``-threshold``, those that pull hardest (evidence × update norm
+    over the round's median, ``_pulls``) are discounted. One round decides
     little: under DP noise honest updates are nearly orthogonal and a non-IID honest site scores
     below 0 in some rounds, but a sign-flipped or label-flipped site does so in every round, and
     its evidence falls like √rounds while an update without a direction stays near 0. With
@@ -124,6 +144,7 @@ def direction_weights(
         evidence.add(node, score)
     record = [evidence.evidence(node) for node in nodes]
     discounted = list(oversized)[:num_malicious]
-    by_evidence = [i for i in sorted(range(n), key=record.__getitem__) if i not in discounted]
-    discounted += [i for i in by_evidence[: num_malicious - len(discounted)] if record[i] < -threshold]
+    pull = _pulls(global_arrays, adapters, record)
+    eligible = [i for i in range(n) if record[i] < -threshold and i not in discounted]
+    discounted += sorted(eligible, key=pull.__getitem__)[: num_malicious - len(discounted)]
     return [0.0 if i in discounted else w for i, w in enumerate(weights)], scores, record

@@ -45,6 +45,12 @@ from fedllm.config import Settings
 from fedllm.train import lr_schedule
 
 MIN_NOISE_RATIO = 0.8
+NOISE_BOUND_SLACK = 0.1  # the noise part's allowance: (1 + this) × s √d, ~6 of its spreads at d ≈ 2,000
+SIGNAL_MULTIPLE = 2.0  # the signal part's allowance: this × the round's median signal norm
+# An update the noise bound cuts is also discounted (``cosine``'s oversized rule) only when it is
+# more than this × that bound: an honest non-IID site's signal can be 2-4 × the round's median
+# (BBC, issue 22: up to 1.16 × its bound), so between 1 and this it is only cut.
+NOISE_OVERSIZED = 1.25
 _Z = 3.1  # a Gaussian vector's norm falls below √(1 − 3.1 √(2/d)) of its RMS with chance ≲ 1e-3
 
 
@@ -170,3 +176,49 @@ def noise_check(
         )
         return [], note
     return flagged, ""
+
+
+def _median(values: list[float]) -> float:
+    return float(np.median(values)) if values else 0.0
+
+
+def noise_bounds(
+    metrics: list[dict[str, float]],
+    norms: list[float],
+    dimension: int,
+    model: NoiseModel,
+    server_round: int,
+    slack: float,
+    count_cap: float | None = None,
+) -> list[float | None]:
+    """Per reply: the largest update norm an honest DP update of its declared plan reaches.
+
+    An honest update is its signal plus noise independent of it, ‖Δ‖² ≈ ‖signal‖² + (s √d)²,
+    and s √d is known to a relative spread of 1/√(2d) (a chi distribution). So a reply's bound
+    is √(((1 + ``slack``) · s √d)² + A²) (``slack`` at least 3.1 / √(2d), that spread's 1e-3
+    tail, where d is small), where A, the signal allowance, is ``SIGNAL_MULTIPLE``
+    × the round's median signal norm √(max(‖Δ_j‖² − (s_j √d)², 0)) over the replies that
+    declare a plan (the median: one site cannot move it past an honest one's). Unlike 2 × the
+    median norm it does not double the noise, which under DP is most of every norm: an update
+    above it carries more than twice an honest signal (a flip scaled up, say). The declaration
+    is taken as in ``too_clean`` (n̂ at most ``count_cap``), and s √d at most 2 × the round's
+    median of it, so declaring a larger σ or a smaller n̂ buys at most twice the room; a reply
+    without a usable plan (no DP claimed) is bounded with the round's median s √d. All None
+    when no reply declares a plan (no DP run, AdamW) or ``slack`` ≤ 0 (off).
+    """
+    expected = [
+        expected_noise_norm(m, dimension, model, server_round, count_cap)
+        if math.isfinite(m.get("epsilon", math.inf))
+        else None
+        for m in metrics
+    ]
+    known = [e for e in expected if e]
+    if slack <= 0 or not known:
+        return [None] * len(metrics)
+    slack = max(slack, _Z / math.sqrt(2.0 * max(dimension, 1)))  # a small d's own spread
+    median, signals = _median(known), []
+    for e, norm in zip(expected, norms, strict=True):
+        if e:
+            signals.append(math.sqrt(max(norm * norm - e * e, 0.0)))
+    allowance = SIGNAL_MULTIPLE * _median(signals)
+    return [math.hypot((1.0 + slack) * min(e or median, 2.0 * median), allowance) for e in expected]

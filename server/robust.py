@@ -28,6 +28,11 @@ Run config keys (pyproject.toml's ``[tool.flwr.app.config]``):
 - ``min-noise-ratio`` (default 0.8): a reply that claims DP whose update norm is below this
   fraction of the DP noise its declared plan adds is left out of the round as too clean
   (server/noise.py; every aggregator but ``plain``'s ``without_bounds``); 0 turns the check off.
+- ``noise-bound-slack`` (default 0.1): with the noise check on, a DP reply's update is also cut to
+  √(((1 + slack) × the noise norm its declared plan adds)² + (2 × the round's median signal
+  norm)²) (server/noise.py ``noise_bounds``) when that is below ``max-update-norm``: an honest DP
+  update is mostly noise of a norm the server can compute, so 2 × the median norm would leave a
+  flipped update room for several honest signals. 0 turns it off.
 
 With 1 or 2 valid replies the medians are not robust (no honest majority to take them from);
 set a fixed bound there.
@@ -46,7 +51,7 @@ from flwr.serverapp.strategy.multikrum import select_multikrum
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from server.direction import DIRECTION_THRESHOLD
-from server.noise import MIN_NOISE_RATIO
+from server.noise import MIN_NOISE_RATIO, NOISE_BOUND_SLACK
 from server.validation import DEFAULT_MAX_NUM_EXAMPLES, ValidReply
 
 AGGREGATORS = ("cosine", "fedavg", "median", "trimmed-mean", "krum", "bulyan")
@@ -104,6 +109,7 @@ class RobustSettings:
     trim_fraction: float = 0.2
     direction_threshold: float = DIRECTION_THRESHOLD
     min_noise_ratio: float = MIN_NOISE_RATIO
+    noise_bound_slack: float = NOISE_BOUND_SLACK
 
     @classmethod
     def from_run_config(cls, rc: dict) -> RobustSettings:
@@ -133,6 +139,12 @@ class RobustSettings:
                 f"run config min-noise-ratio={ratio!r}: expected 0 ≤ min-noise-ratio < 1 (default "
                 f"{MIN_NOISE_RATIO}; 0 = no noise check)"
             )
+        slack = float(rc.get("noise-bound-slack", NOISE_BOUND_SLACK))
+        if not (math.isfinite(slack) and slack >= 0):
+            raise ValueError(
+                f"run config noise-bound-slack={slack!r}: expected a number ≥ 0 (default "
+                f"{NOISE_BOUND_SLACK}; 0 = no bound from the noise model)"
+            )
         return cls(
             aggregator=aggregator,
             max_update_norm=parse_bound(
@@ -146,6 +158,7 @@ class RobustSettings:
             trim_fraction=beta,
             direction_threshold=threshold,
             min_noise_ratio=ratio,
+            noise_bound_slack=slack,
         )
 
     def describe(self) -> str:
@@ -171,6 +184,7 @@ class RobustSettings:
             max_update_norm=Bound(),
             max_site_weight=Bound(),
             min_noise_ratio=0.0,
+            noise_bound_slack=0.0,
         )
 
 
@@ -181,30 +195,37 @@ def update_norm(global_arrays: dict[str, np.ndarray], arrays: dict[str, np.ndarr
 
 
 def clip_updates(
-    global_arrays: dict[str, np.ndarray] | None, replies: list[ValidReply], bound: Bound
+    global_arrays: dict[str, np.ndarray] | None,
+    replies: list[ValidReply],
+    bound: Bound,
+    limits: list[float | None] | None = None,
 ) -> tuple[list[dict[str, np.ndarray]], float | None, list[dict]]:
     """Each reply's adapter with its update scaled down to the round's norm bound.
 
-    Returns (adapters, the bound used, ``[{"node", "norm"}]`` of those clipped). Replies within
-    the bound are passed through unchanged; without a global adapter nothing is clipped.
+    ``limits``: a bound per reply besides the round's (the noise model's, server/noise.py
+    ``noise_bounds``; None where there is none); each update is cut to the lower of the two.
+    Returns (adapters, the round's bound, ``[{"node", "norm", "bound"}]`` of those clipped,
+    ``bound`` the one applied). Replies within their bound are passed through unchanged;
+    without a global adapter nothing is clipped.
     """
     if global_arrays is None:
         return [r.arrays for r in replies], None, []
     norms = [update_norm(global_arrays, r.arrays) for r in replies]
     limit = bound.resolve(norms)
     adapters, clipped = [], []
-    for reply, norm in zip(replies, norms, strict=True):
-        if limit is None or norm <= limit:
+    for i, (reply, norm) in enumerate(zip(replies, norms, strict=True)):
+        own = [b for b in (limit, limits[i] if limits else None) if b is not None]
+        if not own or norm <= min(own):
             adapters.append(reply.arrays)
             continue
-        scale = limit / norm
+        scale = min(own) / norm
         adapters.append(
             {
                 k: (g + scale * (reply.arrays[k].astype(np.float64) - g)).astype(np.float32)
                 for k, g in global_arrays.items()
             }
         )
-        clipped.append({"node": reply.node, "norm": norm})
+        clipped.append({"node": reply.node, "norm": norm, "bound": min(own)})
     return adapters, limit, clipped
 
 

@@ -31,7 +31,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from server.direction import DirectionEvidence, direction_weights
 from server.flower_log import destinations, real_round_numbers, reply_node
-from server.noise import NoiseModel, noise_check
+from server.noise import NOISE_OVERSIZED, NoiseModel, noise_bounds, noise_check
 from server.robust import RobustSettings, cap_weights, clip_updates, combine, update_norm
 from server.validation import (
     EVALUATE_METRICS,
@@ -220,6 +220,22 @@ class AdapterFedAvg(ResumableStart, FedAvg):
         out = {entry["node"] for entry in record["too-clean"]}
         return [r for r in valid if r.node not in out]
 
+    def _noise_bounds(self, record: dict, valid: list[ValidReply], server_round: int) -> list | None:
+        """Each reply's bound from the noise model (server/noise.py ``noise_bounds``), or None."""
+        if self.noise is None or self._global is None or self.robust.noise_bound_slack <= 0:
+            return None
+        bounds = noise_bounds(
+            [r.metrics for r in valid],
+            [update_norm(self._global, r.arrays) for r in valid],
+            sum(v.size for v in self._global.values()),
+            self.noise,
+            server_round,
+            self.robust.noise_bound_slack,
+            self.robust.max_site_weight.resolve([r.num_examples for r in valid]),
+        )
+        record["noise-bounds"] = {str(r.node): b for r, b in zip(valid, bounds, strict=True) if b}
+        return bounds
+
     def _direction(
         self,
         record: dict,
@@ -228,7 +244,14 @@ class AdapterFedAvg(ResumableStart, FedAvg):
         weights: list[float],
     ) -> list[float]:
         """``cosine``'s weights: 0 for the oversized and the pointing-away sites (server/direction.py)."""
-        norms = {c["node"]: c["norm"] for c in record["clipped"]}  # the oversized updates
+        # the oversized updates, most oversized (over its own bound) first: those the round's bound
+        # cut, and those more than NOISE_OVERSIZED x over their noise bound
+        limit = record["norm-bound"] or math.inf
+        norms = {
+            c["node"]: c["norm"] / c["bound"]
+            for c in record["clipped"]
+            if c["norm"] > limit or c["norm"] > NOISE_OVERSIZED * c["bound"]
+        }
         scored, scores, evidence = direction_weights(
             self._global,
             adapters,
@@ -262,7 +285,7 @@ class AdapterFedAvg(ResumableStart, FedAvg):
             record["global-unchanged"] = "no valid train reply"
             return None, None
         adapters, record["norm-bound"], record["clipped"] = clip_updates(
-            self._global, valid, self.robust.max_update_norm
+            self._global, valid, self.robust.max_update_norm, self._noise_bounds(record, valid, server_round)
         )
         weights, record["weight-cap"], record["capped"] = cap_weights(valid, self.robust.max_site_weight)
         scored = weights

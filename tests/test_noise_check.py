@@ -18,7 +18,7 @@ from torch.utils.data import TensorDataset
 from fedllm.accounting import plan_privacy
 from fedllm.config import Settings
 from fedllm.train import train_local
-from server.noise import NoiseModel, noise_check, too_clean
+from server.noise import NOISE_OVERSIZED, NoiseModel, noise_check, too_clean
 from server.robust import RobustSettings, update_norm
 from server.strategy import AdapterFedAvg
 
@@ -162,3 +162,80 @@ def test_the_strategy_leaves_a_too_clean_reply_out_and_says_why():
         start_round(plain, g, list(counts))
         plain.aggregate_train(1, [reply(n, a, dp_metrics(counts[n])) for n, a in adapters.items()])
         assert plain.round_summary(1)["too-clean"] == []
+
+
+def _norm(arrays: dict) -> float:
+    return math.sqrt(sum(float(np.sum(np.square(v))) for v in arrays.values()))
+
+
+def _flip_round(g: dict, server_round: int, rng, noisy_attacker: bool) -> tuple[dict, dict]:
+    """Four honest DP-like updates (their declared noise plus a shared signal of 0.2-0.9 × the
+    noise's size per value) and site 9's: the shared signal flipped (beside its declared noise
+    when ``noisy_attacker``) at 1.99 × the round's median update norm, just inside the old bound."""
+    counts = {1: 300, 2: 260, 3: 340, 4: 310, 9: 300}
+    shared = {k: rng.normal(size=v.shape) for k, v in g.items()}
+    adapters = {}
+    for node in (1, 2, 3, 4):
+        std, lean = _declared_std(dp_metrics(counts[node]), server_round), rng.uniform(0.2, 0.9)
+        adapters[node] = {k: v + std * (lean * shared[k] + rng.normal(size=v.shape)) for k, v in g.items()}
+    target = 1.99 * float(np.median([*(update_norm(g, a) for a in adapters.values()), np.inf]))
+    std = _declared_std(dp_metrics(counts[9]), server_round) if noisy_attacker else 0.0
+    z = {k: std * rng.normal(size=v.shape) for k, v in g.items()}
+    room = math.sqrt(max(target**2 - _norm(z) ** 2, 0.0)) / _norm(shared)
+    update = {k: z[k] - room * shared[k] for k in g}
+    adapters[9] = {k: v + target / _norm(update) * update[k] for k, v in g.items()}
+    return {n: {k: v.astype(np.float32) for k, v in a.items()} for n, a in adapters.items()}, counts
+
+
+@pytest.mark.usefixtures("server_identity")
+def test_the_noise_bound_clips_a_flip_sent_just_under_twice_the_median_norm():
+    g = {"head.weight": np.zeros((4, 480), np.float32), "head.bias": np.zeros(4, np.float32)}  # d 1,924
+    rng, honest_clipped = np.random.default_rng(3), 0
+    for noisy_attacker in (False, True):
+        for server_round in range(1, ROUNDS + 1):
+            adapters, counts = _flip_round(g, server_round, rng, noisy_attacker)
+            replies = [reply(n, a, dp_metrics(counts[n])) for n, a in adapters.items()]
+            for settings, bound_on in (
+                (RobustSettings(), True),
+                (RobustSettings(noise_bound_slack=0.0), False),
+            ):
+                strategy = AdapterFedAvg(robust=settings, noise=NoiseModel.of(DP, ROUNDS))
+                start_round(strategy, g, list(counts), server_round)
+                arrays, _ = strategy.aggregate_train(server_round, replies)
+                record = strategy.round_summary(server_round)
+                clipped = {c["node"]: c for c in record["clipped"]}
+                assert record["too-clean"] == []  # it carries the noise's norm: only a bound can tell
+                if not bound_on:  # 2 x the median norm alone lets it in, at full weight
+                    assert clipped == {} and "noise-bounds" not in record
+                    continue
+                assert clipped[9]["bound"] < clipped[9]["norm"] < record["norm-bound"]  # under the old
+                assert record["discounted"] == [9]
+                honest_clipped += len(set(clipped) - {9})
+                bounds = record["noise-bounds"]
+                assert all(update_norm(g, adapters[n]) < bounds[str(n)] for n in (1, 2, 3, 4))
+                honest = sum(counts[n] * (adapters[n]["head.bias"]) for n in (1, 2, 3, 4)) / 1210
+                assert np.allclose(as_dict(arrays)["head.bias"], honest, atol=1e-5)
+    assert honest_clipped == 0
+
+
+@pytest.mark.usefixtures("server_identity")
+def test_an_honest_site_a_little_over_its_noise_bound_is_cut_not_discounted():
+    g = {"head.weight": np.zeros((4, 480), np.float32), "head.bias": np.zeros(4, np.float32)}
+    rng = np.random.default_rng(5)
+    shared = {k: rng.normal(size=v.shape) for k, v in g.items()}
+    leans = {1: 0.3, 2: 0.4, 3: 0.5, 4: 0.45, 5: 1.3}  # site 5: a strong signal of its own data
+    std = _declared_std(dp_metrics(300), 1)
+    adapters = {
+        n: {
+            k: (v + std * (lean * shared[k] + rng.normal(size=v.shape))).astype(np.float32)
+            for k, v in g.items()
+        }
+        for n, lean in leans.items()
+    }
+    strategy = AdapterFedAvg(robust=RobustSettings(), noise=NoiseModel.of(DP, ROUNDS))
+    start_round(strategy, g, list(leans))
+    strategy.aggregate_train(1, [reply(n, a, dp_metrics(300)) for n, a in adapters.items()])
+    record = strategy.round_summary(1)
+    (cut,) = record["clipped"]
+    assert cut["node"] == 5 and cut["bound"] < cut["norm"] < NOISE_OVERSIZED * cut["bound"]
+    assert cut["norm"] < record["norm-bound"] and record["discounted"] == []

@@ -8,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from server.direction import DirectionEvidence, direction_weights
 from server.robust import AGGREGATORS, DIRECTION_THRESHOLD, Bound, RobustSettings, parse_bound
 from server.strategy import AdapterFedAvg
 
@@ -300,3 +301,16 @@ def test_good_rounds_cannot_be_banked_against_a_flip():
     assert all(r["discounted"] == [BAD] for r in late)
     assert late[0]["direction-evidence"][str(BAD)] == late[0]["direction-score"][str(BAD)]
     assert all(BAD not in r["discounted"] and r["discounted"] == [] for r in early)
+
+
+def test_of_two_sites_below_the_threshold_the_one_that_pulls_harder_is_discounted():
+    rng = np.random.default_rng(7)
+    g = {"w": np.zeros(2000)}
+    shared = rng.normal(size=2000)
+    adapters = [{"w": rng.normal(size=2000) + 0.3 * shared} for _ in range(3)]  # honest
+    adapters.append({"w": rng.normal(size=2000) - 0.1 * shared})  # 3: a non-IID site, low record
+    adapters.append({"w": -2.0 * np.linalg.norm(adapters[0]["w"]) / np.linalg.norm(shared) * shared})
+    evidence = DirectionEvidence(sums={3: -60.0}, counts={3: 8})  # 4: a flip, a fresh record
+    weights, scores, record = direction_weights(g, adapters, [1.0] * 5, [0, 1, 2, 3, 4], evidence, 1)
+    assert record[3] < record[4] < -DIRECTION_THRESHOLD  # by evidence alone site 3 would go
+    assert weights == [1.0, 1.0, 1.0, 1.0, 0.0]  # the flip at twice an honest norm goes instead
