@@ -65,6 +65,13 @@ class Settings:
     text_column: str = field(default="text", metadata={"help": "column holding the text"})
     label_column: str = field(default="label", metadata={"help": "column holding the label"})
     test_fraction: float = field(default=0.2, metadata={"help": "held-out share when no test file"})
+    validation_fraction: float = field(
+        default=0.5,
+        metadata={
+            "help": "share of the server's held-out data kept for validation (choosing settings); "
+            "the rest is the test split results are reported on; 0 = no validation split"
+        },
+    )
     # training
     epochs: int = field(default=5, metadata={"help": "local epochs"})
     max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0 = off)"})
@@ -167,6 +174,7 @@ class Settings:
             (self.max_step_noise >= 0 or self.max_step_noise == -1, "max-step-noise", "use -1, 0 or > 0"),
             (self.schedule in ("linear", "constant"), "schedule", "use 'linear' or 'constant'"),
             (0 < self.test_fraction < 1, "test-fraction", "use a value in (0, 1)"),
+            (0 <= self.validation_fraction < 1, "validation-fraction", "use a value in [0, 1)"),
             (self.target_epsilon > 0, "target-epsilon", "use a positive epsilon or inf"),
             (0 <= self.delta < 1, "delta", "use 0 (auto) or a value in (0, 1)"),
             (self.count_noise > 0, "count-noise", "use a positive standard deviation in rows, e.g. 20"),
