@@ -36,6 +36,10 @@ class Settings:
     # model
     model: str = field(default="", metadata={"help": "HF BERT path or hub id; '' = embedded MiniLM"})
     pooling: str = field(default="mean", metadata={"help": "sentence pooling: 'mean' or 'cls'"})
+    normalize_features: bool = field(
+        default=False,
+        metadata={"help": "unit-normalise the mean-pooled features before the head (pooling = mean)"},
+    )
     max_length: int = field(default=128, metadata={"help": "tokens per text (truncated)"})
     truncation: str = field(
         default="right", metadata={"help": "which end of a long text to cut: 'right' or 'left'"}
@@ -165,6 +169,11 @@ class Settings:
         """Raise ``ValueError`` naming the key and the fix for an impossible setting."""
         checks = [
             (self.pooling in ("mean", "cls"), "pooling", "use 'mean' or 'cls'"),
+            (
+                self.pooling == "mean" or not self.normalize_features,
+                "normalize-features",
+                "use it with pooling = mean (or set it to false)",
+            ),
             (self.max_length >= 8, "max-length", "use at least 8"),
             (self.truncation in ("right", "left"), "truncation", "use 'right' or 'left'"),
             (self.lora_r >= 1, "lora-r", "use a rank >= 1"),

@@ -8,7 +8,7 @@ import torch
 
 from fedllm.config import Settings
 from fedllm.data import tokenize
-from fedllm.features import _base
+from fedllm.features import _base, pooled_features
 from fedllm.head_init import informative, label_text
 from fedllm.model import build_model
 from fedllm.train import evaluate
@@ -63,3 +63,21 @@ def test_uninformative_names_keep_the_random_head():
     random_head = _head(build_model(s, ["0", "1", "2"], DEVICE))
     fallback = _head(build_model(s.replace(head_init="label-names"), ["0", "1", "2"], DEVICE))
     assert torch.equal(random_head, fallback)
+
+
+def test_normalize_features_is_the_same_in_the_model_and_in_the_cached_features(tokenizer, frame):
+    """normalize-features: the head sees unit vectors, in the model's forward (encoder trainables,
+    evaluation) and in the cached features of the head's fast path alike."""
+    s = Settings(trainable="head", target_epsilon=1.0, normalize_features=True, max_length=32, seed=0)
+    model = build_model(s, NEWS, DEVICE).eval()
+    data = tokenize(frame.head(6).assign(label="tech"), tokenizer, NEWS, 32)
+    features = pooled_features(model, data).tensors[0]
+    assert torch.allclose(features.norm(dim=1), torch.ones(6), atol=1e-5)
+    ids, mask, _ = data.tensors
+    with torch.no_grad():
+        logits = model(input_ids=ids.to(DEVICE), attention_mask=mask.to(DEVICE)).logits.cpu()
+    assert torch.allclose(logits, _base(model).classifier(features.to(DEVICE)).cpu(), atol=1e-5)
+    raw = pooled_features(build_model(s.replace(normalize_features=False), NEWS, DEVICE), data).tensors[0]
+    assert raw.norm(dim=1).min() > 1.5  # the cache told the two apart
+    with pytest.raises(ValueError, match="normalize-features"):
+        s.replace(pooling="cls")
