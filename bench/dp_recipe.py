@@ -28,7 +28,9 @@ import numpy as np
 import torch
 
 from fedllm.config import settings_from
-from simulations.inprocess import federate
+from simulations.inprocess import federate, site_scores
+
+SITE_KINDS = ("global", "personalized")
 
 
 def federated_point(
@@ -40,9 +42,12 @@ def federated_point(
     scheme: dict,
     training_sites: int = 0,
     score_on: str = "validation",
+    site_tau: float | None = None,
 ) -> dict:
     """One federation, every site every round: the server's accuracy and macro-F1 at the end, on
-    its ``score_on`` part of the held-out data (``validation`` to choose, ``test`` to report)."""
+    its ``score_on`` part of the held-out data (``validation`` to choose, ``test`` to report).
+    ``site_tau``: also each site's local macro-F1, global and with its own prior at that tau
+    (``simulations.inprocess.site_scores``), averaged over the sites."""
     settings = settings_from({**config, "target-epsilon": epsilon, "seed": seed})
     start = time.perf_counter()
 
@@ -51,10 +56,15 @@ def federated_point(
 
     run = federate(settings, sites, rounds, scheme, progress=progress, training_sites=training_sites)
     scores = run.scores_on(score_on)
+    local = site_scores(run, site_tau) if site_tau is not None else []
     return {
         "accuracy": scores["accuracy"],
         "macro_f1": scores["macro_f1"],
         "epsilon": max(run.epsilons),
+        **{
+            f"site_{kind}_f1": float(np.mean([r[kind]["macro_f1"] for r in local])) if local else math.nan
+            for kind in SITE_KINDS
+        },
     }
 
 
@@ -84,6 +94,12 @@ def main() -> None:
         default="validation",
         help="the server's held-out part scored: validation to choose settings, test to report",
     )
+    parser.add_argument(
+        "--site-tau",
+        type=float,
+        default=None,
+        help="also score every site's local test split, global and with its own DP prior at this tau",
+    )
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     scheme = {
@@ -107,7 +123,15 @@ def main() -> None:
         for epsilon in epsilons:
             runs = [
                 federated_point(
-                    config, epsilon, s, args.sites, args.rounds, scheme, args.training_sites, args.score_on
+                    config,
+                    epsilon,
+                    s,
+                    args.sites,
+                    args.rounds,
+                    scheme,
+                    args.training_sites,
+                    args.score_on,
+                    args.site_tau,
                 )
                 for s in seeds
             ]
@@ -116,6 +140,9 @@ def main() -> None:
             eps = max(r["epsilon"] for r in runs)
             label = "inf" if math.isinf(epsilon) else f"{epsilon:g}"
             cells.append(f"eps {label}: {acc:.3f}/{f1:.3f}" + (f" (spent {eps:.2f})" if eps else ""))
+            if args.site_tau is not None:
+                site_g, site_p = (np.mean([r[f"site_{k}_f1"] for r in runs]) for k in SITE_KINDS)
+                cells.append(f"sites F1 global {site_g:.3f} personalized {site_p:.3f}")
         seconds = (time.perf_counter() - start) / (len(epsilons) * len(seeds))
         changed = {k: config[k] for k in grid}
         print(f"{json.dumps(changed)}  " + "  ".join(cells) + f"  [{seconds:.0f} s/point]", flush=True)

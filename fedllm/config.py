@@ -135,6 +135,17 @@ class Settings:
         default="",
         metadata={"help": "explicit, public per-class loss weights 'w1,w2,...' (label order); DP-safe"},
     )
+    imbalance: str = field(
+        default="none",
+        metadata={
+            "help": "skewed labels: 'logit-adjust' (Menon et al. 2021: logits + imbalance-tau * log prior "
+            "in training) or 'balanced' (loss weights prior^-imbalance-tau), the prior from the "
+            "site's label histogram (under DP a DP histogram replaces the DP count); 'none' = off"
+        },
+    )
+    imbalance_tau: float = field(
+        default=1.0, metadata={"help": "strength of 'imbalance': tau of the logit adjustment / weight power"}
+    )
     seed: int = field(default=42, metadata={"help": "seed for splits, init and sampling"})
     device: str = field(default="auto", metadata={"help": "'auto', 'cpu', 'cuda', 'cuda:1'"})
     # privacy
@@ -213,6 +224,12 @@ class Settings:
                 "use 'hooks', 'functorch' or 'ghost'",
             ),
             (self.accountant in ("prv", "rdp"), "accountant", "use 'prv' or 'rdp'"),
+            (
+                self.imbalance in ("none", "logit-adjust", "balanced"),
+                "imbalance",
+                "use 'none', 'logit-adjust' or 'balanced'",
+            ),
+            (self.imbalance_tau >= 0, "imbalance-tau", "use a value >= 0, e.g. 1"),
         ]
         for ok, key, fix in checks:
             if not ok:
