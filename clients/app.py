@@ -48,6 +48,7 @@ from fedllm.imbalance import (
     histogram_count,
     label_ids,
     logit_offset,
+    personalized_offset,
     prior_weights,
     private_histogram,
 )
@@ -289,11 +290,19 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     test_ds = tokenize(
         site.test, load_tokenizer(settings.model), labels, settings.max_length, settings.truncation
     )
-    scores = evaluate(model, test_ds, labels, head_only=settings.resolved().trainable == "head")
+    head_only = settings.resolved().trainable == "head"
+    scores = evaluate(model, test_ds, labels, head_only=head_only)
     metrics = {
         "num-examples": int(scores["num_examples"]),
         "loss": float(scores["loss"]),
         "accuracy": float(scores["accuracy"]),
         "macro-f1": float(scores["macro_f1"]),
     }
+    histogram = SiteBooks(context, _ledger(context), run_key(msg, context)).this_run().histogram
+    if histogram is not None:  # personalized: the global logits plus the site's own DP prior
+        offset = personalized_offset(histogram, len(labels), settings.imbalance_tau)
+        own = evaluate(model, test_ds, labels, head_only=head_only, logit_offset=offset)
+        metrics.update(
+            {"personal-accuracy": float(own["accuracy"]), "personal-macro-f1": float(own["macro_f1"])}
+        )
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
