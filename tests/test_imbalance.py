@@ -151,3 +151,14 @@ class _FeatureModel(torch.nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:  # noqa: D102
         return self.head(features)
+
+
+def test_a_site_that_releases_evaluation_scores_its_personalized_prediction_too(site, run_config):
+    opted = {**site, "release-evaluation": True}
+    config = {**run_config, "imbalance": "logit-adjust"}
+    context = _context(opted, config)
+    assert not _ask(opted, config, context=context).has_error()
+    reply = _ask(opted, config, kind="evaluate", context=context)
+    assert not reply.has_error(), reply.error
+    metrics = reply.content["metrics"]
+    assert 0 <= metrics["personal-macro-f1"] <= 1 and 0 <= metrics["personal-accuracy"] <= 1
