@@ -298,10 +298,12 @@ def evaluate_global(msg: Message, context: Context) -> Message:
         "accuracy": float(scores["accuracy"]),
         "macro-f1": float(scores["macro_f1"]),
     }
-    histogram = SiteBooks(context, _ledger(context), run_key(msg, context)).this_run().histogram
-    if histogram is not None:  # personalized: the global logits plus the site's own DP prior
-        offset = personalized_offset(histogram, len(labels), settings.imbalance_tau)
-        own = evaluate(model, test_ds, labels, head_only=head_only, logit_offset=offset)
+    if settings.imbalance != "none":  # personalized: the global logits plus the site's own DP prior
+        histogram = SiteBooks(context, _ledger(context), run_key(msg, context)).this_run().histogram
+        own = scores  # a site that has not trained in this run has no prior: its global prediction
+        if histogram is not None:
+            offset = personalized_offset(histogram, len(labels), settings.imbalance_tau)
+            own = evaluate(model, test_ds, labels, head_only=head_only, logit_offset=offset)
         metrics.update(
             {"personal-accuracy": float(own["accuracy"]), "personal-macro-f1": float(own["macro_f1"])}
         )
