@@ -18,11 +18,13 @@ Use it to search; confirm the winner with ``python -m simulations.run`` (real Fl
 from __future__ import annotations
 
 import argparse
+import csv
 import itertools
 import json
 import math
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -68,7 +70,20 @@ def federated_point(
     }
 
 
-def main() -> None:
+CSV_COLUMNS = [
+    "setting",
+    "score_on",
+    "target_epsilon",
+    "seeds",
+    "accuracy",
+    "macro_f1",
+    "accuracies",
+    "epsilon_spent",
+]
+
+
+def parse_args() -> argparse.Namespace:
+    """The search's command line."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -87,7 +102,11 @@ def main() -> None:
         default=0,
         help="only the first K sites train (0 = all); --partitioning iid --training-sites 1: one site's size",
     )
-    parser.add_argument("--grid", default="{}", help='settings to vary, JSON: {"lr": [3, 5]}')
+    parser.add_argument(
+        "--grid",
+        default="{}",
+        help='settings to vary, JSON: every combination of {"lr": [3, 5]}, or a list [{"lr": 3}, ...]',
+    )
     parser.add_argument(
         "--score-on",
         choices=("validation", "test"),
@@ -100,15 +119,34 @@ def main() -> None:
         default=None,
         help="also score every site's local test split, global and with its own DP prior at this tau",
     )
-    args = parser.parse_args()
+    parser.add_argument("--csv", default="", help="also append one row per setting and ε to this CSV")
+    return parser.parse_args()
+
+
+def grid_rows(grid: dict | list) -> list[dict]:
+    """The settings to try: a list as given, or every combination of a dict of lists."""
+    if isinstance(grid, list):
+        return grid or [{}]
+    return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+
+
+def append_csv(path: str, rows: list[dict]) -> None:
+    """Append ``rows`` to the CSV at ``path`` (header first when it is new)."""
+    target = Path(path)
+    new = not target.exists()
+    with target.open("a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def main() -> None:
+    """Each setting at every ε and seed: one line of means, and CSV rows with ``--csv``."""
+    args = parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    scheme = {
-        "scheme": args.partitioning,
-        "alpha": args.dirichlet_alpha,
-        "column": args.partition_column,
-    }
+    scheme = {"scheme": args.partitioning, "alpha": args.dirichlet_alpha, "column": args.partition_column}
     base = {"dataset": args.dataset, "max-steps": 3, **json.loads(args.set)}
-    grid = json.loads(args.grid)
     epsilons = [float(e) for e in args.epsilons.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     trained = f", the first {args.training_sites} training" if args.training_sites else ""
@@ -116,10 +154,8 @@ def main() -> None:
         f"{args.dataset}: {args.sites} sites{trained}, {args.rounds} rounds, {base}; seeds {seeds}; "
         f"scored on {args.score_on}"
     )
-    for values in itertools.product(*grid.values()) if grid else [()]:
-        config = {**base, **dict(zip(grid, values, strict=True))}
-        start = time.perf_counter()
-        cells = []
+    for row in grid_rows(json.loads(args.grid)):
+        config, start, cells, lines = {**base, **row}, time.perf_counter(), [], []
         for epsilon in epsilons:
             runs = [
                 federated_point(
@@ -135,17 +171,22 @@ def main() -> None:
                 )
                 for s in seeds
             ]
-            acc = np.mean([r["accuracy"] for r in runs])
-            f1 = np.mean([r["macro_f1"] for r in runs])
+            acc, f1 = np.mean([r["accuracy"] for r in runs]), np.mean([r["macro_f1"] for r in runs])
             eps = max(r["epsilon"] for r in runs)
             label = "inf" if math.isinf(epsilon) else f"{epsilon:g}"
             cells.append(f"eps {label}: {acc:.3f}/{f1:.3f}" + (f" (spent {eps:.2f})" if eps else ""))
             if args.site_tau is not None:
                 site_g, site_p = (np.mean([r[f"site_{k}_f1"] for r in runs]) for k in SITE_KINDS)
                 cells.append(f"sites F1 global {site_g:.3f} personalized {site_p:.3f}")
+            lines.append(
+                dict(setting=json.dumps(row), score_on=args.score_on, target_epsilon=label,
+                     seeds=args.seeds, accuracy=round(acc, 4), macro_f1=round(f1, 4),
+                     accuracies=" ".join(f"{r['accuracy']:.4f}" for r in runs), epsilon_spent=round(eps, 3))
+            )  # fmt: skip
         seconds = (time.perf_counter() - start) / (len(epsilons) * len(seeds))
-        changed = {k: config[k] for k in grid}
-        print(f"{json.dumps(changed)}  " + "  ".join(cells) + f"  [{seconds:.0f} s/point]", flush=True)
+        print(f"{json.dumps(row)}  " + "  ".join(cells) + f"  [{seconds:.0f} s/point]", flush=True)
+        if args.csv:
+            append_csv(args.csv, lines)
 
 
 if __name__ == "__main__":

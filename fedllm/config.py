@@ -23,6 +23,8 @@ DP_HEAD_LR = 10.0  # SGD on the head over the frozen encoder's pooled features, 
 DP_ENCODER_LR = 5.0  # SGD on lora / ffa-lora / bias under DP (docs/dp-recipe.md: 0.5 lost 12-25 points)
 DP_SAMPLE_RATE = 1.0  # Poisson q of the DP recipe: full-batch steps, the least noise per signal
 DP_MAX_STEP_NOISE = 2.0  # noise norm of one averaged DP step, in clipping norms: see plan_privacy
+# the zero-shot head's row norm at epsilon = 1; auto scales it by 1/sqrt(epsilon) (docs/dp-recipe.md)
+HEAD_INIT_SCALE_AT_EPSILON_1 = 10.0
 # A federated run's defaults where they differ from one local fine-tune's: a site takes 3 local
 # steps per round (``max-steps`` replaces epochs), the DP recipe's 8 rounds x 3 steps (docs/dp-recipe.md);
 # python -m fedllm.centralized trains Settings.epochs whole epochs in one go.
@@ -61,7 +63,7 @@ class Settings:
         },
     )
     head_init: str = field(
-        default="random",
+        default="label-names",
         metadata={
             "help": "the head's start: 'random', or 'label-names' (the zero-shot head: each label's "
             "name in head-init-template, embedded by the frozen encoder; random when names are "
@@ -73,7 +75,11 @@ class Settings:
         metadata={"help": "text around a label name for head-init = label-names ('{}' = the name)"},
     )
     head_init_scale: float = field(
-        default=10.0, metadata={"help": "norm of each class's row of the zero-shot head (its logit scale)"}
+        default=0.0,
+        metadata={
+            "help": "norm of each class's row of the zero-shot head (its logit scale); 0 = auto: "
+            "10/sqrt(target-epsilon) under DP (a stronger prior where the noise is larger), 1 without"
+        },
     )
     # data
     dataset: str = field(
@@ -197,7 +203,7 @@ class Settings:
             (bool(self.lora_target_list), "lora-targets", "name at least one module"),
             (self.head_init in ("random", "label-names"), "head-init", "use 'random' or 'label-names'"),
             ("{}" in self.head_init_template, "head-init-template", "put '{}' where the label name goes"),
-            (self.head_init_scale > 0, "head-init-scale", "use a positive scale, e.g. 10"),
+            (self.head_init_scale >= 0, "head-init-scale", "use 0 (auto) or a positive scale, e.g. 10"),
             (self.epochs >= 1 or self.max_steps > 0, "epochs", "train >= 1 epoch or set max-steps"),
             (self.batch_size >= 1, "batch-size", "use a batch size >= 1"),
             (
@@ -256,12 +262,20 @@ class Settings:
         )
         return dataclasses.replace(
             self,
+            head_init_scale=self.head_init_scale or self._auto_head_init_scale(),
             trainable=trainable,
             optimizer=optimizer,
             lr=lr,
             sample_rate=sample_rate,
             max_step_noise=step_noise,
         )
+
+    def _auto_head_init_scale(self) -> float:
+        """10/sqrt(epsilon) under a target epsilon (the zero-shot prior weighs more where the noise
+        is larger: chosen on validation, docs/dp-recipe.md); 1 without DP or with a fixed noise."""
+        if self.noise_multiplier > 0 or not math.isfinite(self.target_epsilon):
+            return 1.0
+        return HEAD_INIT_SCALE_AT_EPSILON_1 / math.sqrt(self.target_epsilon)
 
     def to_dict(self) -> dict[str, Any]:
         """Hyphenated keys, as written in run configs and on the command line."""

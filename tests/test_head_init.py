@@ -81,3 +81,12 @@ def test_normalize_features_is_the_same_in_the_model_and_in_the_cached_features(
     assert raw.norm(dim=1).min() > 1.5  # the cache told the two apart
     with pytest.raises(ValueError, match="normalize-features"):
         s.replace(pooling="cls")
+
+
+def test_the_zero_shot_prior_weighs_less_as_the_budget_grows():
+    """head-init-scale 0 = auto: 10/sqrt(ε) under a target ε (public), 1 without DP; explicit stays."""
+    assert Settings(target_epsilon=4.0).resolved().head_init_scale == pytest.approx(5.0)
+    assert Settings(target_epsilon=1.0).resolved().head_init_scale == pytest.approx(10.0)
+    assert Settings(target_epsilon=float("inf")).resolved().head_init_scale == 1.0
+    assert Settings(noise_multiplier=1.0).resolved().head_init_scale == 1.0
+    assert Settings(target_epsilon=4.0, head_init_scale=7.0).resolved().head_init_scale == 7.0
