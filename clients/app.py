@@ -21,6 +21,7 @@ import time
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -30,11 +31,27 @@ from clients.pin import pinned_app
 from clients.policy import SitePolicy, SitePolicyError, failures_as_codes, is_virtual_site, site_secret
 from clients.replay import KeptReply, ReplyStore, arrays_digest, run_key
 from clients.secagg import secagg_mod
-from fedllm.accounting import PrivacyPlan, count_entry, epsilon_for, plan_privacy, private_count
+from fedllm.accounting import (
+    PrivacyPlan,
+    count_entry,
+    epsilon_for,
+    plan_privacy,
+    private_count,
+    resolve_delta,
+)
 from fedllm.adapters import adapter_from_record, adapter_to_record
 from fedllm.config import Settings, settings_from
 from fedllm.data import SiteData, load_site_file, loss_weights, partition_sites, tokenize
 from fedllm.files import fingerprint_file
+from fedllm.imbalance import (
+    exact_histogram,
+    histogram_count,
+    label_ids,
+    logit_offset,
+    personalized_offset,
+    prior_weights,
+    private_histogram,
+)
 from fedllm.ledger import PrivacyLedger
 from fedllm.model import build_model, load_tokenizer, pick_device
 from fedllm.shards import ShardSettings
@@ -133,23 +150,26 @@ def _book_round(
     books: SiteBooks,
     train_ds,
     rounds: tuple[int, int],
-    dimension: int,
-) -> tuple[PrivacyPlan, list]:
+    shape: tuple[int, int],
+) -> tuple[PrivacyPlan, list, list | None]:
     """Under the budget lock: n̂, the plan from it, the lifetime check, and the booking of the
     count, this round's steps and the rest of the plan (reserved) — before any noise is drawn.
 
-    ``rounds``: (this round, the run's rounds). Returns the plan and the history *before* this
-    round's steps (the accountant books those).
+    ``rounds``: (this round, the run's rounds); ``shape``: (trainable parameters, classes).
+    Returns the plan, the history *before* this round's steps (the accountant books those) and
+    the run's DP label histogram (None without ``imbalance``).
     """
     server_round, num_rounds = rounds
+    dimension, num_classes = shape
     run = books.this_run()
-    count = count_entry(settings.count_noise)
     fresh = run.public_n is None
     if fresh:
-        run = RunBooks([count], private_count(len(train_ds), settings.count_noise))
-    plan = plan_privacy(settings, run.public_n, num_rounds, dimension, count_noise=settings.count_noise)
+        run = _draw_count(settings, books, run, train_ds, num_classes)
+    plan = plan_privacy(
+        settings, run.public_n, num_rounds, dimension, count_noise=settings.count_noise, count_draws=run.draws
+    )
     this_round = [plan.noise_multiplier, plan.sample_rate, plan.local_steps]
-    done = sum(int(h[2]) for h in run.history) - 1  # the count is one entry of one "step"
+    done = sum(int(h[2]) for h in run.history) - run.draws  # each count draw is one entry of one "step"
     rest = max(plan.planned_steps - done - plan.local_steps, 0)
     reserved = [[plan.noise_multiplier, plan.sample_rate, rest]] if rest else []
     try:
@@ -158,9 +178,9 @@ def _book_round(
     except SitePolicyError:  # the refusal answers a question about n̂: a fresh count is booked
         if fresh:
             spent = epsilon_for(run.history, plan.delta, plan.accountant)
-            books.book(RunBooks(run.history, run.public_n, []), plan, spent)
+            books.book(RunBooks(run.history, run.public_n, [], run.histogram, run.draws), plan, spent)
         raise
-    booked = RunBooks([*run.history, this_round], run.public_n, reserved)
+    booked = RunBooks([*run.history, this_round], run.public_n, reserved, run.histogram, run.draws)
     lifetime = epsilon_for([*books.spent_by_others(), *booked.history], policy.max_delta, policy.accountant)
     gaps = policy.not_covered()
     books.book(
@@ -176,7 +196,25 @@ def _book_round(
     if books.ledger is not None:  # the whole ledger's statement: a no-DP release reads ε = ∞ here too
         text = lifetime_statement(books.ledger, policy.max_delta, policy.accountant, gaps)
         print(f"[site {context.node_id}] {text}")
-    return plan, run.history
+    return plan, run.history, run.histogram
+
+
+def _draw_count(settings: Settings, books: SiteBooks, run: RunBooks, train_ds, num_classes: int) -> RunBooks:
+    """The run's DP count n̂, or with ``imbalance`` its DP label histogram (n̂ its rounded sum):
+    the entry ``[σ_n, 1, 1]`` is booked durably first, then the noise drawn. A draw that fails
+    stays booked; a later round books and draws again (``draws`` counts them)."""
+    draws = run.draws if run.history else 0  # a run's history before its first count is empty
+    history = [*run.history, count_entry(settings.count_noise)]
+    pending = PrivacyPlan(0.0, 1.0, resolve_delta(settings), 0, settings.target_epsilon, settings.accountant)
+    pending.count_noise = settings.count_noise
+    spent = epsilon_for(history, pending.delta, pending.accountant)
+    books.book(RunBooks(history, None, [], None, draws + 1), pending, spent)
+    labels = train_ds.tensors[-1].numpy()
+    if settings.imbalance == "none":
+        return RunBooks(history, private_count(len(train_ds), settings.count_noise), [], None, draws + 1)
+    ids = np.where(labels < 0, num_classes, labels)  # unlisted labels: the last bin
+    histogram = private_histogram(ids, num_classes, settings.count_noise)
+    return RunBooks(history, histogram_count(histogram), [], histogram, draws + 1)
 
 
 def _train_round(
@@ -191,25 +229,31 @@ def _train_round(
     if kept is not None and kept.answers(books.key, server_round, digest):
         return _replay(msg, context, kept, books, settings.private)
     policy.check_run(settings)  # public: before anything reads the data
-    plan, history = None, []
+    plan, history, histogram = None, [], None
     with books.locked():
-        if settings.private and books.this_run().public_n is None:  # public: the ledger and σ_n
-            policy.check_lifetime([*books.others(), count_entry(settings.count_noise)], "the run's DP count")
+        run = books.this_run()
+        if settings.private and run.public_n is None:  # public: the ledger and σ_n
+            due = [*books.others(), *run.history, count_entry(settings.count_noise)]
+            policy.check_lifetime(due, "the run's DP count")
         labels, site, model = _setup(msg, context, settings)
         train_ds = tokenize(
             site.train, load_tokenizer(settings.model), labels, settings.max_length, settings.truncation
         )
         if settings.private:
             dimension = model.get_nb_trainable_parameters()[0]
-            when = (server_round, rounds)
-            plan, history = _book_round(context, settings, policy, books, train_ds, when, dimension)
+            when, shape = (server_round, rounds), (dimension, len(labels))
+            plan, history, histogram = _book_round(context, settings, policy, books, train_ds, when, shape)
+        elif settings.imbalance != "none":  # without DP the exact counts: nothing is released
+            histogram = exact_histogram(label_ids(site.train, labels), len(labels))
+    weights = prior_weights(settings, histogram, len(labels))
     result = train_local(
         model,
         train_ds,
         settings,
         plan=plan,
         history=history,
-        class_weight=loss_weights(settings, site.train, labels),
+        class_weight=weights if weights is not None else loss_weights(settings, site.train, labels),
+        logit_offset=logit_offset(settings, histogram, len(labels)),
         seed_offset=server_round,
         round_of=(server_round, rounds),
     )
@@ -246,11 +290,21 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     test_ds = tokenize(
         site.test, load_tokenizer(settings.model), labels, settings.max_length, settings.truncation
     )
-    scores = evaluate(model, test_ds, labels, head_only=settings.resolved().trainable == "head")
+    head_only = settings.resolved().trainable == "head"
+    scores = evaluate(model, test_ds, labels, head_only=head_only)
     metrics = {
         "num-examples": int(scores["num_examples"]),
         "loss": float(scores["loss"]),
         "accuracy": float(scores["accuracy"]),
         "macro-f1": float(scores["macro_f1"]),
     }
+    if settings.imbalance != "none":  # personalized: the global logits plus the site's own DP prior
+        histogram = SiteBooks(context, _ledger(context), run_key(msg, context)).this_run().histogram
+        own = scores  # a site that has not trained in this run has no prior: its global prediction
+        if histogram is not None:
+            offset = personalized_offset(histogram, len(labels), settings.imbalance_tau)
+            own = evaluate(model, test_ds, labels, head_only=head_only, logit_offset=offset)
+        metrics.update(
+            {"personal-accuracy": float(own["accuracy"]), "personal-macro-f1": float(own["macro_f1"])}
+        )
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -29,11 +29,15 @@ STATE_KEY = "fedllm-privacy"
 
 @dataclass
 class RunBooks:
-    """One run's entry: its history (count included), its DP count n̂, its reserved plan."""
+    """One run's entry: its history (count included), its DP count n̂, its reserved plan, its DP
+    label histogram (``imbalance`` set) and how many count / histogram draws its history books
+    (one, unless a draw failed after its booking and was booked again)."""
 
     history: list = field(default_factory=list)
     public_n: int | None = None
     reserved: list = field(default_factory=list)
+    histogram: list | None = None
+    draws: int = 1
 
 
 class SiteBooks:
@@ -55,7 +59,11 @@ class SiteBooks:
         state = self.context.state.config_records.get(STATE_KEY)
         if not state or state.get("run-key", self.key) != self.key:
             return RunBooks()
-        return RunBooks(json.loads(str(state["history"])), int(state.get("public-n", 0)) or None)
+        histogram = json.loads(str(state.get("label-histogram", "null")))
+        draws = int(state.get("count-draws", 1))
+        return RunBooks(
+            json.loads(str(state["history"])), int(state.get("public-n", 0)) or None, [], histogram, draws
+        )
 
     def this_run(self) -> RunBooks:
         """This run's books. Refuses (``LedgerError``) when ``context.state`` holds spend under
@@ -65,7 +73,11 @@ class SiteBooks:
             return in_state
         entry = self.ledger.runs.get(self.key, {})
         books = RunBooks(
-            [list(h) for h in entry.get("history", [])], entry.get("public-n"), entry.get("reserved", [])
+            [list(h) for h in entry.get("history", [])],
+            entry.get("public-n"),
+            entry.get("reserved", []),
+            entry.get("label-histogram"),
+            int(entry.get("count-draws", 1)),
         )
         if _steps(in_state.history) > _steps(books.history):
             raise LedgerError(
@@ -93,7 +105,13 @@ class SiteBooks:
     def book(self, books: RunBooks, plan: PrivacyPlan, epsilon: float, **extra: object) -> None:
         """Write this run's books durably (before the noise they account for is drawn)."""
         self.context.state[STATE_KEY] = ConfigRecord(
-            {"run-key": self.key, "history": json.dumps(books.history), "public-n": int(books.public_n or 0)}
+            {
+                "run-key": self.key,
+                "history": json.dumps(books.history),
+                "public-n": int(books.public_n or 0),
+                "label-histogram": json.dumps(books.histogram),
+                "count-draws": int(books.draws),
+            }
         )
         if self.ledger is not None:
             self.ledger.record(
@@ -103,6 +121,8 @@ class SiteBooks:
                 epsilon,
                 public_n=books.public_n,
                 reserved=books.reserved,
+                label_histogram=books.histogram,
+                count_draws=books.draws,
                 **extra,
             )
 

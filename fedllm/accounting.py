@@ -129,12 +129,14 @@ def plan_privacy(
     planned_rounds: int = 1,
     dimension: int = 0,
     count_noise: float = 0.0,
+    count_draws: int = 1,
 ) -> PrivacyPlan:
     """Calibrate the noise for ``planned_rounds`` local trainings of ``settings`` on n examples.
 
     ``num_examples`` must be public: at a site, its DP count n̂ (docs/privacy.md), never the exact
     n. ``count_noise`` > 0: that count (``count_entry``) is part of the run's release, so the
-    steps' noise is calibrated for the count and every planned step together to meet the target.
+    steps' noise is calibrated for the count and every planned step together to meet the target;
+    ``count_draws`` such counts when a failed draw was booked and drawn again (``clients.app``).
 
     ``dimension``: the number of noisy coordinates (trainable parameters). With it and
     ``max-step-noise`` > 0 the plan takes fewer local steps per round when the configured number
@@ -148,7 +150,7 @@ def plan_privacy(
     rounds = max(planned_rounds, 1)
     per_round = local_steps(settings, num_examples)
     delta = resolve_delta(settings)
-    prior = (tuple(count_entry(count_noise)),) if count_noise > 0 else ()
+    prior = ((float(count_noise), 1.0, int(count_draws)),) if count_noise > 0 else ()
     plan = partial(
         PrivacyPlan,
         delta=delta,

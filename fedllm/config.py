@@ -23,6 +23,8 @@ DP_HEAD_LR = 10.0  # SGD on the head over the frozen encoder's pooled features, 
 DP_ENCODER_LR = 5.0  # SGD on lora / ffa-lora / bias under DP (docs/dp-recipe.md: 0.5 lost 12-25 points)
 DP_SAMPLE_RATE = 1.0  # Poisson q of the DP recipe: full-batch steps, the least noise per signal
 DP_MAX_STEP_NOISE = 2.0  # noise norm of one averaged DP step, in clipping norms: see plan_privacy
+# the zero-shot head's row norm at epsilon = 1; auto scales it by 1/sqrt(epsilon) (docs/dp-recipe.md)
+HEAD_INIT_SCALE_AT_EPSILON_1 = 10.0
 # A federated run's defaults where they differ from one local fine-tune's: a site takes 3 local
 # steps per round (``max-steps`` replaces epochs), the DP recipe's 8 rounds x 3 steps (docs/dp-recipe.md);
 # python -m fedllm.centralized trains Settings.epochs whole epochs in one go.
@@ -36,6 +38,10 @@ class Settings:
     # model
     model: str = field(default="", metadata={"help": "HF BERT path or hub id; '' = embedded MiniLM"})
     pooling: str = field(default="mean", metadata={"help": "sentence pooling: 'mean' or 'cls'"})
+    normalize_features: bool = field(
+        default=False,
+        metadata={"help": "unit-normalise the mean-pooled features before the head (pooling = mean)"},
+    )
     max_length: int = field(default=128, metadata={"help": "tokens per text (truncated)"})
     truncation: str = field(
         default="right", metadata={"help": "which end of a long text to cut: 'right' or 'left'"}
@@ -56,6 +62,25 @@ class Settings:
             "'auto' = head under DP, lora without"
         },
     )
+    head_init: str = field(
+        default="label-names",
+        metadata={
+            "help": "the head's start: 'random', or 'label-names' (the zero-shot head: each label's "
+            "name in head-init-template, embedded by the frozen encoder; random when names are "
+            "uninformative, e.g. '0', '1')"
+        },
+    )
+    head_init_template: str = field(
+        default="{}",
+        metadata={"help": "text around a label name for head-init = label-names ('{}' = the name)"},
+    )
+    head_init_scale: float = field(
+        default=0.0,
+        metadata={
+            "help": "norm of each class's row of the zero-shot head (its logit scale); 0 = auto: "
+            "10/sqrt(target-epsilon) under DP (a stronger prior where the noise is larger), 1 without"
+        },
+    )
     # data
     dataset: str = field(
         default="drug-reviews",
@@ -65,6 +90,13 @@ class Settings:
     text_column: str = field(default="text", metadata={"help": "column holding the text"})
     label_column: str = field(default="label", metadata={"help": "column holding the label"})
     test_fraction: float = field(default=0.2, metadata={"help": "held-out share when no test file"})
+    validation_fraction: float = field(
+        default=0.5,
+        metadata={
+            "help": "share of the server's held-out data kept for validation (choosing settings); "
+            "the rest is the test split results are reported on; 0 = no validation split"
+        },
+    )
     # training
     epochs: int = field(default=5, metadata={"help": "local epochs"})
     max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0 = off)"})
@@ -109,6 +141,17 @@ class Settings:
         default="",
         metadata={"help": "explicit, public per-class loss weights 'w1,w2,...' (label order); DP-safe"},
     )
+    imbalance: str = field(
+        default="none",
+        metadata={
+            "help": "skewed labels: 'logit-adjust' (Menon et al. 2021: logits + imbalance-tau * log prior "
+            "in training) or 'balanced' (loss weights prior^-imbalance-tau), the prior from the "
+            "site's label histogram (under DP a DP histogram replaces the DP count); 'none' = off"
+        },
+    )
+    imbalance_tau: float = field(
+        default=1.0, metadata={"help": "strength of 'imbalance': tau of the logit adjustment / weight power"}
+    )
     seed: int = field(default=42, metadata={"help": "seed for splits, init and sampling"})
     device: str = field(default="auto", metadata={"help": "'auto', 'cpu', 'cuda', 'cuda:1'"})
     # privacy
@@ -143,6 +186,11 @@ class Settings:
         """Raise ``ValueError`` naming the key and the fix for an impossible setting."""
         checks = [
             (self.pooling in ("mean", "cls"), "pooling", "use 'mean' or 'cls'"),
+            (
+                self.pooling == "mean" or not self.normalize_features,
+                "normalize-features",
+                "use it with pooling = mean (or set it to false)",
+            ),
             (self.max_length >= 8, "max-length", "use at least 8"),
             (self.truncation in ("right", "left"), "truncation", "use 'right' or 'left'"),
             (self.lora_r >= 1, "lora-r", "use a rank >= 1"),
@@ -153,6 +201,9 @@ class Settings:
                 "use 'auto', 'lora', 'ffa-lora', 'bias' or 'head'",
             ),
             (bool(self.lora_target_list), "lora-targets", "name at least one module"),
+            (self.head_init in ("random", "label-names"), "head-init", "use 'random' or 'label-names'"),
+            ("{}" in self.head_init_template, "head-init-template", "put '{}' where the label name goes"),
+            (self.head_init_scale >= 0, "head-init-scale", "use 0 (auto) or a positive scale, e.g. 10"),
             (self.epochs >= 1 or self.max_steps > 0, "epochs", "train >= 1 epoch or set max-steps"),
             (self.batch_size >= 1, "batch-size", "use a batch size >= 1"),
             (
@@ -167,6 +218,7 @@ class Settings:
             (self.max_step_noise >= 0 or self.max_step_noise == -1, "max-step-noise", "use -1, 0 or > 0"),
             (self.schedule in ("linear", "constant"), "schedule", "use 'linear' or 'constant'"),
             (0 < self.test_fraction < 1, "test-fraction", "use a value in (0, 1)"),
+            (0 <= self.validation_fraction < 1, "validation-fraction", "use a value in [0, 1)"),
             (self.target_epsilon > 0, "target-epsilon", "use a positive epsilon or inf"),
             (0 <= self.delta < 1, "delta", "use 0 (auto) or a value in (0, 1)"),
             (self.count_noise > 0, "count-noise", "use a positive standard deviation in rows, e.g. 20"),
@@ -178,6 +230,12 @@ class Settings:
                 "use 'hooks', 'functorch' or 'ghost'",
             ),
             (self.accountant in ("prv", "rdp"), "accountant", "use 'prv' or 'rdp'"),
+            (
+                self.imbalance in ("none", "logit-adjust", "balanced"),
+                "imbalance",
+                "use 'none', 'logit-adjust' or 'balanced'",
+            ),
+            (self.imbalance_tau >= 0, "imbalance-tau", "use a value >= 0, e.g. 1"),
         ]
         for ok, key, fix in checks:
             if not ok:
@@ -204,12 +262,20 @@ class Settings:
         )
         return dataclasses.replace(
             self,
+            head_init_scale=self.head_init_scale or self._auto_head_init_scale(),
             trainable=trainable,
             optimizer=optimizer,
             lr=lr,
             sample_rate=sample_rate,
             max_step_noise=step_noise,
         )
+
+    def _auto_head_init_scale(self) -> float:
+        """10/sqrt(epsilon) under a target epsilon (the zero-shot prior weighs more where the noise
+        is larger: chosen on validation, docs/dp-recipe.md); 1 without DP or with a fixed noise."""
+        if self.noise_multiplier > 0 or not math.isfinite(self.target_epsilon):
+            return 1.0
+        return HEAD_INIT_SCALE_AT_EPSILON_1 / math.sqrt(self.target_epsilon)
 
     def to_dict(self) -> dict[str, Any]:
         """Hyphenated keys, as written in run configs and on the command line."""

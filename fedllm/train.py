@@ -143,10 +143,18 @@ class _ExampleLoss(nn.CrossEntropyLoss):
     ``reduction``: ``"none"`` (the example losses), ``"sum"``, or ``"mean"`` (their sum over the
     count, not over the summed class weights as ``nn.CrossEntropyLoss`` does). Opacus' ghost
     clipping sets ``reduction = "none"`` on it to get the example losses, then takes their mean.
+    ``offset`` (a public per-class vector, e.g. ``imbalance.logit_offset``) is added to the logits
+    first: the logit-adjusted loss. The model itself is unchanged, so inference uses raw logits.
     """
+
+    def __init__(self, weight: torch.Tensor | None = None, offset: torch.Tensor | None = None) -> None:
+        super().__init__(weight=weight)
+        self.offset = offset
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The example losses of ``logits`` against ``labels``, reduced by ``self.reduction``."""
+        if self.offset is not None:
+            logits = logits + self.offset.to(logits)
         losses = F.cross_entropy(logits, labels, weight=self.weight, reduction="none")
         if self.reduction == "none":
             return losses
@@ -190,6 +198,7 @@ def train_local(
     seed_offset: int = 0,
     round_of: tuple[int, int] = (1, 1),
     before_noise: Callable[[list[torch.nn.Parameter]], None] | None = None,
+    logit_offset: torch.Tensor | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``dataset`` for ``settings.epochs`` (or ``max_steps``) logical steps.
 
@@ -206,7 +215,10 @@ def train_local(
     frozen encoder's cached pooled features (``fedllm.features``), the same model in seconds.
     ``before_noise`` (under a plan; audits only): called at every step with the DP optimizer's
     parameters when each ``p.summed_grad`` holds the step's clipped gradient sum, before the
-    noise is added (``fedllm.gradient_canaries`` adds its canaries there).
+    noise is added (``fedllm.gradient_canaries`` adds its canaries there). ``logit_offset``:
+    added to the logits in the training loss only (``imbalance.logit_offset``; public or DP).
+    ``class_weight`` under DP only when public (``class-weights``) or from the DP label histogram
+    (``imbalance = balanced``, ``imbalance.prior_weights``).
     """
     settings = settings.resolved()
     device = next(model.parameters()).device
@@ -215,7 +227,8 @@ def train_local(
     n = len(dataset)
     if n == 0:
         raise ValueError("no training examples: this site's training split is empty")
-    if plan is not None and class_weight is not None and not settings.class_weights:
+    dp_weights = settings.class_weights or settings.imbalance == "balanced"
+    if plan is not None and class_weight is not None and not dp_weights:
         raise ValueError("class weights from the private labels would leak them; see loss_weights()")
     steps_goal = plan.local_steps if plan is not None and plan.local_steps > 0 else local_steps(settings, n)
     history = [tuple(h) for h in (history or [])]
@@ -236,10 +249,12 @@ def train_local(
     # batch's mean); private, Opacus' convention, the mean over the physical batch (divisor 1)
     private = None
     if plan is None:
-        net, criterion = model, _ExampleLoss(weight=weight, reduction="sum")
+        net, criterion = model, _ExampleLoss(weight=weight, offset=logit_offset)
+        criterion.reduction = "sum"
         batches = partial(_chunks, loader, settings.physical_batch_size)
     else:
-        private = attach(model, optimizer, loader, settings, plan, history, _ExampleLoss(weight=weight))
+        loss = _ExampleLoss(weight=weight, offset=logit_offset)
+        private = attach(model, optimizer, loader, settings, plan, history, loss)
         net, optimizer, criterion = private.model, private.optimizer, private.criterion
         if before_noise is not None:
             _call_before_noise(optimizer, before_noise)
@@ -311,12 +326,14 @@ def evaluate(
     labels: list[str],
     batch_size: int = 64,
     head_only: bool = False,
+    logit_offset: torch.Tensor | None = None,
 ) -> dict:
     """Loss, accuracy, macro-F1 and per-class counts (support, predicted, correct).
 
     ``head_only``: the encoder is frozen at its initial weights (``trainable = "head"``), so the
     head is applied to the cached pooled features (``fedllm.features``): the same predictions,
-    and after the first call on a data set no encoder pass at all.
+    and after the first call on a data set no encoder pass at all. ``logit_offset``: added to
+    the logits before scoring (a site's own prior, ``imbalance.personalized_offset``).
     """
     if len(dataset) == 0:
         return classification_metrics(np.zeros(0, int), np.zeros(0, int), labels)
@@ -329,6 +346,8 @@ def evaluate(
     loss_sum, y_true, y_pred = 0.0, [], []
     for batch in DataLoader(dataset, batch_size=batch_size):
         logits, target = _forward(net, list(batch), device)
+        if logit_offset is not None:
+            logits = logits + logit_offset.to(logits)
         loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
         y_true.append(target.cpu().numpy())
         y_pred.append(logits.argmax(-1).cpu().numpy())

@@ -36,7 +36,8 @@ TRAIN_METRICS = (
     "train-loss",
     "train-seconds",
 )
-EVALUATE_METRICS = ("num-examples", "loss", "accuracy", "macro-f1")
+# personal-*: scored with the site's own DP label prior added to the logits (fedllm.imbalance)
+EVALUATE_METRICS = ("num-examples", "loss", "accuracy", "macro-f1", "personal-accuracy", "personal-macro-f1")
 # the largest loss a reply may report: a mean cross-entropy this large means logits 1e6 apart;
 # with weights ≤ max-num-examples no weighted mean of bounded values overflows
 MAX_LOSS = 1e6
@@ -51,6 +52,8 @@ RANGES = {
     "loss": (0.0, MAX_LOSS, False),
     "accuracy": (0.0, 1.0, False),
     "macro-f1": (0.0, 1.0, False),
+    "personal-accuracy": (0.0, 1.0, False),
+    "personal-macro-f1": (0.0, 1.0, False),
 }
 REASON_LIMIT = 200  # characters of a reason the run log keeps
 PREVIEW_LIMIT = 40  # characters of an unknown site reason shown after the placeholder

@@ -4,8 +4,8 @@ The sites' shards and local splits (``partition_sites``), the one training loop 
 with each site's privacy plan (``plan_privacy``: Opacus DP-SGD, PRV accountant) and its
 accountant history carried from round to round, the adapter wire (``adapter_state`` /
 ``set_adapter_arrays``), FedAvg weighted by the sites' example counts as Flower's FedAvg does
-it, and the server's evaluation on its held-out split — without the Flower runtime. Every site
-trains every round. ``bench/dp_recipe.py`` searches recipes with it; ``simulations.audit``
+it, and the server's evaluation on its held-out validation and test parts — without the Flower
+runtime. Every site trains every round. ``bench/dp_recipe.py`` searches recipes with it; ``simulations.audit``
 audits it, through two hooks that are off by default: ``extra_rows`` (records added to a site's
 training table, e.g. canaries) and ``on_update`` (called with each site's update every round).
 """
@@ -26,6 +26,14 @@ from fedllm.accounting import PrivacyPlan, counted_plan, local_steps, resolve_de
 from fedllm.adapters import adapter_state, set_adapter_arrays
 from fedllm.config import Settings
 from fedllm.data import SiteData, load_splits, partition_sites, tokenize
+from fedllm.imbalance import (
+    exact_histogram,
+    histogram_plan,
+    label_ids,
+    logit_offset,
+    personalized_offset,
+    prior_weights,
+)
 from fedllm.model import build_model, count_parameters, load_tokenizer
 from fedllm.train import evaluate, train_local
 
@@ -57,6 +65,14 @@ class Federation:
     scores: dict  # ``evaluate`` on ``test`` after the last round
     epsilons: list[float] = field(default_factory=list)  # per site, cumulative (0 without DP)
     deltas: list[float] = field(default_factory=list)  # per site (0 without DP)
+    validation_scores: dict = field(default_factory=dict)  # ``evaluate`` on the validation split
+    label_counts: list = field(default_factory=list)  # per site: its (DP) label histogram, or None
+
+    def scores_on(self, part: str) -> dict:
+        """The final scores on ``part``: ``validation`` (to choose settings) or ``test`` (to report)."""
+        if part not in ("validation", "test"):
+            raise ValueError(f"score-on={part!r}: use 'validation' or 'test'")
+        return self.validation_scores if part == "validation" else self.scores
 
     def tokenized(self, frame: pd.DataFrame) -> TensorDataset:
         """``frame`` tokenized as the sites tokenize their data."""
@@ -144,14 +160,7 @@ def federate(
     data = [tokenize(f, tokenizer, labels, settings.max_length, settings.truncation) for f in frames]
     model = build_model(settings, labels, torch.device("cpu"), bert_config)
     global_state = _copy(adapter_state(model))
-    if settings.private:
-        dimension = count_parameters(model)[0]  # as a site plans it (clients/app.py)
-        counted = [counted_plan(settings, len(d), rounds, dimension) for d in data]
-        plans, histories = [p for p, _ in counted], [h for _, h in counted]
-    elif noise_free:
-        plans, histories = [noise_free_plan(settings, len(d), rounds) for d in data], [[] for _ in data]
-    else:
-        plans, histories = [None] * len(data), [[] for _ in data]
+    plans, histories, label_counts = _site_plans(settings, data, frames, labels, rounds, model, noise_free)
     epsilons = [0.0] * len(data)
     for server_round in range(1, rounds + 1):
         updates, weights = [], []
@@ -166,6 +175,8 @@ def federate(
                 seed_offset=server_round,
                 round_of=(server_round, rounds),
                 before_noise=_site_hook(before_noise, i, plan),
+                logit_offset=logit_offset(settings, label_counts[i], len(labels)),
+                class_weight=prior_weights(settings, label_counts[i], len(labels)),
             )
             histories[i], epsilons[i] = result.history, result.epsilon
             state = _copy(adapter_state(model))
@@ -184,6 +195,65 @@ def federate(
     if exclude_from_test:
         test_frame = test_frame[~test_frame["text"].isin(set(exclude_from_test))].reset_index(drop=True)
     test = tokenize(test_frame, tokenizer, labels, settings.max_length, settings.truncation)
-    scores = evaluate(model, test, labels, head_only=settings.trainable == "head")
+    head_only = settings.trainable == "head"
+    scores = evaluate(model, test, labels, head_only=head_only)
+    validation = tokenize(splits.validation, tokenizer, labels, settings.max_length, settings.truncation)
+    validation_scores = evaluate(model, validation, labels, head_only=head_only)
     deltas = [p.delta if p is not None else 0.0 for p in plans]
-    return Federation(settings, labels, sites, model, tokenizer, test, scores, list(epsilons), deltas)
+    run = Federation(
+        settings, labels, sites, model, tokenizer, test, scores, list(epsilons), deltas, validation_scores
+    )
+    run.label_counts = label_counts
+    return run
+
+
+def _site_plans(
+    settings: Settings,
+    data: list[TensorDataset],
+    frames: list[pd.DataFrame],
+    labels: list[str],
+    rounds: int,
+    model: nn.Module,
+    noise_free: bool,
+) -> tuple[list, list[list], list]:
+    """Each site's privacy plan, accountant history and label histogram, as a site makes them:
+    under DP the DP count, or with ``imbalance`` the DP label histogram in its place (the same
+    entry); without DP the exact histogram (nothing is released), or None without ``imbalance``."""
+    exact = settings.imbalance != "none"
+    counts = [exact_histogram(label_ids(f, labels), len(labels)) if exact else None for f in frames]
+    if settings.private:
+        dimension = count_parameters(model)[0]  # as a site plans it (clients/app.py)
+        if settings.imbalance != "none":
+            made = [
+                histogram_plan(settings, label_ids(f, labels), len(labels), rounds, dimension) for f in frames
+            ]
+            return [m[0] for m in made], [m[1] for m in made], [m[2] for m in made]
+        counted = [counted_plan(settings, len(d), rounds, dimension) for d in data]
+        return [p for p, _ in counted], [h for _, h in counted], counts
+    if noise_free:
+        return [noise_free_plan(settings, len(d), rounds) for d in data], [[] for _ in data], counts
+    return [None] * len(data), [[] for _ in data], counts
+
+
+def site_scores(run: Federation, tau: float) -> list[dict]:
+    """Each site's local test split scored by the global model and by the global model with the
+    site's own prior put back (``imbalance.personalized_offset`` at ``tau``; needs the run's
+    label histograms, ``imbalance`` set): ``{"site", "n", "global", "personalized"}``, each score
+    ``evaluate``'s dict. Virtual sites opt in: a simulation's researcher owns every site's data."""
+    head_only = run.settings.trainable == "head"
+    rows = []
+    for i, site in enumerate(run.sites):
+        test = run.tokenized(site.test)
+        counts = run.label_counts[i] if run.label_counts else None
+        offset = personalized_offset(counts, len(run.labels), tau) if counts is not None else None
+        rows.append(
+            {
+                "site": i,
+                "n": len(test),
+                "global": evaluate(run.model, test, run.labels, head_only=head_only),
+                "personalized": evaluate(
+                    run.model, test, run.labels, head_only=head_only, logit_offset=offset
+                ),
+            }
+        )
+    return rows

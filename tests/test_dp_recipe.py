@@ -37,6 +37,7 @@ def test_auto_resolves_to_the_dp_recipe_under_dp_and_to_lora_without():
         lr=1e-3,
         sample_rate=0.2,
         max_step_noise=3.0,
+        head_init_scale=4.0,
     )
     assert chosen.resolved() == chosen  # what a user sets is kept
     assert private.resolved() == private and public.resolved() == public  # resolving twice changes nothing

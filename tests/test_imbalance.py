@@ -1,0 +1,164 @@
+"""Imbalanced labels under DP: the DP label histogram is booked as the count was, before its
+noise, and what training makes of it (logit adjustment) moves predictions as it should."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+import clients.app
+from fedllm.accounting import count_entry, epsilon_for
+from fedllm.config import Settings
+from fedllm.imbalance import (
+    histogram_count,
+    label_ids,
+    label_prior,
+    logit_offset,
+    personalized_offset,
+    private_histogram,
+)
+from fedllm.ledger import PrivacyLedger, total_steps
+from fedllm.train import evaluate, train_local
+
+from .conftest import LABELS
+from .test_site_guarantee import COUNT_NOISE, _ask, _context, _ledger_path
+from .test_site_guarantee import run_config as run_config_fixture  # noqa: F401
+from .test_site_guarantee import site as site_fixture  # noqa: F401
+
+run_config, site = run_config_fixture, site_fixture
+
+
+def test_one_added_row_moves_one_bin_by_one(monkeypatch):
+    """L2 sensitivity 1 under add/remove: noise off, a row added changes one bin (its class, or
+    the unlisted bin) by exactly 1, and n̂ is the rounded sum of the bins."""
+    monkeypatch.setattr(random.SystemRandom, "gauss", lambda self, mu, sigma: 0.0)
+    ids = np.array([0, 0, 1, 2, 2, 2])
+    before = np.array(private_histogram(ids, 3, 20.0))
+    for extra in (0, 1, 2, 3):  # 3: a label the run does not list
+        after = np.array(private_histogram(np.append(ids, extra), 3, 20.0))
+        assert np.linalg.norm(after - before) == 1.0 and after[extra] - before[extra] == 1
+    assert histogram_count(list(before)) == len(ids)
+    assert label_ids(__import__("pandas").DataFrame({"label": ["b", "zz", "a"]}), ["a", "b"]).tolist() == [
+        1,
+        2,
+        0,
+    ]
+
+
+def test_the_histogram_is_booked_before_its_noise_is_drawn(site, run_config, monkeypatch):
+    """A draw that fails leaves the histogram's entry booked in the ledger (and no DP-SGD step)."""
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the entropy source failed")
+
+    monkeypatch.setattr(clients.app, "private_histogram", broken)
+    reply = _ask(site, {**run_config, "imbalance": "logit-adjust"})
+    assert reply.has_error() and reply.error.reason == "site-declined"
+    run = PrivacyLedger(_ledger_path(site)).runs["1"]
+    assert run["history"] == [count_entry(COUNT_NOISE)] and run["public-n"] is None
+    assert run["epsilon"] == pytest.approx(epsilon_for([count_entry(COUNT_NOISE)], 1e-5))
+
+
+def test_a_retried_draw_books_a_second_histogram_and_the_epsilon_includes_both(site, run_config, monkeypatch):
+    config = {**run_config, "imbalance": "logit-adjust"}
+    original = clients.app.private_histogram
+    monkeypatch.setattr(clients.app, "private_histogram", lambda *a: (_ for _ in ()).throw(OSError("x")))
+    _ask(site, config)
+    monkeypatch.setattr(clients.app, "private_histogram", original)
+    reply = _ask(site, config)
+    assert not reply.has_error(), reply.error
+    run = PrivacyLedger(_ledger_path(site)).runs["1"]
+    assert run["count-draws"] == 2 and total_steps(run) == 2 + 2  # two draws, then the round's steps
+    assert len(run["label-histogram"]) == len(LABELS) + 1
+    sigma = run["plan"]["noise_multiplier"]
+    history = [count_entry(COUNT_NOISE), count_entry(COUNT_NOISE), [sigma, run["plan"]["sample_rate"], 2]]
+    assert reply.content["metrics"]["epsilon"] == pytest.approx(epsilon_for(history, 1e-5))
+
+
+def test_the_histogram_replaces_the_count_at_the_same_epsilon(site, run_config, monkeypatch):
+    """With ``imbalance`` the site books one histogram in place of the count: the same entry, the
+    same ε; n̂ is the sum of the noisy bins (each +3 here), and the reply carries n̂, no bins."""
+    monkeypatch.setattr(random.SystemRandom, "gauss", lambda self, mu, sigma: 3.0)
+    reply = _ask(site, {**run_config, "imbalance": "logit-adjust"})
+    run = PrivacyLedger(_ledger_path(site)).runs["1"]
+    n = len(
+        clients.app._site_data(_context(site, run_config), Settings(model=run_config["model"]), LABELS).train
+    )
+    assert run["history"][0] == count_entry(COUNT_NOISE)
+    assert run["public-n"] == n + 3 * (len(LABELS) + 1) == reply.content["metrics"]["num-examples"]
+    assert set(reply.content["metrics"]) == {
+        "num-examples",
+        "steps",
+        "epsilon",
+        "delta",
+        "noise-multiplier",
+        "sample-rate",
+        "update-bytes",
+    }
+
+
+def test_a_site_over_budget_refuses_before_reading_its_data(site, run_config):
+    missing = {**site, "data-file": site["data-file"] + ".gone", "max-epsilon": 0.01}
+    reply = _ask(missing, {**run_config, "imbalance": "logit-adjust"})
+    assert reply.error.reason == "site-refused-lifetime-budget"
+    assert not _ledger_path(site).exists()
+
+
+def test_logit_adjustment_raises_the_rare_class_where_the_data_says_nothing():
+    """Features that carry no information: the plain loss learns the prior (predicts the majority);
+    the logit-adjusted loss learns the balanced posterior, so the rare class gets predicted."""
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0] * 90 + [1] * 10)
+    data = TensorDataset(torch.randn(100, 4, generator=generator), labels)
+    settings = Settings(
+        trainable="head",
+        target_epsilon=float("inf"),
+        optimizer="sgd",
+        lr=1.0,
+        max_steps=300,
+        sample_rate=1.0,
+        imbalance="logit-adjust",
+        imbalance_tau=1.0,
+        schedule="constant",
+    )
+    histogram = [90.0, 10.0, 0.0]
+
+    def trained(offset):
+        head = torch.nn.Linear(4, 2)
+        torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)
+        train_local(_FeatureModel(head), data, settings.replace(trainable="lora"), logit_offset=offset)
+        return head
+
+    plain, adjusted = trained(None), trained(logit_offset(settings, histogram, 2))
+    assert float(plain.bias[0] - plain.bias[1]) == pytest.approx(np.log(9), abs=0.2)  # the prior's log-odds
+    assert abs(float(adjusted.bias[0] - adjusted.bias[1])) < 0.2  # balanced
+    site = personalized_offset(histogram, 2, 1.0)
+    scores = evaluate(_FeatureModel(adjusted), data, ["a", "b"], logit_offset=site)
+    assert scores["per_class"]["a"]["predicted"] > 50  # the site's own prior put back
+    assert label_prior([-5.0, 10.0, 0.0], 2)[0] == pytest.approx(1 / 11)  # a negative bin floors at 1
+
+
+class _FeatureModel(torch.nn.Module):
+    """A head on given features with the (features, labels) batches ``train_local`` takes."""
+
+    def __init__(self, head: torch.nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return self.head(features)
+
+
+def test_a_site_that_releases_evaluation_scores_its_personalized_prediction_too(site, run_config):
+    opted = {**site, "release-evaluation": True}
+    config = {**run_config, "imbalance": "logit-adjust"}
+    context = _context(opted, config)
+    assert not _ask(opted, config, context=context).has_error()
+    reply = _ask(opted, config, kind="evaluate", context=context)
+    assert not reply.has_error(), reply.error
+    metrics = reply.content["metrics"]
+    assert 0 <= metrics["personal-macro-f1"] <= 1 and 0 <= metrics["personal-accuracy"] <= 1
