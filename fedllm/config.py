@@ -63,7 +63,7 @@ class Settings:
         },
     )
     head_init: str = field(
-        default="label-names",
+        default="random",
         metadata={
             "help": "the head's start: 'random', or 'label-names' (the zero-shot head: each label's "
             "name in head-init-template, embedded by the frozen encoder; random when names are "

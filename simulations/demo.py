@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> None:
         "min-train-nodes": args.sites,
         "min-available-nodes": args.sites,
         "max-steps": 3,
-        "head-init-template": "This is a news article about {}.",  # the BBC presets' (docs/dp-recipe.md)
+        "head-init": "label-names",  # the BBC presets' zero-shot head (docs/dp-recipe.md)
+        "head-init-template": "This is a news article about {}.",
         "target-epsilon": args.epsilon,
         **virtual_site_policy(args.epsilon),
         "run-dir": str(out),
