@@ -109,6 +109,20 @@ class Settings:
         default="",
         metadata={"help": "explicit, public per-class loss weights 'w1,w2,...' (label order); DP-safe"},
     )
+    precision: str = field(
+        default="auto",
+        metadata={
+            "help": "encoder matmuls: 'fp32', 'bf16' (autocast; trainable weights, per-example "
+            "gradients and noise stay fp32) or 'auto' (bf16 where the CPU/GPU has it natively)"
+        },
+    )
+    prefix_cache: bool = field(
+        default=True,
+        metadata={
+            "help": "with lora-layers = k, compute the frozen bottom layers once per data set "
+            "and train the top k on their cached output (same logits)"
+        },
+    )
     seed: int = field(default=42, metadata={"help": "seed for splits, init and sampling"})
     device: str = field(default="auto", metadata={"help": "'auto', 'cpu', 'cuda', 'cuda:1'"})
     # privacy
@@ -178,6 +192,7 @@ class Settings:
                 "use 'hooks', 'functorch' or 'ghost'",
             ),
             (self.accountant in ("prv", "rdp"), "accountant", "use 'prv' or 'rdp'"),
+            (self.precision in ("auto", "fp32", "bf16"), "precision", "use 'auto', 'fp32' or 'bf16'"),
         ]
         for ok, key, fix in checks:
             if not ok:
