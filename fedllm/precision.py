@@ -19,6 +19,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 PRECISIONS = ("auto", "fp32", "bf16")
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -57,6 +60,34 @@ def resolve_precision(name: str, device: torch.device) -> str:
 def autocast(precision: str, device: torch.device) -> AbstractContextManager:
     """bfloat16 autocast on ``device`` for ``precision = "bf16"``, a no-op context otherwise."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def _sdpa_fp32(module: nn.Module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA attention computed in float32 whatever autocast says."""
+    with torch.autocast(query.device.type, enabled=False):
+        return sdpa_attention_forward(
+            module, query.float(), key.float(), value.float(), attention_mask, **kwargs
+        )
+
+
+FP32_ATTENTION = "sdpa_fp32"
+AttentionInterface.register(FP32_ATTENTION, _sdpa_fp32)
+AttentionMaskInterface.register(FP32_ATTENTION, sdpa_mask)
+
+
+def attention_in_fp32(model: nn.Module) -> Callable[[], None]:
+    """Run the encoder's attention in float32 (a CPU under bf16 autocast); returns the undo.
+
+    On CPU the bf16 flash-attention backward is ~8x slower than float32's (torch.profiler on
+    one DP step of MiniLM, bench/dp_overhead.py --profile), while the linear layers gain from
+    bf16: only the projections stay in bf16. A model whose attention is not SDPA is left alone.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
+        return lambda: None
+    base.set_attn_implementation(FP32_ATTENTION)
+    return lambda: base.set_attn_implementation("sdpa")
 
 
 def _float_args(_module: nn.Module, args: tuple) -> tuple:

@@ -29,7 +29,7 @@ from fedllm import known_warnings
 from fedllm.accounting import PrivacyPlan, check_budget, local_steps, sample_rate
 from fedllm.config import Settings
 from fedllm.features import HeadOnFeatures, pooled_features
-from fedllm.precision import autocast, keep_trainable_fp32, resolve_precision
+from fedllm.precision import attention_in_fp32, autocast, keep_trainable_fp32, resolve_precision
 from fedllm.prefix import prefix_view
 from fedllm.privacy import attach, entropy_generator, zero_sum_gradients
 
@@ -76,6 +76,14 @@ def _fast_path(
         order = torch.argsort(dataset.tensors[1].sum(1), stable=True)
         dataset = TensorDataset(*(t[order] for t in dataset.tensors))
     return model, dataset
+
+
+def _bf16_setup(net: nn.Module, model: nn.Module, device: torch.device) -> Callable[[], None]:
+    """Trainable modules of ``net`` in fp32; on CPU, ``model``'s attention too. Returns the undo."""
+    undo = [keep_trainable_fp32(net)]
+    if device.type == "cpu":
+        undo.append(attention_in_fp32(model))
+    return lambda: [step() for step in undo]
 
 
 def _trainable(model: nn.Module) -> list[torch.nn.Parameter]:
@@ -230,6 +238,7 @@ def train_local(
     settings = settings.resolved()
     device = next(model.parameters()).device
     precision = resolve_precision(settings.precision, device)
+    original = model
     model, dataset = _fast_path(model, dataset, settings, precision)
     n = len(dataset)
     if n == 0:
@@ -275,7 +284,7 @@ def train_local(
     bar = tqdm(total=steps_goal, desc="train", unit="step", disable=not progress, leave=False)
     # Opacus' hooks warn at every backward pass that the inputs need no grad: frozen embeddings
     quiet = known_warnings() if private is not None else nullcontext()
-    fp32_back = keep_trainable_fp32(model) if precision == "bf16" else (lambda: None)
+    fp32_back = _bf16_setup(model, original, device) if precision == "bf16" else (lambda: None)
     with quiet:
         while result.steps < steps_goal:
             for batch, divisor, last in batches():
