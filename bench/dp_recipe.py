@@ -9,7 +9,9 @@ adapter wire and weighted averaging as Flower's FedAvg does it) — without the 
 so a point with the ``head`` trainable takes seconds. ``--partitioning iid --training-sites 1``
 trains one site alone: a centralized run at one site's data size, to compare the levers fast.
 Prints each finished round on stderr, then one line per setting: mean accuracy / macro-F1 over
-the seeds at every ε, and seconds per point.
+the seeds at every ε, and seconds per point. Scores are on the server's validation split
+(``--score-on validation``, the default: choose settings there); ``--score-on test`` only to
+report a choice already made.
 Use it to search; confirm the winner with ``python -m simulations.run`` (real Flower runs).
 """
 
@@ -30,9 +32,17 @@ from simulations.inprocess import federate
 
 
 def federated_point(
-    config: dict, epsilon: float, seed: int, sites: int, rounds: int, scheme: dict, training_sites: int = 0
+    config: dict,
+    epsilon: float,
+    seed: int,
+    sites: int,
+    rounds: int,
+    scheme: dict,
+    training_sites: int = 0,
+    score_on: str = "validation",
 ) -> dict:
-    """One federation, every site every round: server test accuracy and macro-F1 at the end."""
+    """One federation, every site every round: the server's accuracy and macro-F1 at the end, on
+    its ``score_on`` part of the held-out data (``validation`` to choose, ``test`` to report)."""
     settings = settings_from({**config, "target-epsilon": epsilon, "seed": seed})
     start = time.perf_counter()
 
@@ -40,9 +50,10 @@ def federated_point(
         print(f"  eps {epsilon:g} seed {seed}: {line} [{time.perf_counter() - start:.0f} s]", file=sys.stderr)
 
     run = federate(settings, sites, rounds, scheme, progress=progress, training_sites=training_sites)
+    scores = run.scores_on(score_on)
     return {
-        "accuracy": run.scores["accuracy"],
-        "macro_f1": run.scores["macro_f1"],
+        "accuracy": scores["accuracy"],
+        "macro_f1": scores["macro_f1"],
         "epsilon": max(run.epsilons),
     }
 
@@ -67,6 +78,12 @@ def main() -> None:
         help="only the first K sites train (0 = all); --partitioning iid --training-sites 1: one site's size",
     )
     parser.add_argument("--grid", default="{}", help='settings to vary, JSON: {"lr": [3, 5]}')
+    parser.add_argument(
+        "--score-on",
+        choices=("validation", "test"),
+        default="validation",
+        help="the server's held-out part scored: validation to choose settings, test to report",
+    )
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     scheme = {
@@ -79,14 +96,19 @@ def main() -> None:
     epsilons = [float(e) for e in args.epsilons.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     trained = f", the first {args.training_sites} training" if args.training_sites else ""
-    print(f"{args.dataset}: {args.sites} sites{trained}, {args.rounds} rounds, {base}; seeds {seeds}")
+    print(
+        f"{args.dataset}: {args.sites} sites{trained}, {args.rounds} rounds, {base}; seeds {seeds}; "
+        f"scored on {args.score_on}"
+    )
     for values in itertools.product(*grid.values()) if grid else [()]:
         config = {**base, **dict(zip(grid, values, strict=True))}
         start = time.perf_counter()
         cells = []
         for epsilon in epsilons:
             runs = [
-                federated_point(config, epsilon, s, args.sites, args.rounds, scheme, args.training_sites)
+                federated_point(
+                    config, epsilon, s, args.sites, args.rounds, scheme, args.training_sites, args.score_on
+                )
                 for s in seeds
             ]
             acc = np.mean([r["accuracy"] for r in runs])

@@ -22,7 +22,7 @@ from fedllm.train import evaluate, train_local
 
 
 def run_centralized(settings: Settings, out_dir: str | Path, progress: bool = True) -> dict:
-    """Fine-tune on the whole training split, evaluate on the test split, save adapter + JSON."""
+    """Fine-tune on the whole training split, score the validation and test splits, save adapter + JSON."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings.seed)
@@ -49,7 +49,12 @@ def run_centralized(settings: Settings, out_dir: str | Path, progress: bool = Tr
     result = train_local(
         model, train_ds, settings, plan=plan, history=history, class_weight=weight, progress=progress
     )
-    metrics = evaluate(model, test_ds, splits.labels, head_only=settings.resolved().trainable == "head")
+    head_only = settings.resolved().trainable == "head"
+    metrics = evaluate(model, test_ds, splits.labels, head_only=head_only)
+    validation_ds = tokenize(
+        splits.validation, tokenizer, splits.labels, settings.max_length, settings.truncation
+    )
+    validation = evaluate(model, validation_ds, splits.labels, head_only=head_only)
     save_adapter(model, out_dir / "adapter", splits.labels, {"settings": settings.to_dict()})
     summary = {
         "settings": settings.to_dict(),
@@ -61,6 +66,7 @@ def run_centralized(settings: Settings, out_dir: str | Path, progress: bool = Tr
         "delta": plan.delta if plan else 0.0,
         "noise_multiplier": result.noise_multiplier,
         "test": metrics,
+        "validation": validation,  # the held-out part settings are chosen on (validation-fraction)
         "wall_seconds": time.perf_counter() - start,
     }
     (out_dir / "result.json").write_text(json.dumps(summary, indent=2, default=str))

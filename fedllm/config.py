@@ -36,6 +36,10 @@ class Settings:
     # model
     model: str = field(default="", metadata={"help": "HF BERT path or hub id; '' = embedded MiniLM"})
     pooling: str = field(default="mean", metadata={"help": "sentence pooling: 'mean' or 'cls'"})
+    normalize_features: bool = field(
+        default=False,
+        metadata={"help": "unit-normalise the mean-pooled features before the head (pooling = mean)"},
+    )
     max_length: int = field(default=128, metadata={"help": "tokens per text (truncated)"})
     truncation: str = field(
         default="right", metadata={"help": "which end of a long text to cut: 'right' or 'left'"}
@@ -56,6 +60,21 @@ class Settings:
             "'auto' = head under DP, lora without"
         },
     )
+    head_init: str = field(
+        default="random",
+        metadata={
+            "help": "the head's start: 'random', or 'label-names' (the zero-shot head: each label's "
+            "name in head-init-template, embedded by the frozen encoder; random when names are "
+            "uninformative, e.g. '0', '1')"
+        },
+    )
+    head_init_template: str = field(
+        default="{}",
+        metadata={"help": "text around a label name for head-init = label-names ('{}' = the name)"},
+    )
+    head_init_scale: float = field(
+        default=10.0, metadata={"help": "norm of each class's row of the zero-shot head (its logit scale)"}
+    )
     # data
     dataset: str = field(
         default="drug-reviews",
@@ -65,6 +84,13 @@ class Settings:
     text_column: str = field(default="text", metadata={"help": "column holding the text"})
     label_column: str = field(default="label", metadata={"help": "column holding the label"})
     test_fraction: float = field(default=0.2, metadata={"help": "held-out share when no test file"})
+    validation_fraction: float = field(
+        default=0.5,
+        metadata={
+            "help": "share of the server's held-out data kept for validation (choosing settings); "
+            "the rest is the test split results are reported on; 0 = no validation split"
+        },
+    )
     # training
     epochs: int = field(default=5, metadata={"help": "local epochs"})
     max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0 = off)"})
@@ -157,6 +183,11 @@ class Settings:
         """Raise ``ValueError`` naming the key and the fix for an impossible setting."""
         checks = [
             (self.pooling in ("mean", "cls"), "pooling", "use 'mean' or 'cls'"),
+            (
+                self.pooling == "mean" or not self.normalize_features,
+                "normalize-features",
+                "use it with pooling = mean (or set it to false)",
+            ),
             (self.max_length >= 8, "max-length", "use at least 8"),
             (self.truncation in ("right", "left"), "truncation", "use 'right' or 'left'"),
             (self.lora_r >= 1, "lora-r", "use a rank >= 1"),
@@ -167,6 +198,9 @@ class Settings:
                 "use 'auto', 'lora', 'ffa-lora', 'bias' or 'head'",
             ),
             (bool(self.lora_target_list), "lora-targets", "name at least one module"),
+            (self.head_init in ("random", "label-names"), "head-init", "use 'random' or 'label-names'"),
+            ("{}" in self.head_init_template, "head-init-template", "put '{}' where the label name goes"),
+            (self.head_init_scale > 0, "head-init-scale", "use a positive scale, e.g. 10"),
             (self.epochs >= 1 or self.max_steps > 0, "epochs", "train >= 1 epoch or set max-steps"),
             (self.batch_size >= 1, "batch-size", "use a batch size >= 1"),
             (
@@ -181,6 +215,7 @@ class Settings:
             (self.max_step_noise >= 0 or self.max_step_noise == -1, "max-step-noise", "use -1, 0 or > 0"),
             (self.schedule in ("linear", "constant"), "schedule", "use 'linear' or 'constant'"),
             (0 < self.test_fraction < 1, "test-fraction", "use a value in (0, 1)"),
+            (0 <= self.validation_fraction < 1, "validation-fraction", "use a value in [0, 1)"),
             (self.target_epsilon > 0, "target-epsilon", "use a positive epsilon or inf"),
             (0 <= self.delta < 1, "delta", "use 0 (auto) or a value in (0, 1)"),
             (self.count_noise > 0, "count-noise", "use a positive standard deviation in rows, e.g. 20"),

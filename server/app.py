@@ -81,13 +81,29 @@ def _save(model, folder: Path, labels: list[str], extra: dict | None = None) -> 
     os.replace(partial, folder)
 
 
-def _server_test_set(settings, splits, labels: list[str]):
-    """The server's tokenized test split (None without one)."""
-    if splits is None:
-        return None
-    return tokenize(
-        splits.test, load_tokenizer(settings.model), labels, settings.max_length, settings.truncation
-    )
+def _server_eval_sets(settings, splits, labels: list[str]) -> dict:
+    """The server's tokenized held-out parts, ``{"": test, "validation-": validation}`` (the key is
+    the prefix of their scores; an empty validation part is left out)."""
+    tokenizer = load_tokenizer(settings.model)
+    parts = {"": splits.test, "validation-": splits.validation}
+    return {
+        prefix: tokenize(frame, tokenizer, labels, settings.max_length, settings.truncation)
+        for prefix, frame in parts.items()
+        if prefix == "" or len(frame)
+    }
+
+
+def server_scores(model, eval_sets: dict, labels: list[str], head_only: bool) -> dict:
+    """Loss, accuracy and macro-F1 on the test part (plain keys) and on the validation part
+    (``validation-`` keys): settings are chosen on the latter, results reported on the former."""
+    scores = {}
+    for prefix, dataset in eval_sets.items():
+        result = evaluate(model, dataset, labels, head_only=head_only)
+        scores |= {
+            f"{prefix}{k}": result[m]
+            for k, m in (("loss", "loss"), ("accuracy", "accuracy"), ("macro-f1", "macro_f1"))
+        }
+    return scores
 
 
 @dataclass
@@ -164,7 +180,7 @@ def _run(grid: Grid, context: Context, server: ServerSettings, stack: ExitStack)
         print(f"fedllm: secure aggregation (secagg+): the server sees only the sum; clip ±{clip:g}")
     else:
         print(f"fedllm: every train reply is validated; {robust.describe()}")
-    test_ds = _server_test_set(settings, splits, labels) if server.server_eval else None
+    eval_sets = _server_eval_sets(settings, splits, labels) if server.server_eval else None
     head_only = settings.resolved().trainable == "head"  # the encoder never changes
     log = RunLog(run_dir, {"adapter-bytes": update_bytes, "full-model-bytes": full_bytes}, run.rows)
 
@@ -178,12 +194,12 @@ def _run(grid: Grid, context: Context, server: ServerSettings, stack: ExitStack)
             raise RunFailed(why)  # server/outcome.py: one line, finished:failed, no final adapter
         adapter_from_record(model, arrays)
         scores = {}
-        if test_ds is not None:
-            result = evaluate(model, test_ds, labels, head_only=head_only)
-            scores = {"loss": result["loss"], "accuracy": result["accuracy"], "macro-f1": result["macro_f1"]}
+        if eval_sets is not None:
+            scores = server_scores(model, eval_sets, labels, head_only)
             print(
-                f"fedllm: round {server_round} server test: accuracy {result['accuracy']:.4f} "
-                f"macro-F1 {result['macro_f1']:.4f}"
+                f"fedllm: round {server_round} server test: accuracy {scores['accuracy']:.4f} "
+                f"macro-F1 {scores['macro-f1']:.4f}"
+                + (f"; validation accuracy {scores['validation-accuracy']:.4f}" if len(eval_sets) > 1 else "")
             )
         _save(model, run_dir / f"round-{server_round:03d}", labels)
         log.round(server_round, strategy.round_summary(server_round), scores)

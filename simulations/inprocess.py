@@ -4,8 +4,8 @@ The sites' shards and local splits (``partition_sites``), the one training loop 
 with each site's privacy plan (``plan_privacy``: Opacus DP-SGD, PRV accountant) and its
 accountant history carried from round to round, the adapter wire (``adapter_state`` /
 ``set_adapter_arrays``), FedAvg weighted by the sites' example counts as Flower's FedAvg does
-it, and the server's evaluation on its held-out split — without the Flower runtime. Every site
-trains every round. ``bench/dp_recipe.py`` searches recipes with it; ``simulations.audit``
+it, and the server's evaluation on its held-out validation and test parts — without the Flower
+runtime. Every site trains every round. ``bench/dp_recipe.py`` searches recipes with it; ``simulations.audit``
 audits it, through two hooks that are off by default: ``extra_rows`` (records added to a site's
 training table, e.g. canaries) and ``on_update`` (called with each site's update every round).
 """
@@ -57,6 +57,13 @@ class Federation:
     scores: dict  # ``evaluate`` on ``test`` after the last round
     epsilons: list[float] = field(default_factory=list)  # per site, cumulative (0 without DP)
     deltas: list[float] = field(default_factory=list)  # per site (0 without DP)
+    validation_scores: dict = field(default_factory=dict)  # ``evaluate`` on the validation split
+
+    def scores_on(self, part: str) -> dict:
+        """The final scores on ``part``: ``validation`` (to choose settings) or ``test`` (to report)."""
+        if part not in ("validation", "test"):
+            raise ValueError(f"score-on={part!r}: use 'validation' or 'test'")
+        return self.validation_scores if part == "validation" else self.scores
 
     def tokenized(self, frame: pd.DataFrame) -> TensorDataset:
         """``frame`` tokenized as the sites tokenize their data."""
@@ -184,6 +191,11 @@ def federate(
     if exclude_from_test:
         test_frame = test_frame[~test_frame["text"].isin(set(exclude_from_test))].reset_index(drop=True)
     test = tokenize(test_frame, tokenizer, labels, settings.max_length, settings.truncation)
-    scores = evaluate(model, test, labels, head_only=settings.trainable == "head")
+    head_only = settings.trainable == "head"
+    scores = evaluate(model, test, labels, head_only=head_only)
+    validation = tokenize(splits.validation, tokenizer, labels, settings.max_length, settings.truncation)
+    validation_scores = evaluate(model, validation, labels, head_only=head_only)
     deltas = [p.delta if p is not None else 0.0 for p in plans]
-    return Federation(settings, labels, sites, model, tokenizer, test, scores, list(epsilons), deltas)
+    return Federation(
+        settings, labels, sites, model, tokenizer, test, scores, list(epsilons), deltas, validation_scores
+    )

@@ -58,6 +58,7 @@ __all__ = [
     "check_config",
     "main",
     "parse_args",
+    "like_private",
     "point_run_config",
     "report",
     "run_sweep",
@@ -79,6 +80,24 @@ def _set_aside(run_dir: Path) -> None:
     """An interrupted point's folder is kept (renamed), never deleted."""
     if run_dir.exists():
         run_dir.rename(run_dir.with_name(f"{run_dir.name}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}"))
+
+
+def like_private(settings: Settings) -> dict:
+    """The non-private federated point's settings when ``trainable = auto``: what the private
+    points train and how (the DP recipe's trainable, optimizer, lr and q, no inverse-frequency
+    class weights), with the noise and clipping off. Without this, ``auto`` would set non-private
+    LoRA beside the private head, and the table would compare two models instead of the cost of
+    privacy. An explicit ``trainable`` already trains the same thing at every point: nothing."""
+    if settings.trainable != "auto":
+        return {}
+    recipe = settings.replace(target_epsilon=8.0, noise_multiplier=0.0).resolved()
+    return {
+        "trainable": recipe.trainable,
+        "optimizer": recipe.optimizer,
+        "lr": recipe.lr,
+        "sample-rate": recipe.sample_rate,
+        "class-weighting": False,
+    }
 
 
 def point_run_config(point: Point, settings: Settings, options: SweepOptions, points_dir: Path) -> dict:
@@ -103,6 +122,7 @@ def point_run_config(point: Point, settings: Settings, options: SweepOptions, po
         "run-dir": str(points_dir),
         "run-name": point.name,
         **(PROBE if point.kind == "probe" else {}),
+        **(like_private(settings) if point.kind == "federated" and math.isinf(point.epsilon) else {}),
     }
 
 

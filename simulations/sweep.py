@@ -21,6 +21,8 @@ RESULT_COLUMNS = [
     "epsilon_mean",
     "rounds",
     "wall_seconds",
+    "validation_accuracy",  # the held-out part settings are chosen on (validation-fraction)
+    "validation_macro_f1",
 ]
 
 
@@ -115,6 +117,8 @@ def read_point(point: Point, run_dir: Path) -> dict:
             epsilon_mean=eps,
             rounds=0,
             wall_seconds=result["wall_seconds"],
+            validation_accuracy=result.get("validation", {}).get("accuracy", math.nan),
+            validation_macro_f1=result.get("validation", {}).get("macro_f1", math.nan),
         )
         return row
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -132,6 +136,8 @@ def read_point(point: Point, run_dir: Path) -> dict:
         epsilon_mean=sum(values) / len(values),
         rounds=len(rows) - 1,
         wall_seconds=result["wall-seconds"],
+        validation_accuracy=final.get("validation-accuracy", math.nan),
+        validation_macro_f1=final.get("validation-macro-f1", math.nan),
     )
     return row
 

@@ -7,7 +7,15 @@ import pandas as pd
 import pytest
 
 from fedllm.config import Settings
-from fedllm.data import DataError, clean, clean_text, load_splits, partition, read_table
+from fedllm.data import (
+    DataError,
+    clean,
+    clean_text,
+    load_splits,
+    partition,
+    read_table,
+    validation_split,
+)
 
 
 def test_clean_text_unescapes_html_and_stray_quotes():
@@ -62,7 +70,8 @@ def test_unknown_test_label_error_names_file_and_column(tmp_path, frame):
 def test_drug_reviews_bundled_and_clean():
     splits = load_splits(Settings(dataset="drug-reviews"))
     assert splits.labels == ["negative", "neutral", "positive"]
-    assert len(splits.train) == 600 and 370 <= len(splits.test) <= 379
+    held_out = len(splits.validation) + len(splits.test)
+    assert len(splits.train) == 600 and 370 <= held_out <= 379
     assert not splits.train["text"].str.contains("&#039;|&amp;|&quot;").any()
     assert not splits.train["text"].str.startswith('"').any()
     assert "condition" in splits.train.columns
@@ -71,10 +80,37 @@ def test_drug_reviews_bundled_and_clean():
 def test_bbc_news_stratified_split():
     splits = load_splits(Settings(dataset="bbc-news"))
     assert len(splits.labels) == 5
-    total = len(splits.train) + len(splits.test)
+    total = len(splits.train) + len(splits.validation) + len(splits.test)
     assert 2100 <= total <= 2225
-    shares = splits.test["label"].value_counts() / splits.train["label"].value_counts()
+    held_out = pd.concat([splits.validation, splits.test])
+    shares = held_out["label"].value_counts() / splits.train["label"].value_counts()
     assert shares.between(0.22, 0.28).all()
+
+
+def test_validation_split_is_a_seeded_stratified_half_of_the_held_out_data():
+    splits = load_splits(Settings(dataset="bbc-news", seed=3))
+    again = load_splits(Settings(dataset="bbc-news", seed=3))
+    pd.testing.assert_frame_equal(splits.validation, again.validation)
+    validation, test = set(splits.validation["text"]), set(splits.test["text"])
+    assert not validation & test and not validation & set(splits.train["text"])
+    per_label = pd.DataFrame(
+        {"validation": splits.validation["label"].value_counts(), "test": splits.test["label"].value_counts()}
+    )
+    assert ((per_label["validation"] - per_label["test"]).abs() <= 1).all()  # each label halved
+    other = load_splits(Settings(dataset="bbc-news", seed=3, validation_fraction=0.3))
+    assert abs(len(other.validation) / (len(other.validation) + len(other.test)) - 0.3) < 0.01
+    # the held-out data is the same; only its cut into validation and test moves
+    assert set(other.validation["text"]) | set(other.test["text"]) == validation | test
+
+
+def test_validation_split_depends_on_the_seed_and_allows_none(frame):
+    a, _ = validation_split(frame, 0.5, seed=0)
+    b, _ = validation_split(frame, 0.5, seed=1)
+    assert set(a["text"]) != set(b["text"])
+    none, everything = validation_split(frame, 0.0, seed=0)
+    assert none.empty and len(everything) == len(frame)
+    with pytest.raises(ValueError, match="validation-fraction"):
+        validation_split(frame, 1.0, seed=0)
 
 
 def test_partitions_cover_the_data(frame):

@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+from fedllm.config import settings_from
 from simulations.plots import plot_budget
 from simulations.run import point_run_config, report
 from simulations.sweep import Point, plan_points, read_point, summary_table
@@ -88,3 +89,21 @@ def test_sites_per_round_of_a_preset_is_capped_at_sites_in_the_runs_and_the_summ
     report(tmp_path, [point], options, settings)
     summary = (tmp_path / "summary.md").read_text()
     assert "4 of 4 sites per round" in summary and "3 local steps per round" in summary
+
+
+def test_the_non_private_point_trains_what_the_private_points_train(tmp_path):
+    """With ``trainable = auto`` the ε = ∞ point trains the DP recipe's head (noise off), not
+    LoRA: the default sweep compares like with like. An explicit trainable is left alone."""
+    config = parse_args([])
+    options, settings = SweepOptions.from_config(config), sweep_settings(config)
+    points = tmp_path / "points"
+    public = settings_from(point_run_config(Point("federated", math.inf, 0), settings, options, points))
+    private = settings_from(point_run_config(Point("federated", 8.0, 0), settings, options, points))
+    assert not public.private and private.private
+    mine, theirs = public.resolved(), private.resolved()
+    assert mine.trainable == theirs.trainable == "head"
+    assert (mine.optimizer, mine.lr, mine.sample_rate) == (theirs.optimizer, theirs.lr, theirs.sample_rate)
+    assert not mine.class_weighting
+    lora = parse_args(["--trainable", "lora"])
+    run_config = point_run_config(Point("federated", math.inf, 0), sweep_settings(lora), options, points)
+    assert settings_from(run_config).resolved().trainable == "lora"
