@@ -143,6 +143,7 @@ class TopLayers(nn.Module):
         self.dropout = base.dropout
         self.classifier = base.classifier
         self.mean_pool = type(base).__name__ == "BertMeanPoolForSequenceClassification"
+        self.normalize = self.mean_pool and getattr(base.config, "normalize_pooled", False)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Logits of cached hidden states ``hidden`` (batch, length, width) under ``mask``."""
@@ -154,6 +155,8 @@ class TopLayers(nn.Module):
         if self.mean_pool:
             weights = mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+            if self.normalize:  # as the model's own forward
+                pooled = nn.functional.normalize(pooled, dim=-1)
         else:
             pooled = self.pooler(hidden)
         return self.classifier(self.dropout(pooled))

@@ -80,18 +80,19 @@ def test_prefix_counts_only_frozen_adapter_free_layers():
     assert frozen_prefix(_model(_settings(trainable="bias"))) == 0  # biases train below the top
 
 
-def test_cached_prefix_trains_the_same_model_as_the_full_pass():
+@pytest.mark.parametrize("normalize", [False, True])
+def test_cached_prefix_trains_the_same_model_as_the_full_pass(normalize):
     """Noise off, full batches: training on the cached prefix gives the uncached logits (1e-5)."""
     data, plan = _data(), PrivacyPlan(0.0, 1.0, 1e-5, 3, float("inf"), "rdp")
     trained = {}
     for cached in (False, True):
         prefix_module._CACHE.clear()
-        settings = _settings(prefix_cache=cached)
+        settings = _settings(prefix_cache=cached, normalize_features=normalize)
         model = _model(settings)
         train_local(model, data, settings, plan=plan)
         trained[cached] = model
         assert len(prefix_module._CACHE) == int(cached)  # the cached run trained on the cache
-    before = _logits(_model(_settings()), data)
+    before = _logits(_model(_settings(normalize_features=normalize)), data)
     after = _logits(trained[True], data)
     assert (after - before).abs().max() > 1e-3  # the training moved the logits
     assert torch.allclose(after, _logits(trained[False], data), atol=1e-5, rtol=0)
