@@ -23,6 +23,11 @@ DP_HEAD_LR = 10.0  # SGD on the head over the frozen encoder's pooled features, 
 DP_ENCODER_LR = 5.0  # SGD on lora / ffa-lora / bias under DP (docs/dp-recipe.md: 0.5 lost 12-25 points)
 DP_SAMPLE_RATE = 1.0  # Poisson q of the DP recipe: full-batch steps, the least noise per signal
 DP_MAX_STEP_NOISE = 2.0  # noise norm of one averaged DP step, in clipping norms: see plan_privacy
+# trainable = auto under DP (``auto_trainable``): the encoder (ffa-lora on the top layers, on the
+# cached frozen prefix) where it beats the head and its cost fits the declared sites' devices
+AUTO_ENCODER_MIN_EPSILON = 3.0
+AUTO_ENCODER_LAYERS = 2
+SITE_DEVICES = ("any", "cpu", "cuda")
 # A federated run's defaults where they differ from one local fine-tune's: a site takes 3 local
 # steps per round (``max-steps`` replaces epochs), the DP recipe's 8 rounds x 3 steps (docs/dp-recipe.md);
 # python -m fedllm.centralized trains Settings.epochs whole epochs in one go.
@@ -57,7 +62,8 @@ class Settings:
         default="auto",
         metadata={
             "help": "what trains and travels: 'lora', 'ffa-lora' (A frozen), 'bias', 'head'; "
-            "'auto' = head under DP, lora without"
+            "'auto' = lora without DP; under DP ffa-lora on the top layers where it wins and "
+            "site-devices says its cost fits, else head"
         },
     )
     head_init: str = field(
@@ -74,6 +80,13 @@ class Settings:
     )
     head_init_scale: float = field(
         default=10.0, metadata={"help": "norm of each class's row of the zero-shot head (its logit scale)"}
+    )
+    site_devices: str = field(
+        default="any",
+        metadata={
+            "help": "what every site computes on, as the run declares it: 'cpu', 'cuda' or 'any' "
+            "(not declared); with trainable = auto under DP the encoder trains only where its cost fits"
+        },
     )
     # data
     dataset: str = field(
@@ -228,6 +241,7 @@ class Settings:
             ),
             (self.accountant in ("prv", "rdp"), "accountant", "use 'prv' or 'rdp'"),
             (self.precision in ("auto", "fp32", "bf16"), "precision", "use 'auto', 'fp32' or 'bf16'"),
+            (self.site_devices in SITE_DEVICES, "site-devices", "use 'any', 'cpu' or 'cuda'"),
         ]
         for ok, key, fix in checks:
             if not ok:
@@ -244,7 +258,9 @@ class Settings:
         DP: LoRA, AdamW at 5e-3, batches of ``batch-size``, no step cap. Idempotent.
         """
         private = self.private
-        trainable = self.trainable if self.trainable != "auto" else ("head" if private else "lora")
+        trainable, lora_layers = (self.trainable, self.lora_layers)
+        if trainable == "auto":
+            trainable, lora_layers = auto_trainable(self)
         optimizer = self.optimizer if self.optimizer != "auto" else ("sgd" if private else "adamw")
         sgd_lr = DP_HEAD_LR if trainable == "head" else DP_ENCODER_LR
         lr = self.lr or (5e-3 if optimizer == "adamw" else sgd_lr)
@@ -255,6 +271,7 @@ class Settings:
         return dataclasses.replace(
             self,
             trainable=trainable,
+            lora_layers=lora_layers,
             optimizer=optimizer,
             lr=lr,
             sample_rate=sample_rate,
@@ -268,6 +285,28 @@ class Settings:
     def replace(self, **changes: Any) -> Settings:
         """A copy with some fields changed (underscored names)."""
         return dataclasses.replace(self, **changes).validate()
+
+
+def auto_trainable(settings: Settings) -> tuple[str, int]:
+    """``(trainable, lora_layers)`` for ``trainable = auto``, from public facts of the run config only.
+
+    Without DP: ``lora`` (every layer). Under DP: ``ffa-lora`` on the top ``AUTO_ENCODER_LAYERS``
+    layers (or the configured ``lora-layers``), trained on the cached frozen prefix, when it wins
+    and its cost fits: ε ≥ ``AUTO_ENCODER_MIN_EPSILON`` (at ε = 1 the head won: its 1,925 noisy
+    coordinates against the encoder's ~14k), and the declared ``site-devices`` train it in
+    minutes: ``cuda``, or ``cpu`` with the embedded MiniLM (docs/dp-recipe.md, "Encoder
+    trainables and speed"). Otherwise (``any``: nothing declared, the slowest site decides; a
+    larger model on CPU; a fixed noise multiplier, whose ε is not known here) the ``head``. Every
+    input is in the run config, which the server and every site read alike, so every site
+    trains the same parameters; nothing depends on a site's own hardware or data.
+    """
+    if not settings.private:
+        return "lora", settings.lora_layers
+    wins = settings.noise_multiplier == 0 and settings.target_epsilon >= AUTO_ENCODER_MIN_EPSILON
+    fits = settings.site_devices == "cuda" or (settings.site_devices == "cpu" and settings.model == "")
+    if wins and fits:
+        return "ffa-lora", settings.lora_layers or AUTO_ENCODER_LAYERS
+    return "head", settings.lora_layers
 
 
 def _field(key: str) -> str:

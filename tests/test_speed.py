@@ -180,3 +180,27 @@ def test_auto_precision_follows_the_cpu_flags(monkeypatch, name, flags, expected
 def test_bad_precision_names_the_key():
     with pytest.raises(ValueError, match="precision"):
         Settings(precision="fp16").validate()
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"target_epsilon": 8.0}, ("head", 0)),  # devices not declared: the slowest site decides
+        ({"target_epsilon": 8.0, "site_devices": "cpu"}, ("ffa-lora", 2)),
+        ({"target_epsilon": 3.0, "site_devices": "cuda"}, ("ffa-lora", 2)),
+        ({"target_epsilon": 1.0, "site_devices": "cuda"}, ("head", 0)),  # the head wins at ε 1
+        ({"target_epsilon": 8.0, "site_devices": "cpu", "model": "bert-base-uncased"}, ("head", 0)),
+        ({"target_epsilon": 8.0, "site_devices": "cpu", "lora_layers": 3}, ("ffa-lora", 3)),
+        ({"noise_multiplier": 1.0, "site_devices": "cuda"}, ("head", 0)),  # ε unknown before training
+        ({"target_epsilon": float("inf"), "site_devices": "cpu"}, ("lora", 0)),
+    ],
+)
+def test_auto_trainable_decides_from_the_run_config(changes, expected):
+    resolved = Settings(**changes).validate().resolved()
+    assert (resolved.trainable, resolved.lora_layers) == expected
+    assert resolved.resolved() == resolved  # idempotent
+
+
+def test_bad_site_devices_names_the_key():
+    with pytest.raises(ValueError, match="site-devices"):
+        Settings(site_devices="tpu").validate()
