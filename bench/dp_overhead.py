@@ -2,7 +2,7 @@
 
     python bench/dp_overhead.py [--trainables lora,ffa-lora,bias,head] [--modes hooks,ghost]
                                 [--examples 256] [--batch-size 32] [--steps 6] [--device cuda]
-    python bench/dp_overhead.py --speed [--lora-layers 2] [--profile]
+    python bench/dp_overhead.py --speed [--lora-layers 2] [--profile] [--csv docs/encoder-speed-bench.csv]
 
 Each row runs in its own child process (so each peak RSS is its own) with the library's one
 training loop (``train_local``) on the same BBC News examples and the embedded MiniLM:
@@ -22,6 +22,7 @@ cached frozen prefix, each in fp32 and bf16; the last column is examples/s over 
 from __future__ import annotations
 
 import argparse
+import csv
 import multiprocessing as mp
 import resource
 import time
@@ -130,18 +131,25 @@ def _speed_table(args: argparse.Namespace) -> None:
         f"{'ffa-lora, DP (hooks)':28s} {'examples/s':>11s} {'s/step':>8s} {'setup s':>8s} "
         f"{'peak RSS MB':>12s} {'speed-up':>9s}"
     )
-    reference = None
+    reference, rows = None, []
     for label, variant in speed_variants(args.lora_layers):
         r = _child("ffa-lora", "hooks", args, variant)
         if r is None:
             print(f"{label:28s} failed")
             continue
         reference = reference or r
+        speedup = r["examples_s"] / reference["examples_s"]
         print(
             f"{label:28s} {r['examples_s']:11.1f} {r['step_s']:8.3f} {r['setup_s']:8.1f} "
-            f"{r['peak_rss_mb']:12.0f} {r['examples_s'] / reference['examples_s']:8.2f}x",
+            f"{r['peak_rss_mb']:12.0f} {speedup:8.2f}x",
             flush=True,
         )
+        rows.append({"variant": label, **variant, **r, "speedup": speedup, "cpu_flags": " ".join(found)})
+    if args.csv:
+        with open(args.csv, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=sorted({k for row in rows for k in row}))
+            writer.writeheader()
+            writer.writerows(rows)
 
 
 def _overhead_table(args: argparse.Namespace) -> None:
@@ -180,6 +188,7 @@ def main() -> None:
     parser.add_argument("--speed", action="store_true", help="DP ffa-lora: fp32 / bf16 / cached prefix")
     parser.add_argument("--lora-layers", type=int, default=2, help="--speed: the top k layers adapted")
     parser.add_argument("--profile", action="store_true", help="--speed: torch.profiler on one DP step")
+    parser.add_argument("--csv", default="", help="--speed: also write the rows to this CSV file")
     args = parser.parse_args()
     print(
         f"{args.device}, {args.examples} examples, batch {args.batch_size} (DP: Poisson q = "
