@@ -20,7 +20,13 @@ from fedllm import prefix as prefix_module
 from fedllm.accounting import PrivacyPlan
 from fedllm.config import Settings
 from fedllm.model import build_model
-from fedllm.precision import autocast, keep_trainable_fp32, resolve_precision
+from fedllm.precision import (
+    FP32_ATTENTION,
+    attention_in_fp32,
+    autocast,
+    keep_trainable_fp32,
+    resolve_precision,
+)
 from fedllm.prefix import frozen_prefix, prefix_view
 from fedllm.train import train_local
 
@@ -204,3 +210,17 @@ def test_auto_trainable_decides_from_the_run_config(changes, expected):
 def test_bad_site_devices_names_the_key():
     with pytest.raises(ValueError, match="site-devices"):
         Settings(site_devices="tpu").validate()
+
+
+def test_cpu_attention_runs_in_fp32_under_bf16_and_is_restored():
+    model = _model(_settings())
+    data = _data()
+    config = model.get_base_model().config
+    assert config._attn_implementation == "sdpa"
+    restore = attention_in_fp32(model)
+    assert config._attn_implementation == FP32_ATTENTION
+    with autocast("bf16", torch.device("cpu")):
+        bf16 = _logits(model, data)
+    restore()
+    assert config._attn_implementation == "sdpa"
+    assert torch.allclose(bf16, _logits(model, data), atol=0.1)
