@@ -220,7 +220,7 @@ def test_cpu_attention_runs_in_fp32_under_bf16_and_is_restored():
     restore = attention_in_fp32(model)
     assert config._attn_implementation == FP32_ATTENTION
     with autocast("bf16", torch.device("cpu")):
-        bf16 = _logits(model, data)
+        bf16 = _logits(model, data).float()
     restore()
     assert config._attn_implementation == "sdpa"
     assert torch.allclose(bf16, _logits(model, data), atol=0.1)
