@@ -23,10 +23,9 @@ DP_HEAD_LR = 10.0  # SGD on the head over the frozen encoder's pooled features, 
 DP_ENCODER_LR = 5.0  # SGD on lora / ffa-lora / bias under DP (docs/dp-recipe.md: 0.5 lost 12-25 points)
 DP_SAMPLE_RATE = 1.0  # Poisson q of the DP recipe: full-batch steps, the least noise per signal
 DP_MAX_STEP_NOISE = 2.0  # noise norm of one averaged DP step, in clipping norms: see plan_privacy
-# trainable = auto under DP (``auto_trainable``): the encoder (ffa-lora on the top layers, on the
-# cached frozen prefix) where it beats the head and its cost fits the declared sites' devices
+# trainable = auto under DP (``auto_trainable``): ffa-lora where it beats the head (ε >= 3) and
+# its cost fits the sites' declared devices (cuda), the head otherwise
 AUTO_ENCODER_MIN_EPSILON = 3.0
-AUTO_ENCODER_LAYERS = 2
 SITE_DEVICES = ("any", "cpu", "cuda")
 # A federated run's defaults where they differ from one local fine-tune's: a site takes 3 local
 # steps per round (``max-steps`` replaces epochs), the DP recipe's 8 rounds x 3 steps (docs/dp-recipe.md);
@@ -62,8 +61,8 @@ class Settings:
         default="auto",
         metadata={
             "help": "what trains and travels: 'lora', 'ffa-lora' (A frozen), 'bias', 'head'; "
-            "'auto' = lora without DP; under DP ffa-lora on the top layers where it wins and "
-            "site-devices says its cost fits, else head"
+            "'auto' = lora without DP; under DP ffa-lora where it wins and site-devices says its "
+            "cost fits (cuda, eps >= 3), else head"
         },
     )
     head_init: str = field(
@@ -85,7 +84,7 @@ class Settings:
         default="any",
         metadata={
             "help": "what every site computes on, as the run declares it: 'cpu', 'cuda' or 'any' "
-            "(not declared); with trainable = auto under DP the encoder trains only where its cost fits"
+            "(not declared); trainable = auto under DP trains the encoder (ffa-lora) on 'cuda' at eps >= 3"
         },
     )
     # data
@@ -290,22 +289,22 @@ class Settings:
 def auto_trainable(settings: Settings) -> tuple[str, int]:
     """``(trainable, lora_layers)`` for ``trainable = auto``, from public facts of the run config only.
 
-    Without DP: ``lora`` (every layer). Under DP: ``ffa-lora`` on the top ``AUTO_ENCODER_LAYERS``
-    layers (or the configured ``lora-layers``), trained on the cached frozen prefix, when it wins
-    and its cost fits: ε ≥ ``AUTO_ENCODER_MIN_EPSILON`` (at ε = 1 the head won: its 1,925 noisy
-    coordinates against the encoder's ~14k), and the declared ``site-devices`` train it in
-    minutes: ``cuda``, or ``cpu`` with the embedded MiniLM (docs/dp-recipe.md, "Encoder
-    trainables and speed"). Otherwise (``any``: nothing declared, the slowest site decides; a
-    larger model on CPU; a fixed noise multiplier, whose ε is not known here) the ``head``. Every
-    input is in the run config, which the server and every site read alike, so every site
-    trains the same parameters; nothing depends on a site's own hardware or data.
+    Without DP: ``lora``. Under DP, the encoder trainable where it wins and its cost fits, the
+    head otherwise (docs/encoder-speed.md, "auto"): ``ffa-lora`` (``lora-layers`` as set, 0 =
+    every layer) when ε ≥ ``AUTO_ENCODER_MIN_EPSILON`` (at ε = 1 the head's 1,925 noisy
+    coordinates beat the encoder's 38,789) and the run declares ``site-devices = "cuda"``. On a
+    CPU the encoder trainable whose cost fits (``ffa-lora`` on the top 2 layers, cached prefix,
+    bf16: 5-7 minutes a federation) did not beat the head on validation at ε = 8 (0.954 against
+    0.956, 3 seeds), and every layer costs 13-28 minutes: the head. ``any`` (nothing declared)
+    and a fixed noise multiplier (ε unknown here): the head. Every input is in the run config,
+    which the server and every site read alike, so every site trains the same parameters;
+    nothing depends on a site's own hardware or data.
     """
     if not settings.private:
         return "lora", settings.lora_layers
     wins = settings.noise_multiplier == 0 and settings.target_epsilon >= AUTO_ENCODER_MIN_EPSILON
-    fits = settings.site_devices == "cuda" or (settings.site_devices == "cpu" and settings.model == "")
-    if wins and fits:
-        return "ffa-lora", settings.lora_layers or AUTO_ENCODER_LAYERS
+    if wins and settings.site_devices == "cuda":
+        return "ffa-lora", settings.lora_layers
     return "head", settings.lora_layers
 
 

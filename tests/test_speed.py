@@ -192,11 +192,10 @@ def test_bad_precision_names_the_key():
     ("changes", "expected"),
     [
         ({"target_epsilon": 8.0}, ("head", 0)),  # devices not declared: the slowest site decides
-        ({"target_epsilon": 8.0, "site_devices": "cpu"}, ("ffa-lora", 2)),
-        ({"target_epsilon": 3.0, "site_devices": "cuda"}, ("ffa-lora", 2)),
+        ({"target_epsilon": 8.0, "site_devices": "cpu"}, ("head", 0)),  # the fast encoder did not win
+        ({"target_epsilon": 3.0, "site_devices": "cuda"}, ("ffa-lora", 0)),
+        ({"target_epsilon": 8.0, "site_devices": "cuda", "lora_layers": 3}, ("ffa-lora", 3)),
         ({"target_epsilon": 1.0, "site_devices": "cuda"}, ("head", 0)),  # the head wins at ε 1
-        ({"target_epsilon": 8.0, "site_devices": "cpu", "model": "bert-base-uncased"}, ("head", 0)),
-        ({"target_epsilon": 8.0, "site_devices": "cpu", "lora_layers": 3}, ("ffa-lora", 3)),
         ({"noise_multiplier": 1.0, "site_devices": "cuda"}, ("head", 0)),  # ε unknown before training
         ({"target_epsilon": float("inf"), "site_devices": "cpu"}, ("lora", 0)),
     ],
