@@ -19,9 +19,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 PRECISIONS = ("auto", "fp32", "bf16")
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -64,6 +61,8 @@ def autocast(precision: str, device: torch.device) -> AbstractContextManager:
 
 def _sdpa_fp32(module: nn.Module, query, key, value, attention_mask, **kwargs):
     """transformers' SDPA attention computed in float32 whatever autocast says."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
     with torch.autocast(query.device.type, enabled=False):
         return sdpa_attention_forward(
             module, query.float(), key.float(), value.float(), attention_mask, **kwargs
@@ -71,8 +70,16 @@ def _sdpa_fp32(module: nn.Module, query, key, value, attention_mask, **kwargs):
 
 
 FP32_ATTENTION = "sdpa_fp32"
-AttentionInterface.register(FP32_ATTENTION, _sdpa_fp32)
-AttentionMaskInterface.register(FP32_ATTENTION, sdpa_mask)
+
+
+def _register_fp32_attention() -> None:
+    """Register ``FP32_ATTENTION`` with transformers (imported here: importing fedllm must not
+    load the modules that add warning filters, tests/test_user_output.py)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(FP32_ATTENTION, _sdpa_fp32)
+    AttentionMaskInterface.register(FP32_ATTENTION, sdpa_mask)
 
 
 def attention_in_fp32(model: nn.Module) -> Callable[[], None]:
@@ -86,6 +93,7 @@ def attention_in_fp32(model: nn.Module) -> Callable[[], None]:
     config = getattr(base, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
         return lambda: None
+    _register_fp32_attention()
     base.set_attn_implementation(FP32_ATTENTION)
     return lambda: base.set_attn_implementation("sdpa")
 
