@@ -29,6 +29,8 @@ from fedllm import known_warnings
 from fedllm.accounting import PrivacyPlan, check_budget, local_steps, sample_rate
 from fedllm.config import Settings
 from fedllm.features import HeadOnFeatures, pooled_features
+from fedllm.precision import attention_in_fp32, autocast, keep_trainable_fp32, resolve_precision
+from fedllm.prefix import prefix_view
 from fedllm.privacy import attach, entropy_generator, zero_sum_gradients
 
 
@@ -57,6 +59,31 @@ def _trim(input_ids: torch.Tensor, mask: torch.Tensor):
         return input_ids, mask
     length = max(1, int(mask.sum(1).max()))
     return input_ids[:, :length], mask[:, :length]
+
+
+def _fast_path(
+    model: nn.Module, dataset: TensorDataset, settings: Settings, precision: str
+) -> tuple[nn.Module, TensorDataset]:
+    """The model and data the loop runs on: the head on cached pooled features (``head``), the
+    top layers on the cached frozen prefix (``lora-layers``, ``prefix-cache``), else as given.
+    Under DP the examples are ordered by length, so each Poisson batch (drawn in index order) is,
+    and its physical chunks carry little padding; Poisson sampling does not depend on the order."""
+    if settings.trainable == "head":
+        return HeadOnFeatures(model), pooled_features(model, dataset)
+    if settings.prefix_cache and (view := prefix_view(model, dataset, precision)) is not None:
+        model, dataset = view
+    if settings.private and len(dataset.tensors) == 3:
+        order = torch.argsort(dataset.tensors[1].sum(1), stable=True)
+        dataset = TensorDataset(*(t[order] for t in dataset.tensors))
+    return model, dataset
+
+
+def _bf16_setup(net: nn.Module, model: nn.Module, device: torch.device) -> Callable[[], None]:
+    """Trainable modules of ``net`` in fp32; on CPU, ``model``'s attention too. Returns the undo."""
+    undo = [keep_trainable_fp32(net)]
+    if device.type == "cpu":
+        undo.append(attention_in_fp32(model))
+    return lambda: [step() for step in undo]
 
 
 def _trainable(model: nn.Module) -> list[torch.nn.Parameter]:
@@ -108,11 +135,11 @@ def logical_batch_size(settings: Settings, num_examples: int) -> int:
 def _forward(
     net: nn.Module, batch: list[torch.Tensor], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels of one physical batch: ``(input_ids, attention_mask, labels)``, or
-    ``(features, labels)`` for the head on cached features (``fedllm.features``)."""
-    if len(batch) == 2:
-        features, labels = batch
-        return net(features.to(device)), labels.to(device)
+    """Logits and labels of one physical batch: ``(input_ids, attention_mask, labels)``, or cached
+    float inputs and labels: ``(features, labels)`` for the head (``fedllm.features``),
+    ``(hidden states, attention_mask, labels)`` for the top layers (``fedllm.prefix``)."""
+    if batch[0].is_floating_point():
+        return net(*(t.to(device) for t in batch[:-1])), batch[-1].to(device)
     input_ids, mask, labels = batch
     input_ids, mask = _trim(input_ids.to(device), mask.to(device))
     return net(input_ids=input_ids, attention_mask=mask).logits, labels.to(device)
@@ -222,8 +249,9 @@ def train_local(
     """
     settings = settings.resolved()
     device = next(model.parameters()).device
-    if settings.trainable == "head":
-        dataset, model = pooled_features(model, dataset), HeadOnFeatures(model)
+    precision = resolve_precision(settings.precision, device)
+    original = model
+    model, dataset = _fast_path(model, dataset, settings, precision)
     n = len(dataset)
     if n == 0:
         raise ValueError("no training examples: this site's training split is empty")
@@ -271,6 +299,7 @@ def train_local(
     bar = tqdm(total=steps_goal, desc="train", unit="step", disable=not progress, leave=False)
     # Opacus' hooks warn at every backward pass that the inputs need no grad: frozen embeddings
     quiet = known_warnings() if private is not None else nullcontext()
+    fp32_back = _bf16_setup(model, original, device) if precision == "bf16" else (lambda: None)
     with quiet:
         while result.steps < steps_goal:
             for batch, divisor, last in batches():
@@ -278,7 +307,8 @@ def train_local(
                     zero_sum_gradients(params)
                     result.empty_batches += 1
                 else:
-                    logits, labels = _forward(net, batch, device)
+                    with autocast(precision, device):
+                        logits, labels = _forward(net, batch, device)
                     (criterion(logits, labels) / divisor).backward()
                     loss_sum += float(
                         F.cross_entropy(logits.detach(), labels, weight=weight, reduction="none").sum()
@@ -311,6 +341,7 @@ def train_local(
                     break
     bar.close()
     watch.remove()
+    fp32_back()
     result.mean_loss = loss_sum / max(result.examples_seen, 1)
     result.seconds = time.perf_counter() - start
     if private is not None:  # back to the plain model: evaluation needs no per-sample gradients
@@ -343,6 +374,8 @@ def evaluate(
     net = model
     if head_only:
         dataset, net = pooled_features(model, dataset), HeadOnFeatures(model)
+    elif (view := prefix_view(model, dataset)) is not None:
+        net, dataset = view
     loss_sum, y_true, y_pred = 0.0, [], []
     for batch in DataLoader(dataset, batch_size=batch_size):
         logits, target = _forward(net, list(batch), device)
