@@ -202,12 +202,6 @@ class ClientDPFedAvg(ResumableStart, DifferentialPrivacyClientSideFixedClipping)
         self._sent = list(super().configure_train(server_round + self.round_offset, arrays, config, grid))
         return self._sent
 
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """The inner FedAvg's evaluate messages, with the run's real round number."""
-        return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
-
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Means of the sites' checked evaluation metrics weighted by their counts (bad replies are
         left out and recorded), under the run's real round number."""

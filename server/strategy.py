@@ -78,6 +78,14 @@ class ResumableStart:
 
     round_offset = 0  # rounds done before this start (a resumed run)
 
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """The strategy's evaluate messages, with the run's real round number."""
+        return super().configure_evaluate(  # type: ignore[misc]  # the Flower strategy mixed in after
+            server_round + self.round_offset, arrays, config, grid
+        )
+
     def start(
         self,
         grid: Grid,
@@ -156,12 +164,6 @@ class AdapterFedAvg(ResumableStart, FedAvg):
         self.remember_global(arrays)
         self._sent = list(super().configure_train(server_round + self.round_offset, arrays, config, grid))
         return self._sent
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """FedAvg's evaluate messages, with the run's real round number."""
-        return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
 
     def remember_global(self, arrays: ArrayRecord) -> None:
         """Keep the global adapter of the round being sent (``configure_train`` calls this).

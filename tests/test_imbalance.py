@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 import clients.app
+from clients.policy import DP_REPLY_KEYS
 from fedllm.accounting import count_entry, epsilon_for
 from fedllm.config import Settings
 from fedllm.imbalance import (
@@ -90,15 +91,7 @@ def test_the_histogram_replaces_the_count_at_the_same_epsilon(site, run_config, 
     )
     assert run["history"][0] == count_entry(COUNT_NOISE)
     assert run["public-n"] == n + 3 * (len(LABELS) + 1) == reply.content["metrics"]["num-examples"]
-    assert set(reply.content["metrics"]) == {
-        "num-examples",
-        "steps",
-        "epsilon",
-        "delta",
-        "noise-multiplier",
-        "sample-rate",
-        "update-bytes",
-    }
+    assert set(reply.content["metrics"]) == set(DP_REPLY_KEYS)
 
 
 def test_a_site_over_budget_refuses_before_reading_its_data(site, run_config):
