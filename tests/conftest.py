@@ -25,7 +25,8 @@ TINY = BertConfig(
     max_position_embeddings=64,
 )
 LABELS = ["negative", "neutral", "positive"]
-# The library tests run on the CPU; FEDLLM_TEST_DEVICE=cuda runs the same tests on a GPU.
+# The library tests run on the CPU; FEDLLM_TEST_DEVICE=cuda runs the ones marked `gpu` on a GPU
+# (`FEDLLM_TEST_DEVICE=cuda python -m pytest -m gpu`).
 DEVICE = torch.device(os.environ.get("FEDLLM_TEST_DEVICE", "cpu"))
 
 

@@ -20,6 +20,8 @@ from fedllm.model import build_base_model, build_model, count_parameters, load_t
 
 from .conftest import DEVICE, LABELS
 
+pytestmark = pytest.mark.gpu  # they train and load on DEVICE (FEDLLM_TEST_DEVICE=cuda: the GPU)
+
 
 @pytest.fixture
 def model(settings, tiny_config):

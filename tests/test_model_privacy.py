@@ -15,6 +15,8 @@ from fedllm.train import FrozenTrainingError, classification_metrics, evaluate, 
 
 from .conftest import DEVICE, LABELS
 
+pytestmark = pytest.mark.gpu  # they train and load on DEVICE (FEDLLM_TEST_DEVICE=cuda: the GPU)
+
 
 def _snapshot(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
