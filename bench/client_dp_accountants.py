@@ -26,7 +26,7 @@ from opacus.accountants import PRVAccountant
 from scipy.optimize import brentq
 from scipy.stats import norm
 
-from server.client_dp import calibrate, epsilon_after
+from server.client_accountant import calibrate, epsilon_after
 
 DELTA = 1e-5
 

@@ -8,7 +8,8 @@ Flower's protocol (config, events, ``would_exceed``, ``state_dict``) and books t
 which is tight for the Gaussian mechanism (within its discretisation, rounded pessimistically:
 the ε it reports is an upper bound). No privacy math lives here: every number comes from
 ``dp_accounting.pld.PLDAccountant``; this module only translates Flower's types to its events
-and keeps the event ledger that checkpoints carry.
+and keeps the event ledger that checkpoints carry. ``accountant`` builds the run's accountant
+(this one or Flower's ``RdpAccountant``), ``calibrate`` finds σ by the same books.
 
 Supported sampling: ``NO_AMPLIFICATION`` (a Gaussian release per event, what Flower's
 fixed-clipping wrapper requires) and ``POISSON`` (dp-accounting's Poisson-sampled Gaussian).
@@ -16,10 +17,12 @@ fixed-clipping wrapper requires) and ``POISSON`` (dp-accounting's Poisson-sample
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from dp_accounting import dp_event
 from dp_accounting.pld import pld_privacy_accountant
+from flwr.serverapp import RdpAccountant
 from flwr.supercore.privacy_accounting import (
     GaussianPrivacyEvent,
     NeighboringRelation,
@@ -34,6 +37,8 @@ SCHEMA_VERSION = 1
 # for 10 Gaussian releases at σ 1.1 to 12.8, 15 to 40 times faster (measured, client-level-dp.md)
 DISCRETISATION = 1e-3
 SAMPLING = (SamplingMethod.NO_AMPLIFICATION, SamplingMethod.POISSON)
+ACCOUNTANTS = ("pld", "rdp")  # client-dp-accountant: this module's PLD, or Flower's RdpAccountant
+ACCOUNTANT_NAMES = {"pld": "dp-accounting's PLD accountant", "rdp": "Flower's RDP accountant"}
 # below this σ dp-accounting's loss grid explodes (σ 1e-4: 747 GiB); σ 0.1 already costs ε ~630
 # in 10 releases, so nothing private is lost by refusing smaller ones
 MIN_NOISE_MULTIPLIER = 0.1
@@ -164,3 +169,40 @@ class PldAccountant:
         for event, count in counts.items():
             backend.compose(self._event(event), count)
         return backend
+
+
+def accountant(
+    delta: float, sites: int, max_epsilon: float | None = None, method: str = "pld"
+) -> PldAccountant | RdpAccountant:
+    """The run's accountant for m-of-m releases (add/remove one site, no amplification): ``pld`` =
+    dp-accounting's PLD behind Flower's protocol (the default), ``rdp`` = Flower's RdpAccountant."""
+    config = PrivacyConfig(
+        target_delta=delta,
+        population_size=sites,
+        neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+        sampling_method=SamplingMethod.NO_AMPLIFICATION,
+        max_epsilon=max_epsilon,
+    )
+    if method not in ACCOUNTANTS:
+        raise ValueError(f"client-dp-accountant={method!r}: use one of {ACCOUNTANTS}")
+    return PldAccountant(config) if method == "pld" else RdpAccountant(config)
+
+
+def epsilon_after(noise_multiplier: float, releases: int, delta: float, method: str = "pld") -> float:
+    """The ``method`` accountant's ε after ``releases`` Gaussian releases of σ = ``noise_multiplier``."""
+    books = accountant(delta, 1, method=method)
+    books.compose(GaussianPrivacyEvent(noise_multiplier, 1, 1), releases)
+    return books.get_epsilon(delta)
+
+
+@functools.lru_cache(maxsize=64)
+def calibrate(epsilon: float, releases: int, delta: float, method: str = "pld") -> float:
+    """The smallest σ (to 0.1%) whose ``releases`` rounds stay within ``epsilon`` by the ``method``
+    accountant's books (the same accountant then books the run)."""
+    low, high = (MIN_NOISE_MULTIPLIER if method == "pld" else 0.05), 10_000.0
+    if epsilon_after(high, releases, delta, method) > epsilon:
+        raise ValueError(f"client-dp-epsilon={epsilon}: unreachable in {releases} rounds; raise it")
+    while high / low > 1.001:
+        mid = (low * high) ** 0.5
+        low, high = (mid, high) if epsilon_after(mid, releases, delta, method) > epsilon else (low, mid)
+    return high

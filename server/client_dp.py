@@ -29,7 +29,6 @@ round's record, so ``metrics.jsonl`` carries it beside the checkpoint and a resu
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
@@ -48,20 +47,25 @@ from flwr.app import (
 )
 from flwr.app.message.message import make_message
 from flwr.common import log
-from flwr.serverapp import Grid, RdpAccountant
+from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg, Result
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore.differential_privacy import compute_clip_model_update, get_norm
 from flwr.supercore.privacy_accounting import (
     GaussianPrivacyEvent,
-    NeighboringRelation,
     PrivacyAccountant,
-    PrivacyConfig,
-    SamplingMethod,
 )
 
-from server.client_accountant import MIN_NOISE_MULTIPLIER, PldAccountant
+from server.client_accountant import (
+    ACCOUNTANT_NAMES,
+    ACCOUNTANTS,
+    MIN_NOISE_MULTIPLIER,
+    PldAccountant,
+    accountant,
+    calibrate,
+    epsilon_after,
+)
 from server.flower_log import destinations, reply_node
 from server.settings import ClientDPSettings
 from server.strategy import ResumableStart
@@ -78,45 +82,6 @@ from server.validation import (
 
 WEIGHT = "client-dp-weight"  # every site's weight: 1 (Flower's accounted path needs equal weights)
 RECORD = "client-dp"
-ACCOUNTANTS = ("pld", "rdp")
-ACCOUNTANT_NAMES = {"pld": "dp-accounting's PLD accountant", "rdp": "Flower's RDP accountant"}
-
-
-def accountant(
-    delta: float, sites: int, max_epsilon: float | None = None, method: str = "pld"
-) -> PldAccountant | RdpAccountant:
-    """The run's accountant for m-of-m releases (add/remove one site, no amplification): ``pld`` =
-    dp-accounting's PLD behind Flower's protocol (the default), ``rdp`` = Flower's RdpAccountant."""
-    config = PrivacyConfig(
-        target_delta=delta,
-        population_size=sites,
-        neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-        sampling_method=SamplingMethod.NO_AMPLIFICATION,
-        max_epsilon=max_epsilon,
-    )
-    if method not in ACCOUNTANTS:
-        raise ValueError(f"client-dp-accountant={method!r}: use one of {ACCOUNTANTS}")
-    return PldAccountant(config) if method == "pld" else RdpAccountant(config)
-
-
-def epsilon_after(noise_multiplier: float, releases: int, delta: float, method: str = "pld") -> float:
-    """The ``method`` accountant's ε after ``releases`` Gaussian releases of σ = ``noise_multiplier``."""
-    books = accountant(delta, 1, method=method)
-    books.compose(GaussianPrivacyEvent(noise_multiplier, 1, 1), releases)
-    return books.get_epsilon(delta)
-
-
-@functools.lru_cache(maxsize=64)
-def calibrate(epsilon: float, releases: int, delta: float, method: str = "pld") -> float:
-    """The smallest σ (to 0.1%) whose ``releases`` rounds stay within ``epsilon`` by the ``method``
-    accountant's books (the same accountant then books the run)."""
-    low, high = (MIN_NOISE_MULTIPLIER if method == "pld" else 0.05), 10_000.0
-    if epsilon_after(high, releases, delta, method) > epsilon:
-        raise ValueError(f"client-dp-epsilon={epsilon}: unreachable in {releases} rounds; raise it")
-    while high / low > 1.001:
-        mid = (low * high) ** 0.5
-        low, high = (mid, high) if epsilon_after(mid, releases, delta, method) > epsilon else (low, mid)
-    return high
 
 
 class UniformFedAvg(FedAvg):

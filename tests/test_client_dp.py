@@ -22,7 +22,8 @@ from scipy.optimize import brentq
 from scipy.stats import norm
 
 from server.app import main
-from server.client_dp import WEIGHT, ClientDPFedAvg, calibrate
+from server.client_accountant import calibrate
+from server.client_dp import WEIGHT, ClientDPFedAvg
 from server.runlog import dumps, plain
 from server.settings import ClientDPSettings
 
