@@ -36,7 +36,7 @@ def prv_epsilon(sigma: float, releases: int, delta: float) -> float:
     prv = PRVAccountant()
     prv.history = [(sigma, 1.0, releases)]
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # Opacus' log(1 - q) at q = 1
+        warnings.simplefilter("ignore")  # Opacus' log(1 - q) at q = 1, its RDP domain's alphas
         return float(prv.get_epsilon(delta, eps_error=0.01))
 
 
