@@ -158,9 +158,14 @@ def test_evaluation_on_local_data_is_refused_unless_the_site_opts_in(site, run_c
         assert PrivacyLedger(_ledger_path(site)).runs["1#evaluation"]["count"] == answers
 
 
-def test_failure_text_at_the_server_holds_no_path_or_column_name(tmp_path, site, run_config, frame):
-    bad = tmp_path / "ward-7-private.csv"
-    frame.rename(columns={"label": "diagnosis-code"}).to_csv(bad, index=False)
+def test_failure_text_at_the_server_holds_no_path_or_column_name(tmp_path, site, run_config, frame, capsys):
+    # the site's own data file, its label column renamed to a name the site would not disclose
+    frame.rename(columns={"label": "diagnosis-code"}).to_csv(site["data-file"], index=False)
     reply = _ask(site, run_config)
     assert reply.has_error()
     assert reply.error.reason == "site-declined"
+    # the failure's text names the file and the column, in the site's own log only
+    log = capsys.readouterr().out
+    assert "site-declined" in log and "diagnosis-code" in log and "ward-7-private.csv" in log, log
+    sent = f"{reply.error!r} {reply.metadata!r}"
+    assert "diagnosis-code" not in sent and "ward-7" not in sent and str(tmp_path) not in sent, sent
