@@ -15,10 +15,9 @@ from fedllm.adapters import adapter_state
 from fedllm.config import Settings
 from fedllm.data import tokenize
 from fedllm.features import HeadOnFeatures, pooled_features
-from fedllm.model import build_model
 from fedllm.train import evaluate, train_local
 
-from .conftest import DEVICE, LABELS
+from .conftest import DEVICE
 
 # The recipe as README.md and docs/configuration.md state it to users (chosen on validation in
 # docs/dp-recipe.md): a change here is a change of the documented default, not a refactor.
@@ -60,10 +59,10 @@ def gaussian_epsilon(mu: float, delta: float) -> float:
     return brentq(lambda eps: delta_at(eps) - delta, 0.0, 100.0)
 
 
-def test_the_head_on_cached_features_is_the_head_inside_bert(settings, tiny_config, tokenizer, frame):
+def test_the_head_on_cached_features_is_the_head_inside_bert(settings, tokenizer, frame, tiny_model, labels):
     s = settings.replace(trainable="head", optimizer="sgd", lr=0.5, max_steps=3, target_epsilon=math.inf)
-    model = build_model(s, LABELS, DEVICE, tiny_config)
-    data = tokenize(frame, tokenizer, LABELS, s.max_length)
+    model = tiny_model(s)
+    data = tokenize(frame, tokenizer, labels, s.max_length)
     before = {k: v.clone() for k, v in adapter_state(model).items()}
     train_local(model, data, s)
     after = adapter_state(model)
@@ -76,18 +75,18 @@ def test_the_head_on_cached_features_is_the_head_inside_bert(settings, tiny_conf
         cached = HeadOnFeatures(model)(features.to(DEVICE))
     assert torch.allclose(inside, cached, atol=1e-5)
     assert pooled_features(model, data).tensors[0] is features  # computed once, then cached
-    full, fast = evaluate(model, data, LABELS), evaluate(model, data, LABELS, head_only=True)
+    full, fast = evaluate(model, data, labels), evaluate(model, data, labels, head_only=True)
     assert fast["per_class"] == full["per_class"] and abs(fast["loss"] - full["loss"]) < 1e-5
 
 
 def test_the_dp_head_spends_its_whole_budget_over_its_plan_and_moves_only_the_head(
-    settings, tiny_config, tokenizer, frame
+    settings, tokenizer, frame, tiny_model, labels
 ):
     s = settings.replace(trainable="auto", optimizer="auto", lr=0.0, sample_rate=-1.0, max_steps=4)
     s = s.replace(target_epsilon=8.0)
-    model = build_model(s, LABELS, DEVICE, tiny_config)
+    model = tiny_model(s)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if "classifier" not in n}
-    data = tokenize(frame, tokenizer, LABELS, s.max_length)
+    data = tokenize(frame, tokenizer, labels, s.max_length)
     plan = plan_privacy(s, len(data), planned_rounds=2)
     first = train_local(model, data, s, plan=plan)
     assert first.examples_seen == 4 * len(data), "q = 1: every step sees the whole shard"
@@ -116,10 +115,10 @@ def test_a_small_budget_takes_fewer_less_noisy_steps():
     assert plan_privacy(s, n, rounds).local_steps == 3, "without the dimension nothing is capped"
 
 
-def test_training_takes_the_steps_the_plan_chose(settings, tiny_config, tokenizer, frame):
+def test_training_takes_the_steps_the_plan_chose(settings, tokenizer, frame, tiny_model, labels):
     s = settings.replace(trainable="head", optimizer="sgd", lr=1.0, max_steps=4, target_epsilon=8.0)
-    model = build_model(s, LABELS, DEVICE, tiny_config)
-    data = tokenize(frame, tokenizer, LABELS, s.max_length)
+    model = tiny_model(s)
+    data = tokenize(frame, tokenizer, labels, s.max_length)
     plan = plan_privacy(s, len(data), planned_rounds=2)
     plan = dataclasses.replace(plan, local_steps=2, planned_steps=4)
     result = train_local(model, data, s, plan=plan)
