@@ -108,10 +108,10 @@ def sweep_table(entry: dict, rows: list[dict[str, str]]) -> str:
 
 def mean_table(entry: dict, rows: list[dict[str, str]]) -> str:
     """Mean ± std of each value over the rows sharing the ``by`` columns (pivoted if asked)."""
-    by, values, pivot = list(entry["by"]), list(entry["values"]), entry.get("pivot")
+    by, values, pivot = list(entry["by"]), list(entry["values"]), str(entry.get("pivot", ""))
     _require(entry, rows, by + values + ([pivot] if pivot else []))
     keys = list(dict.fromkeys(tuple(r[c] for c in by) for r in rows))
-    spread = list(dict.fromkeys(r[pivot] for r in rows)) if pivot else [None]
+    spread: list[str | None] = list(dict.fromkeys(r[pivot] for r in rows)) if pivot else [None]
     heads = [_label(entry, c) for c in by]
     for p in spread:
         prefix = f"{_label(entry, pivot)} {_heading(p)}" if p is not None else ""
@@ -124,7 +124,7 @@ def mean_table(entry: dict, rows: list[dict[str, str]]) -> str:
         mine = [r for r in rows if tuple(r[c] for c in by) == key]
         cells, counts = [_cell(k) for k in key], set()
         for p in spread:
-            group = [r for r in mine if pivot is None or r[pivot] == p]
+            group = [r for r in mine if not pivot or r[pivot] == p]
             if group:
                 counts.add(len(group))
             for v in values:
