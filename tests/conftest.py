@@ -136,21 +136,49 @@ def token_dataset() -> Callable[[int], TensorDataset]:
     return make
 
 
+def flower_context(node_config=None, run_config=None, run_id: int = 1, node_id: int = 7) -> Context:
+    """A Flower Context as a SuperNode gives the ClientApp (node_id 0: as the ServerApp gets it)."""
+    return Context(
+        run_id=run_id,
+        node_id=node_id,
+        node_config=dict(node_config or {}),
+        state=RecordDict(),
+        run_config=dict(run_config or {}),
+    )
+
+
+# the DP count's noise, in rows, of the ``run_config`` fixture: small beside the ~47-row ``site``,
+# so the plan made from n̂ (the head's step cap) takes the same steps whatever n̂ is drawn
+COUNT_NOISE = 4.0
+
+
+@pytest.fixture
+def site(tmp_path, frame) -> dict:
+    """A deployed site's node config: its own data file (the ``frame``) and an initialised state
+    folder. Drive it with ``tests.sites.ask``."""
+    data = tmp_path / "ward-7-private.csv"
+    frame.to_csv(data, index=False)
+    return {"data-file": str(data), "state-dir": init_site(tmp_path / "state")}
+
+
+@pytest.fixture
+def run_config(tiny_checkpoint) -> dict:
+    """A small DP run on the tiny checkpoint (ε 7, 2 local steps) as the server sends it to a site."""
+    return {
+        "model": str(tiny_checkpoint),
+        "max-length": 32,
+        "batch-size": 16,
+        "max-steps": 2,
+        "lr": 0.05,
+        "target-epsilon": 7.0,
+        "count-noise": COUNT_NOISE,
+    }
+
+
 @pytest.fixture
 def make_context() -> Callable[..., Context]:
-    """``make_context(node_config=None, run_config=None, run_id=1, node_id=7)``: a Flower Context
-    as a SuperNode (or, with node_id 0, the ServerApp) gets it, with empty state."""
-
-    def make(node_config=None, run_config=None, run_id: int = 1, node_id: int = 7) -> Context:
-        return Context(
-            run_id=run_id,
-            node_id=node_id,
-            node_config=dict(node_config or {}),
-            state=RecordDict(),
-            run_config=dict(run_config or {}),
-        )
-
-    return make
+    """``make_context(node_config=None, run_config=None, run_id=1, node_id=7)``: ``flower_context``."""
+    return flower_context
 
 
 @pytest.fixture
