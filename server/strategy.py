@@ -21,14 +21,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Result
+from flwr.serverapp.strategy import FedAvg, Result, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
+from fedllm.contract import RoundRecord, site_entry
 from server.direction import DirectionEvidence, direction_weights
 from server.flower_log import destinations, real_round_numbers, reply_node
 from server.noise import NOISE_OVERSIZED, NoiseModel, noise_bounds, noise_check
@@ -46,18 +48,23 @@ from server.validation import (
     site_reason,
 )
 
-SITE_KEYS = ("num-examples", "steps", "epsilon", "delta", "noise-multiplier", "sample-rate")
-
 
 def aggregate_train_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
     """Weighted means (Flower's default) plus epsilon max and mean over the sites."""
     metrics = aggregate_metricrecords(records, weight_key)
-    eps = [float(r["metrics"]["epsilon"]) for r in records if "epsilon" in r["metrics"]]
+    replies = [r.metric_records["metrics"] for r in records]
+    eps = [float(cast(float, m["epsilon"])) for m in replies if "epsilon" in m]  # a number: validated
     if eps:
         metrics["epsilon-max"] = max(eps)
         metrics["epsilon-mean"] = sum(eps) / len(eps)
         del metrics["epsilon"]  # a weighted mean of epsilons means nothing
     return metrics
+
+
+if TYPE_CHECKING:  # a mixin: the Flower strategy it is mixed into comes after it
+    _Strategy = Strategy
+else:
+    _Strategy = object
 
 
 def _metric_records(metrics: list[dict[str, float]], weights: list[float], key: str) -> list[RecordDict]:
@@ -69,7 +76,25 @@ def _metric_records(metrics: list[dict[str, float]], weights: list[float], key: 
     ]
 
 
-class ResumableStart:
+def _finite_by_node(valid: list[ValidReply], values: list[float]) -> dict[str, float]:
+    """``{node: value}`` of the finite values, one per valid reply."""
+    return {str(r.node): v for r, v in zip(valid, values, strict=True) if math.isfinite(v)}
+
+
+def _log_bounds(record: RoundRecord, server_round: int) -> None:
+    """One line when the round clipped, capped or discounted a site (too-clean is logged apart)."""
+    if record["clipped"] or record["capped"] or record.get("discounted"):
+        log(
+            INFO,
+            "round %s: updates clipped %s, weights capped %s, discounted (direction) %s",
+            server_round,
+            [c["node"] for c in record["clipped"]],
+            [c["node"] for c in record["capped"]],
+            record.get("discounted", []),
+        )
+
+
+class ResumableStart(_Strategy):
     """Flower's ``Strategy.start`` with ``first_round``: a resumed run's rounds keep their real numbers.
 
     Mixed in before a Flower strategy (``AdapterFedAvg``, server/client_dp.py's ``ClientDPFedAvg``);
@@ -82,7 +107,7 @@ class ResumableStart:
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """The strategy's evaluate messages, with the run's real round number."""
-        return super().configure_evaluate(  # type: ignore[misc]  # the Flower strategy mixed in after
+        return super().configure_evaluate(  # type: ignore[safe-super]  # the strategy mixed in after
             server_round + self.round_offset, arrays, config, grid
         )
 
@@ -109,7 +134,7 @@ class ResumableStart:
         offset = first_round - 1
 
         def shifted(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-            if server_round == 0 and offset:
+            if (server_round == 0 and offset) or evaluate_fn is None:
                 return None
             return evaluate_fn(server_round + offset, arrays)
 
@@ -141,12 +166,12 @@ class AdapterFedAvg(ResumableStart, FedAvg):
         super().__init__(**kwargs)
         self.robust = robust or RobustSettings()
         self.noise = noise
-        self.rounds: dict[int, dict] = {}
+        self.rounds: dict[int, RoundRecord] = {}
         self._global: dict[str, np.ndarray] | None = None
         self._sent: list[Message] = []  # the round's train instructions (whom a reply is about)
         self.direction = DirectionEvidence()  # the sites' direction record over the run (cosine)
 
-    def restore(self, records: list[dict]) -> None:
+    def restore(self, records: list[RoundRecord]) -> None:
         """Carry the state of the rounds a resumed run keeps: their records (``metrics.jsonl`` rows)."""
         self.direction = DirectionEvidence.from_rounds(records)
 
@@ -173,12 +198,13 @@ class AdapterFedAvg(ResumableStart, FedAvg):
         """
         self._global = {k: v.numpy() for k, v in arrays.items()}
 
-    def _fail(self, record: dict, node: int, reason: str, kind: str = "train") -> None:
+    def _fail(self, record: RoundRecord, node: int, reason: str, kind: str = "train") -> None:
         reason = clean_reason(reason)  # one line, bounded: a site chose parts of some reasons
-        record[f"{kind}-failures"].append({"node": node, "reason": reason})
+        failures = record["train-failures"] if kind == "train" else record["evaluate-failures"]
+        failures.append({"node": node, "reason": reason})
         log(WARNING, "%s reply from node %s dropped: %s", kind, node, reason)
 
-    def _validate(self, record: dict, replies: list[Message]) -> list[ValidReply]:
+    def _validate(self, record: RoundRecord, replies: list[Message]) -> list[ValidReply]:
         """The replies that pass every check, by node id; the others go to ``train-failures``."""
         record["train-failures"] = []
         record["dropped"] = []
@@ -199,7 +225,9 @@ class AdapterFedAvg(ResumableStart, FedAvg):
                 record["dropped"].append(node)
         return valid
 
-    def _noise_check(self, record: dict, valid: list[ValidReply], server_round: int) -> list[ValidReply]:
+    def _noise_check(
+        self, record: RoundRecord, valid: list[ValidReply], server_round: int
+    ) -> list[ValidReply]:
         """The replies without those too clean for the DP they claim (``too-clean`` in the record)."""
         record["too-clean"] = []
         if self.noise is None or self._global is None or self.robust.min_noise_ratio <= 0 or not valid:
@@ -222,7 +250,7 @@ class AdapterFedAvg(ResumableStart, FedAvg):
         out = {entry["node"] for entry in record["too-clean"]}
         return [r for r in valid if r.node not in out]
 
-    def _noise_bounds(self, record: dict, valid: list[ValidReply], server_round: int) -> list | None:
+    def _noise_bounds(self, record: RoundRecord, valid: list[ValidReply], server_round: int) -> list | None:
         """Each reply's bound from the noise model (server/noise.py ``noise_bounds``), or None."""
         if self.noise is None or self._global is None or self.robust.noise_bound_slack <= 0:
             return None
@@ -240,7 +268,8 @@ class AdapterFedAvg(ResumableStart, FedAvg):
 
     def _direction(
         self,
-        record: dict,
+        record: RoundRecord,
+        global_arrays: dict[str, np.ndarray],
         valid: list[ValidReply],
         adapters: list[dict[str, np.ndarray]],
         weights: list[float],
@@ -255,7 +284,7 @@ class AdapterFedAvg(ResumableStart, FedAvg):
             if c["norm"] > limit or c["norm"] > NOISE_OVERSIZED * c["bound"]
         }
         scored, scores, evidence = direction_weights(
-            self._global,
+            global_arrays,
             adapters,
             weights,
             [r.node for r in valid],
@@ -266,9 +295,9 @@ class AdapterFedAvg(ResumableStart, FedAvg):
                 (i for i, r in enumerate(valid) if r.node in norms), key=lambda i: -norms[valid[i].node]
             ),
         )
-        for key, values in (("direction-score", scores), ("direction-evidence", evidence)):
-            # unrounded: a resumed run rebuilds the evidence from these rows (``restore``)
-            record[key] = {str(r.node): v for r, v in zip(valid, values, strict=True) if math.isfinite(v)}
+        # unrounded: a resumed run rebuilds the evidence from these rows (``restore``)
+        record["direction-score"] = _finite_by_node(valid, scores)
+        record["direction-evidence"] = _finite_by_node(valid, evidence)
         record["discounted"] = [r.node for r, w, v in zip(valid, weights, scored, strict=True) if v == 0 < w]
         return scored
 
@@ -280,42 +309,18 @@ class AdapterFedAvg(ResumableStart, FedAvg):
         record = self.rounds.setdefault(server_round, {})
         valid = self._validate(record, list(replies))
         record["train-replies"] = len(valid)
-        record["sites"] = {str(r.node): {k: r.metrics[k] for k in SITE_KEYS if k in r.metrics} for r in valid}
+        record["sites"] = {str(r.node): site_entry(r.metrics) for r in valid}
         record["aggregator"] = self.robust.aggregator
         valid = self._noise_check(record, valid, server_round)
         if not valid:
             record["global-unchanged"] = "no valid train reply"
             return None, None
-        adapters, record["norm-bound"], record["clipped"] = clip_updates(
-            self._global, valid, self.robust.max_update_norm, self._noise_bounds(record, valid, server_round)
-        )
-        weights, record["weight-cap"], record["capped"] = cap_weights(valid, self.robust.max_site_weight)
-        scored = weights
-        if self.robust.aggregator == "cosine" and self._global is not None:
-            scored = self._direction(record, valid, adapters, weights)
-        with np.errstate(over="ignore", invalid="ignore"):  # a non-finite result is caught below
-            combined, used, why = combine(adapters, scored, self.robust)
-        if self.robust.aggregator in ("krum", "bulyan"):
-            record["selected"] = [valid[i].node for i in used]
+        adapters, weights, scored = self._bound(record, valid, server_round)
+        combined, used = self._combine(record, valid, adapters, scored, server_round)
         if combined is None:
-            record["global-unchanged"] = why
-            return None, None
-        combined = {k: np.asarray(v, dtype=np.float32) for k, v in combined.items()}
-        if not all(np.isfinite(v).all() for v in combined.values()):
-            record["global-unchanged"] = "the aggregate is not finite"
-            log(WARNING, "round %s: the aggregate is not finite; the global adapter is kept", server_round)
             return None, None
         self._global = combined
-        if record["clipped"] or record["capped"] or record.get("discounted"):  # too-clean: logged above
-            clipped, capped = ([c["node"] for c in record[k]] for k in ("clipped", "capped"))
-            log(
-                INFO,
-                "round %s: updates clipped %s, weights capped %s, discounted (direction) %s",
-                server_round,
-                clipped,
-                capped,
-                record.get("discounted", []),
-            )
+        _log_bounds(record, server_round)
         metrics = self.train_metrics_aggr_fn(
             _metric_records(
                 [valid[i].metrics for i in used], [weights[i] for i in used], self.weighted_by_key
@@ -324,6 +329,44 @@ class AdapterFedAvg(ResumableStart, FedAvg):
         )
         record["train"] = dict(metrics)
         return self.global_arrays, metrics
+
+    def _bound(
+        self, record: RoundRecord, valid: list[ValidReply], server_round: int
+    ) -> tuple[list[dict[str, np.ndarray]], list[float], list[float]]:
+        """The valid updates clipped, their weights capped and (``cosine``) scored by direction:
+        (adapters, capped weights, the weights the aggregator uses)."""
+        adapters, record["norm-bound"], record["clipped"] = clip_updates(
+            self._global, valid, self.robust.max_update_norm, self._noise_bounds(record, valid, server_round)
+        )
+        weights, record["weight-cap"], record["capped"] = cap_weights(valid, self.robust.max_site_weight)
+        scored = weights
+        if self.robust.aggregator == "cosine" and self._global is not None:
+            scored = self._direction(record, self._global, valid, adapters, weights)
+        return adapters, weights, scored
+
+    def _combine(
+        self,
+        record: RoundRecord,
+        valid: list[ValidReply],
+        adapters: list[dict[str, np.ndarray]],
+        scored: list[float],
+        server_round: int,
+    ) -> tuple[dict[str, np.ndarray] | None, list[int]]:
+        """The aggregate (float32, finite) and the indices it was computed from; None and the
+        reason in ``global-unchanged`` when the aggregator kept none or the result is not finite."""
+        with np.errstate(over="ignore", invalid="ignore"):  # a non-finite result is caught below
+            combined, used, why = combine(adapters, scored, self.robust)
+        if self.robust.aggregator in ("krum", "bulyan"):
+            record["selected"] = [valid[i].node for i in used]
+        if combined is None:
+            record["global-unchanged"] = why
+            return None, used
+        combined = {k: np.asarray(v, dtype=np.float32) for k, v in combined.items()}
+        if not all(np.isfinite(v).all() for v in combined.values()):
+            record["global-unchanged"] = "the aggregate is not finite"
+            log(WARNING, "round %s: the aggregate is not finite; the global adapter is kept", server_round)
+            return None, used
+        return combined, used
 
     def _check_evaluate(self, m: Message) -> ValidReply:
         """One evaluation reply's checked metrics; raises ``ReplyError`` (its recorded reason)."""
@@ -359,6 +402,6 @@ class AdapterFedAvg(ResumableStart, FedAvg):
         record["evaluate"] = dict(metrics) if metrics else {}
         return metrics
 
-    def round_summary(self, server_round: int) -> dict:
+    def round_summary(self, server_round: int) -> RoundRecord:
         """What this round received, dropped, clipped, capped and aggregated (empty for round 0)."""
         return self.rounds.get(server_round, {})
