@@ -19,21 +19,22 @@ evidence (``cosine``), which ``restore`` rebuilds from the kept rounds' records.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from logging import INFO, WARNING
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Result, Strategy
+from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedllm.contract import RoundRecord, site_entry
 from server.direction import DirectionEvidence, direction_weights
-from server.flower_log import destinations, real_round_numbers, reply_node
+from server.flower_log import destinations, reply_node
 from server.noise import NOISE_OVERSIZED, NoiseModel, noise_bounds, noise_check
+from server.resumable import ResumableStart as ResumableStart  # re-exported: server/client_dp.py
 from server.robust import RobustSettings, cap_weights, clip_updates, combine, update_norm
 from server.validation import (
     EVALUATE_METRICS,
@@ -61,12 +62,6 @@ def aggregate_train_metrics(records: list[RecordDict], weight_key: str) -> Metri
     return metrics
 
 
-if TYPE_CHECKING:  # a mixin: the Flower strategy it is mixed into comes after it
-    _Strategy = Strategy
-else:
-    _Strategy = object
-
-
 def _metric_records(metrics: list[dict[str, float]], weights: list[float], key: str) -> list[RecordDict]:
     """Checked metrics as Flower records: only keys every reply has, the capped weight as ``key``."""
     common = set.intersection(*(set(m) for m in metrics))
@@ -92,66 +87,6 @@ def _log_bounds(record: RoundRecord, server_round: int) -> None:
             [c["node"] for c in record["capped"]],
             record.get("discounted", []),
         )
-
-
-class ResumableStart(_Strategy):
-    """Flower's ``Strategy.start`` with ``first_round``: a resumed run's rounds keep their real numbers.
-
-    Mixed in before a Flower strategy (``AdapterFedAvg``, server/client_dp.py's ``ClientDPFedAvg``);
-    the strategy adds ``round_offset`` to every round number Flower passes in.
-    """
-
-    round_offset = 0  # rounds done before this start (a resumed run)
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """The strategy's evaluate messages, with the run's real round number."""
-        return super().configure_evaluate(  # type: ignore[safe-super]  # the strategy mixed in after
-            server_round + self.round_offset, arrays, config, grid
-        )
-
-    def start(
-        self,
-        grid: Grid,
-        initial_arrays: ArrayRecord,
-        num_rounds: int = 3,
-        timeout: float = 3600,
-        train_config: ConfigRecord | None = None,
-        evaluate_config: ConfigRecord | None = None,
-        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
-        *,
-        first_round: int = 1,
-    ) -> Result:
-        """Flower's ``start`` for rounds ``first_round`` .. ``num_rounds`` (the run's real numbers).
-
-        With ``first_round > 1`` (a resume from checkpoint ``first_round - 1`` = ``initial_arrays``)
-        the initial ``evaluate_fn(0, ...)`` call is skipped: that checkpoint is already logged.
-        The ``Result``'s round keys count from 1 for this start.
-        """
-        if not 1 <= first_round <= num_rounds + 1:
-            raise ValueError(f"first_round={first_round} is outside 1..{num_rounds + 1}")
-        offset = first_round - 1
-
-        def shifted(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-            if (server_round == 0 and offset) or evaluate_fn is None:
-                return None
-            return evaluate_fn(server_round + offset, arrays)
-
-        self.round_offset = offset
-        try:
-            with real_round_numbers(offset, num_rounds):  # Flower's [ROUND i/n] lines: real numbers
-                return super().start(
-                    grid,
-                    initial_arrays,
-                    num_rounds - offset,
-                    timeout,
-                    train_config,
-                    evaluate_config,
-                    shifted if evaluate_fn else None,
-                )
-        finally:
-            self.round_offset = 0
 
 
 class AdapterFedAvg(ResumableStart, FedAvg):
