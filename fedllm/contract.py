@@ -118,7 +118,7 @@ def metric_values(metrics: TrainMetrics | EvaluateMetrics) -> dict[str, MetricVa
 SITE_RECORD_KEYS = ("num-examples", "steps", "epsilon", "delta", "noise-multiplier", "sample-rate")
 
 
-def site_entry(metrics: Mapping[str, float]) -> dict[str, float]:
+def site_entry(metrics: Mapping[str, Any]) -> dict[str, Any]:
     """The part of a checked train reply's metrics the round record keeps."""
     return {k: metrics[k] for k in SITE_RECORD_KEYS if k in metrics}
 
