@@ -42,11 +42,12 @@ def _long_modules() -> set[str]:
 
 
 def _function_lengths(path: Path) -> dict[str, int]:
-    """Every function's (and method's) name and its length in lines, decorators left out."""
-    lengths = {}
+    """Every function's (and method's) name and its length in lines, decorators left out (the
+    longest of those sharing a name)."""
+    lengths: dict[str, int] = {}
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno is not None:
-            lengths[node.name] = node.end_lineno - node.lineno + 1
+            lengths[node.name] = max(lengths.get(node.name, 0), node.end_lineno - node.lineno + 1)
     return lengths
 
 
