@@ -263,9 +263,7 @@ def _train_round(
     metrics = train_metrics(result, work.plan, len(work.train_ds), reply_arrays.count_bytes(), seconds)
     _print_round(context, work, result)
     reply = MetricRecord(policy.reply_metrics(dict(metrics), private=work.plan is not None))
-    store.keep(
-        KeptReply(books.key, config.server_round, digest, reply_arrays, dict(reply))
-    )  # after the books
+    store.keep(KeptReply(books.key, config.server_round, digest, reply_arrays, dict(reply)))  # booked
     return Message(RecordDict({"arrays": reply_arrays, "metrics": reply}), reply_to=msg)
 
 
