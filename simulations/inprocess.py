@@ -214,7 +214,11 @@ def _one_round(
     before_noise: Callable[[int, PrivacyPlan, list[nn.Parameter]], None] | None,
 ) -> State:
     """Round ``rounds[0]``: every site's round (``fedllm.site_round``, as the ClientApp runs it)
-    from ``global_state``, then FedAvg weighted by the counts the sites report."""
+    from ``global_state``, then FedAvg weighted by the counts the sites report.
+
+    One difference is kept so earlier in-process results stand: no ``class_weight`` is passed,
+    so without DP the loss is not weighted by inverse class frequency as a ClientApp's is with
+    ``class-weighting`` on (``fedllm.data.loss_weights``; under DP it is unweighted in both)."""
     updates, weights = [], []
     for i, (dataset, plan) in enumerate(zip(sites.data, sites.plans, strict=True)):
         _load(model, global_state)
