@@ -114,6 +114,10 @@ def metric_values(metrics: TrainMetrics | EvaluateMetrics) -> dict[str, MetricVa
     return cast("dict[str, MetricValue]", dict(metrics))
 
 
+# the round's aggregated train metrics (``RoundRecord["train"]``): the weighted means of the reply
+# keys but the weight (num-examples) and epsilon, which is summarised by its max and mean instead
+EPSILON_MAX, EPSILON_MEAN = "epsilon-max", "epsilon-mean"
+
 # what the round record keeps of each valid train reply (``RoundRecord["sites"]``)
 SITE_RECORD_KEYS = ("num-examples", "steps", "epsilon", "delta", "noise-multiplier", "sample-rate")
 

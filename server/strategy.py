@@ -30,7 +30,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
-from fedllm.contract import RoundRecord, site_entry
+from fedllm.contract import EPSILON_MAX, EPSILON_MEAN, RoundRecord, site_entry
 from server.direction import DirectionEvidence, direction_weights
 from server.flower_log import destinations, reply_node
 from server.noise import NOISE_OVERSIZED, NoiseModel, noise_bounds, noise_check
@@ -56,8 +56,8 @@ def aggregate_train_metrics(records: list[RecordDict], weight_key: str) -> Metri
     replies = [r.metric_records["metrics"] for r in records]
     eps = [float(cast(float, m["epsilon"])) for m in replies if "epsilon" in m]  # a number: validated
     if eps:
-        metrics["epsilon-max"] = max(eps)
-        metrics["epsilon-mean"] = sum(eps) / len(eps)
+        metrics[EPSILON_MAX] = max(eps)
+        metrics[EPSILON_MEAN] = sum(eps) / len(eps)
         del metrics["epsilon"]  # a weighted mean of epsilons means nothing
     return metrics
 

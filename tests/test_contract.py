@@ -20,6 +20,8 @@ from flwr.app import Context, Message, RecordDict
 from clients.app import app as client_app
 from fedllm.contract import (
     DP_REPLY_KEYS,
+    EPSILON_MAX,
+    EPSILON_MEAN,
     EVALUATE_CONFIG_KEYS,
     EVALUATE_REPLY_KEYS,
     ROUND_RECORD_KEYS,
@@ -107,7 +109,7 @@ def _check_messages(grid: LoopbackGrid, train_keys: tuple[str, ...], evaluate_ke
     assert len(grid.answered) == 2 * 2 * SITES  # 2 rounds x (train + evaluate) x every site
 
 
-def _check_rows(rows: list[dict], site_keys: tuple[str, ...]) -> None:
+def _check_rows(rows: list[dict], site_keys: tuple[str, ...], reply_keys: tuple[str, ...]) -> None:
     """Every run-log row holds only declared keys and the ones every row has; every round's record
     names each site with the declared per-site keys and the server's declared scores."""
     assert [r["round"] for r in rows] == [0, 1, 2]
@@ -120,7 +122,9 @@ def _check_rows(rows: list[dict], site_keys: tuple[str, ...]) -> None:
         assert "global-unchanged" not in row
         assert len(row["sites"]) == SITES
         assert all(set(site) == set(site_keys) for site in row["sites"].values())
-        assert set(row["evaluate"]) - {"num-examples"} <= set(EVALUATE_REPLY_KEYS)
+        means = set(reply_keys) - {"epsilon", "num-examples"}  # num-examples: the weight
+        assert set(row["train"]) == means | {EPSILON_MAX, EPSILON_MEAN}
+        assert set(row["evaluate"]) <= set(EVALUATE_REPLY_KEYS)
 
 
 def test_a_dp_round_sends_and_logs_only_the_declared_keys(tiny_checkpoint, tmp_path):
@@ -128,7 +132,7 @@ def test_a_dp_round_sends_and_logs_only_the_declared_keys(tiny_checkpoint, tmp_p
     grid, rows = _run(tiny_checkpoint, tmp_path)
     required = tuple(EvaluateMetrics.__required_keys__)
     _check_messages(grid, DP_REPLY_KEYS, required)
-    _check_rows(rows, SITE_RECORD_KEYS)
+    _check_rows(rows, SITE_RECORD_KEYS, DP_REPLY_KEYS)
     assert all(math.isfinite(float(s["epsilon"])) for r in rows[1:] for s in r["sites"].values())
 
 
@@ -138,5 +142,5 @@ def test_a_round_without_dp_sends_every_declared_key(tiny_checkpoint, tmp_path):
     extra = {"target-epsilon": math.inf, "sim-site-allow-no-dp": True, "imbalance": "logit-adjust"}
     grid, rows = _run(tiny_checkpoint, tmp_path, **extra)
     _check_messages(grid, TRAIN_REPLY_KEYS, EVALUATE_REPLY_KEYS)
-    _check_rows(rows, SITE_RECORD_KEYS)
+    _check_rows(rows, SITE_RECORD_KEYS, TRAIN_REPLY_KEYS)
     assert all(s["epsilon"] == "inf" for r in rows[1:] for s in r["sites"].values())
