@@ -156,6 +156,49 @@ def gradient_row(canaries, log: UpdateLog, delta: float, confidence: float) -> t
 def audit_point(config: dict, epsilon: float, seed: int) -> dict:
     """Train one audited federation and score it: the point's row and everything it came from."""
     start = time.perf_counter()
+    fed, canaries, log, gradient = _train_audited(config, epsilon, seed)
+    name = f"eps {eps_label(epsilon)} seed {seed}"
+    black, white, mia_loss, mia_white = _scores(fed, canaries, log, name, int(config["sites"]))
+    delta, confidence = max(fed.deltas), float(config["confidence"])
+    primary = audit_from_scores(white, canaries.included, delta, confidence)
+    secondary = audit_from_scores(black, canaries.included, delta, confidence)
+    gradient_entries, gradient_audit = gradient_row(gradient, log, delta, confidence)
+    counts = ("members", "nonmembers")
+    row = {
+        "target_epsilon": epsilon,
+        "seed": seed,
+        "accounted_epsilon": max(fed.epsilons),
+        "delta": delta,
+        "accuracy": fed.scores["accuracy"],
+        **gradient_entries,
+        "canaries": len(canaries),
+        "inserted": int(canaries.included.sum()),
+        "epsilon_lb": primary.epsilon,
+        "guesses": primary.r,
+        "correct": primary.v,
+        "epsilon_lb_blackbox": secondary.epsilon,
+        "canary_auc_whitebox": float(roc_auc_score(canaries.included, white)),
+        "canary_auc_blackbox": float(roc_auc_score(canaries.included, black)),
+        **{f"mia_{k}": v for k, v in mia_loss.items() if k not in counts},
+        **{f"mia_whitebox_{k}": v for k, v in mia_white.items() if k not in counts},
+        "trainable": fed.settings.trainable,
+        "wall_seconds": time.perf_counter() - start,
+    }
+    return {
+        "row": row,
+        "whitebox": primary.to_dict(),
+        "blackbox": secondary.to_dict(),
+        "gradient": gradient_audit,
+        "mia": mia_loss,
+        "mia_whitebox": mia_white,
+        "canaries": {**canaries.frame().to_dict(orient="list"), "seed": seed, "kind": config["canary-kind"]},
+        "scores": {"whitebox": white.tolist(), "blackbox": black.tolist()},
+    }
+
+
+def _train_audited(config: dict, epsilon: float, seed: int):
+    """The point's federation, trained with its text and gradient canaries, and the sites'
+    updates as the server saw them: (federation, text canaries, update log, gradient canaries)."""
     name = f"eps {eps_label(epsilon)} seed {seed}"
     settings = point_settings(config, epsilon, seed)
     splits = load_splits(settings)
@@ -191,6 +234,14 @@ def audit_point(config: dict, epsilon: float, seed: int) -> dict:
         progress=lambda line: print(f"  [{name}] {line}", flush=True),
         before_noise=inserter,
     )
+    return fed, canaries, log, gradient
+
+
+def _scores(
+    fed, canaries, log: UpdateLog, name: str, sites: int
+) -> tuple[np.ndarray, np.ndarray, dict, dict]:
+    """The canaries' black-box (final model's loss) and white-box (update alignment) scores, and
+    membership inference on the real records by loss and (the head) by update alignment."""
     head = fed.settings.trainable == "head"
     canary_data = fed.tokenized(canaries.frame())
     members = [fed.tokenized(s.train) for s in fed.sites]
@@ -218,41 +269,7 @@ def audit_point(config: dict, epsilon: float, seed: int) -> dict:
         scores = alignment_scores(log, fed.model, _stack(members + others), owner, head, site_metric)
         count = sum(len(d) for d in members)
         mia_white = membership_inference(scores[:count], scores[count:])
-    delta, confidence = max(fed.deltas), float(config["confidence"])
-    primary = audit_from_scores(white, canaries.included, delta, confidence)
-    secondary = audit_from_scores(black, canaries.included, delta, confidence)
-    gradient_entries, gradient_audit = gradient_row(gradient, log, delta, confidence)
-    counts = ("members", "nonmembers")
-    row = {
-        "target_epsilon": epsilon,
-        "seed": seed,
-        "accounted_epsilon": max(fed.epsilons),
-        "delta": delta,
-        "accuracy": fed.scores["accuracy"],
-        **gradient_entries,
-        "canaries": len(canaries),
-        "inserted": int(canaries.included.sum()),
-        "epsilon_lb": primary.epsilon,
-        "guesses": primary.r,
-        "correct": primary.v,
-        "epsilon_lb_blackbox": secondary.epsilon,
-        "canary_auc_whitebox": float(roc_auc_score(canaries.included, white)),
-        "canary_auc_blackbox": float(roc_auc_score(canaries.included, black)),
-        **{f"mia_{k}": v for k, v in mia_loss.items() if k not in counts},
-        **{f"mia_whitebox_{k}": v for k, v in mia_white.items() if k not in counts},
-        "trainable": fed.settings.trainable,
-        "wall_seconds": time.perf_counter() - start,
-    }
-    return {
-        "row": row,
-        "whitebox": primary.to_dict(),
-        "blackbox": secondary.to_dict(),
-        "gradient": gradient_audit,
-        "mia": mia_loss,
-        "mia_whitebox": mia_white,
-        "canaries": {**canaries.frame().to_dict(orient="list"), "seed": seed, "kind": kind},
-        "scores": {"whitebox": white.tolist(), "blackbox": black.tolist()},
-    }
+    return black, white, mia_loss, mia_white
 
 
 def main(argv: list[str] | None = None) -> int:
