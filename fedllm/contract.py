@@ -61,11 +61,11 @@ class RoundConfig:
     @classmethod
     def read(cls, config: ConfigRecord, train: bool = True) -> RoundConfig:
         """Parse ``config``; a train message must carry ``num-rounds`` and ``server-round``
-        (``KeyError`` otherwise), an evaluate message needs only ``labels`` (0 for the others)."""
+        (``KeyError`` otherwise); of an evaluate message only ``labels`` is read (0 for the others)."""
         labels = json.loads(str(config[LABELS]))
         if train:
             return cls(labels, _whole(config[SERVER_ROUND]), _whole(config[NUM_ROUNDS]))
-        return cls(labels, _whole(config.get(SERVER_ROUND, 0)), _whole(config.get(NUM_ROUNDS, 0)))
+        return cls(labels, 0, 0)
 
 
 def _whole(value: object) -> int:
