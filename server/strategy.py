@@ -101,7 +101,8 @@ class AdapterFedAvg(ResumableStart, FedAvg):
         super().__init__(**kwargs)
         self.robust = robust or RobustSettings()
         self.noise = noise
-        self.rounds: dict[int, RoundRecord] = {}
+        # each round's record: a fedllm.contract.RoundRecord (subclasses write to it as a dict)
+        self.rounds: dict[int, dict] = {}
         self._global: dict[str, np.ndarray] | None = None
         self._sent: list[Message] = []  # the round's train instructions (whom a reply is about)
         self.direction = DirectionEvidence()  # the sites' direction record over the run (cosine)
@@ -241,7 +242,7 @@ class AdapterFedAvg(ResumableStart, FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate, clip, cap and combine the round's replies; None keeps the global adapter."""
         server_round += self.round_offset
-        record = self.rounds.setdefault(server_round, {})
+        record = self._record(server_round)
         valid = self._validate(record, list(replies))
         record["train-replies"] = len(valid)
         record["sites"] = {str(r.node): site_entry(r.metrics) for r in valid}
@@ -319,7 +320,7 @@ class AdapterFedAvg(ResumableStart, FedAvg):
         site's count cannot buy the federated score; replies are combined by node id.
         """
         server_round += self.round_offset
-        record = self.rounds.setdefault(server_round, {})
+        record = self._record(server_round)
         record["evaluate-failures"] = []
         checked = []
         for m in canonical(replies):
@@ -339,4 +340,9 @@ class AdapterFedAvg(ResumableStart, FedAvg):
 
     def round_summary(self, server_round: int) -> RoundRecord:
         """What this round received, dropped, clipped, capped and aggregated (empty for round 0)."""
-        return self.rounds.get(server_round, {})
+        return cast(RoundRecord, self.rounds.get(server_round, {}))
+
+    def _record(self, server_round: int) -> RoundRecord:
+        """Round ``server_round``'s record, started empty (its keys: ``fedllm.contract.RoundRecord``,
+        which tests/test_contract.py checks every logged row against)."""
+        return cast(RoundRecord, self.rounds.setdefault(server_round, {}))
