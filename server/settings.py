@@ -141,8 +141,10 @@ class ClientDPSettings:
     - ``client-dp-delta`` (1e-5): its δ;
     - ``client-dp-clip`` (1.0): the L2 bound on one site's update (its adapter minus the global);
     - ``client-dp-noise-multiplier`` (0 = calibrated): σ; 0 = the smallest σ for which
-      ``num-server-rounds`` releases stay within ``client-dp-epsilon`` (Flower's RDP accountant);
-    - ``client-dp-sites`` (0 = ``min-train-nodes``): sites per round, the fixed denominator m.
+      ``num-server-rounds`` releases stay within ``client-dp-epsilon`` (by the run's accountant);
+    - ``client-dp-sites`` (0 = ``min-train-nodes``): sites per round, the fixed denominator m;
+    - ``client-dp-accountant`` (``pld``): ``pld`` = dp-accounting's PLD behind Flower's accountant
+      protocol (server/client_accountant.py), ``rdp`` = Flower's ``RdpAccountant``.
     """
 
     client_dp_epsilon: float = 0.0
@@ -150,6 +152,7 @@ class ClientDPSettings:
     client_dp_clip: float = 1.0
     client_dp_noise_multiplier: float = 0.0
     client_dp_sites: int = 0
+    client_dp_accountant: str = "pld"
 
     @classmethod
     def from_run_config(cls, rc: dict) -> ClientDPSettings:
@@ -160,7 +163,9 @@ class ClientDPSettings:
             for key in [f.name.replace("_", "-")]
         }
         settings = cls(**values)
-        finite = {k: abs(v) < float("inf") for k, v in values.items()}  # False for ±inf and NaN
+        finite = {
+            k: abs(v) < float("inf") for k, v in values.items() if not isinstance(v, str)
+        }  # ±inf, NaN: False
         checks = [
             (
                 finite["client_dp_epsilon"] and settings.client_dp_epsilon >= 0,
@@ -179,6 +184,7 @@ class ClientDPSettings:
                 "use σ > 0, or 0 to calibrate it from client-dp-epsilon",
             ),
             (settings.client_dp_sites >= 0, "client-dp-sites", "use a number of sites (0 = min-train-nodes)"),
+            (settings.client_dp_accountant in ("pld", "rdp"), "client-dp-accountant", "use pld or rdp"),
         ]
         for ok, key, fix in checks:
             if not ok:
