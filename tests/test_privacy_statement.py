@@ -159,7 +159,7 @@ def test_a_round_that_fails_after_booking_stays_booked(site, run_config, monkeyp
     def broken(*args, **kwargs):
         raise RuntimeError("the noisy step ran into something")
 
-    monkeypatch.setattr(clients.app, "train_local", broken)
+    monkeypatch.setattr(clients.app, "train_site_round", broken)  # the round after the books
     reply = _ask(site, run_config)
     assert reply.has_error() and reply.error.reason == "site-declined"
     run = _ledger(site).runs["1"]
