@@ -169,7 +169,7 @@ class ClientDPFedAvg(ResumableStart, DifferentialPrivacyClientSideFixedClipping)
         if states:
             self.books.load_state_dict(states[-1])
 
-    def start(  # noqa: PLR0913  # Flower's signature, plus ResumableStart's first_round
+    def start(  # Flower's signature, plus ResumableStart's first_round
         self,
         grid: Grid,
         initial_arrays: ArrayRecord,
