@@ -161,7 +161,7 @@ def test_flowers_epsilon_is_an_upper_bound_close_to_dp_accountings_pld(epsilon):
     ],
 )
 def test_a_bad_client_dp_key_is_one_line_naming_it(key, value, fix):
-    with pytest.raises(ValueError, match=rf"^run config {key}=.*{fix}") as err:
+    with pytest.raises(ValueError, match=rf"^run config: key '{key}' = .*{fix}") as err:
         ClientDPSettings.from_run_config({key: value})
     assert "\n" not in str(err.value)
 

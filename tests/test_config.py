@@ -43,10 +43,12 @@ def test_hyphenated_keys_and_string_values_are_coerced():
 
 
 def test_invalid_values_name_the_key_and_the_fix():
-    with pytest.raises(ValueError, match=r"pooling='max'.*'mean' or 'cls'"):
+    with pytest.raises(ValueError, match=r"^settings: key 'pooling' = 'max' .*'mean' or 'cls'$"):
         settings_from({"pooling": "max"})
-    with pytest.raises(ValueError, match="setting lora-r: expected int"):
-        settings_from({"lora-r": "eight"})
+    with pytest.raises(ValueError, match="^run config: key 'lora-r' = 'eight' is not a whole number"):
+        settings_from({"lora-r": "eight"}, source="run config")
+    with pytest.raises(ValueError, match="key 'lora-r' = 3.5 is not a whole number"):
+        settings_from({"lora-r": 3.5})
     with pytest.raises(ValueError, match="target-epsilon"):
         settings_from({"target-epsilon": 0})
 
@@ -191,15 +193,15 @@ def test_server_keys_given_as_text_are_read_as_their_types():
         (ServerSettings, "num-server-rounds", 2.5, "a whole number"),
         (ServerSettings, "min-train-nodes", True, "a whole number"),
         (ServerSettings, "fraction-train", 1.5, r"\(0, 1\]"),
-        (ServerSettings, "fraction-evaluate", "half", "expected a number"),
+        (ServerSettings, "fraction-evaluate", "half", "is not a number"),
         (ServerSettings, "server-eval", "maybe", "true or false"),
         (ServerSettings, "run-name", "../x", "one folder name"),
-        (ShardSettings, "partitioning", "random", "iid | dirichlet | natural"),
+        (ShardSettings, "partitioning", "random", "'iid', 'dirichlet' or 'natural'"),
         (ShardSettings, "dirichlet-alpha", 0, "positive number"),
         (ShardSettings, "partition-column", " ", "natural split needs the column"),
     ],
 )
 def test_a_bad_server_or_shard_key_is_one_line_naming_it(reader, key, value, fix):
-    with pytest.raises(ValueError, match=f"^run config {key}=.*{fix}") as err:
+    with pytest.raises(ValueError, match=f"^run config: key '{key}' = .*{fix}") as err:
         reader.from_run_config({key: value})
     assert "\n" not in str(err.value)

@@ -36,7 +36,7 @@ def _everything(tmp_path) -> set[str]:
     ["../x", "a/../../x", "/abs", "..", ".", "a\\b", "sub/dir", "   ", "a\x00b", "line\nbreak", "tab\there"],
 )
 def test_a_name_that_is_not_one_plain_folder_is_refused_and_nothing_is_written(tmp_path, name):
-    with pytest.raises(ValueError, match="run config run-name=") as err:
+    with pytest.raises(ValueError, match="^run config: key 'run-name' = ") as err:
         make_run_dir(_context(tmp_path, name))
     message = str(err.value)
     assert "\n" not in message and "use e.g. run-name=" in message
@@ -62,7 +62,7 @@ def test_a_symlink_in_run_dir_cannot_lead_outside(tmp_path):
 
 
 def test_a_300_character_run_name_is_refused_in_one_line(tmp_path):
-    with pytest.raises(ValueError, match="run config run-name=") as err:
+    with pytest.raises(ValueError, match="^run config: key 'run-name' = ") as err:
         make_run_dir(_context(tmp_path, "r" * 300))
     assert "\n" not in str(err.value) and "at most 200 bytes" in str(err.value) and len(str(err.value)) < 300
     assert _everything(tmp_path) == set()
