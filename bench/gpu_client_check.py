@@ -82,7 +82,7 @@ def main() -> None:
             "device": "cpu" if args.cpu else "auto",
         }
     )
-    settings = settings_from(run_config)
+    settings = settings_from(run_config).resolved()
     labels = load_splits(settings).labels
     context = Context(
         run_id=1,

@@ -157,7 +157,6 @@ class Federation:
             plan=plan,
             history=history,
             class_weight=weight,
-            seed_offset=server_round,
             round_of=(server_round, self.rounds),
         )
         arrays = {k: v.detach().cpu().numpy().copy() for k, v in adapter_state(self.model).items()}

@@ -224,7 +224,7 @@ def _train_round(
     rounds = int(msg.content["config"]["num-rounds"])
     server_round = int(msg.content["config"]["server-round"])
     digest = arrays_digest(msg.content["arrays"])
-    settings = settings_from(context.run_config)
+    settings = settings_from(context.run_config, source="run config").resolved()  # once, here
     kept = store.load(books.key)
     if kept is not None and kept.answers(books.key, server_round, digest):
         return _replay(msg, context, kept, books, settings.private)
@@ -254,7 +254,6 @@ def _train_round(
         history=history,
         class_weight=weights if weights is not None else loss_weights(settings, site.train, labels),
         logit_offset=logit_offset(settings, histogram, len(labels)),
-        seed_offset=server_round,
         round_of=(server_round, rounds),
     )
     reply_arrays = adapter_to_record(model)
@@ -284,13 +283,13 @@ def _train_round(
 @app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
     """Score the global adapter on this site's local test split, if the site releases that."""
-    settings = settings_from(context.run_config)
+    settings = settings_from(context.run_config, source="run config").resolved()  # once, here
     SitePolicy.from_context(context).check_evaluate(settings.private)
     labels, site, model = _setup(msg, context, settings)
     test_ds = tokenize(
         site.test, load_tokenizer(settings.model), labels, settings.max_length, settings.truncation
     )
-    head_only = settings.resolved().trainable == "head"
+    head_only = settings.trainable == "head"
     scores = evaluate(model, test_ds, labels, head_only=head_only)
     metrics = {
         "num-examples": int(scores["num_examples"]),

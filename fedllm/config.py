@@ -246,7 +246,7 @@ class Settings:
             (self.epochs >= 1 or self.max_steps > 0, "epochs", "train >= 1 epoch or set max-steps"),
         ]
 
-    def validate(self) -> Settings:
+    def validate(self) -> Self:
         """Raise ``SettingsError`` (a ``ValueError``) naming the key and the fix for an
         impossible setting."""
         return check(self, "settings")
@@ -321,7 +321,7 @@ class ResolvedSettings(Settings):
             (self.head_init_scale > 0, "head-init-scale", concrete),
         ]
 
-    def validate(self) -> ResolvedSettings:
+    def validate(self) -> Self:
         """Checked as ``Settings`` plus no 'auto' left."""
         return check(self, "resolved settings")
 

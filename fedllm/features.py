@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,9 +22,11 @@ _CACHE: OrderedDict[str, torch.Tensor] = OrderedDict()
 _CACHE_ENTRIES = 64
 
 
-def _base(model: nn.Module) -> nn.Module:
-    """The transformers classifier inside a peft model (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+def _base(model: nn.Module) -> Any:
+    """The transformers classifier inside a peft model (or the model itself); typed ``Any``: its
+    ``bert``, ``config`` and ``classifier`` are attributes ``nn.Module`` does not declare."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if get_base_model is not None else model
 
 
 def _key(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor) -> str:

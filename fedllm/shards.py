@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from fedllm.config import settings_from
-from fedllm.data import load_splits, partition
+from fedllm.data import load_splits
+from fedllm.partition import partition
 from fedllm.settings_reader import help_of, key, read
 
 SCHEMES = ("iid", "dirichlet", "natural")

@@ -188,13 +188,14 @@ def main(grid: Grid, context: Context) -> None:
 def _run(grid: Grid, context: Context, server: ServerSettings, stack: ExitStack) -> None:
     """``main``'s body: data, model, run folder, the rounds, the final adapter."""
     rc = context.run_config
-    settings = settings_from(rc)
+    configured = settings_from(rc, source="run config")
+    settings = configured.resolved()  # 'auto' made concrete once, here: the library takes these
     robust = RobustSettings.from_run_config(rc)
     explicit = server.label_list
     splits = load_splits(settings, explicit or None) if (server.server_eval or not explicit) else None
     labels = explicit or splits.labels
     model = build_model(settings, labels, pick_device(settings.device))
-    run = open_run(context, server, run_record(dict(rc), settings.to_dict(), labels), model, stack)
+    run = open_run(context, server, run_record(dict(rc), configured.to_dict(), labels), model, stack)
     run_dir, initial = run.run_dir, run.initial
     full_bytes, update_bytes = full_model_nbytes(model), initial.count_bytes()
     print(
@@ -202,7 +203,7 @@ def _run(grid: Grid, context: Context, server: ServerSettings, stack: ExitStack)
         f"({full_bytes / update_bytes:.0f}x smaller); run dir {run_dir}"
     )
     eval_sets = _server_eval_sets(settings, splits, labels) if server.server_eval else None
-    head_only = settings.resolved().trainable == "head"  # the encoder never changes
+    head_only = settings.trainable == "head"  # the encoder never changes
     log = RunLog(run_dir, {"adapter-bytes": update_bytes, "full-model-bytes": full_bytes}, run.rows)
 
     def evaluate_and_checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -243,7 +244,7 @@ def _run(grid: Grid, context: Context, server: ServerSettings, stack: ExitStack)
     final = strategy.global_arrays
     final = initial if final is None else final  # the last accepted global (round 0's if none was)
     adapter_from_record(model, final)
-    _save(model, run_dir / "final-adapter", labels, {"settings": settings.to_dict()})
+    _save(model, run_dir / "final-adapter", labels, {"settings": configured.to_dict()})
     extra = {}
     if isinstance(strategy, ClientDPFedAvg):  # the run's client-level (ε, δ), and why it stopped early
         extra = {"client-dp": strategy.spent(), "stopped": strategy.stopped}

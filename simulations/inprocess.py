@@ -172,7 +172,6 @@ def federate(
                 settings,
                 plan=plan,
                 history=histories[i],
-                seed_offset=server_round,
                 round_of=(server_round, rounds),
                 before_noise=_site_hook(before_noise, i, plan),
                 logit_offset=logit_offset(settings, label_counts[i], len(labels)),

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.gpu  # they train and load on DEVICE (FEDLLM_TEST_DEVIC
 
 @pytest.fixture
 def model(settings, tiny_config):
-    return build_model(settings, LABELS, DEVICE, tiny_config)
+    return build_model(settings.resolved(), LABELS, DEVICE, tiny_config)
 
 
 def _randomize(model, seed: int) -> None:
@@ -46,7 +46,7 @@ def _numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
 def test_round_trip_is_bit_exact(settings, tiny_config, model):
     _randomize(model, 0)
     sent = adapter_to_record(model)
-    other = build_model(settings.replace(seed=1), LABELS, DEVICE, tiny_config)
+    other = build_model(settings.replace(seed=1).resolved(), LABELS, DEVICE, tiny_config)
     adapter_from_record(other, sent)
     received = adapter_to_record(other)
     assert list(received) == list(sent)
@@ -68,7 +68,7 @@ def test_the_record_is_peft_state_dict_in_order_as_float32(model):
 @pytest.mark.parametrize("mode", ["lora", "ffa-lora", "bias", "head"])
 def test_the_record_carries_exactly_the_dp_dimension(settings, tiny_config, mode):
     """The trainable count a site plans its noise for is the number of values it sends."""
-    model = build_model(settings.replace(trainable=mode), LABELS, DEVICE, tiny_config)
+    model = build_model(settings.replace(trainable=mode).resolved(), LABELS, DEVICE, tiny_config)
     sent = sum(int(np.prod(a.shape)) for a in adapter_to_record(model).values())
     assert sent == count_parameters(model)[0]
 
@@ -136,7 +136,7 @@ def test_saved_adapter_loads_with_plain_peft(settings, tiny_config, model, tmp_p
 
 def test_load_trained_rebuilds_the_scored_model(settings, tiny_checkpoint, tmp_path):
     s = settings.replace(model=str(tiny_checkpoint))
-    model = build_model(s, LABELS, DEVICE)
+    model = build_model(s.resolved(), LABELS, DEVICE)
     _randomize(model, 2)
     save_adapter(model, tmp_path / "adapter", LABELS)
     loaded, labels = load_trained(tmp_path / "adapter", s)

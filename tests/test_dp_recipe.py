@@ -5,7 +5,10 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import pytest
 import torch
+from torch import nn
+from torch.utils.data import TensorDataset
 
 from fedllm.accounting import plan_privacy
 from fedllm.adapters import adapter_state
@@ -39,16 +42,18 @@ def test_auto_resolves_to_the_dp_recipe_under_dp_and_to_lora_without():
         max_step_noise=3.0,
         head_init_scale=4.0,
     )
-    assert chosen.resolved() == chosen  # what a user sets is kept
-    assert private.resolved() == private and public.resolved() == public  # resolving twice changes nothing
+    assert chosen.resolved().to_dict() == chosen.to_dict()  # what a user sets is kept
+    assert private.resolved() is private and public.resolved() is public  # resolving twice changes nothing
+    with pytest.raises(TypeError, match="train_local takes resolved settings"):
+        train_local(nn.Linear(2, 2), TensorDataset(torch.zeros(1, 2), torch.zeros(1)), chosen)
 
 
 def test_the_head_on_cached_features_is_the_head_inside_bert(settings, tiny_config, tokenizer, frame):
     s = settings.replace(trainable="head", optimizer="sgd", lr=0.5, max_steps=3, target_epsilon=math.inf)
-    model = build_model(s, LABELS, DEVICE, tiny_config)
+    model = build_model(s.resolved(), LABELS, DEVICE, tiny_config)
     data = tokenize(frame, tokenizer, LABELS, s.max_length)
     before = {k: v.clone() for k, v in adapter_state(model).items()}
-    train_local(model, data, s)
+    train_local(model, data, s.resolved())
     after = adapter_state(model)
     assert set(after) == {k for k in after if "classifier" in k}
     assert all(not torch.equal(before[k], after[k]) for k in after), "the model's own head must move"
@@ -66,12 +71,12 @@ def test_the_head_on_cached_features_is_the_head_inside_bert(settings, tiny_conf
 def test_the_dp_head_books_its_plan_and_moves_only_the_head(settings, tiny_config, tokenizer, frame):
     s = settings.replace(trainable="auto", optimizer="auto", lr=0.0, sample_rate=-1.0, max_steps=4)
     s = s.replace(target_epsilon=8.0)
-    model = build_model(s, LABELS, DEVICE, tiny_config)
+    model = build_model(s.resolved(), LABELS, DEVICE, tiny_config)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if "classifier" not in n}
     data = tokenize(frame, tokenizer, LABELS, s.max_length)
-    plan = plan_privacy(s, len(data), planned_rounds=2)
+    plan = plan_privacy(s.resolved(), len(data), planned_rounds=2)
     assert plan.sample_rate == DP_SAMPLE_RATE
-    result = train_local(model, data, s, plan=plan)
+    result = train_local(model, data, s.resolved(), plan=plan)
     assert result.history == [[plan.noise_multiplier, DP_SAMPLE_RATE, 4]]
     assert 0 < result.epsilon < 8.0
     moved = [n for n, p in model.named_parameters() if n in frozen and not torch.equal(frozen[n], p)]
@@ -82,21 +87,21 @@ def test_a_small_budget_takes_fewer_less_noisy_steps():
     s = Settings(target_epsilon=1.0, max_steps=3, sample_rate=1.0).resolved()
     assert s.max_step_noise > 0, "the DP recipe caps the noise of a step by default"
     n, d, rounds = 270, 1925, 8
-    small = plan_privacy(s, n, rounds, dimension=d)
-    large = plan_privacy(s.replace(target_epsilon=8.0), n, rounds, dimension=d)
+    small = plan_privacy(s.resolved(), n, rounds, dimension=d)
+    large = plan_privacy(s.replace(target_epsilon=8.0).resolved(), n, rounds, dimension=d)
     assert (small.local_steps, large.local_steps) == (1, 3)
     assert small.planned_steps == small.local_steps * rounds
     assert large.noise_multiplier * math.sqrt(d) / n <= s.max_step_noise
-    unbounded = plan_privacy(s.replace(max_step_noise=0.0), n, rounds, dimension=d)
+    unbounded = plan_privacy(s.replace(max_step_noise=0.0).resolved(), n, rounds, dimension=d)
     assert unbounded.local_steps == 3 and unbounded.noise_multiplier > small.noise_multiplier
-    assert plan_privacy(s, n, rounds).local_steps == 3, "without the dimension nothing is capped"
+    assert plan_privacy(s.resolved(), n, rounds).local_steps == 3, "without the dimension nothing is capped"
 
 
 def test_training_takes_the_steps_the_plan_chose(settings, tiny_config, tokenizer, frame):
     s = settings.replace(trainable="head", optimizer="sgd", lr=1.0, max_steps=4, target_epsilon=8.0)
-    model = build_model(s, LABELS, DEVICE, tiny_config)
+    model = build_model(s.resolved(), LABELS, DEVICE, tiny_config)
     data = tokenize(frame, tokenizer, LABELS, s.max_length)
-    plan = plan_privacy(s, len(data), planned_rounds=2)
+    plan = plan_privacy(s.resolved(), len(data), planned_rounds=2)
     plan = dataclasses.replace(plan, local_steps=2, planned_steps=4)
-    result = train_local(model, data, s, plan=plan)
+    result = train_local(model, data, s.resolved(), plan=plan)
     assert result.steps == 2 and result.history == [[plan.noise_multiplier, plan.sample_rate, 2]]

@@ -10,8 +10,9 @@ import torch
 
 from fedllm.accounting import BudgetExhaustedError, epsilon_for, plan_privacy
 from fedllm.data import tokenize
+from fedllm.loop import FrozenTrainingError
 from fedllm.model import build_model
-from fedllm.train import FrozenTrainingError, classification_metrics, evaluate, lr_schedule, train_local
+from fedllm.train import classification_metrics, evaluate, lr_schedule, train_local
 
 from .conftest import DEVICE, LABELS
 
@@ -23,7 +24,7 @@ def _snapshot(model):
 
 
 def test_only_lora_and_head_train(settings, tiny_config):
-    model = build_model(settings, LABELS, DEVICE, tiny_config)
+    model = build_model(settings.resolved(), LABELS, DEVICE, tiny_config)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable, "nothing trainable"
     assert all("lora_" in n or "classifier" in n for n in trainable), trainable
@@ -31,12 +32,12 @@ def test_only_lora_and_head_train(settings, tiny_config):
 
 
 def test_private_step_changes_lora_not_frozen_weights(settings, tiny_config, tokenizer, frame):
-    model = build_model(settings, LABELS, DEVICE, tiny_config)
+    model = build_model(settings.resolved(), LABELS, DEVICE, tiny_config)
     data = tokenize(frame, tokenizer, LABELS, settings.max_length)
     before = _snapshot(model)
     s = settings.replace(max_steps=1, target_epsilon=8.0)
-    plan = plan_privacy(s, len(data))
-    result = train_local(model, data, s, plan=plan)
+    plan = plan_privacy(s.resolved(), len(data))
+    result = train_local(model, data, s.resolved(), plan=plan)
     assert result.steps == 1
     after = _snapshot(model)
     changed = {n for n in before if not torch.equal(before[n], after[n])}
@@ -50,11 +51,11 @@ def test_the_books_compose_every_step_of_every_training(settings, tiny_config, t
     """Three trainings of 3 steps, each restoring the last one's history, spend what one of 9 does."""
     data = tokenize(frame, tokenizer, LABELS, settings.max_length)
     s = settings.replace(noise_multiplier=1.1, max_steps=3, accountant="rdp")
-    plan = plan_privacy(s, len(data), planned_rounds=3)
-    model = build_model(s, LABELS, DEVICE, tiny_config)
+    plan = plan_privacy(s.resolved(), len(data), planned_rounds=3)
+    model = build_model(s.resolved(), LABELS, DEVICE, tiny_config)
     history, epsilons = [], []
     for _ in range(3):
-        result = train_local(model, data, s, plan=plan, history=history)
+        result = train_local(model, data, s.resolved(), plan=plan, history=history)
         history = result.history
         epsilons.append(result.epsilon)
     assert epsilons[0] < epsilons[1] < epsilons[2]
@@ -62,7 +63,10 @@ def test_the_books_compose_every_step_of_every_training(settings, tiny_config, t
     assert history == [[1.1, q, 9]]  # one entry per (sigma, q): the history stays short
     nine = s.replace(max_steps=9)
     at_once = train_local(
-        build_model(s, LABELS, DEVICE, tiny_config), data, nine, plan=plan_privacy(nine, len(data))
+        build_model(s.resolved(), LABELS, DEVICE, tiny_config),
+        data,
+        nine.resolved(),
+        plan=plan_privacy(nine.resolved(), len(data)),
     )
     assert at_once.history == history and epsilons[-1] == at_once.epsilon
 
@@ -70,13 +74,13 @@ def test_the_books_compose_every_step_of_every_training(settings, tiny_config, t
 def test_target_epsilon_is_calibrated_over_all_planned_rounds(settings, frame):
     s = settings.replace(target_epsilon=3.0, epochs=2, accountant="prv")
     n = len(frame)
-    plan = plan_privacy(s, n, planned_rounds=4)
+    plan = plan_privacy(s.resolved(), n, planned_rounds=4)
     one_round = (plan.noise_multiplier, plan.sample_rate, plan.planned_steps // 4)
     spent = epsilon_for([one_round] * 4, plan.delta, "prv")
     assert spent <= 3.0 + 1e-6
     assert spent > 2.5, "calibration should use most of the budget, not a per-round budget"
     # a per-round calibration would have spent about 4x the budget
-    per_round = plan_privacy(s, n, planned_rounds=1)
+    per_round = plan_privacy(s.resolved(), n, planned_rounds=1)
     assert (
         epsilon_for([(per_round.noise_multiplier, per_round.sample_rate, one_round[2])] * 4, plan.delta) > 5
     )
@@ -85,20 +89,20 @@ def test_target_epsilon_is_calibrated_over_all_planned_rounds(settings, frame):
 def test_budget_exhausted_before_overspending(settings, tiny_config, tokenizer, frame):
     data = tokenize(frame, tokenizer, LABELS, settings.max_length)
     s = settings.replace(target_epsilon=2.0, max_steps=2)
-    plan = plan_privacy(s, len(data), planned_rounds=1)
-    model = build_model(s, LABELS, DEVICE, tiny_config)
-    first = train_local(model, data, s, plan=plan)
+    plan = plan_privacy(s.resolved(), len(data), planned_rounds=1)
+    model = build_model(s.resolved(), LABELS, DEVICE, tiny_config)
+    first = train_local(model, data, s.resolved(), plan=plan)
     assert first.epsilon <= 2.0 + 1e-6
     with pytest.raises(BudgetExhaustedError, match="target 2.0"):
-        train_local(model, data, s, plan=plan, history=first.history)
+        train_local(model, data, s.resolved(), plan=plan, history=first.history)
 
 
 def test_empty_poisson_batches_are_noisy_accounted_steps(settings, tiny_config, tokenizer, frame):
     data = tokenize(frame.head(20), tokenizer, LABELS, settings.max_length)
     s = settings.replace(batch_size=1, max_steps=30, noise_multiplier=1.0)
-    plan = plan_privacy(s, len(data))
-    model = build_model(s, LABELS, DEVICE, tiny_config)
-    result = train_local(model, data, s, plan=plan)
+    plan = plan_privacy(s.resolved(), len(data))
+    model = build_model(s.resolved(), LABELS, DEVICE, tiny_config)
+    result = train_local(model, data, s.resolved(), plan=plan)
     assert result.steps == 30
     assert result.empty_batches > 0  # P(no empty batch in 30 steps at q=0.05) < 1e-4
     assert sum(h[2] for h in result.history) == 30
@@ -107,18 +111,18 @@ def test_empty_poisson_batches_are_noisy_accounted_steps(settings, tiny_config, 
 def test_guard_fails_loudly_when_weights_do_not_move(settings, tiny_config, tokenizer, frame, monkeypatch):
     data = tokenize(frame, tokenizer, LABELS, settings.max_length)
     s = settings.replace(max_steps=1, target_epsilon=math.inf)
-    model = build_model(s, LABELS, DEVICE, tiny_config)
+    model = build_model(s.resolved(), LABELS, DEVICE, tiny_config)
     monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, closure=None: None)
     with pytest.raises(FrozenTrainingError):
-        train_local(model, data, s)
+        train_local(model, data, s.resolved())
 
 
 def test_non_private_training_learns_separable_data(settings, tiny_config, tokenizer, frame):
     data = tokenize(frame, tokenizer, LABELS, settings.max_length)
     s = settings.replace(epochs=8, lr=2e-2, target_epsilon=math.inf)
-    model = build_model(s, LABELS, DEVICE, tiny_config)
+    model = build_model(s.resolved(), LABELS, DEVICE, tiny_config)
     before = evaluate(model, data, LABELS)
-    train_local(model, data, s)
+    train_local(model, data, s.resolved())
     after = evaluate(model, data, LABELS)
     assert after["loss"] < before["loss"]
     assert after["accuracy"] > 0.9
@@ -129,12 +133,12 @@ def test_dp_noise_is_not_derived_from_the_seed(settings, tiny_config, tokenizer,
     data = tokenize(frame, tokenizer, LABELS, settings.max_length)
 
     def adapter_after(s, plan):
-        model = build_model(s, LABELS, DEVICE, tiny_config)
-        train_local(model, data, s, plan=plan)
+        model = build_model(s.resolved(), LABELS, DEVICE, tiny_config)
+        train_local(model, data, s.resolved(), plan=plan)
         return torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])
 
     private = settings.replace(max_steps=2, noise_multiplier=1.0)
-    plan = plan_privacy(private, len(data))
+    plan = plan_privacy(private.resolved(), len(data))
     assert not torch.equal(adapter_after(private, plan), adapter_after(private, plan))
     public = settings.replace(max_steps=2, target_epsilon=math.inf, lora_dropout=0.0)
     public_model_a, public_model_b = adapter_after(public, None), adapter_after(public, None)
@@ -144,9 +148,9 @@ def test_dp_noise_is_not_derived_from_the_seed(settings, tiny_config, tokenizer,
 def test_ghost_clipping_trains_and_accounts(settings, tiny_config, tokenizer, frame):
     data = tokenize(frame, tokenizer, LABELS, settings.max_length)
     s = settings.replace(max_steps=2, noise_multiplier=1.0, grad_sample_mode="ghost")
-    model = build_model(s, LABELS, DEVICE, tiny_config)
+    model = build_model(s.resolved(), LABELS, DEVICE, tiny_config)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
-    result = train_local(model, data, s, plan=plan_privacy(s, len(data)))
+    result = train_local(model, data, s.resolved(), plan=plan_privacy(s.resolved(), len(data)))
     assert result.steps == 2 and sum(h[2] for h in result.history) == 2
     assert all(not torch.equal(v, dict(model.named_parameters())[n]) for n, v in before.items())
 
@@ -162,22 +166,22 @@ def test_private_training_refuses_data_dependent_class_weights(settings, tiny_co
     with pytest.raises(ValueError, match="one positive weight per label"):
         loss_weights(private.replace(class_weights="1,2"), frame, LABELS)
     data = tokenize(frame, tokenizer, LABELS, settings.max_length)
-    model = build_model(private, LABELS, DEVICE, tiny_config)
+    model = build_model(private.resolved(), LABELS, DEVICE, tiny_config)
     with pytest.raises(ValueError, match="leak"):
         train_local(
             model,
             data,
-            private,
-            plan=plan_privacy(private, len(data)),
+            private.resolved(),
+            plan=plan_privacy(private.resolved(), len(data)),
             class_weight=class_weights(frame, LABELS),
         )
 
 
 def test_empty_splits_fail_clearly_or_score_zero(settings, tiny_config, tokenizer, frame):
     empty = tokenize(frame.head(0), tokenizer, LABELS, settings.max_length)
-    model = build_model(settings, LABELS, DEVICE, tiny_config)
+    model = build_model(settings.resolved(), LABELS, DEVICE, tiny_config)
     with pytest.raises(ValueError, match="empty"):
-        train_local(model, empty, settings.replace(target_epsilon=math.inf))
+        train_local(model, empty, settings.replace(target_epsilon=math.inf).resolved())
     scores = evaluate(model, empty, LABELS)
     assert scores["num_examples"] == 0 and scores["accuracy"] == 0.0
 

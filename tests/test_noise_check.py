@@ -35,14 +35,14 @@ def _pure_noise_update(settings: Settings, server_round: int, rounds: int) -> tu
     nn.init.zeros_(model.weight), nn.init.zeros_(model.bias)  # weight decay then shrinks noise only
     n = 64
     data = TensorDataset(torch.randn(n, 64), torch.randint(0, 8, (n,)))
-    plan = plan_privacy(settings, n, planned_rounds=rounds)
+    plan = plan_privacy(settings.resolved(), n, planned_rounds=rounds)
 
     def zeroed(params: list) -> None:
         for p in params:
             p.summed_grad.zero_()
 
     result = train_local(
-        model, data, settings, plan=plan, round_of=(server_round, rounds), before_noise=zeroed
+        model, data, settings.resolved(), plan=plan, round_of=(server_round, rounds), before_noise=zeroed
     )
     update = torch.cat([p.detach().ravel() for p in model.parameters()])
     return float(update.norm()), result.steps, plan

@@ -96,7 +96,7 @@ def test_a_second_serverapp_on_a_run_folder_stops_in_one_line_before_it_changes_
 def test_a_fresh_run_holds_its_folder_until_its_serverapp_ends(tmp_path, tiny_checkpoint):
     rc = {"model": str(tiny_checkpoint), "run-dir": str(tmp_path / "runs"), "run-name": "fresh"}
     context = Context(run_id=7, node_id=0, node_config={}, state=RecordDict(), run_config=rc)
-    model = build_model(settings_from(rc), ["a", "b"], torch.device("cpu"))
+    model = build_model(settings_from(rc).resolved(), ["a", "b"], torch.device("cpu"))
     with ExitStack() as stack:
         run = open_run(context, ServerSettings.from_run_config(rc), {"labels": ["a", "b"]}, model, stack)
         assert run.run_dir.name == "fresh" and _strict(run.run_dir / "config.json")["run-key"] == "7"

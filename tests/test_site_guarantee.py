@@ -52,7 +52,7 @@ def run_config(tiny_checkpoint):
 
 
 def _message(run_config: dict, kind: str = "train", server_round: int = 1) -> Message:
-    model = build_model(settings_from(run_config), LABELS, torch.device("cpu"))
+    model = build_model(settings_from(run_config).resolved(), LABELS, torch.device("cpu"))
     arrays = adapter_to_record(model)
     config = ConfigRecord({"labels": json.dumps(LABELS), "num-rounds": 1, "server-round": server_round})
     return delivered(RecordDict({"arrays": arrays, "config": config}), kind)
