@@ -5,17 +5,21 @@
 This project's ServerApp and ClientApp in Flower's Simulation Engine: ``--sites`` virtual sites
 (BBC News dealt IID, ~15 articles each at 100), every site every round (``client-dp-sites`` =
 ``--sites``), client-level DP at the server (server/client_dp.py: Flower's fixed-clipping
-wrapper and RDP accountant, σ calibrated for ``--rounds`` releases within ``--epsilon``). The
+wrapper and the run's accountant, dp-accounting's PLD behind Flower's protocol by default or
+Flower's RDP with ``--accountant rdp``, σ calibrated by it for ``--rounds`` releases within
+``--epsilon``). The
 sites train the head on the frozen MiniLM without per-example DP (15 texts a site cannot carry
 it), with the settings chosen on validation by ``python -m simulations.many_sites --tune``.
 Prints the server's test accuracy per round, the run's client-level (ε, δ) from its
-``result.json``, the wall seconds, and the peak RSS of the whole process tree (SuperLink,
-simulation runtime, Ray workers) sampled every 0.5 s.
+``result.json`` (with the same releases' ε by the other accountant), the wall seconds, and the
+peak RSS of the whole process tree (SuperLink, simulation runtime, Ray workers) sampled every
+0.5 s; writes one CSV row per round (``--csv``, default ``<out>/client-dp-flower-<sites>.csv``).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import threading
 import time
@@ -45,6 +49,7 @@ def run_config(args: argparse.Namespace, run_dir: Path) -> dict:
         "client-dp-epsilon": args.epsilon,
         "client-dp-clip": args.clip,
         "client-dp-sites": args.sites,
+        "client-dp-accountant": args.accountant,
         **virtual_site_policy(float("inf")),
         "run-dir": str(run_dir),
         "run-name": f"client-dp-{args.sites}",
@@ -65,6 +70,43 @@ def peak_rss(stop: threading.Event, peak: list[float]) -> None:
         stop.wait(0.5)
 
 
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """One row per round of the run log: accuracy, replies, the books after it (both ε)."""
+    columns = ["round", "wall-seconds", "test-accuracy", "valid-replies", "stand-ins", "clipped"]
+    columns += [
+        "epsilon-flower-rdp",
+        "delta",
+        "releases",
+        "noise-multiplier",
+        "clip",
+        "epsilon-pld",
+        "accounting",
+    ]
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, columns)
+        writer.writeheader()
+        for r in rows:
+            dp = r.get("client-dp", {})
+            writer.writerow(
+                {
+                    "round": r["round"],
+                    "wall-seconds": r.get("wall-seconds"),
+                    "test-accuracy": r["server"].get("accuracy"),
+                    "valid-replies": r.get("train-replies"),
+                    "stand-ins": len(r.get("stand-ins", [])),
+                    "clipped": len(r.get("clipped", [])),
+                    "epsilon-flower-rdp": dp.get("epsilon-rdp"),
+                    "delta": dp.get("delta"),
+                    "releases": dp.get("releases"),
+                    "noise-multiplier": dp.get("noise-multiplier"),
+                    "clip": dp.get("clip"),
+                    "epsilon-pld": dp.get("epsilon-pld"),
+                    "accounting": dp.get("accounting"),
+                }
+            )
+    print(f"CSV: {path}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the federation, print its rounds and its books."""
     parser = argparse.ArgumentParser(
@@ -77,6 +119,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--local-steps", type=int, default=5)
     parser.add_argument("--clip", type=float, default=1.0)
     parser.add_argument("--out", default="runs/client-dp-flower")
+    parser.add_argument("--accountant", choices=("pld", "rdp"), default="pld")
+    parser.add_argument(
+        "--csv", default="", help="per-round CSV (default <out>/client-dp-flower-<sites>.csv)"
+    )
     parser.add_argument(
         "--chosen",
         default="runs/many-sites/chosen-bbc-news.json",
@@ -111,9 +157,12 @@ def main(argv: list[str] | None = None) -> None:
         )
     result = json.loads((run_dir / "result.json").read_text())
     dp = result["client-dp"]
+    write_csv(Path(args.csv or out / f"client-dp-flower-{args.sites}.csv"), rows)
     print(
         f"{args.sites} sites, {args.rounds} rounds: client-level ε {dp['epsilon']:.3f} at δ {dp['delta']:g} "
-        f"(σ {dp['noise-multiplier']:.3f}, clip {dp['clip']:g}, {dp['releases']} releases); "
+        f"by the {dp['accounting']} books (PLD {dp.get('epsilon-pld', float('nan')):.3f}, Flower's RDP "
+        f"{dp.get('epsilon-rdp', float('nan')):.3f}; σ {dp['noise-multiplier']:.3f}, clip {dp['clip']:g}, "
+        f"{dp['releases']} releases); "
         f"stopped early: {result['stopped']}; {time.perf_counter() - start:.0f} s wall; "
         f"peak RSS of the process tree {peak[0]:,.0f} MB"
     )

@@ -20,12 +20,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import ArrayRecord, Context, Message, Metadata, RecordDict
 
-from clients.app import STATE_KEY, evaluate_global, train
+from clients.app import evaluate_global, train
+from clients.books import STATE_KEY
 from fedllm.accounting import epsilon_for
 from fedllm.adapters import adapter_to_record
 from fedllm.config import settings_from
+from fedllm.contract import SERVER_ROUND, evaluate_config, train_config
 from fedllm.data import load_splits
 from fedllm.model import build_model, pick_device
 
@@ -54,7 +56,7 @@ def _instruction(content: RecordDict, message_type: str) -> Message:
     return Message(content, metadata=meta)
 
 
-def main() -> None:
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -64,14 +66,11 @@ def main() -> None:
     parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--target-epsilon", type=float, default=8.0)
     parser.add_argument("--cpu", action="store_true", help="dry run of the same checks on a CPU-only machine")
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    gpu = not args.cpu
-    if gpu:
-        _check(torch.cuda.is_available(), "CUDA is available")
-        _check(pick_device("auto").type == "cuda", "device 'auto' picks the GPU")
-        print(f"GPU: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
 
+def _site(args: argparse.Namespace) -> tuple[Context, list[str], ArrayRecord]:
+    """Site 0 of ``--sites`` (a virtual site), the run's labels and the initial global adapter."""
     run_config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     run_config.update(
         {
@@ -92,25 +91,29 @@ def main() -> None:
         run_config=run_config,
     )
     global_model = build_model(settings, labels, torch.device("cpu"))
-    arrays = adapter_to_record(global_model)
-    epsilons = []
+    return context, labels, adapter_to_record(global_model)
+
+
+def _train_rounds(
+    args: argparse.Namespace, context: Context, labels: list[str], arrays: ArrayRecord
+) -> tuple[list[float], float, ArrayRecord]:
+    """Every round through ``clients.app.train``: the run's ε after each, its δ, the last adapter."""
+    gpu, epsilons, delta = not args.cpu, [], 0.0
     for server_round in range(1, args.rounds + 1):
-        config = ConfigRecord(
-            {"labels": json.dumps(labels), "num-rounds": args.rounds, "server-round": server_round}
-        )
+        config = train_config(labels, args.rounds, str(context.run_id))  # as the server sends it
+        config[SERVER_ROUND] = server_round  # as Flower's strategy adds it
         msg = _instruction(RecordDict({"arrays": arrays, "config": config}), "train")
         if gpu:
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         reply = train(msg, context)
         seconds = time.perf_counter() - start
-        metrics = reply.content["metrics"]
-        new = reply.content["arrays"].to_numpy_ndarrays()
+        metrics = reply.content.metric_records["metrics"]
+        new = reply.content.array_records["arrays"].to_numpy_ndarrays()
         old = arrays.to_numpy_ndarrays()
         peak_mb = torch.cuda.max_memory_allocated() / 2**20 if gpu else 0.0
         print(
-            f"round {server_round}: {int(metrics['steps'])} DP steps on "
-            f"{int(metrics['num-examples'])} texts, "
+            f"round {server_round}: {metrics['steps']} DP steps on {metrics['num-examples']} texts, "
             f"{seconds:.1f} s (model load included), peak GPU memory {peak_mb:.0f} MiB, "
             f"epsilon so far {metrics['epsilon']:.3f}"
         )
@@ -118,17 +121,30 @@ def main() -> None:
             _check(peak_mb > 50, f"round {server_round} trained on the GPU")
         _check(all(a.dtype == np.float32 for a in new), "reply arrays are float32 numpy (CPU)")
         _check(any(not np.array_equal(a, b) for a, b in zip(new, old, strict=True)), "the adapter changed")
-        epsilons.append(float(metrics["epsilon"]))
-        arrays = reply.content["arrays"]
+        epsilons.append(float(str(metrics["epsilon"])))
+        delta = float(str(metrics["delta"]))
+        arrays = reply.content.array_records["arrays"]
+    return epsilons, delta, arrays
+
+
+def main() -> None:
+    """The checks above; exits 1 at the first that fails."""
+    args = _arguments()
+    if not args.cpu:
+        _check(torch.cuda.is_available(), "CUDA is available")
+        _check(pick_device("auto").type == "cuda", "device 'auto' picks the GPU")
+        print(f"GPU: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
+    context, labels, arrays = _site(args)
+    epsilons, delta, arrays = _train_rounds(args, context, labels, arrays)
     _check(all(a < b for a, b in zip(epsilons, epsilons[1:], strict=False)), f"epsilon grows: {epsilons}")
-    history = json.loads(str(context.state[STATE_KEY]["history"]))
-    reference = epsilon_for(history, float(metrics["delta"]), settings.accountant)
+    history = json.loads(str(context.state.config_records[STATE_KEY]["history"]))
+    settings = settings_from(context.run_config)
+    reference = epsilon_for(history, delta, settings.accountant)
     _check(abs(reference - epsilons[-1]) < 1e-9, f"epsilon {epsilons[-1]:.4f} = accountant {reference:.4f}")
     _check(epsilons[-1] <= args.target_epsilon + 1e-6, f"epsilon within the target {args.target_epsilon}")
-    msg = _instruction(
-        RecordDict({"arrays": arrays, "config": ConfigRecord({"labels": json.dumps(labels)})}), "evaluate"
-    )
-    scores = evaluate_global(msg, context).content["metrics"]
+    config = evaluate_config(labels, str(context.run_id))
+    msg = _instruction(RecordDict({"arrays": arrays, "config": config}), "evaluate")
+    scores = evaluate_global(msg, context).content.metric_records["metrics"]
     print(f"local test split: accuracy {scores['accuracy']:.3f}, macro-F1 {scores['macro-f1']:.3f}")
     print("GPU client-path check passed")
 

@@ -47,36 +47,26 @@ import csv
 import json
 import math
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import numpy as np
-import opacus.optimizers.optimizer as dp_optimizer
 import torch
+from attacks import ATTACKS, NOISE_FREE, Attacker, flip_labels, noise_free
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from replies import train_reply
 
 from fedllm.accounting import counted_plan
 from fedllm.adapters import adapter_state, set_adapter_arrays
 from fedllm.config import settings_from
+from fedllm.contract import RoundRecord, site_entry
 from fedllm.data import load_splits, loss_weights, partition_sites, tokenize
 from fedllm.model import build_model, load_tokenizer
-from fedllm.train import evaluate, train_local
-from server.noise import NOISE_BOUND_SLACK, NoiseModel, expected_noise_norm, noise_bounds
+from fedllm.site_round import train_metrics, train_site_round
+from fedllm.train import evaluate
+from server.noise import NoiseModel, expected_noise_norm
 from server.robust import RobustSettings, update_norm
 from server.strategy import AdapterFedAvg
 
-ATTACKS = (
-    "none",
-    "sign-flip",
-    "random",
-    "label-flip",
-    "inflated",
-    "inflated-valid",
-    "build-flip",
-    "build-flip-noisy",
-    "build-flip-bound",
-)
-NOISE_FREE = ("build-flip", "build-flip-noisy", "build-flip-bound")  # the attacker trains without DP noise
 COUNTS = ("dropped", "too-clean", "clipped", "capped", "discounted", "honest-discounted")
 COUNTS += ("honest-too-clean", "honest-clipped", "honest-site-rounds", "unchanged")
 SETTINGS = {  # run config keys, as the server reads them (RobustSettings.from_run_config)
@@ -102,23 +92,6 @@ def _reply(node: int, arrays: dict[str, np.ndarray], metrics: dict) -> Message:
     return train_reply(node, RecordDict({"arrays": record, "metrics": MetricRecord(metrics)}))
 
 
-@contextmanager
-def _noise_free():
-    """Opacus' DP optimizer with its noise replaced by zeros: the DP code, less its noise."""
-    original = dp_optimizer._generate_noise
-    dp_optimizer._generate_noise = lambda std, reference, *args, **kwargs: torch.zeros_like(reference)
-    try:
-        yield
-    finally:
-        dp_optimizer._generate_noise = original
-
-
-def _flip_labels(frame, column: str, labels: list[str]):
-    """The same texts with every label moved to the next class."""
-    shifted = {name: labels[(i + 1) % len(labels)] for i, name in enumerate(labels)}
-    return frame.assign(**{column: frame[column].map(shifted)})
-
-
 class Federation:
     """One seed's data, sites and model, reused by every (attack, setting) pair."""
 
@@ -139,95 +112,34 @@ class Federation:
         s = self.settings
         shards = partition_sites(s, self.labels, sites, **scheme)
         self.data = [tokenize(d.train, tok, self.labels, s.max_length, s.truncation) for d in shards]
-        flipped = _flip_labels(shards[attacker].train, s.label_column, self.labels)
+        flipped = flip_labels(shards[attacker].train, s.label_column, self.labels)
         self.flipped = tokenize(flipped, tok, self.labels, s.max_length, s.truncation)
         self.weights = [loss_weights(s, d.train, self.labels) for d in shards]
         self.flipped_weight = loss_weights(s, flipped, self.labels)
         self.test = tokenize(splits.test, tok, self.labels, s.max_length, s.truncation)
         self.model = build_model(s, self.labels, torch.device("cpu"))
         self.initial = {k: v.detach().cpu().numpy().copy() for k, v in adapter_state(self.model).items()}
-        self.rounds, self.attacker, self.seed, self.random_norm = rounds, attacker, seed, random_norm
+        self.rounds, self.attacker, self.seed = rounds, attacker, seed
         self.noise = NoiseModel.of(self.settings, rounds)  # as the server builds it from its run config
+        self.malicious = Attacker(attacker, rounds, self.noise, random_norm)
 
     def _train(self, dataset, weight, plan, history: list, server_round: int):
-        result = train_local(
+        """One site's round as a site runs it (``fedllm.site_round``); its reply carries the keys the
+        server's round record keeps of each site (``fedllm.contract.SITE_RECORD_KEYS``)."""
+        result = train_site_round(
             self.model,
             dataset,
             self.settings,
+            (server_round, self.rounds),
             plan=plan,
             history=history,
+            histogram=None,
+            num_classes=len(self.labels),
             class_weight=weight,
-            round_of=(server_round, self.rounds),
         )
         arrays = {k: v.detach().cpu().numpy().copy() for k, v in adapter_state(self.model).items()}
-        metrics = {
-            "num-examples": plan.public_n if plan is not None else len(dataset),
-            "steps": int(result.steps),
-            "epsilon": float(result.epsilon) if plan else math.inf,
-            "delta": float(plan.delta) if plan else 0.0,
-            "noise-multiplier": float(result.noise_multiplier),
-            "sample-rate": float(plan.sample_rate) if plan else 1.0,
-        }
+        metrics = site_entry(train_metrics(result, plan, len(dataset), 0, 0.0))
         return arrays, metrics, result.history
-
-    def _attack(self, attack: str, g: dict, arrays: dict, metrics: dict, rng, robust: RobustSettings):
-        if attack == "sign-flip":
-            arrays = {k: (g[k] - 1e6 * (arrays[k] - g[k])).astype(np.float32) for k in g}
-        elif attack == "random":
-            noise = {k: rng.normal(size=v.shape) for k, v in g.items()}
-            norm = math.sqrt(sum(float(np.sum(v**2)) for v in noise.values()))
-            arrays = {k: (g[k] + self.random_norm / norm * noise[k]).astype(np.float32) for k in g}
-        elif attack == "inflated":
-            metrics = {**metrics, "num-examples": 1e12}
-        elif attack == "inflated-valid":
-            below_delta = math.ceil(1 / metrics["delta"]) - 1 if metrics["delta"] > 0 else math.inf
-            metrics = {**metrics, "num-examples": float(min(below_delta, robust.max_num_examples))}
-        return arrays, metrics
-
-    def _declared_std(self, metrics: dict, server_round: int) -> float:
-        """The noise per adapter value that a reply declaring ``metrics`` must carry."""
-        d = sum(v.size for v in self.initial.values())
-        return expected_noise_norm(metrics, d, self.noise, server_round) / math.sqrt(d)
-
-    def _flip_target(
-        self, g: dict, arrays: list[dict], metrics: list[dict], server_round: int, adaptive: bool
-    ) -> float:
-        """The norm the attacker's flipped update goes out at: 1.99 × the median norm the server
-        will see (the attacker is the largest), or (``adaptive``) 0.99 × the lowest bound the
-        server's default applies to it (that and the noise model's, ``server.noise.noise_bounds``,
-        computed as the server will from every reply's declared plan)."""
-        others = [update_norm(g, a) for i, a in enumerate(arrays) if i != self.attacker]
-        target = 1.99 * float(np.median([*others, np.inf]))
-        if not adaptive:
-            return target
-        norms = [np.inf if i == self.attacker else update_norm(g, a) for i, a in enumerate(arrays)]
-        d, cap = sum(v.size for v in g.values()), 2.0 * float(np.median([m["num-examples"] for m in metrics]))
-        bounds = noise_bounds(metrics, norms, d, self.noise, server_round, NOISE_BOUND_SLACK, cap)
-        return min(target, 0.99 * bounds[self.attacker]) if bounds[self.attacker] else target
-
-    def _build_flip(
-        self,
-        g: dict,
-        arrays: list[dict],
-        metrics: list[dict],
-        server_round: int,
-        attack: str,
-        rng: np.random.Generator,
-    ) -> dict[str, np.ndarray]:
-        """The attacker's adapter for the build-flip attacks, from its noise-free update
-        ``arrays[attacker]`` and the other sites' updates (and declared plans)."""
-        flipping = server_round > self.rounds // 2
-        noisy = attack == "build-flip-noisy" or (attack == "build-flip-bound" and not flipping)
-        delta = {k: arrays[self.attacker][k].astype(np.float64) - g[k] for k in g}
-        std = self._declared_std(metrics[self.attacker], server_round) if noisy else 0.0
-        noise = {k: rng.normal(scale=std, size=v.shape) if noisy else np.zeros(v.shape) for k, v in g.items()}
-        if flipping:  # flip, at the target norm (beside its noise, if any)
-            target = self._flip_target(g, arrays, metrics, server_round, attack == "build-flip-bound")
-            size = math.sqrt(sum(float(np.sum(v**2)) for v in delta.values()))
-            beside = math.sqrt(sum(float(np.sum(v**2)) for v in noise.values()))
-            scale = math.sqrt(max(target**2 - beside**2, 0.0)) / size
-            delta = {k: -scale * v for k, v in delta.items()}
-        return {k: (g[k] + delta[k] + noise[k]).astype(np.float32) for k in g}
 
     def _replies(
         self,
@@ -245,18 +157,22 @@ class Federation:
             set_adapter_arrays(self.model, g)
             flip = attack == "label-flip" and i == bad
             dataset, weight = (self.flipped, self.flipped_weight) if flip else (self.data[i], self.weights[i])
-            with _noise_free() if attack in NOISE_FREE and i == bad else nullcontext():
+            with noise_free() if attack in NOISE_FREE and i == bad else nullcontext():
                 site, m, histories[i] = self._train(dataset, weight, plan, histories[i], server_round)
             arrays.append(site)
             metrics.append(m)
         if attack in NOISE_FREE:
-            arrays[bad] = self._build_flip(g, arrays, metrics, server_round, attack, rng)
+            arrays[bad] = self.malicious.build_flip(g, arrays, metrics, server_round, attack, rng)
         else:
-            arrays[bad], metrics[bad] = self._attack(attack, g, arrays[bad], metrics[bad], rng, robust)
+            arrays[bad], metrics[bad] = self.malicious.attack(
+                attack, g, arrays[bad], metrics[bad], rng, robust
+            )
         return [_reply(i + 1, a, m) for i, (a, m) in enumerate(zip(arrays, metrics, strict=True))]
 
-    def _tally(self, record: dict, counts: dict, seen: dict, server_round: int) -> None:
-        """Add one round's record to the run's counts, direction scores and noise ratios."""
+    def _tally(
+        self, record: RoundRecord, ratios: dict[int, float], counts: dict, seen: dict, server_round: int
+    ) -> None:
+        """Add one round's record and noise ratios to the run's counts and direction scores."""
         bad = self.attacker + 1
         clean = {c["node"] for c in record.get("too-clean", [])}
         sites = {int(n): m for n, m in record.get("sites", {}).items()}
@@ -276,7 +192,7 @@ class Federation:
         if server_round == self.rounds:
             for node, e in record.get("direction-evidence", {}).items():
                 seen["attacker-evidence" if int(node) == bad else "honest-evidence"].append(e)
-        for node, ratio in record.get("noise-ratio", {}).items():
+        for node, ratio in ratios.items():
             seen["attacker-noise-ratio" if int(node) == bad else "honest-noise-ratio"].append(ratio)
 
     def run(self, attack: str, robust: RobustSettings) -> dict:
@@ -297,9 +213,8 @@ class Federation:
             strategy.remember_global(ArrayRecord({k: Array(v) for k, v in g.items()}))
             replies = self._replies(attack, g, plans, histories, server_round, rng, robust)
             aggregate, _ = strategy.aggregate_train(server_round, replies)
-            record = strategy.round_summary(server_round)
-            record["noise-ratio"] = self._noise_ratios(g, replies, server_round)
-            self._tally(record, counts, seen, server_round)
+            ratios = self._noise_ratios(g, replies, server_round)
+            self._tally(strategy.round_summary(server_round), ratios, counts, seen, server_round)
             if aggregate is not None:
                 g = dict(zip(aggregate.keys(), aggregate.to_numpy_ndarrays(), strict=True))
         set_adapter_arrays(self.model, g)

@@ -7,7 +7,7 @@ BBC News, the embedded MiniLM, the DP recipe (head only, full-batch DP-SGD, ε 8
 Per round it reads each run's log: seconds (the difference of ``wall-seconds``; the server's
 test evaluation is in both) and bytes the sites uploaded (``bytes-received``: plain = the
 adapters; secagg+ = public keys, encrypted shares, masked vectors and unmask shares). Writes
-``secagg-bench.csv`` and prints a markdown table.
+``secagg-bench.csv`` and prints a markdown table and both uploads' totals side by side.
 """
 
 from __future__ import annotations
@@ -88,13 +88,20 @@ def main(argv: list[str] | None = None) -> None:
         seconds, uploaded = mean(r["seconds"] for r in rows), mean(r["uploaded-bytes"] for r in rows)
         print(f"| {aggregation} | {seconds:.2f} | {uploaded:,.0f} | {rows[-1]['accuracy']:.3f} |")
     plain = mean(r["uploaded-bytes"] for r in results["plain"])
+    secure = mean(r["uploaded-bytes"] for r in results["secagg+"])
+    print(
+        f"uploaded per round, all sites, all stages: plain {plain:,.0f} B, secagg+ {secure:,.0f} B "
+        f"= {secure / plain:.3f}x plain"
+    )
     for r in results["secagg+"]:
         print(
             f"secagg+ round {r['round']}: stage seconds {r['stage-seconds']}; stage bytes {r['stage-bytes']}"
         )
     vector = mean(r["stage-bytes"].get("collect", 0) for r in results["secagg+"])
-    extra = mean(r["uploaded-bytes"] for r in results["secagg+"]) - plain
-    print(f"masked vectors {vector / plain:.3f}x the plain upload; key stages add {extra / plain:.3f}x it")
+    key_bytes = secure - vector
+    print(f"masked vectors {vector / plain:.3f}x the plain upload; key stages {key_bytes / plain:.3f}x it")
+    extra = mean(r["seconds"] for r in results["secagg+"]) - mean(r["seconds"] for r in results["plain"])
+    print(f"seconds per round, secagg+ minus plain: {extra:+.2f} s (mean of {len(results['plain'])} rounds)")
     keys = ("setup", "share-keys", "unmask")
     protocol = mean(sum(r["stage-seconds"].get(k, 0.0) for k in keys) for r in results["secagg+"])
     print(f"key stages (setup + share-keys + unmask): {protocol:.2f} s per round on average")

@@ -11,7 +11,6 @@ one after the other) and bytes uploaded per stage, against the plain adapters' b
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import numpy as np
@@ -62,12 +61,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trials", type=int, default=3)
     args = parser.parse_args(argv)
     TaskIdentity._task_id = TaskIdentity._run_id = TaskIdentity._node_id = 1  # as the ServerApp runtime
-    plain = args.sites * sum(math.prod(s) for s in SHAPES.values()) * 4
+    zeros = {k: Array(np.zeros(s, np.float32)) for k, s in SHAPES.items()}
+    plain = args.sites * ArrayRecord(zeros).count_bytes()  # plain replies' adapters, as the server counts
     for trial in range(args.trials):
         seconds, record, stages = one_round(args.sites, trial)
         print(
             f"round {trial}: {seconds:.2f} s in-process; uploaded {record['bytes-received']:,} B "
-            f"({record['bytes-received'] / plain:.2f}x the plain adapters' {plain:,} B); by stage {stages}"
+            f"({record['bytes-received'] / plain:.3f}x the plain adapters' {plain:,} B); by stage {stages}"
         )
 
 

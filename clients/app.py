@@ -15,15 +15,16 @@ is answered with the reply it kept (``clients.replay``): no step, no new ε.
 
 from __future__ import annotations
 
-import json
-import math
 import time
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from peft import PeftModel
+from torch.utils.data import TensorDataset
 
 from clients.bookkeeping import book_releases, site_state_dir
 from clients.books import RunBooks, SiteBooks
@@ -40,27 +41,27 @@ from fedllm.accounting import (
     resolve_delta,
 )
 from fedllm.adapters import adapter_from_record, adapter_to_record
-from fedllm.config import Settings, settings_from
+from fedllm.config import ResolvedSettings, Settings, settings_from
+from fedllm.contract import EvaluateMetrics, RoundConfig, metric_values
 from fedllm.data import SiteData, load_site_file, loss_weights, partition_sites, tokenize
 from fedllm.files import fingerprint_file
 from fedllm.imbalance import (
     exact_histogram,
     histogram_count,
     label_ids,
-    logit_offset,
     personalized_offset,
-    prior_weights,
     private_histogram,
 )
 from fedllm.ledger import PrivacyLedger
 from fedllm.model import build_model, load_tokenizer, pick_device
 from fedllm.shards import ShardSettings
+from fedllm.site_round import train_metrics, train_site_round
+from fedllm.site_state import LEDGER
 from fedllm.statement import lifetime_statement, statement
-from fedllm.train import evaluate, train_local
+from fedllm.train import TrainResult, evaluate
 
 # pinned_app: clients/pin.py (refuses runs of other apps first); secagg_mod: clients/secagg.py
 app = ClientApp(mods=[failures_as_codes, pinned_app, secagg_mod, book_releases])
-LEDGER_NAME = "privacy_ledger.json"
 
 
 @lru_cache(maxsize=2)
@@ -89,7 +90,7 @@ def _site_data(context: Context, settings: Settings, labels: list[str]) -> SiteD
     if not is_virtual_site(context):
         own = settings.replace(test_fraction=float(node.get("test-fraction", Settings.test_fraction)))
         return load_site_file(
-            node["data-file"],
+            str(node["data-file"]),
             str(node.get("text-column", settings.text_column)),
             str(node.get("label-column", settings.label_column)),
             labels,
@@ -100,18 +101,19 @@ def _site_data(context: Context, settings: Settings, labels: list[str]) -> SiteD
     return sites[int(node["partition-id"])]
 
 
-def _setup(msg: Message, context: Context, settings: Settings):
-    """Label names, this site's data and the model with the global adapter loaded."""
-    labels = json.loads(str(msg.content["config"]["labels"]))
+def _setup(
+    msg: Message, context: Context, settings: ResolvedSettings, labels: list[str]
+) -> tuple[SiteData, PeftModel]:
+    """This site's data and the model with the global adapter loaded."""
     site = _site_data(context, settings, labels)
     model = build_model(settings, labels, pick_device(settings.device))
-    adapter_from_record(model, msg.content["arrays"])
-    return labels, site, model
+    adapter_from_record(model, msg.content.array_records["arrays"])
+    return site, model
 
 
 def _ledger(context: Context) -> PrivacyLedger | None:
     """A real site's ledger; a virtual site keeps its history in ``context.state`` only."""
-    return None if is_virtual_site(context) else PrivacyLedger(_state_dir(context) / LEDGER_NAME)
+    return None if is_virtual_site(context) else PrivacyLedger(_state_dir(context) / LEDGER)
 
 
 @app.train()
@@ -145,7 +147,7 @@ def _replay(msg: Message, context: Context, kept: KeptReply, books: SiteBooks, p
 
 def _book_round(
     context: Context,
-    settings: Settings,
+    settings: ResolvedSettings,
     policy: SitePolicy,
     books: SiteBooks,
     train_ds,
@@ -165,15 +167,17 @@ def _book_round(
     fresh = run.public_n is None
     if fresh:
         run = _draw_count(settings, books, run, train_ds, num_classes)
+    public_n = run.public_n
+    assert public_n is not None  # the run's count: drawn above if it was not booked yet
     plan = plan_privacy(
-        settings, run.public_n, num_rounds, dimension, count_noise=settings.count_noise, count_draws=run.draws
+        settings, public_n, num_rounds, dimension, count_noise=settings.count_noise, count_draws=run.draws
     )
     this_round = [plan.noise_multiplier, plan.sample_rate, plan.local_steps]
     done = sum(int(h[2]) for h in run.history) - run.draws  # each count draw is one entry of one "step"
     rest = max(plan.planned_steps - done - plan.local_steps, 0)
     reserved = [[plan.noise_multiplier, plan.sample_rate, rest]] if rest else []
     try:
-        policy.check_count(plan.delta, run.public_n)
+        policy.check_count(plan.delta, public_n)
         policy.check_lifetime([*books.others(), *run.history, this_round, *reserved])
     except SitePolicyError:  # the refusal answers a question about n̂: a fresh count is booked
         if fresh:
@@ -189,7 +193,7 @@ def _book_round(
         epsilon_for(booked.history, plan.delta, plan.accountant),
         round=server_round,
         num_rounds=num_rounds,
-        data_fingerprint=fingerprint_file(context.node_config["data-file"]) if books.ledger else "",
+        data_fingerprint=fingerprint_file(str(context.node_config["data-file"])) if books.ledger else "",
         not_covered=gaps,
         statement=statement(lifetime, policy.max_delta, books.other_runs() + 1, policy.accountant, gaps),
     )
@@ -217,67 +221,97 @@ def _draw_count(settings: Settings, books: SiteBooks, run: RunBooks, train_ds, n
     return RunBooks(history, histogram_count(histogram), [], histogram, draws + 1)
 
 
+@dataclass
+class _SiteRound:
+    """A round at this site once checked and booked: its data, model, plan and books."""
+
+    rounds: tuple[int, int]  # (this round, the run's rounds)
+    labels: list[str]
+    site: SiteData
+    model: PeftModel  # the global adapter loaded
+    train_ds: TensorDataset
+    plan: PrivacyPlan | None = None  # None without DP
+    history: list = field(default_factory=list)  # the accountant's history before this round
+    histogram: list | None = None  # the run's label histogram (DP under DP), None without imbalance
+
+
 def _train_round(
     msg: Message, context: Context, policy: SitePolicy, books: SiteBooks, store: ReplyStore, start: float
 ) -> Message:
     """``train``'s work, under the run key's lock: replay a kept reply, or check, book, train, reply."""
-    rounds = int(msg.content["config"]["num-rounds"])
-    server_round = int(msg.content["config"]["server-round"])
-    digest = arrays_digest(msg.content["arrays"])
+    config = RoundConfig.read(msg.content.config_records["config"])
+    digest = arrays_digest(msg.content.array_records["arrays"])
     settings = settings_from(context.run_config, source="run config").resolved()  # once, here
     kept = store.load(books.key)
-    if kept is not None and kept.answers(books.key, server_round, digest):
+    if kept is not None and kept.answers(books.key, config.server_round, digest):
         return _replay(msg, context, kept, books, settings.private)
     policy.check_run(settings)  # public: before anything reads the data
-    plan, history, histogram = None, [], None
+    work = _check_and_book(msg, context, settings, policy, books, config)
+    result = train_site_round(
+        work.model,
+        work.train_ds,
+        settings,
+        work.rounds,
+        plan=work.plan,
+        history=work.history,
+        histogram=work.histogram,
+        num_classes=len(work.labels),
+        class_weight=loss_weights(settings, work.site.train, work.labels),
+    )
+    reply_arrays = adapter_to_record(work.model)
+    seconds = time.perf_counter() - start
+    metrics = train_metrics(result, work.plan, len(work.train_ds), reply_arrays.count_bytes(), seconds)
+    _print_round(context, work, result)
+    reply = MetricRecord(policy.reply_metrics(dict(metrics), private=work.plan is not None))
+    store.keep(KeptReply(books.key, config.server_round, digest, reply_arrays, dict(reply)))  # booked
+    return Message(RecordDict({"arrays": reply_arrays, "metrics": reply}), reply_to=msg)
+
+
+def _check_and_book(
+    msg: Message,
+    context: Context,
+    settings: ResolvedSettings,
+    policy: SitePolicy,
+    books: SiteBooks,
+    config: RoundConfig,
+) -> _SiteRound:
+    """Under the budget lock: the DP count's lifetime check (public), then the data and model, and
+    under DP the round booked (``_book_round``) before any noise is drawn."""
+    rounds = (config.server_round, config.num_rounds)
     with books.locked():
         run = books.this_run()
         if settings.private and run.public_n is None:  # public: the ledger and σ_n
             due = [*books.others(), *run.history, count_entry(settings.count_noise)]
             policy.check_lifetime(due, "the run's DP count")
-        labels, site, model = _setup(msg, context, settings)
+        site, model = _setup(msg, context, settings, config.labels)
         train_ds = tokenize(
-            site.train, load_tokenizer(settings.model), labels, settings.max_length, settings.truncation
+            site.train,
+            load_tokenizer(settings.model),
+            config.labels,
+            settings.max_length,
+            settings.truncation,
         )
+        work = _SiteRound(rounds, config.labels, site, model, train_ds)
         if settings.private:
-            dimension = model.get_nb_trainable_parameters()[0]
-            when, shape = (server_round, rounds), (dimension, len(labels))
-            plan, history, histogram = _book_round(context, settings, policy, books, train_ds, when, shape)
+            shape = (model.get_nb_trainable_parameters()[0], len(config.labels))
+            work.plan, work.history, work.histogram = _book_round(
+                context, settings, policy, books, train_ds, rounds, shape
+            )
         elif settings.imbalance != "none":  # without DP the exact counts: nothing is released
-            histogram = exact_histogram(label_ids(site.train, labels), len(labels))
-    weights = prior_weights(settings, histogram, len(labels))
-    result = train_local(
-        model,
-        train_ds,
-        settings,
-        plan=plan,
-        history=history,
-        class_weight=weights if weights is not None else loss_weights(settings, site.train, labels),
-        logit_offset=logit_offset(settings, histogram, len(labels)),
-        round_of=(server_round, rounds),
-    )
-    reply_arrays = adapter_to_record(model)
-    metrics = {
-        "num-examples": plan.public_n if plan else len(train_ds),  # under DP only the DP count
-        "train-loss": float(result.mean_loss),
-        "steps": int(result.steps),
-        "epsilon": float(result.epsilon) if plan else math.inf,
-        "delta": float(plan.delta) if plan else 0.0,
-        "noise-multiplier": float(result.noise_multiplier),
-        "sample-rate": float(plan.sample_rate) if plan else 1.0,
-        "update-bytes": reply_arrays.count_bytes(),
-        "train-seconds": float(time.perf_counter() - start),
-    }
+            work.histogram = exact_histogram(label_ids(site.train, config.labels), len(config.labels))
+    return work
+
+
+def _print_round(context: Context, work: _SiteRound, result: TrainResult) -> None:
+    """The site's own log line for a trained round."""
+    plan = work.plan
     eps = (
         f"epsilon so far {result.epsilon:.3f} (delta {plan.delta:g}, n̂ {plan.public_n})" if plan else "no DP"
     )
     print(
-        f"[site {context.node_id}] round {server_round}: "
-        f"{result.steps} steps on {len(train_ds)} texts, loss {result.mean_loss:.4f}, {eps}"
+        f"[site {context.node_id}] round {work.rounds[0]}: "
+        f"{result.steps} steps on {len(work.train_ds)} texts, loss {result.mean_loss:.4f}, {eps}"
     )
-    reply = MetricRecord(policy.reply_metrics(metrics, private=plan is not None))
-    store.keep(KeptReply(books.key, server_round, digest, reply_arrays, dict(reply)))  # after the books
-    return Message(RecordDict({"arrays": reply_arrays, "metrics": reply}), reply_to=msg)
 
 
 @app.evaluate()
@@ -285,13 +319,14 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     """Score the global adapter on this site's local test split, if the site releases that."""
     settings = settings_from(context.run_config, source="run config").resolved()  # once, here
     SitePolicy.from_context(context).check_evaluate(settings.private)
-    labels, site, model = _setup(msg, context, settings)
+    labels = RoundConfig.read(msg.content.config_records["config"], train=False).labels
+    site, model = _setup(msg, context, settings, labels)
     test_ds = tokenize(
         site.test, load_tokenizer(settings.model), labels, settings.max_length, settings.truncation
     )
     head_only = settings.trainable == "head"
     scores = evaluate(model, test_ds, labels, head_only=head_only)
-    metrics = {
+    metrics: EvaluateMetrics = {
         "num-examples": int(scores["num_examples"]),
         "loss": float(scores["loss"]),
         "accuracy": float(scores["accuracy"]),
@@ -303,7 +338,6 @@ def evaluate_global(msg: Message, context: Context) -> Message:
         if histogram is not None:
             offset = personalized_offset(histogram, len(labels), settings.imbalance_tau)
             own = evaluate(model, test_ds, labels, head_only=head_only, logit_offset=offset)
-        metrics.update(
-            {"personal-accuracy": float(own["accuracy"]), "personal-macro-f1": float(own["macro_f1"])}
-        )
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+        metrics["personal-accuracy"] = float(own["accuracy"])
+        metrics["personal-macro-f1"] = float(own["macro_f1"])
+    return Message(RecordDict({"metrics": MetricRecord(metric_values(metrics))}), reply_to=msg)

@@ -25,6 +25,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from clients.policy import SitePolicy, is_virtual_site
 from clients.replay import run_key
 from fedllm.config import settings_from
+from fedllm.contract import SERVER_ROUND
 from fedllm.site_state import SiteState, open_state, raise_high_water, remember_policy
 
 
@@ -64,7 +65,7 @@ def book_releases(msg: Message, context: Context, call_next: ClientAppCallable) 
         kind = release_kind(msg, context)
         if kind is not None and not reply.has_error():
             config = msg.content.config_records.get("config")
-            server_round = config.get("server-round", 0) if config is not None else 0
+            server_round = config.get(SERVER_ROUND, 0) if config is not None else 0
             state.ledger.record_release(run_key(msg, context), kind, round=int(str(server_round)))
         return reply
     finally:

@@ -60,9 +60,13 @@ class SiteBooks:
         if not state or state.get("run-key", self.key) != self.key:
             return RunBooks()
         histogram = json.loads(str(state.get("label-histogram", "null")))
-        draws = int(state.get("count-draws", 1))
+        draws = int(str(state.get("count-draws", 1)))  # stored as an int
         return RunBooks(
-            json.loads(str(state["history"])), int(state.get("public-n", 0)) or None, [], histogram, draws
+            json.loads(str(state["history"])),
+            int(str(state.get("public-n", 0))) or None,
+            [],
+            histogram,
+            draws,
         )
 
     def this_run(self) -> RunBooks:

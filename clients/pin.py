@@ -28,6 +28,7 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from clients.policy import SitePolicyError, is_virtual_site
 from fedllm import failure_codes as codes
+from fedllm.contract import NUM_ROUNDS, RUN_KEY
 
 PIN_KEY = "pin-app"
 DIGEST = re.compile(r"[0-9a-f]{64}")
@@ -82,13 +83,13 @@ def check_run(msg: Message, context: Context) -> None:
     """The message's run key and round count against the operator's run config."""
     config = msg.content.config_records.get("config", ConfigRecord())
     resumed = bool(str(context.run_config.get("resume", "")).strip())
-    key = str(config.get("run-key", context.run_id))
+    key = str(config.get(RUN_KEY, context.run_id))
     if key != str(context.run_id) and not resumed:
         raise SitePolicyError(
             codes.REFUSED_RUN,
             f"run-key {key[:40]!r} is not this run's id {context.run_id} and the run config resumes no run",
         )
-    rounds, asked = context.run_config.get("num-server-rounds"), str(config.get("num-rounds"))
+    rounds, asked = context.run_config.get("num-server-rounds"), str(config.get(NUM_ROUNDS))
     if msg.metadata.message_type.startswith("train") and asked != str(rounds):
         raise SitePolicyError(
             codes.REFUSED_RUN,

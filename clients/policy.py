@@ -25,24 +25,13 @@ from flwr.common.constant import ErrorCode
 from fedllm import failure_codes as codes
 from fedllm.accounting import BudgetExhaustedError, check_delta, epsilon_for, resolve_delta
 from fedllm.config import Settings
+from fedllm.contract import DP_REPLY_KEYS, RELEASED_TRAIN_KEYS  # the reply keys (fedllm/contract.py)
 from fedllm.ledger import LedgerError
 from fedllm.settings_reader import key, read
 from fedllm.statement import DEFAULT_NOT_COVERED
 
 DEFAULT_MAX_EPSILON = 8.0
 DEFAULT_MAX_DELTA = 1e-5
-# what the server needs to weight and account a DP update; nothing here is computed from
-# the examples' contents (n, and q and steps derived from it, are listed as not covered)
-DP_REPLY_KEYS = (
-    "num-examples",
-    "steps",
-    "epsilon",
-    "delta",
-    "noise-multiplier",
-    "sample-rate",
-    "update-bytes",
-)
-RELEASED_TRAIN_KEYS = ("train-loss", "train-seconds")
 SIM_PREFIX = "sim-site-"
 # failure reasons the server may see: fixed codes (fedllm/failure_codes.py, which the server
 # checks against); the full text stays in the site's log. Every failure that could depend on the

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 
+from fedllm.contract import RUN_KEY as RUN_KEY_FIELD
 from fedllm.files import write_durably
 from fedllm.ledger import LedgerError
 
@@ -49,7 +50,7 @@ def run_key(msg: Message, context: Context) -> str:
     Raises ``LedgerError`` (one line) for a key that is not 1-128 characters of ``A-Za-z0-9._:-``.
     """
     config = msg.content.config_records.get("config", ConfigRecord())
-    key = str(config["run-key"]) if "run-key" in config else str(context.run_id)
+    key = str(config[RUN_KEY_FIELD]) if RUN_KEY_FIELD in config else str(context.run_id)
     if not RUN_KEY.fullmatch(key):
         raise LedgerError(
             f"train config run-key={key[:40]!r}: not 1-128 characters of A-Za-z0-9._:-; "

@@ -5,14 +5,16 @@ its stage; the server sends four per round (server/secagg.py):
 
 1. ``setup``: the round's size and threshold; the site refuses fewer than 3 sites or a threshold
    of half its shares or less, makes two fresh key pairs (mask agreement, share encryption) and
-   answers with the public halves;
+   answers with the public halves (compressed points, 49 bytes each);
 2. ``share-keys``: its neighbours' public keys; it draws a private mask seed b, splits b and its
    mask private key into Shamir shares (Flower's), and answers one share pair per neighbour,
-   each encrypted to it (ECDH + Fernet, Flower's);
+   each encrypted to it (ECDH + Fernet, Flower's; the mask key shared as its raw 48-byte scalar,
+   each token sent as raw bytes, not base64);
 3. ``collect``: the train message itself plus the shares meant for it; it keeps them, lets the
    train handler run (``call_next``: the plain round, untouched), and answers only its vector
    (fedllm.secagg.encode: Δ, weight, counts and DP numbers) masked with PRG(b) and ±PRG(s_ij)
-   for every neighbour j that shared with it. No adapter and no metric leaves in the clear; the
+   for every neighbour j that shared with it, mod 2^b (b = ``modulus_bits(K)``, 25 for 5 sites),
+   packed at b bits a coordinate. No adapter and no metric leaves in the clear; the
    fraction of clipped coordinates is printed to the site's own log;
 4. ``unmask``: the lists of active and dropped neighbours; it answers its b-shares of the active
    and its key shares of the dropped, once per round, and refuses when the lists overlap (both
@@ -27,6 +29,7 @@ protocol state lives in ``context.state`` between the stages; a refusal raises
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -37,17 +40,30 @@ from flwr.common.secure_aggregation.secaggplus_utils import (
     share_keys_plaintext_concat,
     share_keys_plaintext_separate,
 )
-from flwr.supercore.primitives.asymmetric import (
-    bytes_to_private_key,
-    bytes_to_public_key,
-    generate_key_pairs,
-    private_key_to_bytes,
-    public_key_to_bytes,
-)
+from flwr.supercore.primitives.asymmetric import generate_key_pairs
 
 from clients.policy import SitePolicyError
 from fedllm.config import settings_from
-from fedllm.secagg import MAX_SITES, MIN_SITES, SecAggSettings, encode, flatten, mask
+from fedllm.secagg import (
+    MAX_SITES,
+    MIN_SITES,
+    SecAggError,
+    SecAggSettings,
+    encode,
+    fernet_token,
+    flatten,
+    get_list,
+    get_one,
+    load_private,
+    load_public,
+    mask,
+    modulus_bits,
+    pack,
+    private_bytes,
+    public_bytes,
+    raw_token,
+    reduce,
+)
 
 RECORD = "secagg"
 STATE = "secagg-state"
@@ -73,16 +89,13 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     enabled = SecAggSettings.from_run_config(context.run_config).enabled
     if not is_train or (config is None and not enabled):
         return call_next(msg, context)
-    _require(config is not None, "this run aggregates securely: a plain train reply is refused")
+    if config is None:
+        raise SecAggRefusal("this run aggregates securely: a plain train reply is refused")
     _require(enabled, "a secure-aggregation message in a run that is not secagg+")
-    stage = str(config.get("stage", ""))
-    state = context.state.config_records.get(STATE)
-    expected = "setup" if state is None else STAGES[STAGES.index(str(state["stage"])) + 1]
-    _require(stage == expected or stage == "setup", f"stage {stage!r} out of order (expected {expected!r})")
-    if stage != "setup":
-        _require(int(config["round"]) == int(state["round"]), "a stage of another round")
-    handler = {"setup": _setup, "share-keys": _share_keys, "collect": _collect, "unmask": _unmask}[stage]
-    content, new_state = handler(msg, context, config, state, call_next)
+    try:
+        content, new_state = _stage(msg, context, config, call_next)
+    except SecAggError as err:  # a malformed field, key or share: refused, nothing of the data sent
+        raise SecAggRefusal(str(err)) from err
     if new_state is None:
         context.state.config_records.pop(STATE, None)
     else:
@@ -90,9 +103,31 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     return Message(content, reply_to=msg)
 
 
-def _setup(msg, context, config, state, call_next) -> tuple[RecordDict, ConfigRecord]:
+Handler = Callable[
+    [Message, Context, ConfigRecord, ConfigRecord, ClientAppCallable], tuple[RecordDict, ConfigRecord | None]
+]
+
+
+def _stage(
+    msg: Message, context: Context, config: ConfigRecord, call_next: ClientAppCallable
+) -> tuple[RecordDict, ConfigRecord | None]:
+    """Check the stage's order and round against the kept state; run its handler."""
+    stage = get_one(config, "stage", str)
+    state = context.state.config_records.get(STATE)
+    expected = "setup" if state is None else STAGES[STAGES.index(get_one(state, "stage", str)) + 1]
+    _require(stage == expected or stage == "setup", f"stage {stage!r} out of order (expected {expected!r})")
+    if stage == "setup":
+        return _setup(config)
+    if state is None:  # unreachable: a stage after setup is expected only with a kept state
+        raise SecAggRefusal(f"stage {stage!r} before setup")
+    _require(get_one(config, "round", int) == get_one(state, "round", int), "a stage of another round")
+    handlers: dict[str, Handler] = {"share-keys": _share_keys, "collect": _collect, "unmask": _unmask}
+    return handlers[stage](msg, context, config, state, call_next)
+
+
+def _setup(config: ConfigRecord) -> tuple[RecordDict, ConfigRecord]:
     """Stage 1: check the round's shape; two fresh key pairs; answer the public keys."""
-    sites, shares, threshold = (int(config[k]) for k in ("sites", "num-shares", "threshold"))
+    sites, shares, threshold = (get_one(config, k, int) for k in ("sites", "num-shares", "threshold"))
     _require(MIN_SITES <= sites <= MAX_SITES, f"secure aggregation needs {MIN_SITES}..{MAX_SITES} sites")
     _require(shares <= sites and threshold <= shares, "more shares than sites, or threshold above shares")
     _require(2 * threshold > shares, "a threshold of half the shares or less")
@@ -101,36 +136,46 @@ def _setup(msg, context, config, state, call_next) -> tuple[RecordDict, ConfigRe
     new = ConfigRecord(
         {
             "stage": "setup",
-            "round": int(config["round"]),
+            "round": get_one(config, "round", int),
             "threshold": threshold,
-            "sk1": private_key_to_bytes(sk1),
-            "sk2": private_key_to_bytes(sk2),
-            "pk1": public_key_to_bytes(pk1),
-            "pk2": public_key_to_bytes(pk2),
+            "bits": modulus_bits(sites),
+            "sk1": private_bytes(sk1),
+            "sk2": private_bytes(sk2),
+            "pk1": public_bytes(pk1),
+            "pk2": public_bytes(pk2),
         }
     )
     return RecordDict({RECORD: ConfigRecord({"pk1": new["pk1"], "pk2": new["pk2"]})}), new
 
 
-def _share_keys(msg, context, config, state, call_next) -> tuple[RecordDict, ConfigRecord]:
+def _share_keys(
+    msg: Message, context: Context, config: ConfigRecord, state: ConfigRecord, call_next: ClientAppCallable
+) -> tuple[RecordDict, ConfigRecord]:
     """Stage 2: Shamir-share the mask seed b and the mask key; encrypt one pair per neighbour."""
     me = msg.metadata.dst_node_id
-    nids, pk1s, pk2s = list(config["nids"]), list(config["pk1s"]), list(config["pk2s"])
+    nids, pk1s, pk2s = (
+        get_list(config, "nids", int),
+        get_list(config, "pk1s", bytes),
+        get_list(config, "pk2s", bytes),
+    )
     _require(len(nids) == len(set(nids)) == len(pk1s) == len(pk2s), "malformed neighbour list")
     _require(len(set(pk1s + pk2s)) == 2 * len(nids), "two neighbours with the same public key")
     _require(me in nids, "the neighbour list omits this site")
     i = nids.index(me)
-    _require((pk1s[i], pk2s[i]) == (state["pk1"], state["pk2"]), "this site's public keys were altered")
-    _require(len(nids) >= int(state["threshold"]), "fewer neighbours than the threshold")
+    mine = (get_one(state, "pk1", bytes), get_one(state, "pk2", bytes))
+    _require((pk1s[i], pk2s[i]) == mine, "this site's public keys were altered")
+    threshold = get_one(state, "threshold", int)
+    _require(len(nids) >= threshold, "fewer neighbours than the threshold")
     seed = os.urandom(32)
-    b_shares = create_shares(seed, int(state["threshold"]), len(nids))
-    sk_shares = create_shares(state["sk1"], int(state["threshold"]), len(nids))
-    sk2 = bytes_to_private_key(state["sk2"])
+    b_shares = create_shares(seed, threshold, len(nids))
+    sk_shares = create_shares(get_one(state, "sk1", bytes), threshold, len(nids))
+    sk2 = load_private(get_one(state, "sk2", bytes))
     dsts, ctxts = [], []
     for j, nid in enumerate(nids):
         if nid != me:
-            key = generate_shared_key(sk2, bytes_to_public_key(pk2s[j]))
-            ctxts.append(encrypt(key, share_keys_plaintext_concat(me, nid, b_shares[j], sk_shares[j])))
+            key = generate_shared_key(sk2, load_public(pk2s[j]))
+            plaintext = share_keys_plaintext_concat(me, nid, b_shares[j], sk_shares[j])
+            ctxts.append(raw_token(encrypt(key, plaintext)))
             dsts.append(nid)
     new = ConfigRecord(
         {
@@ -150,16 +195,17 @@ def _share_keys(msg, context, config, state, call_next) -> tuple[RecordDict, Con
 
 def _receive_shares(me: int, config: ConfigRecord, state: ConfigRecord) -> ConfigRecord:
     """Decrypt the shares the neighbours sent this site; check who sent them to whom."""
-    nids, pk2s = list(state["nids"]), list(state["pk2s"])
-    srcs, ctxts = list(config["srcs"]), list(config["ctxts"])
+    nids, pk2s = get_list(state, "nids", int), get_list(state, "pk2s", bytes)
+    srcs, ctxts = get_list(config, "srcs", int), get_list(config, "ctxts", bytes)
     _require(len(srcs) == len(set(srcs)) == len(ctxts), "malformed share list")
-    _require(len(srcs) + 1 >= int(state["threshold"]), "fewer neighbours left than the threshold")
-    sk2 = bytes_to_private_key(state["sk2"])
-    got, b_shares, sk_shares = list(state["share-srcs"]), list(state["b-shares"]), list(state["sk-shares"])
+    _require(len(srcs) + 1 >= get_one(state, "threshold", int), "fewer neighbours left than the threshold")
+    sk2 = load_private(get_one(state, "sk2", bytes))
+    got = get_list(state, "share-srcs", int)
+    b_shares, sk_shares = get_list(state, "b-shares", bytes), get_list(state, "sk-shares", bytes)
     for src, ctxt in zip(srcs, ctxts, strict=True):
         _require(src in nids and src != me, f"shares from {src}, not a neighbour")
-        key = generate_shared_key(sk2, bytes_to_public_key(pk2s[nids.index(src)]))
-        sender, receiver, b_share, sk_share = share_keys_plaintext_separate(decrypt(key, ctxt))
+        key = generate_shared_key(sk2, load_public(pk2s[nids.index(src)]))
+        sender, receiver, b_share, sk_share = share_keys_plaintext_separate(decrypt(key, fernet_token(ctxt)))
         _require((sender, receiver) == (src, me), "a share addressed to another pair of sites")
         got.append(src)
         b_shares.append(b_share)
@@ -168,52 +214,60 @@ def _receive_shares(me: int, config: ConfigRecord, state: ConfigRecord) -> Confi
 
 
 def masked_vector(vector: np.ndarray, me: int, state: ConfigRecord) -> np.ndarray:
-    """``vector`` + PRG(b) ± PRG(s_ij) for each neighbour j that shared (+ when me > j), mod 2³²."""
-    out = vector.astype(np.uint32) + mask(state["seed"], vector.size)
-    nids, pk1s = list(state["nids"]), list(state["pk1s"])
-    sk1 = bytes_to_private_key(state["sk1"])
-    for nid in state["share-srcs"]:
+    """``vector`` + PRG(b) ± PRG(s_ij) for each neighbour j that shared (+ when me > j), mod 2^b
+    (the round's ``modulus_bits``), as uint32 values < 2^b."""
+    out = vector.astype(np.uint32) + mask(get_one(state, "seed", bytes), vector.size)
+    nids, pk1s = get_list(state, "nids", int), get_list(state, "pk1s", bytes)
+    sk1 = load_private(get_one(state, "sk1", bytes))
+    for nid in get_list(state, "share-srcs", int):
         if nid == me:
             continue
-        pairwise = mask(generate_shared_key(sk1, bytes_to_public_key(pk1s[nids.index(nid)])), vector.size)
+        pairwise = mask(generate_shared_key(sk1, load_public(pk1s[nids.index(nid)])), vector.size)
         out = out + pairwise if me > nid else out - pairwise
-    return out
+    return reduce(out, get_one(state, "bits", int))
 
 
-def _collect(msg, context, config, state, call_next) -> tuple[RecordDict, ConfigRecord]:
+def _collect(
+    msg: Message, context: Context, config: ConfigRecord, state: ConfigRecord, call_next: ClientAppCallable
+) -> tuple[RecordDict, ConfigRecord]:
     """Stage 3: keep the shares, train (the plain handler), answer only the masked vector."""
     me = msg.metadata.dst_node_id
     state = _receive_shares(me, config, state)
-    glob = {name: array.numpy() for name, array in msg.content["arrays"].items()}
+    glob = {name: array.numpy() for name, array in msg.content.array_records["arrays"].items()}
     del msg.content.config_records[RECORD]  # the train handler sees a plain train message
     reply = call_next(msg, context)
     if reply.has_error():  # the inner code (already a fixed one) reaches the server unchanged
         raise SitePolicyError(str(reply.error.reason), "training failed; the site drops out before masking")
-    trained = {name: array.numpy() for name, array in reply.content["arrays"].items()}
+    trained = {name: array.numpy() for name, array in reply.content.array_records["arrays"].items()}
     _require(list(trained) == list(glob), "the trained adapter's names differ from the global one")
     names = list(glob)
     delta = flatten(trained, names) - flatten(glob, names)
     secagg = SecAggSettings.from_run_config(context.run_config)
     clip = secagg.clip(settings_from(context.run_config))
-    vector, clipped = encode(delta, dict(reply.content["metrics"]), clip, secagg.secagg_max_weight)
+    metrics = dict(reply.content.metric_records["metrics"])
+    vector, clipped = encode(delta, metrics, clip, secagg.secagg_max_weight)
     print(
-        f"[site {context.node_id}] secure round {int(state['round'])}: {clipped:.2%} of the update's "
-        f"coordinates clipped to ±{clip:g} (kept in this log only)"
+        f"[site {context.node_id}] secure round {get_one(state, 'round', int)}: {clipped:.2%} of the "
+        f"update's coordinates clipped to ±{clip:g} (kept in this log only)"
     )
-    masked = ArrayRecord({"vector": Array(masked_vector(vector, me, state))})
-    return RecordDict({"masked": masked}), ConfigRecord({**state, "stage": "collect"})
+    packed = pack(masked_vector(vector, me, state), get_one(state, "bits", int))
+    return RecordDict({"masked": ArrayRecord({"vector": Array(packed)})}), ConfigRecord(
+        {**state, "stage": "collect"}
+    )
 
 
-def _unmask(msg, context, config, state, call_next) -> tuple[RecordDict, None]:
+def _unmask(
+    msg: Message, context: Context, config: ConfigRecord, state: ConfigRecord, call_next: ClientAppCallable
+) -> tuple[RecordDict, None]:
     """Stage 4: b-shares of the active, key shares of the dropped; once; never both of one site."""
     me = msg.metadata.dst_node_id
-    active, dead = list(config["active"]), list(config["dead"])
+    active, dead = get_list(config, "active", int), get_list(config, "dead", int)
     _require(not set(active) & set(dead), "a site listed both active and dropped")
     _require(me in active, "this site sent its vector, yet is not listed active")
-    shared = list(state["share-srcs"])
+    shared = get_list(state, "share-srcs", int)
     _require(set(active) | set(dead) <= set(shared), "a listed site never shared with this site")
-    _require(len(active) >= int(state["threshold"]), "fewer active sites than the threshold")
-    b_shares, sk_shares = list(state["b-shares"]), list(state["sk-shares"])
+    _require(len(active) >= get_one(state, "threshold", int), "fewer active sites than the threshold")
+    b_shares, sk_shares = get_list(state, "b-shares", bytes), get_list(state, "sk-shares", bytes)
     nids = active + dead
     shares = [b_shares[shared.index(n)] for n in active] + [sk_shares[shared.index(n)] for n in dead]
     return RecordDict({RECORD: ConfigRecord({"nids": nids, "shares": shares})}), None

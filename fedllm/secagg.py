@@ -10,6 +10,11 @@ The vector of one site: ``quantize(w·clip(Δ, ±c))`` (Flower's stochastic quan
 its DP count n̂ and the numbers a DP reply carries, in fixed point. Every slot of K ≤ 1023 sites
 sums below 2³², so the masked sum never wraps; the server checks that it did not (``decode``).
 
+The round's modulus is 2^b with b = ``modulus_bits(K)``, the fewest bits that hold K·Q (25 for
+5 sites): masks, masked vectors and the sum live mod 2^b, and a masked vector travels packed at
+b bits a coordinate (``pack``), not 32. Keys travel raw: a public key as its compressed point
+(49 bytes), a private key (Shamir-shared) as its 48-byte scalar, a Fernet token as its bytes.
+
 The mask PRG is SHAKE-256 over a domain tag and the *whole* seed (a 32-byte private seed, or an
 ECDH-derived pairwise key): unlike Flower's ``pseudo_rand_gen``, which folds its seed to 32 bits
 for MT19937, no seed collides with another of a different byte order, and none is guessable.
@@ -17,11 +22,16 @@ for MT19937, no seed collides with another of a different byte order, and none i
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from typing import Any, TypeVar
 
 import numpy as np
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
 
 from fedllm.config import Settings
@@ -45,10 +55,31 @@ METRIC_SLOTS = (
 )
 AUTO_CLIP_STEPS = 4  # auto clipping range under DP: this many full clipped steps on one coordinate
 AUTO_CLIP_NO_DP = 1.0  # auto clipping range without DP (no clip norm to derive it from)
+CURVE = ec.SECP384R1()  # the curve of Flower's generate_key_pairs (checked by ``public_bytes``)
+SCALAR_BYTES = (CURVE.key_size + 7) // 8  # 48: a private key as its raw scalar
 
 
 class SecAggError(ValueError):
     """A secure-aggregation message or sum that breaks the protocol; the round cannot use it."""
+
+
+T = TypeVar("T", int, bytes, str)
+
+
+def get_one(record: Mapping[str, object], key: str, kind: type[T]) -> T:
+    """``record[key]`` as ``kind`` (int, bytes or str); ``SecAggError`` when absent or another type."""
+    value = record.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise SecAggError(f"secure-aggregation field {key!r}: expected {kind.__name__}")
+    return value
+
+
+def get_list(record: Mapping[str, object], key: str, kind: type[T]) -> list[T]:
+    """``record[key]`` as a list of ``kind``; ``SecAggError`` when absent or of another type."""
+    value = record.get(key)
+    if not isinstance(value, list) or any(not isinstance(v, kind) or isinstance(v, bool) for v in value):
+        raise SecAggError(f"secure-aggregation field {key!r}: expected a list of {kind.__name__}")
+    return [v for v in value if isinstance(v, kind)]
 
 
 @dataclass(frozen=True)
@@ -78,7 +109,7 @@ class SecAggSettings:
     @classmethod
     def from_run_config(cls, rc: dict) -> SecAggSettings:
         """Read and check the keys above; a bad value raises one line naming the key and the fix."""
-        values = {}
+        values: dict[str, Any] = {}
         for f in fields(cls):
             key = f.name.replace("_", "-")
             raw = rc.get(key, f.default)
@@ -127,7 +158,7 @@ class SecAggSettings:
         return shares, max(shares // 2 + 1, math.ceil(self.secagg_threshold * shares))
 
 
-def _typed(kind: str, raw: object) -> object:
+def _typed(kind: str, raw: Any) -> str | int | float:
     if kind == "str":
         return str(raw).strip().lower()
     number = float(raw)
@@ -144,6 +175,83 @@ def mask(seed: bytes, length: int) -> np.ndarray:
         raise SecAggError("a mask seed must hold at least 128 bits")
     stream = hashlib.shake_256(MASK_DOMAIN + seed).digest(4 * length)
     return np.frombuffer(stream, dtype="<u4").astype(np.uint32)
+
+
+def modulus_bits(num_sites: int) -> int:
+    """b of the round's modulus 2^b: the fewest bits holding K·Q, the largest honest sum of a slot
+    (each of K sites' slots is ≤ Q), so the sum mod 2^b is the sum. Both sides derive it from the
+    round's size K; ≤ 32 for K ≤ ``MAX_SITES``."""
+    if not 1 <= num_sites <= MAX_SITES:
+        raise SecAggError(f"secure aggregation needs 1..{MAX_SITES} sites, got {num_sites}")
+    return (num_sites * QUANT_RANGE).bit_length()
+
+
+def reduce(values: np.ndarray, bits: int) -> np.ndarray:
+    """``values`` (uint32, so already mod 2³²) mod 2^bits: 2^bits divides 2³², so sums and
+    uniform masks stay sums and uniform masks."""
+    return (np.asarray(values, dtype=np.uint32) & np.uint32((1 << bits) - 1)).astype(np.uint32)
+
+
+def packed_size(length: int, bits: int) -> int:
+    """Bytes of ``length`` values packed at ``bits`` bits each."""
+    return (length * bits + 7) // 8
+
+
+def pack(values: np.ndarray, bits: int) -> np.ndarray:
+    """``values`` (each < 2^bits) as one little-endian stream of ``bits`` bits a value (uint8)."""
+    values = np.asarray(values, dtype=np.uint32)
+    if values.size and int(values.max()) >> bits:
+        raise SecAggError(f"a value does not fit in {bits} bits")
+    planes = ((values[:, None] >> np.arange(bits, dtype=np.uint32)) & np.uint32(1)).astype(np.uint8)
+    return np.packbits(planes.ravel(), bitorder="little")
+
+
+def unpack(packed: np.ndarray, length: int, bits: int) -> np.ndarray:
+    """The ``length`` uint32 values ``pack`` wrote; ``SecAggError`` for a stream of another size."""
+    if packed.dtype != np.uint8 or packed.shape != (packed_size(length, bits),):
+        raise SecAggError(f"a packed vector must be {packed_size(length, bits)} uint8 bytes")
+    planes = np.unpackbits(packed, count=length * bits, bitorder="little").reshape(length, bits)
+    return (planes.astype(np.uint32) << np.arange(bits, dtype=np.uint32)).sum(axis=1, dtype=np.uint32)
+
+
+def public_bytes(key: ec.EllipticCurvePublicKey) -> bytes:
+    """A public key of Flower's curve as its compressed point (X9.62; 49 bytes, not ~215 of PEM)."""
+    if key.curve.name != CURVE.name:
+        raise SecAggError(f"a key on {key.curve.name}, not {CURVE.name}")
+    return key.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint)
+
+
+def load_public(data: bytes) -> ec.EllipticCurvePublicKey:
+    """The public key of a compressed point; ``SecAggError`` when it is not one on the curve."""
+    try:
+        return ec.EllipticCurvePublicKey.from_encoded_point(CURVE, bytes(data))
+    except ValueError as err:
+        raise SecAggError("not a public key on the round's curve") from err
+
+
+def private_bytes(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """A private key as its raw big-endian scalar (48 bytes, not ~306 of PEM PKCS8)."""
+    return key.private_numbers().private_value.to_bytes(SCALAR_BYTES, "big")
+
+
+def load_private(data: bytes) -> ec.EllipticCurvePrivateKey:
+    """The private key of a raw scalar; ``SecAggError`` when it is not a valid one."""
+    if len(data) != SCALAR_BYTES:
+        raise SecAggError(f"a private key must be {SCALAR_BYTES} bytes")
+    try:
+        return ec.derive_private_key(int.from_bytes(data, "big"), CURVE)
+    except ValueError as err:
+        raise SecAggError("not a private key on the round's curve") from err
+
+
+def raw_token(token: bytes) -> bytes:
+    """A Fernet token (Flower's ``encrypt``) as its raw bytes: base64 costs a third more."""
+    return base64.urlsafe_b64decode(token)
+
+
+def fernet_token(raw: bytes) -> bytes:
+    """The Fernet token (base64, what Flower's ``decrypt`` reads) of ``raw_token``'s bytes."""
+    return base64.urlsafe_b64encode(bytes(raw))
 
 
 def site_weight(num_examples: float, max_weight: float) -> int:

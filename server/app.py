@@ -11,20 +11,22 @@ the same folder and under the same run key (server/resume.py).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from peft import PeftModel
 
 from fedllm.adapters import adapter_from_record, adapter_to_record, full_model_nbytes, save_adapter
-from fedllm.config import settings_from
-from fedllm.data import load_splits, tokenize
+from fedllm.config import Settings, settings_from
+from fedllm.contract import SCORE_KEYS, VALIDATION_PREFIX, evaluate_config, train_config
+from fedllm.data import Splits, load_splits, tokenize
 from fedllm.model import build_model, load_tokenizer, pick_device
 from fedllm.secagg import SecAggSettings
 from fedllm.train import evaluate
@@ -40,6 +42,7 @@ from server.settings import ClientDPSettings, ServerSettings
 from server.strategy import AdapterFedAvg
 
 app = ServerApp()
+EVALUATE_NAMES = ("loss", "accuracy", "macro_f1")  # fedllm.train.evaluate's names of SCORE_KEYS
 
 
 def _root(server: ServerSettings) -> Path:
@@ -82,11 +85,11 @@ def _save(model, folder: Path, labels: list[str], extra: dict | None = None) -> 
     os.replace(partial, folder)
 
 
-def _server_eval_sets(settings, splits, labels: list[str]) -> dict:
+def _server_eval_sets(settings: Settings, splits: Splits, labels: list[str]) -> dict:
     """The server's tokenized held-out parts, ``{"": test, "validation-": validation}`` (the key is
     the prefix of their scores; an empty validation part is left out)."""
     tokenizer = load_tokenizer(settings.model)
-    parts = {"": splits.test, "validation-": splits.validation}
+    parts = {"": splits.test, VALIDATION_PREFIX: splits.validation}
     return {
         prefix: tokenize(frame, tokenizer, labels, settings.max_length, settings.truncation)
         for prefix, frame in parts.items()
@@ -94,16 +97,13 @@ def _server_eval_sets(settings, splits, labels: list[str]) -> dict:
     }
 
 
-def server_scores(model, eval_sets: dict, labels: list[str], head_only: bool) -> dict:
+def server_scores(model: PeftModel, eval_sets: dict, labels: list[str], head_only: bool) -> dict[str, float]:
     """Loss, accuracy and macro-F1 on the test part (plain keys) and on the validation part
     (``validation-`` keys): settings are chosen on the latter, results reported on the former."""
-    scores = {}
+    scores: dict[str, float] = {}
     for prefix, dataset in eval_sets.items():
         result = evaluate(model, dataset, labels, head_only=head_only)
-        scores |= {
-            f"{prefix}{k}": result[m]
-            for k, m in (("loss", "loss"), ("accuracy", "accuracy"), ("macro-f1", "macro_f1"))
-        }
+        scores |= {f"{prefix}{k}": result[m] for k, m in zip(SCORE_KEYS, EVALUATE_NAMES, strict=True)}
     return scores
 
 
@@ -186,73 +186,111 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def _run(grid: Grid, context: Context, server: ServerSettings, stack: ExitStack) -> None:
-    """``main``'s body: data, model, run folder, the rounds, the final adapter."""
+    """``main``'s body: set up (data, model, run folder), the rounds, the final adapter."""
     rc = context.run_config
     configured = settings_from(rc, source="run config")
     settings = configured.resolved()  # 'auto' made concrete once, here: the library takes these
     robust = RobustSettings.from_run_config(rc)
-    explicit = server.label_list
-    splits = load_splits(settings, explicit or None) if (server.server_eval or not explicit) else None
-    labels = explicit or splits.labels
+    labels, splits = _labels(settings, server)
     model = build_model(settings, labels, pick_device(settings.device))
     run = open_run(context, server, run_record(dict(rc), configured.to_dict(), labels), model, stack)
-    run_dir, initial = run.run_dir, run.initial
-    full_bytes, update_bytes = full_model_nbytes(model), initial.count_bytes()
-    print(
-        f"fedllm: adapter update {update_bytes:,} B vs full model state dict {full_bytes:,} B "
-        f"({full_bytes / update_bytes:.0f}x smaller); run dir {run_dir}"
+    log = _open_log(run, model)
+    eval_sets = (
+        _server_eval_sets(settings, splits, labels) if splits is not None and server.server_eval else None
     )
-    eval_sets = _server_eval_sets(settings, splits, labels) if server.server_eval else None
     head_only = settings.trainable == "head"  # the encoder never changes
-    log = RunLog(run_dir, {"adapter-bytes": update_bytes, "full-model-bytes": full_bytes}, run.rows)
-
-    def evaluate_and_checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if run.rows is not None and server_round < run.first_round:  # resumed from it: logged
-            return None
-        if why := untrained_round(
-            server_round, server.num_server_rounds, strategy.round_summary(server_round)
-        ):
-            log.round(server_round, strategy.round_summary(server_round), {})  # its failures, no checkpoint
-            raise RunFailed(why)  # server/outcome.py: one line, finished:failed, no final adapter
-        adapter_from_record(model, arrays)
-        scores = {}
-        if eval_sets is not None:
-            scores = server_scores(model, eval_sets, labels, head_only)
-            print(
-                f"fedllm: round {server_round} server test: accuracy {scores['accuracy']:.4f} "
-                f"macro-F1 {scores['macro-f1']:.4f}"
-                + (f"; validation accuracy {scores['validation-accuracy']:.4f}" if len(eval_sets) > 1 else "")
-            )
-        _save(model, run_dir / f"round-{server_round:03d}", labels)
-        log.round(server_round, strategy.round_summary(server_round), scores)
-        return MetricRecord(scores) if scores else None
-
     strategy = make_strategy(rc, settings, server, robust)
+    end = RoundEnd(model, labels, run, log, strategy, server.num_server_rounds, eval_sets, head_only)
     if run.rows:
         strategy.restore(run.rows)  # the kept rounds' direction evidence (cosine) carries on
     strategy.start(
         grid=grid,
-        initial_arrays=initial,
+        initial_arrays=run.initial,
         num_rounds=server.num_server_rounds,
-        train_config=ConfigRecord(
-            {"labels": json.dumps(labels), "num-rounds": server.num_server_rounds, "run-key": run.run_key}
-        ),
-        evaluate_config=ConfigRecord({"labels": json.dumps(labels), "run-key": run.run_key}),
-        evaluate_fn=evaluate_and_checkpoint,
+        train_config=train_config(labels, server.num_server_rounds, run.run_key),
+        evaluate_config=evaluate_config(labels, run.run_key),
+        evaluate_fn=end,
         first_round=run.first_round,
     )
+    _finish(strategy, model, run, log, labels, configured)  # recorded as configured
+
+
+def _labels(settings: Settings, server: ServerSettings) -> tuple[list[str], Splits | None]:
+    """The run's labels (``labels`` in the run config, else the data set's) and the data set's
+    splits where they are needed (server evaluation, or labels to read)."""
+    explicit = server.label_list
+    if not server.server_eval and explicit:
+        return explicit, None
+    splits = load_splits(settings, explicit or None)
+    return explicit or splits.labels, splits
+
+
+def _open_log(run: OpenedRun, model: PeftModel) -> RunLog:
+    """The run log (its header: the update's and the full model's sizes), after one line on them."""
+    full_bytes, update_bytes = full_model_nbytes(model), run.initial.count_bytes()
+    print(
+        f"fedllm: adapter update {update_bytes:,} B vs full model state dict {full_bytes:,} B "
+        f"({full_bytes / update_bytes:.0f}x smaller); run dir {run.run_dir}"
+    )
+    return RunLog(run.run_dir, {"adapter-bytes": update_bytes, "full-model-bytes": full_bytes}, run.rows)
+
+
+@dataclass
+class RoundEnd:
+    """The strategy's ``evaluate_fn``: after each round, the server's scores, the checkpoint and
+    the run-log row; a round that aggregated no update stops the run (server/outcome.py)."""
+
+    model: PeftModel
+    labels: list[str]
+    run: OpenedRun
+    log: RunLog
+    strategy: Any  # make_strategy's: AdapterFedAvg, SecAggFedAvg or ClientDPFedAvg
+    num_rounds: int
+    eval_sets: dict | None
+    head_only: bool
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Score, checkpoint and log round ``server_round``'s global adapter ``arrays``."""
+        if self.run.rows is not None and server_round < self.run.first_round:  # resumed from it: logged
+            return None
+        record = self.strategy.round_summary(server_round)
+        if why := untrained_round(server_round, self.num_rounds, record):
+            self.log.round(server_round, record, {})  # its failures, no checkpoint
+            raise RunFailed(why)  # server/outcome.py: one line, finished:failed, no final adapter
+        adapter_from_record(self.model, arrays)
+        scores: dict[str, float] = {}
+        if self.eval_sets is not None:
+            scores = server_scores(self.model, self.eval_sets, self.labels, self.head_only)
+            print(
+                f"fedllm: round {server_round} server test: accuracy {scores['accuracy']:.4f} "
+                f"macro-F1 {scores['macro-f1']:.4f}"
+                + (
+                    f"; validation accuracy {scores[VALIDATION_PREFIX + 'accuracy']:.4f}"
+                    if len(self.eval_sets) > 1
+                    else ""
+                )
+            )
+        _save(self.model, self.run.run_dir / f"round-{server_round:03d}", self.labels)
+        self.log.round(server_round, record, scores)
+        return MetricRecord(dict(scores)) if scores else None
+
+
+def _finish(
+    strategy: Any, model: PeftModel, run: OpenedRun, log: RunLog, labels: list[str], settings: Settings
+) -> None:
+    """The final adapter (the last accepted global, round 0's if none was) and ``result.json``."""
     final = strategy.global_arrays
-    final = initial if final is None else final  # the last accepted global (round 0's if none was)
+    final = run.initial if final is None else final
     adapter_from_record(model, final)
-    _save(model, run_dir / "final-adapter", labels, {"settings": configured.to_dict()})
+    _save(model, run.run_dir / "final-adapter", labels, {"settings": settings.to_dict()})
     extra = {}
     if isinstance(strategy, ClientDPFedAvg):  # the run's client-level (ε, δ), and why it stopped early
-        extra = {"client-dp": strategy.spent(), "stopped": strategy.stopped}
-        spent = extra["client-dp"]
+        spent = strategy.spent()
+        extra = {"client-dp": spent, "stopped": strategy.stopped}
         print(
             f"fedllm: client-level DP for the whole run: ε {spent['epsilon']:.4f} at δ {spent['delta']:g} "
             f"over {spent['releases']} releases"
             + (f"; stopped early: {strategy.stopped}" if strategy.stopped else "")
         )
-    log.finish(run_dir / "final-adapter", extra)
-    print(f"fedllm: done; final adapter {run_dir / 'final-adapter'}; log {run_dir / 'metrics.jsonl'}")
+    log.finish(run.run_dir / "final-adapter", extra)
+    print(f"fedllm: done; final adapter {run.run_dir / 'final-adapter'}; log {run.run_dir / 'metrics.jsonl'}")

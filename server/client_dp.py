@@ -1,9 +1,12 @@
-"""Client-level DP at the server: Flower's fixed-clipping wrapper and RDP accountant, fed only
-validated replies, with a fixed denominator so one failing site never stalls a round.
+"""Client-level DP at the server: Flower's fixed-clipping wrapper and a Flower-protocol accountant,
+fed only validated replies, with a fixed denominator so one failing site never stalls a round.
 
 ``client-dp-epsilon = ε`` (server/settings.py's ``ClientDPSettings``) wraps a plain FedAvg in
-Flower's ``DifferentialPrivacyClientSideFixedClipping`` with its ``RdpAccountant``
-(``flwr.serverapp.RdpAccountant``, backed by dp-accounting): each round the server samples m
+Flower's ``DifferentialPrivacyClientSideFixedClipping`` with an accountant implementing Flower's
+``PrivacyAccountant`` protocol: by default dp-accounting's PLD accountant
+(server/client_accountant.py, tight for the Gaussian mechanism), or Flower's ``RdpAccountant``
+(``client-dp-accountant = "rdp"``; a valid bound ~7% looser at ε 3-8). σ is calibrated by the
+same accountant that books the run. Each round the server samples m
 sites, clips each site's update (its adapter minus the global) to L2 ≤ C with Flower's
 ``compute_clip_model_update`` (the server-side wrapper's own step, done before the wrapper because
 Flower's divides by zero on a zero update, which a stand-in is), averages the m
@@ -19,7 +22,7 @@ fails, is refused or never arrives is replaced by a stand-in carrying the global
 site's influence on the mean stays ≤ C/m, and the noise σC/m keeps its meaning. Without a
 single valid reply the round keeps the global adapter and releases nothing (no ε booked).
 
-The accountant's state (Flower's ``state_dict``: its config and every composed event) is in each
+The accountant's state (``state_dict``: its config and every composed event) is in each
 round's record, so ``metrics.jsonl`` carries it beside the checkpoint and a resumed run
 (``restore``) continues the same books.
 """
@@ -27,8 +30,9 @@ round's record, so ``metrics.jsonl`` carries it beside the checkpoint and a resu
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
+from typing import cast
 
 import numpy as np
 from flwr.app import (
@@ -41,19 +45,27 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
+from flwr.app.message.message import make_message
 from flwr.common import log
-from flwr.serverapp import Grid, RdpAccountant
+from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg, Result
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore.differential_privacy import compute_clip_model_update, get_norm
 from flwr.supercore.privacy_accounting import (
     GaussianPrivacyEvent,
-    NeighboringRelation,
-    PrivacyConfig,
-    SamplingMethod,
+    PrivacyAccountant,
 )
 
+from server.client_accountant import (
+    ACCOUNTANT_NAMES,
+    ACCOUNTANTS,
+    MIN_NOISE_MULTIPLIER,
+    PldAccountant,
+    accountant,
+    calibrate,
+    epsilon_after,
+)
 from server.flower_log import destinations, reply_node
 from server.settings import ClientDPSettings
 from server.strategy import ResumableStart
@@ -70,36 +82,6 @@ from server.validation import (
 
 WEIGHT = "client-dp-weight"  # every site's weight: 1 (Flower's accounted path needs equal weights)
 RECORD = "client-dp"
-
-
-def accountant(delta: float, sites: int, max_epsilon: float | None = None) -> RdpAccountant:
-    """Flower's RDP accountant for m-of-m releases: add/remove one site, no amplification."""
-    config = PrivacyConfig(
-        target_delta=delta,
-        population_size=sites,
-        neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-        sampling_method=SamplingMethod.NO_AMPLIFICATION,
-        max_epsilon=max_epsilon,
-    )
-    return RdpAccountant(config)
-
-
-def epsilon_after(noise_multiplier: float, releases: int, delta: float) -> float:
-    """Flower's accountant's ε after ``releases`` Gaussian releases of σ = ``noise_multiplier``."""
-    books = accountant(delta, 1)
-    books.compose(GaussianPrivacyEvent(noise_multiplier, 1, 1), releases)
-    return books.get_epsilon(delta)
-
-
-def calibrate(epsilon: float, releases: int, delta: float) -> float:
-    """The smallest σ (to 0.1%) whose ``releases`` rounds stay within ``epsilon`` by Flower's books."""
-    low, high = 0.05, 10_000.0
-    if epsilon_after(high, releases, delta) > epsilon:
-        raise ValueError(f"client-dp-epsilon={epsilon}: unreachable in {releases} rounds; raise it")
-    while high / low > 1.001:
-        mid = (low * high) ** 0.5
-        low, high = (mid, high) if epsilon_after(mid, releases, delta) > epsilon else (low, mid)
-    return high
 
 
 class UniformFedAvg(FedAvg):
@@ -131,7 +113,7 @@ def _stand_in(node: int, arrays: ArrayRecord, like: Message | None) -> Message:
         message_type=MessageType.TRAIN,
     )
     content = RecordDict({"arrays": arrays, "metrics": MetricRecord({WEIGHT: 1.0})})
-    return Message(content, metadata=metadata)
+    return make_message(metadata, content)
 
 
 class ClientDPFedAvg(ResumableStart, DifferentialPrivacyClientSideFixedClipping):
@@ -149,10 +131,16 @@ class ClientDPFedAvg(ResumableStart, DifferentialPrivacyClientSideFixedClipping)
         fedavg_kwargs["min_available_nodes"] = max(sites, int(fedavg_kwargs.get("min_available_nodes", 2)))
         fedavg_kwargs.pop("fraction_train", None)
         inner = UniformFedAvg(weighted_by_key=WEIGHT, **fedavg_kwargs)
+        method = dp.client_dp_accountant
         sigma = dp.client_dp_noise_multiplier or calibrate(
-            dp.client_dp_epsilon, num_rounds, dp.client_dp_delta
+            dp.client_dp_epsilon, num_rounds, dp.client_dp_delta, method
         )
-        books = accountant(dp.client_dp_delta, sites, dp.client_dp_epsilon)
+        if method == "pld" and sigma < MIN_NOISE_MULTIPLIER:
+            raise ValueError(
+                f"run config client-dp-noise-multiplier={sigma:g}: the PLD accountant books σ ≥ "
+                f'{MIN_NOISE_MULTIPLIER}; raise it or set client-dp-accountant="rdp"'
+            )
+        books = accountant(dp.client_dp_delta, sites, dp.client_dp_epsilon, method)
         super().__init__(inner, sigma, dp.client_dp_clip, sites, accountant=books)
         self.max_num_examples = max_num_examples
         self.rounds: dict[int, dict] = {}
@@ -160,21 +148,51 @@ class ClientDPFedAvg(ResumableStart, DifferentialPrivacyClientSideFixedClipping)
         self._sent: list[Message] = []
         self.stopped: str | None = None  # why the run ended early (the budget), if it did
 
+    @property
+    def books(self) -> PrivacyAccountant:
+        """The run's accountant (always set: the wrapper is built with one)."""
+        if self.accountant is None:
+            raise RuntimeError("client-level DP without an accountant")
+        return self.accountant
+
+    @property
+    def _glob(self) -> ArrayRecord:
+        """The current global adapter (set by ``start`` before any round)."""
+        if self._global is None:
+            raise RuntimeError("no global adapter yet: call start()")
+        return self._global
+
     def restore(self, records: list[dict]) -> None:
-        """Continue the books of a resumed run: the accountant state of its last kept round."""
+        """Continue the books of a resumed run: the accountant state of its last kept round (a
+        state of another accountant or config is refused by ``load_state_dict``)."""
         states = [r[RECORD]["accountant"] for r in records if RECORD in r]
         if states:
-            self.accountant.load_state_dict(states[-1])
+            self.books.load_state_dict(states[-1])
 
-    def start(self, grid: Grid, initial_arrays: ArrayRecord, *args, **kwargs) -> Result | None:
-        """Flower's rounds until ``num_rounds`` or until the next release would pass the budget."""
+    def start(  # Flower's signature, plus ResumableStart's first_round
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        *,
+        first_round: int = 1,
+    ) -> Result:
+        """Flower's rounds until ``num_rounds`` or until the next release would pass the budget
+        (then a ``Result`` holding the last released adapter, and ``stopped`` says why)."""
         self._global = initial_arrays
         try:
-            return super().start(grid, initial_arrays, *args, **kwargs)
+            return super().start(
+                grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate_fn,
+                first_round=first_round,
+            )  # fmt: skip
         except PrivacyBudgetExhausted as err:
             self.stopped = f"client-level DP budget reached: {err}"
             log(WARNING, "%s; the run ends with the last released adapter", self.stopped)
-            return None
+            return Result(arrays=self._glob)
 
     @property
     def global_arrays(self) -> ArrayRecord | None:
@@ -183,16 +201,36 @@ class ClientDPFedAvg(ResumableStart, DifferentialPrivacyClientSideFixedClipping)
 
     def spent(self) -> dict:
         """The run's client-level (ε, δ) so far, with the mechanism's parameters."""
-        spent = self.accountant.get_privacy_spent()
+        spent = self.books.get_privacy_spent()
         return {
             "epsilon": spent.epsilon,
             "delta": spent.delta,
             "releases": spent.num_releases,
+            "accounting": spent.accounting_method,
+            **{f"epsilon-{m}": e for m, e in self.epsilon_by_method(spent.delta).items()},
             "noise-multiplier": self.noise_multiplier,
             "clip": self.clipping_norm,
             "sites-per-round": self.num_sampled_clients,
-            "max-epsilon": self.accountant.config.max_epsilon,
+            "max-epsilon": self.books.config.max_epsilon,
         }
+
+    def epsilon_by_method(self, delta: float) -> dict[str, float]:
+        """The same booked releases' ε by each accountant (``pld``, ``rdp``), for the report; the
+        run's own accountant's is ``epsilon``, the other one's is only reported."""
+        state = self.books.state_dict()
+        out = {}
+        events = [
+            (GaussianPrivacyEvent(**c["event"]), int(c["count"]))
+            for c in cast(list[dict], state["compositions"])
+        ]
+        for method in ACCOUNTANTS:
+            if method == "pld" and any(e.noise_multiplier < MIN_NOISE_MULTIPLIER for e, _ in events):
+                continue  # below what the PLD accountant books (the run books with rdp)
+            other = accountant(delta, self.books.config.population_size, method=method)
+            for event, count in events:
+                other.compose(event, count)
+            out[method] = other.get_epsilon(delta) if other.num_releases else 0.0
+        return out
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -214,14 +252,16 @@ class ClientDPFedAvg(ResumableStart, DifferentialPrivacyClientSideFixedClipping)
                     raise ReplyError(site_reason(m.error.reason, m.error.code))
                 if list(m.content.metric_records) != ["metrics"]:
                     raise ReplyError("expected one MetricRecord 'metrics'")
-                metrics = check_metrics(m.content["metrics"], EVALUATE_METRICS, self.max_num_examples)
+                metrics = check_metrics(
+                    dict(m.content.metric_records["metrics"]), EVALUATE_METRICS, self.max_num_examples
+                )
             except ReplyError as err:
                 record["evaluate-failures"].append(
                     {"node": m.metadata.src_node_id, "reason": clean_reason(str(err))}
                 )
                 continue
             content = RecordDict({"metrics": MetricRecord({**metrics, WEIGHT: metrics["num-examples"]})})
-            checked.append(Message(content, metadata=m.metadata))
+            checked.append(make_message(m.metadata, content))
         return super().aggregate_evaluate(server_round, checked) if checked else None
 
     def _clipped(self, record: dict, node: int, arrays: dict[str, np.ndarray]) -> ArrayRecord:
@@ -231,7 +271,7 @@ class ClientDPFedAvg(ResumableStart, DifferentialPrivacyClientSideFixedClipping)
         """
         names = list(arrays)
         mine = [np.asarray(arrays[k], np.float32) for k in names]
-        glob = [self._global[k].numpy() for k in names]
+        glob = [self._glob[k].numpy() for k in names]
         norm = get_norm([a - g for a, g in zip(mine, glob, strict=True)])
         if norm > 0:
             compute_clip_model_update(mine, glob, self.clipping_norm)
@@ -242,7 +282,7 @@ class ClientDPFedAvg(ResumableStart, DifferentialPrivacyClientSideFixedClipping)
     def _checked(self, record: dict, replies: list[Message]) -> list[Message]:
         """Exactly one reply per sent message: the valid ones (weight 1), stand-ins for the rest."""
         sent, nodes = destinations(self._sent), [m.metadata.dst_node_id for m in self._sent]
-        spec = adapter_spec({k: v.numpy() for k, v in self._global.items()})
+        spec = adapter_spec({k: v.numpy() for k, v in self._glob.items()})
         out: dict[int, Message] = {}
         for m in canonical(replies):
             node = reply_node(m, sent)
@@ -258,12 +298,12 @@ class ClientDPFedAvg(ResumableStart, DifferentialPrivacyClientSideFixedClipping)
                 continue
             arrays = self._clipped(record, node, valid.arrays)
             content = RecordDict({"arrays": arrays, "metrics": MetricRecord({WEIGHT: 1.0})})
-            out[node] = Message(content, metadata=m.metadata)
+            out[node] = make_message(m.metadata, content)
             record["sites"][str(node)] = dict(valid.metrics)
         missing = [n for n in nodes if n not in out]
         record["stand-ins"] = sorted(missing)
         by_node = {m.metadata.dst_node_id: m for m in self._sent}
-        out.update({n: _stand_in(n, self._global, by_node.get(n)) for n in missing})
+        out.update({n: _stand_in(n, self._glob, by_node.get(n)) for n in missing})
         return [out[n] for n in sorted(out)]
 
     def aggregate_train(
@@ -278,7 +318,7 @@ class ClientDPFedAvg(ResumableStart, DifferentialPrivacyClientSideFixedClipping)
         if not record["sites"]:
             self._pending_events.pop(server_round, None)  # nothing is released: nothing is booked
             record["global-unchanged"] = "no valid train reply"
-            record[RECORD] = {**self.spent(), "accountant": self.accountant.state_dict()}
+            record[RECORD] = {**self.spent(), "accountant": self.books.state_dict()}
             return None, None
         arrays, metrics = super().aggregate_train(server_round, checked)
         if arrays is not None:
@@ -287,7 +327,7 @@ class ClientDPFedAvg(ResumableStart, DifferentialPrivacyClientSideFixedClipping)
             )
         else:
             record["global-unchanged"] = "Flower's wrapper released nothing"
-        record[RECORD] = {**self.spent(), "accountant": self.accountant.state_dict()}
+        record[RECORD] = {**self.spent(), "accountant": self.books.state_dict()}
         log(
             INFO,
             "round %s: client-level ε %.4f at δ %g",
@@ -303,12 +343,14 @@ class ClientDPFedAvg(ResumableStart, DifferentialPrivacyClientSideFixedClipping)
 
 
 def describe(strategy: ClientDPFedAvg, num_rounds: int) -> str:
-    """One line for the server's log: the mechanism and the budget."""
-    planned = epsilon_after(strategy.noise_multiplier, num_rounds, strategy.accountant.config.target_delta)
+    """One line for the server's log: the mechanism, the accountant and the budget."""
+    config = strategy.books.config
+    method = "pld" if isinstance(strategy.books, PldAccountant) else "rdp"
+    planned = epsilon_after(strategy.noise_multiplier, num_rounds, config.target_delta, method)
     return (
-        "client-level DP (Flower's fixed-clipping wrapper + RDP accountant, the server clips): "
+        f"client-level DP (Flower's fixed-clipping wrapper + {ACCOUNTANT_NAMES[method]}, the server clips): "
         f"{strategy.num_sampled_clients} sites a round, clip {strategy.clipping_norm:g}, "
         f"σ {strategy.noise_multiplier:.4g}; "
-        f"{num_rounds} rounds would spend ε {planned:.3f} at δ {strategy.accountant.config.target_delta:g} "
-        f"(budget {strategy.accountant.config.max_epsilon:g})"
+        f"{num_rounds} rounds would spend ε {planned:.3f} at δ {config.target_delta:g} "
+        f"(budget {config.max_epsilon:g})"
     )

@@ -10,8 +10,9 @@ cannot be banked against later rounds that do not; ``direction_weights`` gives w
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -57,7 +58,7 @@ class DirectionEvidence:
         return self.sums[node] / math.sqrt(count) if count else 0.0
 
     @classmethod
-    def from_rounds(cls, records: list[dict]) -> DirectionEvidence:
+    def from_rounds(cls, records: Sequence[Mapping[str, Any]]) -> DirectionEvidence:
         """Rebuilt from round records (a resumed run's kept ``metrics.jsonl`` rows), in order."""
         evidence = cls()
         for record in records:

@@ -9,7 +9,8 @@
    server can only forward; the sites that answer are S1;
 3. ``collect`` (the round's train timeout): ``train_messages`` are the round's plain train
    messages plus the shares meant for each site; Flower's own loop sends them; ``collect`` sums
-   the masked vectors of the sites that answer (S2) mod 2³²;
+   the masked vectors of the sites that answer (S2), each packed at b bits a value, mod 2^b
+   (b = ``fedllm.secagg.modulus_bits`` of the round's size: the fewest bits that hold K·Q);
 4. ``unmask`` (key-stage timeout): each site of S2 is told which neighbours are active (S2) and
    which dropped after sharing (S1 − S2); from ≥ t b-shares of each active site the server
    rebuilds its private mask, from ≥ t key shares of each dropped site its pairwise masks with
@@ -29,12 +30,23 @@ from collections.abc import Iterable
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app.typing import ConfigRecordValues
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
 from flwr.serverapp import Grid
-from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
-from fedllm.secagg import MIN_SITES, SecAggError, mask
+from fedllm.secagg import (
+    MIN_SITES,
+    SecAggError,
+    get_list,
+    get_one,
+    load_private,
+    load_public,
+    mask,
+    modulus_bits,
+    reduce,
+    unpack,
+)
 
 RECORD = "secagg"
 
@@ -50,7 +62,8 @@ def ring(nodes: list[int], shares: int) -> dict[int, list[int]]:
 
 def content_bytes(content: RecordDict) -> int:
     """Bytes of a message's arrays and configs (what a site uploads)."""
-    return sum(r.count_bytes() for r in [*content.array_records.values(), *content.config_records.values()])
+    arrays = sum(r.count_bytes() for r in content.array_records.values())
+    return arrays + sum(r.count_bytes() for r in content.config_records.values())
 
 
 class SecAggRound:
@@ -61,6 +74,7 @@ class SecAggRound:
         self.shares, self.threshold = plan
         self.timeout: float = kw.get("timeout", 120.0)
         self.length: int = kw["length"]  # the vector's length: adapter coordinates + metric slots
+        self.bits = modulus_bits(len(nodes))  # sums live mod 2^bits; vectors travel packed at bits each
         self.neighbours = ring(nodes, self.shares)
         self.keys: dict[int, tuple[bytes, bytes]] = {}
         self.shared: set[int] = set()  # S1
@@ -90,7 +104,8 @@ class SecAggRound:
             )
 
     def _exchange(self, stage: str, payloads: dict[int, ConfigRecord]) -> dict[int, ConfigRecord]:
-        """Send each site its stage record; the ``secagg`` records of the sites that answer."""
+        """Send each site its stage record; the ``secagg`` records of the sites that answer (the
+        bytes of every answer counted, whatever it holds)."""
         start = time.perf_counter()
         messages = [
             Message(RecordDict({RECORD: payload}), dst_node_id=nid, message_type=MessageType.TRAIN)
@@ -102,19 +117,32 @@ class SecAggRound:
             if reply.has_error():
                 self._fail(node, stage, str(reply.error.reason))
             elif node in payloads and RECORD in reply.content.config_records:
-                self._count(stage, content_bytes(reply.content))
                 answers[node] = reply.content.config_records[RECORD]
             else:
                 self._fail(node, stage, "not a secure-aggregation answer")
+            if not reply.has_error():
+                self._count(stage, content_bytes(reply.content))
         self.seconds[stage] = round(time.perf_counter() - start, 3)
         return answers
 
     def setup(self) -> None:
         """Stage 1: the round's shape out, the public keys back (S0)."""
-        base = {"stage": "setup", "round": self.round, "sites": len(self.neighbours)}
+        base: dict[str, ConfigRecordValues] = {
+            "stage": "setup",
+            "round": self.round,
+            "sites": len(self.neighbours),
+        }
         base |= {"num-shares": self.shares, "threshold": self.threshold}
         answers = self._exchange("setup", {n: ConfigRecord(dict(base)) for n in self.neighbours})
-        self.keys = {n: (bytes(a["pk1"]), bytes(a["pk2"])) for n, a in answers.items()}
+        for node, answer in answers.items():
+            try:
+                keys = (get_one(answer, "pk1", bytes), get_one(answer, "pk2", bytes))
+                for key in keys:
+                    load_public(key)  # a point on the curve, or the site is left out
+            except SecAggError as err:
+                self._fail(node, "setup", str(err))
+                continue
+            self.keys[node] = keys
         self._check(set(self.keys), "setup")
 
     def share_keys(self) -> None:
@@ -136,9 +164,16 @@ class SecAggRound:
         self.shared = set(answers)
         self.forward = {n: [] for n in self.shared}
         for src, answer in answers.items():
-            for dst, ctxt in zip(answer["dsts"], answer["ctxts"], strict=True):
+            try:
+                pairs = list(
+                    zip(get_list(answer, "dsts", int), get_list(answer, "ctxts", bytes), strict=True)
+                )
+            except (SecAggError, ValueError) as err:
+                self._fail(src, "share-keys", str(err))
+                continue
+            for dst, ctxt in pairs:
                 if dst in self.shared and dst in self.neighbours[src]:
-                    self.forward[dst].append((src, bytes(ctxt)))
+                    self.forward[dst].append((src, ctxt))
         self._check(self.shared, "share-keys")
 
     def train_messages(self, content: RecordDict) -> list[Message]:
@@ -146,7 +181,7 @@ class SecAggRound:
         messages = []
         for nid in sorted(self.shared):
             srcs = [s for s, _ in self.forward[nid]]
-            record = {"stage": "collect", "round": self.round, "srcs": srcs}
+            record: dict[str, ConfigRecordValues] = {"stage": "collect", "round": self.round, "srcs": srcs}
             record["ctxts"] = [c for _, c in self.forward[nid]]
             body = RecordDict({**content, RECORD: ConfigRecord(record)})
             messages.append(Message(body, dst_node_id=nid, message_type=MessageType.TRAIN))
@@ -160,7 +195,7 @@ class SecAggRound:
             if reply.has_error():
                 self._fail(node, "collect", str(reply.error.reason))
                 continue
-            vector = _vector(reply.content, self.length)
+            vector = _vector(reply.content, self.length, self.bits)
             if node not in self.shared or node in self.masked or vector is None:
                 self._fail(node, "collect", "not a masked vector of this round")
                 continue
@@ -185,21 +220,28 @@ class SecAggRound:
             for nid in self.masked
         }
         collected: dict[int, list[bytes]] = {}
-        for answer in self._exchange("unmask", payloads).values():
-            for owner, share in zip(answer["nids"], answer["shares"], strict=True):
-                collected.setdefault(int(owner), []).append(bytes(share))
+        for node, answer in self._exchange("unmask", payloads).items():
+            try:
+                pairs = list(
+                    zip(get_list(answer, "nids", int), get_list(answer, "shares", bytes), strict=True)
+                )
+            except (SecAggError, ValueError) as err:
+                self._fail(node, "unmask", str(err))
+                continue
+            for owner, share in pairs:
+                collected.setdefault(owner, []).append(share)
         total = self.total.copy()
         for nid in self.masked:
             total -= mask(self._secret(collected, nid), self.length)
         for dead in dropped:
             live = [n for n in self.neighbours[dead] if n in self.masked]
             if live:
-                sk = bytes_to_private_key(self._secret(collected, dead))
+                sk = load_private(self._secret(collected, dead))
                 for nid in live:
-                    seed = generate_shared_key(sk, bytes_to_public_key(self.keys[nid][0]))
+                    seed = generate_shared_key(sk, load_public(self.keys[nid][0]))
                     pairwise = mask(seed, self.length)
                     total = total - pairwise if nid > dead else total + pairwise
-        return total
+        return reduce(total, self.bits)
 
     def _secret(self, collected: dict[int, list[bytes]], owner: int) -> bytes:
         """A site's secret from its shares: at least t of them, or the round aborts."""
@@ -229,17 +271,15 @@ class SecAggRound:
         }
 
 
-def _vector(content: RecordDict, length: int) -> np.ndarray | None:
-    """The one uint32 vector of a stage-3 answer, or None when it is anything else."""
+def _vector(content: RecordDict, length: int, bits: int) -> np.ndarray | None:
+    """The one masked vector of a stage-3 answer (packed at ``bits`` bits a value) as uint32, or
+    None when it is anything else."""
     if list(content.array_records) != ["masked"] or content.metric_records or content.config_records:
         return None
-    record: ArrayRecord = content["masked"]
+    record: ArrayRecord = content.array_records["masked"]
     if list(record) != ["vector"]:
         return None
     try:
-        vector = record["vector"].numpy()
-    except Exception:
+        return unpack(record["vector"].numpy(), length, bits)
+    except (SecAggError, ValueError, TypeError):  # not a packed uint8 vector of the right size
         return None
-    if vector.dtype != np.uint32 or vector.shape != (length,):
-        return None
-    return vector

@@ -63,7 +63,7 @@ class SecAggFedAvg(AdapterFedAvg):
         if not plain:
             return []
         nodes = [m.metadata.dst_node_id for m in plain]
-        length = sum(int(np.prod(v.shape)) for v in self._global.values()) + len(METRIC_SLOTS)
+        length = sum(int(v.size) for v in self._current().values()) + len(METRIC_SLOTS)
         try:
             plan = self.secagg.shares_and_threshold(len(nodes))
             timeout = self.secagg.secagg_timeout
@@ -75,6 +75,12 @@ class SecAggFedAvg(AdapterFedAvg):
             self._abort(record, err)
             return []
         return protocol.train_messages(plain[0].content)
+
+    def _current(self) -> dict[str, np.ndarray]:
+        """The global adapter of the round (``configure_train`` keeps it before anything else)."""
+        if self._global is None:
+            raise SecAggError("no global adapter: configure_train keeps it first")
+        return self._global
 
     def _abort(self, record: dict, err: Exception) -> None:
         if self._protocol is not None:
@@ -98,9 +104,9 @@ class SecAggFedAvg(AdapterFedAvg):
             protocol.collect(replies)
             total = protocol.unmask()
             aggregate = decode(total, len(protocol.masked), self.clip)
-            names = list(self._global)
-            shapes = {k: v.shape for k, v in self._global.items()}
-            updated = unflatten(flatten(self._global, names) + aggregate.mean_delta, shapes)
+            glob = self._current()
+            shapes = {k: v.shape for k, v in glob.items()}
+            updated = unflatten(flatten(glob, list(glob)) + aggregate.mean_delta, shapes)
             if not all(np.isfinite(v).all() for v in updated.values()):
                 raise SecAggError("the aggregate is not finite")
         except SecAggError as err:
@@ -112,7 +118,7 @@ class SecAggFedAvg(AdapterFedAvg):
         record["train-failures"] = [{"node": f["node"], "reason": f["reason"]} for f in protocol.failures]
         self._global = updated
         self._protocol = None
-        metrics = MetricRecord(aggregate.train_metrics())
+        metrics = MetricRecord({k: float(v) for k, v in aggregate.train_metrics().items()})
         record["train"] = dict(metrics)
         log(INFO, "round %s: secure sum of %s sites", server_round, len(protocol.masked))
         return self.global_arrays, metrics

@@ -131,7 +131,7 @@ class ClientDPSettings:
     client_dp_noise_multiplier: float = key(
         0.0,
         "sigma; 0 = the smallest sigma for which num-server-rounds releases stay within "
-        "client-dp-epsilon (Flower's RDP accountant)",
+        "client-dp-epsilon (by the run's accountant)",
         low=0,
         finite=True,
         fix="use σ > 0, or 0 to calibrate it from client-dp-epsilon",
@@ -141,6 +141,12 @@ class ClientDPSettings:
         "sites per round m, the fixed denominator; 0 = min-train-nodes",
         low=0,
         fix="use a number of sites (0 = min-train-nodes)",
+    )
+    client_dp_accountant: str = key(
+        "pld",
+        "the client-level accountant: 'pld' = dp-accounting's PLD behind Flower's accountant "
+        "protocol (server/client_accountant.py), 'rdp' = Flower's RdpAccountant",
+        choices=("pld", "rdp"),
     )
 
     @classmethod

@@ -19,19 +19,22 @@ evidence (``cosine``), which ``restore`` rebuilds from the kept rounds' records.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from logging import INFO, WARNING
+from typing import cast
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Result
+from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
+from fedllm.contract import EPSILON_MAX, EPSILON_MEAN, RoundRecord, site_entry
 from server.direction import DirectionEvidence, direction_weights
-from server.flower_log import destinations, real_round_numbers, reply_node
+from server.flower_log import destinations, reply_node
 from server.noise import NOISE_OVERSIZED, NoiseModel, noise_bounds, noise_check
+from server.resumable import ResumableStart as ResumableStart  # re-exported: server/client_dp.py
 from server.robust import RobustSettings, cap_weights, clip_updates, combine, update_norm
 from server.validation import (
     EVALUATE_METRICS,
@@ -46,16 +49,15 @@ from server.validation import (
     site_reason,
 )
 
-SITE_KEYS = ("num-examples", "steps", "epsilon", "delta", "noise-multiplier", "sample-rate")
-
 
 def aggregate_train_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
     """Weighted means (Flower's default) plus epsilon max and mean over the sites."""
     metrics = aggregate_metricrecords(records, weight_key)
-    eps = [float(r["metrics"]["epsilon"]) for r in records if "epsilon" in r["metrics"]]
+    replies = [r.metric_records["metrics"] for r in records]
+    eps = [float(cast(float, m["epsilon"])) for m in replies if "epsilon" in m]  # a number: validated
     if eps:
-        metrics["epsilon-max"] = max(eps)
-        metrics["epsilon-mean"] = sum(eps) / len(eps)
+        metrics[EPSILON_MAX] = max(eps)
+        metrics[EPSILON_MEAN] = sum(eps) / len(eps)
         del metrics["epsilon"]  # a weighted mean of epsilons means nothing
     return metrics
 
@@ -69,64 +71,22 @@ def _metric_records(metrics: list[dict[str, float]], weights: list[float], key: 
     ]
 
 
-class ResumableStart:
-    """Flower's ``Strategy.start`` with ``first_round``: a resumed run's rounds keep their real numbers.
+def _finite_by_node(valid: list[ValidReply], values: list[float]) -> dict[str, float]:
+    """``{node: value}`` of the finite values, one per valid reply."""
+    return {str(r.node): v for r, v in zip(valid, values, strict=True) if math.isfinite(v)}
 
-    Mixed in before a Flower strategy (``AdapterFedAvg``, server/client_dp.py's ``ClientDPFedAvg``);
-    the strategy adds ``round_offset`` to every round number Flower passes in.
-    """
 
-    round_offset = 0  # rounds done before this start (a resumed run)
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """The strategy's evaluate messages, with the run's real round number."""
-        return super().configure_evaluate(  # type: ignore[misc]  # the Flower strategy mixed in after
-            server_round + self.round_offset, arrays, config, grid
+def _log_bounds(record: RoundRecord, server_round: int) -> None:
+    """One line when the round clipped, capped or discounted a site (too-clean is logged apart)."""
+    if record["clipped"] or record["capped"] or record.get("discounted"):
+        log(
+            INFO,
+            "round %s: updates clipped %s, weights capped %s, discounted (direction) %s",
+            server_round,
+            [c["node"] for c in record["clipped"]],
+            [c["node"] for c in record["capped"]],
+            record.get("discounted", []),
         )
-
-    def start(
-        self,
-        grid: Grid,
-        initial_arrays: ArrayRecord,
-        num_rounds: int = 3,
-        timeout: float = 3600,
-        train_config: ConfigRecord | None = None,
-        evaluate_config: ConfigRecord | None = None,
-        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
-        *,
-        first_round: int = 1,
-    ) -> Result:
-        """Flower's ``start`` for rounds ``first_round`` .. ``num_rounds`` (the run's real numbers).
-
-        With ``first_round > 1`` (a resume from checkpoint ``first_round - 1`` = ``initial_arrays``)
-        the initial ``evaluate_fn(0, ...)`` call is skipped: that checkpoint is already logged.
-        The ``Result``'s round keys count from 1 for this start.
-        """
-        if not 1 <= first_round <= num_rounds + 1:
-            raise ValueError(f"first_round={first_round} is outside 1..{num_rounds + 1}")
-        offset = first_round - 1
-
-        def shifted(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-            if server_round == 0 and offset:
-                return None
-            return evaluate_fn(server_round + offset, arrays)
-
-        self.round_offset = offset
-        try:
-            with real_round_numbers(offset, num_rounds):  # Flower's [ROUND i/n] lines: real numbers
-                return super().start(
-                    grid,
-                    initial_arrays,
-                    num_rounds - offset,
-                    timeout,
-                    train_config,
-                    evaluate_config,
-                    shifted if evaluate_fn else None,
-                )
-        finally:
-            self.round_offset = 0
 
 
 class AdapterFedAvg(ResumableStart, FedAvg):
@@ -141,12 +101,13 @@ class AdapterFedAvg(ResumableStart, FedAvg):
         super().__init__(**kwargs)
         self.robust = robust or RobustSettings()
         self.noise = noise
+        # each round's record: a fedllm.contract.RoundRecord (subclasses write to it as a dict)
         self.rounds: dict[int, dict] = {}
         self._global: dict[str, np.ndarray] | None = None
         self._sent: list[Message] = []  # the round's train instructions (whom a reply is about)
         self.direction = DirectionEvidence()  # the sites' direction record over the run (cosine)
 
-    def restore(self, records: list[dict]) -> None:
+    def restore(self, records: list[RoundRecord]) -> None:
         """Carry the state of the rounds a resumed run keeps: their records (``metrics.jsonl`` rows)."""
         self.direction = DirectionEvidence.from_rounds(records)
 
@@ -173,12 +134,13 @@ class AdapterFedAvg(ResumableStart, FedAvg):
         """
         self._global = {k: v.numpy() for k, v in arrays.items()}
 
-    def _fail(self, record: dict, node: int, reason: str, kind: str = "train") -> None:
+    def _fail(self, record: RoundRecord, node: int, reason: str, kind: str = "train") -> None:
         reason = clean_reason(reason)  # one line, bounded: a site chose parts of some reasons
-        record[f"{kind}-failures"].append({"node": node, "reason": reason})
+        failures = record["train-failures"] if kind == "train" else record["evaluate-failures"]
+        failures.append({"node": node, "reason": reason})
         log(WARNING, "%s reply from node %s dropped: %s", kind, node, reason)
 
-    def _validate(self, record: dict, replies: list[Message]) -> list[ValidReply]:
+    def _validate(self, record: RoundRecord, replies: list[Message]) -> list[ValidReply]:
         """The replies that pass every check, by node id; the others go to ``train-failures``."""
         record["train-failures"] = []
         record["dropped"] = []
@@ -199,7 +161,9 @@ class AdapterFedAvg(ResumableStart, FedAvg):
                 record["dropped"].append(node)
         return valid
 
-    def _noise_check(self, record: dict, valid: list[ValidReply], server_round: int) -> list[ValidReply]:
+    def _noise_check(
+        self, record: RoundRecord, valid: list[ValidReply], server_round: int
+    ) -> list[ValidReply]:
         """The replies without those too clean for the DP they claim (``too-clean`` in the record)."""
         record["too-clean"] = []
         if self.noise is None or self._global is None or self.robust.min_noise_ratio <= 0 or not valid:
@@ -222,7 +186,7 @@ class AdapterFedAvg(ResumableStart, FedAvg):
         out = {entry["node"] for entry in record["too-clean"]}
         return [r for r in valid if r.node not in out]
 
-    def _noise_bounds(self, record: dict, valid: list[ValidReply], server_round: int) -> list | None:
+    def _noise_bounds(self, record: RoundRecord, valid: list[ValidReply], server_round: int) -> list | None:
         """Each reply's bound from the noise model (server/noise.py ``noise_bounds``), or None."""
         if self.noise is None or self._global is None or self.robust.noise_bound_slack <= 0:
             return None
@@ -240,7 +204,8 @@ class AdapterFedAvg(ResumableStart, FedAvg):
 
     def _direction(
         self,
-        record: dict,
+        record: RoundRecord,
+        global_arrays: dict[str, np.ndarray],
         valid: list[ValidReply],
         adapters: list[dict[str, np.ndarray]],
         weights: list[float],
@@ -255,7 +220,7 @@ class AdapterFedAvg(ResumableStart, FedAvg):
             if c["norm"] > limit or c["norm"] > NOISE_OVERSIZED * c["bound"]
         }
         scored, scores, evidence = direction_weights(
-            self._global,
+            global_arrays,
             adapters,
             weights,
             [r.node for r in valid],
@@ -266,9 +231,9 @@ class AdapterFedAvg(ResumableStart, FedAvg):
                 (i for i, r in enumerate(valid) if r.node in norms), key=lambda i: -norms[valid[i].node]
             ),
         )
-        for key, values in (("direction-score", scores), ("direction-evidence", evidence)):
-            # unrounded: a resumed run rebuilds the evidence from these rows (``restore``)
-            record[key] = {str(r.node): v for r, v in zip(valid, values, strict=True) if math.isfinite(v)}
+        # unrounded: a resumed run rebuilds the evidence from these rows (``restore``)
+        record["direction-score"] = _finite_by_node(valid, scores)
+        record["direction-evidence"] = _finite_by_node(valid, evidence)
         record["discounted"] = [r.node for r, w, v in zip(valid, weights, scored, strict=True) if v == 0 < w]
         return scored
 
@@ -277,45 +242,21 @@ class AdapterFedAvg(ResumableStart, FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate, clip, cap and combine the round's replies; None keeps the global adapter."""
         server_round += self.round_offset
-        record = self.rounds.setdefault(server_round, {})
+        record = self._record(server_round)
         valid = self._validate(record, list(replies))
         record["train-replies"] = len(valid)
-        record["sites"] = {str(r.node): {k: r.metrics[k] for k in SITE_KEYS if k in r.metrics} for r in valid}
+        record["sites"] = {str(r.node): site_entry(r.metrics) for r in valid}
         record["aggregator"] = self.robust.aggregator
         valid = self._noise_check(record, valid, server_round)
         if not valid:
             record["global-unchanged"] = "no valid train reply"
             return None, None
-        adapters, record["norm-bound"], record["clipped"] = clip_updates(
-            self._global, valid, self.robust.max_update_norm, self._noise_bounds(record, valid, server_round)
-        )
-        weights, record["weight-cap"], record["capped"] = cap_weights(valid, self.robust.max_site_weight)
-        scored = weights
-        if self.robust.aggregator == "cosine" and self._global is not None:
-            scored = self._direction(record, valid, adapters, weights)
-        with np.errstate(over="ignore", invalid="ignore"):  # a non-finite result is caught below
-            combined, used, why = combine(adapters, scored, self.robust)
-        if self.robust.aggregator in ("krum", "bulyan"):
-            record["selected"] = [valid[i].node for i in used]
+        adapters, weights, scored = self._bound(record, valid, server_round)
+        combined, used = self._combine(record, valid, adapters, scored, server_round)
         if combined is None:
-            record["global-unchanged"] = why
-            return None, None
-        combined = {k: np.asarray(v, dtype=np.float32) for k, v in combined.items()}
-        if not all(np.isfinite(v).all() for v in combined.values()):
-            record["global-unchanged"] = "the aggregate is not finite"
-            log(WARNING, "round %s: the aggregate is not finite; the global adapter is kept", server_round)
             return None, None
         self._global = combined
-        if record["clipped"] or record["capped"] or record.get("discounted"):  # too-clean: logged above
-            clipped, capped = ([c["node"] for c in record[k]] for k in ("clipped", "capped"))
-            log(
-                INFO,
-                "round %s: updates clipped %s, weights capped %s, discounted (direction) %s",
-                server_round,
-                clipped,
-                capped,
-                record.get("discounted", []),
-            )
+        _log_bounds(record, server_round)
         metrics = self.train_metrics_aggr_fn(
             _metric_records(
                 [valid[i].metrics for i in used], [weights[i] for i in used], self.weighted_by_key
@@ -324,6 +265,44 @@ class AdapterFedAvg(ResumableStart, FedAvg):
         )
         record["train"] = dict(metrics)
         return self.global_arrays, metrics
+
+    def _bound(
+        self, record: RoundRecord, valid: list[ValidReply], server_round: int
+    ) -> tuple[list[dict[str, np.ndarray]], list[float], list[float]]:
+        """The valid updates clipped, their weights capped and (``cosine``) scored by direction:
+        (adapters, capped weights, the weights the aggregator uses)."""
+        adapters, record["norm-bound"], record["clipped"] = clip_updates(
+            self._global, valid, self.robust.max_update_norm, self._noise_bounds(record, valid, server_round)
+        )
+        weights, record["weight-cap"], record["capped"] = cap_weights(valid, self.robust.max_site_weight)
+        scored = weights
+        if self.robust.aggregator == "cosine" and self._global is not None:
+            scored = self._direction(record, self._global, valid, adapters, weights)
+        return adapters, weights, scored
+
+    def _combine(
+        self,
+        record: RoundRecord,
+        valid: list[ValidReply],
+        adapters: list[dict[str, np.ndarray]],
+        scored: list[float],
+        server_round: int,
+    ) -> tuple[dict[str, np.ndarray] | None, list[int]]:
+        """The aggregate (float32, finite) and the indices it was computed from; None and the
+        reason in ``global-unchanged`` when the aggregator kept none or the result is not finite."""
+        with np.errstate(over="ignore", invalid="ignore"):  # a non-finite result is caught below
+            combined, used, why = combine(adapters, scored, self.robust)
+        if self.robust.aggregator in ("krum", "bulyan"):
+            record["selected"] = [valid[i].node for i in used]
+        if combined is None:
+            record["global-unchanged"] = why
+            return None, used
+        combined = {k: np.asarray(v, dtype=np.float32) for k, v in combined.items()}
+        if not all(np.isfinite(v).all() for v in combined.values()):
+            record["global-unchanged"] = "the aggregate is not finite"
+            log(WARNING, "round %s: the aggregate is not finite; the global adapter is kept", server_round)
+            return None, used
+        return combined, used
 
     def _check_evaluate(self, m: Message) -> ValidReply:
         """One evaluation reply's checked metrics; raises ``ReplyError`` (its recorded reason)."""
@@ -341,7 +320,7 @@ class AdapterFedAvg(ResumableStart, FedAvg):
         site's count cannot buy the federated score; replies are combined by node id.
         """
         server_round += self.round_offset
-        record = self.rounds.setdefault(server_round, {})
+        record = self._record(server_round)
         record["evaluate-failures"] = []
         checked = []
         for m in canonical(replies):
@@ -359,6 +338,11 @@ class AdapterFedAvg(ResumableStart, FedAvg):
         record["evaluate"] = dict(metrics) if metrics else {}
         return metrics
 
-    def round_summary(self, server_round: int) -> dict:
+    def round_summary(self, server_round: int) -> RoundRecord:
         """What this round received, dropped, clipped, capped and aggregated (empty for round 0)."""
-        return self.rounds.get(server_round, {})
+        return cast(RoundRecord, self.rounds.get(server_round, {}))
+
+    def _record(self, server_round: int) -> RoundRecord:
+        """Round ``server_round``'s record, started empty (its keys: ``fedllm.contract.RoundRecord``,
+        which tests/test_contract.py checks every logged row against)."""
+        return cast(RoundRecord, self.rounds.setdefault(server_round, {}))

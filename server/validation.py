@@ -13,31 +13,22 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, RecordDict
 
+from fedllm.contract import EVALUATE_REPLY_KEYS, TRAIN_REPLY_KEYS
 from fedllm.failure_codes import SITE_FAILURE_CODES, UNKNOWN_REASON
 from fedllm.wire import declared_problem
 
 DEFAULT_MAX_NUM_EXAMPLES = 1_000_000
-# what a fedllm site may put in a train reply (clients/policy.py's DP_REPLY_KEYS + opt-ins);
-# other keys are ignored: never averaged, never logged
-TRAIN_METRICS = (
-    "num-examples",
-    "steps",
-    "epsilon",
-    "delta",
-    "noise-multiplier",
-    "sample-rate",
-    "update-bytes",
-    "train-loss",
-    "train-seconds",
-)
-# personal-*: scored with the site's own DP label prior added to the logits (fedllm.imbalance)
-EVALUATE_METRICS = ("num-examples", "loss", "accuracy", "macro-f1", "personal-accuracy", "personal-macro-f1")
+# what a fedllm site may put in a reply (fedllm/contract.py); other keys are ignored: never
+# averaged, never logged
+TRAIN_METRICS = TRAIN_REPLY_KEYS
+EVALUATE_METRICS = EVALUATE_REPLY_KEYS
 # the largest loss a reply may report: a mean cross-entropy this large means logits 1e6 apart;
 # with weights ≤ max-num-examples no weighted mean of bounded values overflows
 MAX_LOSS = 1e6
@@ -96,7 +87,7 @@ def majority_spec(contents: list[RecordDict]) -> Spec | None:
     The server always knows the global adapter it sent (``configure_train`` keeps it); only a
     bare ``aggregate_train`` call (a test, a bench) has no reference and falls back to this.
     """
-    specs = Counter()
+    specs: Counter[tuple[tuple[str, tuple[int, ...]], ...]] = Counter()
     for content in contents:
         records = list(content.array_records.values())
         if len(records) == 1:
@@ -164,7 +155,9 @@ def _check_epsilon(values: dict[str, float]) -> None:
         raise ReplyError(f"metric 'epsilon' is {epsilon:g}, expected at most {MAX_VALUE:g}")
 
 
-def check_metrics(metrics: dict, known: tuple[str, ...], max_num_examples: float) -> dict[str, float]:
+def check_metrics(
+    metrics: Mapping[str, Any], known: tuple[str, ...], max_num_examples: float
+) -> dict[str, float]:
     """The known metrics as floats, each checked; raises ``ReplyError`` on the first bad one.
 
     ``num-examples`` must be a whole number in ``(0, max_num_examples]``; ``epsilon`` > 0, and
@@ -246,7 +239,7 @@ def check_train_reply(node: int, content: RecordDict, spec: Spec, max_num_exampl
         raise ReplyError(f"expected one ArrayRecord 'arrays', got {list(content.array_records)[:3]}")
     if list(content.metric_records) != ["metrics"]:
         raise ReplyError(f"expected one MetricRecord 'metrics', got {list(content.metric_records)[:3]}")
-    metrics = check_metrics(content["metrics"], TRAIN_METRICS, max_num_examples)
+    metrics = check_metrics(content.metric_records["metrics"], TRAIN_METRICS, max_num_examples)
     check_dp_consistency(metrics)
-    arrays = check_arrays(content["arrays"], spec)
+    arrays = check_arrays(content.array_records["arrays"], spec)
     return ValidReply(node, arrays, metrics)

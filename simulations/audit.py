@@ -21,11 +21,8 @@ implementation bug: it is printed loudly and the command exits with status 1. Se
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -51,6 +48,7 @@ from fedllm.data import load_splits
 from fedllm.features import pooled_features
 from fedllm.gradient_canaries import CanaryInserter, draw_gradient_canaries, gradient_canary_scores
 from fedllm.model import load_tokenizer, resolve_model_path
+from simulations.audit_report import cell, report, violations
 from simulations.inprocess import federate
 from simulations.run import PRESETS
 from simulations.sweep import eps_label
@@ -73,15 +71,6 @@ DEFAULTS: dict = {
 }
 EXTENDABLE = {"epsilons", "seeds", "out"}  # a resumed audit may add points, not change them
 SET_BY_AUDIT = {"target-epsilon", "noise-multiplier", "seed"}
-COLUMNS = [
-    "target_epsilon", "seed", "accounted_epsilon", "delta", "accuracy", "gradient_canaries",
-    "gradient_inserted", "epsilon_lb_gradient", "gradient_guesses", "gradient_correct",
-    "canary_auc_gradient", "canaries", "inserted", "epsilon_lb", "guesses", "correct",
-    "epsilon_lb_blackbox", "canary_auc_whitebox",
-    "canary_auc_blackbox", "mia_auc", "mia_auc_low", "mia_auc_high", "mia_tpr_at_1pct_fpr",
-    "mia_tpr_at_0.1pct_fpr", "mia_whitebox_auc", "mia_whitebox_auc_low", "mia_whitebox_auc_high",
-    "mia_whitebox_tpr_at_1pct_fpr", "mia_whitebox_tpr_at_0.1pct_fpr", "trainable", "wall_seconds",
-]  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> dict:
@@ -167,6 +156,49 @@ def gradient_row(canaries, log: UpdateLog, delta: float, confidence: float) -> t
 def audit_point(config: dict, epsilon: float, seed: int) -> dict:
     """Train one audited federation and score it: the point's row and everything it came from."""
     start = time.perf_counter()
+    fed, canaries, log, gradient = _train_audited(config, epsilon, seed)
+    name = f"eps {eps_label(epsilon)} seed {seed}"
+    black, white, mia_loss, mia_white = _scores(fed, canaries, log, name, int(config["sites"]))
+    delta, confidence = max(fed.deltas), float(config["confidence"])
+    primary = audit_from_scores(white, canaries.included, delta, confidence)
+    secondary = audit_from_scores(black, canaries.included, delta, confidence)
+    gradient_entries, gradient_audit = gradient_row(gradient, log, delta, confidence)
+    counts = ("members", "nonmembers")
+    row = {
+        "target_epsilon": epsilon,
+        "seed": seed,
+        "accounted_epsilon": max(fed.epsilons),
+        "delta": delta,
+        "accuracy": fed.scores["accuracy"],
+        **gradient_entries,
+        "canaries": len(canaries),
+        "inserted": int(canaries.included.sum()),
+        "epsilon_lb": primary.epsilon,
+        "guesses": primary.r,
+        "correct": primary.v,
+        "epsilon_lb_blackbox": secondary.epsilon,
+        "canary_auc_whitebox": float(roc_auc_score(canaries.included, white)),
+        "canary_auc_blackbox": float(roc_auc_score(canaries.included, black)),
+        **{f"mia_{k}": v for k, v in mia_loss.items() if k not in counts},
+        **{f"mia_whitebox_{k}": v for k, v in mia_white.items() if k not in counts},
+        "trainable": fed.settings.trainable,
+        "wall_seconds": time.perf_counter() - start,
+    }
+    return {
+        "row": row,
+        "whitebox": primary.to_dict(),
+        "blackbox": secondary.to_dict(),
+        "gradient": gradient_audit,
+        "mia": mia_loss,
+        "mia_whitebox": mia_white,
+        "canaries": {**canaries.frame().to_dict(orient="list"), "seed": seed, "kind": config["canary-kind"]},
+        "scores": {"whitebox": white.tolist(), "blackbox": black.tolist()},
+    }
+
+
+def _train_audited(config: dict, epsilon: float, seed: int):
+    """The point's federation, trained with its text and gradient canaries, and the sites'
+    updates as the server saw them: (federation, text canaries, update log, gradient canaries)."""
     name = f"eps {eps_label(epsilon)} seed {seed}"
     settings = point_settings(config, epsilon, seed)
     splits = load_splits(settings)
@@ -202,6 +234,14 @@ def audit_point(config: dict, epsilon: float, seed: int) -> dict:
         progress=lambda line: print(f"  [{name}] {line}", flush=True),
         before_noise=inserter,
     )
+    return fed, canaries, log, gradient
+
+
+def _scores(
+    fed, canaries, log: UpdateLog, name: str, sites: int
+) -> tuple[np.ndarray, np.ndarray, dict, dict]:
+    """The canaries' black-box (final model's loss) and white-box (update alignment) scores, and
+    membership inference on the real records by loss and (the head) by update alignment."""
     head = fed.settings.trainable == "head"
     canary_data = fed.tokenized(canaries.frame())
     members = [fed.tokenized(s.train) for s in fed.sites]
@@ -229,169 +269,7 @@ def audit_point(config: dict, epsilon: float, seed: int) -> dict:
         scores = alignment_scores(log, fed.model, _stack(members + others), owner, head, site_metric)
         count = sum(len(d) for d in members)
         mia_white = membership_inference(scores[:count], scores[count:])
-    delta, confidence = max(fed.deltas), float(config["confidence"])
-    primary = audit_from_scores(white, canaries.included, delta, confidence)
-    secondary = audit_from_scores(black, canaries.included, delta, confidence)
-    gradient_entries, gradient_audit = gradient_row(gradient, log, delta, confidence)
-    counts = ("members", "nonmembers")
-    row = {
-        "target_epsilon": epsilon,
-        "seed": seed,
-        "accounted_epsilon": max(fed.epsilons),
-        "delta": delta,
-        "accuracy": fed.scores["accuracy"],
-        **gradient_entries,
-        "canaries": len(canaries),
-        "inserted": int(canaries.included.sum()),
-        "epsilon_lb": primary.epsilon,
-        "guesses": primary.r,
-        "correct": primary.v,
-        "epsilon_lb_blackbox": secondary.epsilon,
-        "canary_auc_whitebox": float(roc_auc_score(canaries.included, white)),
-        "canary_auc_blackbox": float(roc_auc_score(canaries.included, black)),
-        **{f"mia_{k}": v for k, v in mia_loss.items() if k not in counts},
-        **{f"mia_whitebox_{k}": v for k, v in mia_white.items() if k not in counts},
-        "trainable": fed.settings.trainable,
-        "wall_seconds": time.perf_counter() - start,
-    }
-    return {
-        "row": row,
-        "whitebox": primary.to_dict(),
-        "blackbox": secondary.to_dict(),
-        "gradient": gradient_audit,
-        "mia": mia_loss,
-        "mia_whitebox": mia_white,
-        "canaries": {**canaries.frame().to_dict(orient="list"), "seed": seed, "kind": kind},
-        "scores": {"whitebox": white.tolist(), "blackbox": black.tolist()},
-    }
-
-
-def violations(rows: list[dict]) -> list[str]:
-    """Finite-ε points whose audited lower bound exceeds the accountant's ε."""
-    bad = []
-    for r in rows:
-        if math.isfinite(r["target_epsilon"]):
-            for key in ("epsilon_lb_gradient", "epsilon_lb", "epsilon_lb_blackbox"):
-                if r.get(key, math.nan) > r["accounted_epsilon"]:
-                    bad.append(
-                        f"eps {eps_label(r['target_epsilon'])} seed {r['seed']}: {key} {r[key]:.3f} > "
-                        f"accounted epsilon {r['accounted_epsilon']:.3f}"
-                    )
-    return bad
-
-
-def plot_audit(rows: list[dict], path: Path, title: str) -> Path:
-    """Audited lower bounds vs accounted ε (with the line y = x), and MIA AUC vs ε (95% CIs)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    finite = sorted({r["accounted_epsilon"] for r in rows if math.isfinite(r["accounted_epsilon"])})
-    at_inf = 2.5 * max(finite) if finite else 1.0  # where ε = ∞ sits on the axis
-
-    def xs(group: list[dict]) -> list[float]:
-        return [r["accounted_epsilon"] if math.isfinite(r["accounted_epsilon"]) else at_inf for r in group]
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
-    bounds = ("epsilon_lb_gradient", "epsilon_lb", "epsilon_lb_blackbox")
-    names = ("gradient canaries (pre-registered)", "text canaries, white-box", "text canaries, black-box")
-    for key, label in zip(bounds, names, strict=True):
-        left.plot(xs(rows), [r.get(key, math.nan) for r in rows], "o", label=f"audited lower bound, {label}")
-    if finite:
-        left.plot([0, max(finite)], [0, max(finite)], "k--", label="accountant's ε (upper bound)")
-    top = max([*finite, *(r.get(k, 0.0) for r in rows for k in bounds), 1.0])
-    left.set_ylim(0, 1.1 * top)
-    left.set_ylabel("ε lower bound (95% confidence)")
-    for key, label in (("mia", "loss threshold"), ("mia_whitebox", "white-box update alignment")):
-        group = [r for r in rows if not math.isnan(r.get(f"{key}_auc", math.nan))]
-        auc = np.array([r[f"{key}_auc"] for r in group])
-        low = auc - np.array([r[f"{key}_auc_low"] for r in group])
-        high = np.array([r[f"{key}_auc_high"] for r in group]) - auc
-        right.errorbar(xs(group), auc, yerr=[low, high], fmt="o", capsize=4, label=f"MIA AUC, {label}")
-    right.axhline(0.5, color="gray", linestyle=":", label="chance")
-    right.set_ylabel("MIA AUC on real records (95% CI)")
-    ticks = finite + [at_inf]
-    for ax in (left, right):
-        ax.set_xlim(0, 1.1 * at_inf)
-        ax.set_xticks(ticks)
-        ax.set_xticklabels([f"{t:.2g}" for t in finite] + ["∞"])
-        ax.set_xlabel("accounted ε per site")
-        ax.grid(alpha=0.3)
-        ax.legend(loc="upper left", fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def _cell(value: object) -> str:
-    if isinstance(value, float):
-        return "∞" if math.isinf(value) else ("-" if math.isnan(value) else f"{value:.3g}")
-    return str(value)
-
-
-def report(out: Path, rows: list[dict], config: dict, wall: float | None = None) -> None:
-    """``audit.csv``, ``audit.md`` and ``audit.png`` from the finished points."""
-    rows = sorted(rows, key=lambda r: (r["target_epsilon"], r["seed"]))
-    with (out / "audit.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS, restval=math.nan)
-        writer.writeheader()
-        writer.writerows(rows)
-    gradient = max((int(r.get("gradient_canaries", 0)) for r in rows), default=0)
-    title = (
-        f"{config['dataset']} · {config['sites']} sites · {config['partitioning']} · "
-        f"{gradient} gradient + {config['canaries']} text canaries"
-    )
-    plot_audit(rows, out / "audit.png", title)
-    head = [
-        "target ε", "seed", "accounted ε", "ε lower bound (gradient canaries)", "correct / guesses",
-        "canary AUC (gradient)", "ε lower bound (text, white-box)", "correct / guesses",
-        "ε lower bound (black-box)", "canary AUC white / black", "MIA AUC (loss) [95% CI]",
-        "MIA TPR @1% / 0.1% FPR", "MIA AUC (white-box) [95% CI]", "accuracy", "s",
-    ]  # fmt: skip
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        g = r.get
-        cells = [
-            _cell(r["target_epsilon"]), r["seed"], _cell(r["accounted_epsilon"]),
-            _cell(g("epsilon_lb_gradient", math.nan)),
-            f"{g('gradient_correct', '-')} / {g('gradient_guesses', '-')}",
-            _cell(g("canary_auc_gradient", math.nan)), _cell(r["epsilon_lb"]),
-            f"{r['correct']} / {r['guesses']}", _cell(r["epsilon_lb_blackbox"]),
-            f"{_cell(r['canary_auc_whitebox'])} / {_cell(r['canary_auc_blackbox'])}",
-            f"{_cell(r['mia_auc'])} [{_cell(r['mia_auc_low'])}, {_cell(r['mia_auc_high'])}]",
-            f"{_cell(r['mia_tpr_at_1pct_fpr'])} / {_cell(r['mia_tpr_at_0.1pct_fpr'])}",
-            f"{_cell(g('mia_whitebox_auc', math.nan))} [{_cell(g('mia_whitebox_auc_low', math.nan))}, "
-            f"{_cell(g('mia_whitebox_auc_high', math.nan))}]",
-            _cell(r["accuracy"]), f"{r['wall_seconds']:.0f}",
-        ]  # fmt: skip
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    bad = violations(rows)
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {sys.version.split()[0]}"
-    timing = f" This invocation: {wall:.0f} s." if wall else ""
-    trained = sum(r["wall_seconds"] for r in rows)
-    text = [
-        f"# Privacy audit: {title}",
-        "",
-        f"Command: `python -m simulations.audit {' '.join(sys.argv[1:])}`".rstrip(),
-        "",
-        f"Machine: {machine}. Wall time summed over the points: {trained:.0f} s.{timing}",
-        "",
-        f"{config['rounds']} rounds × {config['max-steps']} local steps, {config['canaries']} "
-        f"{config['canary-kind']} canaries; lower bounds at {config['confidence']:.0%} confidence "
-        "(Steinke, Nasr, Jagielski 2023), δ of the run. See docs/audit.md for the method.",
-        "",
-        "\n".join(lines),
-        "",
-        ("**SOUNDNESS VIOLATION** (accounting or implementation bug): " + "; ".join(bad)) if bad else
-        "Every finite-ε lower bound is at most the accountant's ε.",
-        "",
-        "![audit](audit.png)",
-        "",
-    ]  # fmt: skip
-    (out / "audit.md").write_text("\n".join(text))
+    return black, white, mia_loss, mia_white
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -418,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         r = point["row"]
         rows.append(r)
         print(
-            f"done eps {eps_label(epsilon)} seed {seed}: accounted ε {_cell(r['accounted_epsilon'])}, "
+            f"done eps {eps_label(epsilon)} seed {seed}: accounted ε {cell(r['accounted_epsilon'])}, "
             f"lower bound {r.get('epsilon_lb_gradient', math.nan):.2f} gradient canaries, "
             f"{r['epsilon_lb']:.2f} text white-box, {r['epsilon_lb_blackbox']:.2f} black-box, "
             f"MIA AUC {r['mia_auc']:.3f} (white-box {r.get('mia_whitebox_auc', math.nan):.3f}), "

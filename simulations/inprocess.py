@@ -26,16 +26,10 @@ from fedllm.accounting import PrivacyPlan, counted_plan, local_steps, resolve_de
 from fedllm.adapters import adapter_state, set_adapter_arrays
 from fedllm.config import Settings
 from fedllm.data import SiteData, load_splits, partition_sites, tokenize
-from fedllm.imbalance import (
-    exact_histogram,
-    histogram_plan,
-    label_ids,
-    logit_offset,
-    personalized_offset,
-    prior_weights,
-)
+from fedllm.imbalance import exact_histogram, histogram_plan, label_ids, personalized_offset
 from fedllm.model import build_model, count_parameters, load_tokenizer
-from fedllm.train import evaluate, train_local
+from fedllm.site_round import reported_count, train_site_round
+from fedllm.train import evaluate
 
 State = dict[str, torch.Tensor]
 
@@ -147,6 +141,44 @@ def federate(
     splits = load_splits(settings)
     labels = splits.labels
     tokenizer = load_tokenizer(settings.model)
+    sites, frames = _site_tables(settings, labels, num_sites, scheme, training_sites, extra_rows)
+    data = [tokenize(f, tokenizer, labels, settings.max_length, settings.truncation) for f in frames]
+    model = build_model(settings, labels, torch.device("cpu"), bert_config)
+    global_state = _copy(adapter_state(model))
+    plans, histories, label_counts = _site_plans(settings, data, frames, labels, rounds, model, noise_free)
+    sites_state = _Sites(data, plans, histories, label_counts, [0.0] * len(data), len(labels))
+    for server_round in range(1, rounds + 1):
+        global_state = _one_round(
+            model, settings, global_state, sites_state, (server_round, rounds), on_update, before_noise
+        )
+        if progress is not None:
+            progress(f"round {server_round}/{rounds}: spent ε max {max(sites_state.epsilons):.2f}")
+    _load(model, global_state)
+    test_frame = splits.test
+    if exclude_from_test:
+        test_frame = test_frame[~test_frame["text"].isin(set(exclude_from_test))].reset_index(drop=True)
+    test = tokenize(test_frame, tokenizer, labels, settings.max_length, settings.truncation)
+    head_only = settings.trainable == "head"
+    run = Federation(settings, labels, sites, model, tokenizer, test, {})
+    run.scores = evaluate(model, test, labels, head_only=head_only)
+    validation = tokenize(splits.validation, tokenizer, labels, settings.max_length, settings.truncation)
+    run.validation_scores = evaluate(model, validation, labels, head_only=head_only)
+    run.epsilons = list(sites_state.epsilons)
+    run.deltas = [p.delta if p is not None else 0.0 for p in plans]
+    run.label_counts = label_counts
+    return run
+
+
+def _site_tables(
+    settings: Settings,
+    labels: list[str],
+    num_sites: int,
+    scheme: dict,
+    training_sites: int,
+    extra_rows: Sequence[pd.DataFrame | None] | None,
+) -> tuple[list[SiteData], list[pd.DataFrame]]:
+    """The partitioned sites (the first ``training_sites``, 0 = all) and each one's training
+    table with its ``extra_rows`` appended."""
     sites = partition_sites(settings, labels, num_sites, **scheme)
     if training_sites:
         sites = sites[:training_sites]
@@ -157,53 +189,58 @@ def federate(
         s.train if e is None or e.empty else pd.concat([s.train, e[["text", "label"]]], ignore_index=True)
         for s, e in zip(sites, extra, strict=True)
     ]
-    data = [tokenize(f, tokenizer, labels, settings.max_length, settings.truncation) for f in frames]
-    model = build_model(settings, labels, torch.device("cpu"), bert_config)
-    global_state = _copy(adapter_state(model))
-    plans, histories, label_counts = _site_plans(settings, data, frames, labels, rounds, model, noise_free)
-    epsilons = [0.0] * len(data)
-    for server_round in range(1, rounds + 1):
-        updates, weights = [], []
-        for i, (dataset, plan) in enumerate(zip(data, plans, strict=True)):
-            _load(model, global_state)
-            result = train_local(
-                model,
-                dataset,
-                settings,
-                plan=plan,
-                history=histories[i],
-                round_of=(server_round, rounds),
-                before_noise=_site_hook(before_noise, i, plan),
-                logit_offset=logit_offset(settings, label_counts[i], len(labels)),
-                class_weight=prior_weights(settings, label_counts[i], len(labels)),
-            )
-            histories[i], epsilons[i] = result.history, result.epsilon
-            state = _copy(adapter_state(model))
-            if on_update is not None:
-                on_update(SiteUpdate(server_round, i, global_state, state, len(dataset), result.epsilon))
-            updates.append(state)
-            weights.append(plan.public_n if plan is not None and plan.public_n else len(dataset))
-        total = float(sum(weights))
-        global_state = {
-            k: sum(w / total * u[k] for w, u in zip(weights, updates, strict=True)) for k in global_state
-        }
-        if progress is not None:
-            progress(f"round {server_round}/{rounds}: spent ε max {max(epsilons):.2f}")
-    _load(model, global_state)
-    test_frame = splits.test
-    if exclude_from_test:
-        test_frame = test_frame[~test_frame["text"].isin(set(exclude_from_test))].reset_index(drop=True)
-    test = tokenize(test_frame, tokenizer, labels, settings.max_length, settings.truncation)
-    head_only = settings.trainable == "head"
-    scores = evaluate(model, test, labels, head_only=head_only)
-    validation = tokenize(splits.validation, tokenizer, labels, settings.max_length, settings.truncation)
-    validation_scores = evaluate(model, validation, labels, head_only=head_only)
-    deltas = [p.delta if p is not None else 0.0 for p in plans]
-    run = Federation(
-        settings, labels, sites, model, tokenizer, test, scores, list(epsilons), deltas, validation_scores
-    )
-    run.label_counts = label_counts
-    return run
+    return sites, frames
+
+
+@dataclass
+class _Sites:
+    """Every site's training set, plan, accountant history, label histogram and spend so far."""
+
+    data: list[TensorDataset]
+    plans: list[PrivacyPlan | None]
+    histories: list[list]
+    label_counts: list
+    epsilons: list[float]
+    num_classes: int
+
+
+def _one_round(
+    model: nn.Module,
+    settings: Settings,
+    global_state: State,
+    sites: _Sites,
+    rounds: tuple[int, int],
+    on_update: Callable[[SiteUpdate], None] | None,
+    before_noise: Callable[[int, PrivacyPlan, list[nn.Parameter]], None] | None,
+) -> State:
+    """Round ``rounds[0]``: every site's round (``fedllm.site_round``, as the ClientApp runs it)
+    from ``global_state``, then FedAvg weighted by the counts the sites report.
+
+    One difference is kept so earlier in-process results stand: no ``class_weight`` is passed,
+    so without DP the loss is not weighted by inverse class frequency as a ClientApp's is with
+    ``class-weighting`` on (``fedllm.data.loss_weights``; under DP it is unweighted in both)."""
+    updates, weights = [], []
+    for i, (dataset, plan) in enumerate(zip(sites.data, sites.plans, strict=True)):
+        _load(model, global_state)
+        result = train_site_round(
+            model,
+            dataset,
+            settings,
+            rounds,
+            plan=plan,
+            history=sites.histories[i],
+            histogram=sites.label_counts[i],
+            num_classes=sites.num_classes,
+            before_noise=_site_hook(before_noise, i, plan),
+        )
+        sites.histories[i], sites.epsilons[i] = result.history, result.epsilon
+        state = _copy(adapter_state(model))
+        if on_update is not None:
+            on_update(SiteUpdate(rounds[0], i, global_state, state, len(dataset), result.epsilon))
+        updates.append(state)
+        weights.append(reported_count(plan, len(dataset)))
+    total = float(sum(weights))
+    return {k: sum(w / total * u[k] for w, u in zip(weights, updates, strict=True)) for k in global_state}
 
 
 def _site_plans(

@@ -8,6 +8,8 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedllm.contract import VALIDATION_PREFIX, RoundRecord
+
 RESULT_COLUMNS = [
     "point",
     "kind",
@@ -125,7 +127,8 @@ def read_point(point: Point, run_dir: Path) -> dict:
             validation_macro_f1=result.get("validation", {}).get("macro_f1", math.nan),
         )
         return row
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    rows: list[RoundRecord] = [json.loads(line) for line in lines]  # fedllm.contract's rows
     site_eps: dict[str, float] = {}
     for r in rows:
         for node, site in r.get("sites", {}).items():
@@ -140,10 +143,10 @@ def read_point(point: Point, run_dir: Path) -> dict:
         epsilon_mean=sum(values) / len(values),
         rounds=len(rows) - 1,
         wall_seconds=result["wall-seconds"],
-        validation_accuracy=final.get("validation-accuracy", math.nan),
-        validation_macro_f1=final.get("validation-macro-f1", math.nan),
+        validation_accuracy=final.get(VALIDATION_PREFIX + "accuracy", math.nan),
+        validation_macro_f1=final.get(VALIDATION_PREFIX + "macro-f1", math.nan),
     )
-    local = next((r["evaluate"] for r in reversed(rows) if r.get("evaluate")), {})
+    local: dict = next((r["evaluate"] for r in reversed(rows) if r.get("evaluate")), {})
     row.update(
         site_macro_f1=local.get("macro-f1", math.nan),
         site_personal_macro_f1=local.get("personal-macro-f1", math.nan),

@@ -18,14 +18,14 @@ from fedllm.adapters import (
 )
 from fedllm.model import build_base_model, build_model, count_parameters, load_trained
 
-from .conftest import DEVICE, LABELS
+from .conftest import DEVICE
 
 pytestmark = pytest.mark.gpu  # they train and load on DEVICE (FEDLLM_TEST_DEVICE=cuda: the GPU)
 
 
 @pytest.fixture
-def model(settings, tiny_config):
-    return build_model(settings.resolved(), LABELS, DEVICE, tiny_config)
+def model(settings, tiny_model):
+    return tiny_model(settings)
 
 
 def _randomize(model, seed: int) -> None:
@@ -43,10 +43,10 @@ def _numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: a.numpy() for k, a in record.items()}
 
 
-def test_round_trip_is_bit_exact(settings, tiny_config, model):
+def test_round_trip_is_bit_exact(settings, model, tiny_model):
     _randomize(model, 0)
     sent = adapter_to_record(model)
-    other = build_model(settings.replace(seed=1).resolved(), LABELS, DEVICE, tiny_config)
+    other = tiny_model(settings.replace(seed=1))
     adapter_from_record(other, sent)
     received = adapter_to_record(other)
     assert list(received) == list(sent)
@@ -66,9 +66,9 @@ def test_the_record_is_peft_state_dict_in_order_as_float32(model):
 
 
 @pytest.mark.parametrize("mode", ["lora", "ffa-lora", "bias", "head"])
-def test_the_record_carries_exactly_the_dp_dimension(settings, tiny_config, mode):
+def test_the_record_carries_exactly_the_dp_dimension(settings, mode, tiny_model):
     """The trainable count a site plans its noise for is the number of values it sends."""
-    model = build_model(settings.replace(trainable=mode).resolved(), LABELS, DEVICE, tiny_config)
+    model = tiny_model(settings.replace(trainable=mode))
     sent = sum(int(np.prod(a.shape)) for a in adapter_to_record(model).values())
     assert sent == count_parameters(model)[0]
 
@@ -119,10 +119,10 @@ def test_wrong_count_is_refused(model):
         set_adapter_arrays(model, arrays[:-1])
 
 
-def test_saved_adapter_loads_with_plain_peft(settings, tiny_config, model, tmp_path):
+def test_saved_adapter_loads_with_plain_peft(settings, tiny_config, model, tmp_path, labels):
     _randomize(model, 1)
-    save_adapter(model, tmp_path, LABELS)
-    base = build_base_model(settings, LABELS, tiny_config)
+    save_adapter(model, tmp_path, labels)
+    base = build_base_model(settings, labels, tiny_config)
     loaded = PeftModel.from_pretrained(base.to(DEVICE), str(tmp_path))
     ids = torch.randint(0, 1000, (2, 10), device=DEVICE)
     mask = torch.ones_like(ids)
@@ -134,13 +134,13 @@ def test_saved_adapter_loads_with_plain_peft(settings, tiny_config, model, tmp_p
         )
 
 
-def test_load_trained_rebuilds_the_scored_model(settings, tiny_checkpoint, tmp_path):
+def test_load_trained_rebuilds_the_scored_model(settings, tiny_checkpoint, tmp_path, labels):
     s = settings.replace(model=str(tiny_checkpoint))
-    model = build_model(s.resolved(), LABELS, DEVICE)
+    model = build_model(s.resolved(), labels, DEVICE)
     _randomize(model, 2)
-    save_adapter(model, tmp_path / "adapter", LABELS)
-    loaded, labels = load_trained(tmp_path / "adapter", s)
-    assert labels == LABELS
+    save_adapter(model, tmp_path / "adapter", labels)
+    loaded, loaded_labels = load_trained(tmp_path / "adapter", s)
+    assert loaded_labels == labels
     ids = torch.randint(0, 1000, (2, 12), device=DEVICE)
     mask = torch.ones_like(ids)
     model.eval()

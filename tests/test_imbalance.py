@@ -26,11 +26,10 @@ from fedllm.ledger import PrivacyLedger, total_steps
 from fedllm.train import evaluate, train_local
 
 from .conftest import LABELS
-from .test_site_guarantee import COUNT_NOISE, _ask, _context, _ledger_path
-from .test_site_guarantee import run_config as run_config_fixture  # noqa: F401
-from .test_site_guarantee import site as site_fixture  # noqa: F401
-
-run_config, site = run_config_fixture, site_fixture
+from .conftest import flower_context as _context
+from .sites import COUNT_NOISE
+from .sites import ask as _ask
+from .sites import ledger_path as _ledger_path
 
 
 def test_one_added_row_moves_one_bin_by_one(monkeypatch):

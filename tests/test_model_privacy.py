@@ -11,10 +11,7 @@ import torch
 from fedllm.accounting import BudgetExhaustedError, epsilon_for, plan_privacy
 from fedllm.data import tokenize
 from fedllm.loop import FrozenTrainingError
-from fedllm.model import build_model
 from fedllm.train import classification_metrics, evaluate, lr_schedule, train_local
-
-from .conftest import DEVICE, LABELS
 
 pytestmark = pytest.mark.gpu  # they train and load on DEVICE (FEDLLM_TEST_DEVICE=cuda: the GPU)
 
@@ -23,17 +20,17 @@ def _snapshot(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def test_only_lora_and_head_train(settings, tiny_config):
-    model = build_model(settings.resolved(), LABELS, DEVICE, tiny_config)
+def test_only_lora_and_head_train(settings, tiny_model):
+    model = tiny_model(settings)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable, "nothing trainable"
     assert all("lora_" in n or "classifier" in n for n in trainable), trainable
     assert not any("embeddings" in n for n in trainable)
 
 
-def test_private_step_changes_lora_not_frozen_weights(settings, tiny_config, tokenizer, frame):
-    model = build_model(settings.resolved(), LABELS, DEVICE, tiny_config)
-    data = tokenize(frame, tokenizer, LABELS, settings.max_length)
+def test_private_step_changes_lora_not_frozen_weights(settings, tokenizer, frame, tiny_model, labels):
+    model = tiny_model(settings)
+    data = tokenize(frame, tokenizer, labels, settings.max_length)
     before = _snapshot(model)
     s = settings.replace(max_steps=1, target_epsilon=8.0)
     plan = plan_privacy(s.resolved(), len(data))
@@ -47,12 +44,12 @@ def test_private_step_changes_lora_not_frozen_weights(settings, tiny_config, tok
     assert not (changed & frozen), f"frozen weights changed: {sorted(changed & frozen)[:3]}"
 
 
-def test_the_books_compose_every_step_of_every_training(settings, tiny_config, tokenizer, frame):
+def test_the_books_compose_every_step_of_every_training(settings, tokenizer, frame, tiny_model, labels):
     """Three trainings of 3 steps, each restoring the last one's history, spend what one of 9 does."""
-    data = tokenize(frame, tokenizer, LABELS, settings.max_length)
+    data = tokenize(frame, tokenizer, labels, settings.max_length)
     s = settings.replace(noise_multiplier=1.1, max_steps=3, accountant="rdp")
     plan = plan_privacy(s.resolved(), len(data), planned_rounds=3)
-    model = build_model(s.resolved(), LABELS, DEVICE, tiny_config)
+    model = tiny_model(s)
     history, epsilons = [], []
     for _ in range(3):
         result = train_local(model, data, s.resolved(), plan=plan, history=history)
@@ -62,12 +59,7 @@ def test_the_books_compose_every_step_of_every_training(settings, tiny_config, t
     q = 1 / math.ceil(len(data) / s.batch_size)
     assert history == [[1.1, q, 9]]  # one entry per (sigma, q): the history stays short
     nine = s.replace(max_steps=9)
-    at_once = train_local(
-        build_model(s.resolved(), LABELS, DEVICE, tiny_config),
-        data,
-        nine.resolved(),
-        plan=plan_privacy(nine.resolved(), len(data)),
-    )
+    at_once = train_local(tiny_model(s), data, nine.resolved(), plan=plan_privacy(nine.resolved(), len(data)))
     assert at_once.history == history and epsilons[-1] == at_once.epsilon
 
 
@@ -86,54 +78,56 @@ def test_target_epsilon_is_calibrated_over_all_planned_rounds(settings, frame):
     )
 
 
-def test_budget_exhausted_before_overspending(settings, tiny_config, tokenizer, frame):
-    data = tokenize(frame, tokenizer, LABELS, settings.max_length)
+def test_budget_exhausted_before_overspending(settings, tokenizer, frame, tiny_model, labels):
+    data = tokenize(frame, tokenizer, labels, settings.max_length)
     s = settings.replace(target_epsilon=2.0, max_steps=2)
     plan = plan_privacy(s.resolved(), len(data), planned_rounds=1)
-    model = build_model(s.resolved(), LABELS, DEVICE, tiny_config)
+    model = tiny_model(s)
     first = train_local(model, data, s.resolved(), plan=plan)
     assert first.epsilon <= 2.0 + 1e-6
     with pytest.raises(BudgetExhaustedError, match="target 2.0"):
         train_local(model, data, s.resolved(), plan=plan, history=first.history)
 
 
-def test_empty_poisson_batches_are_noisy_accounted_steps(settings, tiny_config, tokenizer, frame):
-    data = tokenize(frame.head(20), tokenizer, LABELS, settings.max_length)
+def test_empty_poisson_batches_are_noisy_accounted_steps(settings, tokenizer, frame, tiny_model, labels):
+    data = tokenize(frame.head(20), tokenizer, labels, settings.max_length)
     s = settings.replace(batch_size=1, max_steps=30, noise_multiplier=1.0)
     plan = plan_privacy(s.resolved(), len(data))
-    model = build_model(s.resolved(), LABELS, DEVICE, tiny_config)
+    model = tiny_model(s)
     result = train_local(model, data, s.resolved(), plan=plan)
     assert result.steps == 30
     assert result.empty_batches > 0  # P(no empty batch in 30 steps at q=0.05) < 1e-4
     assert sum(h[2] for h in result.history) == 30
 
 
-def test_guard_fails_loudly_when_weights_do_not_move(settings, tiny_config, tokenizer, frame, monkeypatch):
-    data = tokenize(frame, tokenizer, LABELS, settings.max_length)
+def test_guard_fails_loudly_when_weights_do_not_move(
+    settings, tokenizer, frame, monkeypatch, tiny_model, labels
+):
+    data = tokenize(frame, tokenizer, labels, settings.max_length)
     s = settings.replace(max_steps=1, target_epsilon=math.inf)
-    model = build_model(s.resolved(), LABELS, DEVICE, tiny_config)
+    model = tiny_model(s)
     monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, closure=None: None)
     with pytest.raises(FrozenTrainingError):
         train_local(model, data, s.resolved())
 
 
-def test_non_private_training_learns_separable_data(settings, tiny_config, tokenizer, frame):
-    data = tokenize(frame, tokenizer, LABELS, settings.max_length)
+def test_non_private_training_learns_separable_data(settings, tokenizer, frame, tiny_model, labels):
+    data = tokenize(frame, tokenizer, labels, settings.max_length)
     s = settings.replace(epochs=8, lr=2e-2, target_epsilon=math.inf)
-    model = build_model(s.resolved(), LABELS, DEVICE, tiny_config)
-    before = evaluate(model, data, LABELS)
+    model = tiny_model(s)
+    before = evaluate(model, data, labels)
     train_local(model, data, s.resolved())
-    after = evaluate(model, data, LABELS)
+    after = evaluate(model, data, labels)
     assert after["loss"] < before["loss"]
     assert after["accuracy"] > 0.9
     assert sum(c["support"] for c in after["per_class"].values()) == len(frame)
 
 
-def test_dp_noise_is_not_derived_from_the_seed(settings, tiny_config, tokenizer, frame):
-    data = tokenize(frame, tokenizer, LABELS, settings.max_length)
+def test_dp_noise_is_not_derived_from_the_seed(settings, tokenizer, frame, tiny_model, labels):
+    data = tokenize(frame, tokenizer, labels, settings.max_length)
 
     def adapter_after(s, plan):
-        model = build_model(s.resolved(), LABELS, DEVICE, tiny_config)
+        model = tiny_model(s)
         train_local(model, data, s.resolved(), plan=plan)
         return torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])
 
@@ -145,50 +139,52 @@ def test_dp_noise_is_not_derived_from_the_seed(settings, tiny_config, tokenizer,
     assert torch.allclose(public_model_a, public_model_b)  # non-private runs are reproducible
 
 
-def test_ghost_clipping_trains_and_accounts(settings, tiny_config, tokenizer, frame):
-    data = tokenize(frame, tokenizer, LABELS, settings.max_length)
+def test_ghost_clipping_trains_and_accounts(settings, tokenizer, frame, tiny_model, labels):
+    data = tokenize(frame, tokenizer, labels, settings.max_length)
     s = settings.replace(max_steps=2, noise_multiplier=1.0, grad_sample_mode="ghost")
-    model = build_model(s.resolved(), LABELS, DEVICE, tiny_config)
+    model = tiny_model(s)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
     result = train_local(model, data, s.resolved(), plan=plan_privacy(s.resolved(), len(data)))
     assert result.steps == 2 and sum(h[2] for h in result.history) == 2
     assert all(not torch.equal(v, dict(model.named_parameters())[n]) for n, v in before.items())
 
 
-def test_private_training_refuses_data_dependent_class_weights(settings, tiny_config, tokenizer, frame):
+def test_private_training_refuses_data_dependent_class_weights(
+    settings, tokenizer, frame, tiny_model, labels
+):
     from fedllm.data import class_weights, loss_weights
 
     private = settings.replace(target_epsilon=8.0, max_steps=1)
-    assert loss_weights(private, frame, LABELS) is None
-    assert loss_weights(private.replace(target_epsilon=math.inf), frame, LABELS) is not None
-    explicit = loss_weights(private.replace(class_weights="1,2,3"), frame, LABELS)
+    assert loss_weights(private, frame, labels) is None
+    assert loss_weights(private.replace(target_epsilon=math.inf), frame, labels) is not None
+    explicit = loss_weights(private.replace(class_weights="1,2,3"), frame, labels)
     assert explicit.tolist() == [1.0, 2.0, 3.0]
     with pytest.raises(ValueError, match="one positive weight per label"):
-        loss_weights(private.replace(class_weights="1,2"), frame, LABELS)
-    data = tokenize(frame, tokenizer, LABELS, settings.max_length)
-    model = build_model(private.resolved(), LABELS, DEVICE, tiny_config)
+        loss_weights(private.replace(class_weights="1,2"), frame, labels)
+    data = tokenize(frame, tokenizer, labels, settings.max_length)
+    model = tiny_model(private)
     with pytest.raises(ValueError, match="leak"):
         train_local(
             model,
             data,
             private.resolved(),
             plan=plan_privacy(private.resolved(), len(data)),
-            class_weight=class_weights(frame, LABELS),
+            class_weight=class_weights(frame, labels),
         )
 
 
-def test_empty_splits_fail_clearly_or_score_zero(settings, tiny_config, tokenizer, frame):
-    empty = tokenize(frame.head(0), tokenizer, LABELS, settings.max_length)
-    model = build_model(settings.resolved(), LABELS, DEVICE, tiny_config)
+def test_empty_splits_fail_clearly_or_score_zero(settings, tokenizer, frame, tiny_model, labels):
+    empty = tokenize(frame.head(0), tokenizer, labels, settings.max_length)
+    model = tiny_model(settings)
     with pytest.raises(ValueError, match="empty"):
         train_local(model, empty, settings.replace(target_epsilon=math.inf).resolved())
-    scores = evaluate(model, empty, LABELS)
+    scores = evaluate(model, empty, labels)
     assert scores["num_examples"] == 0 and scores["accuracy"] == 0.0
 
 
-def test_macro_f1_averages_over_the_classes_in_truth_or_prediction():
+def test_macro_f1_averages_over_the_classes_in_truth_or_prediction(labels):
     truth, predicted = np.array([0, 0, 1, 1]), np.array([0, 0, 0, 3])  # 3: no class of the model
-    scores = classification_metrics(truth, predicted, LABELS, loss_sum=2.0)
+    scores = classification_metrics(truth, predicted, labels, loss_sum=2.0)
     # class 0: F1 2*2/(2+3); class 1: 0; class 2 (never true, never predicted) is not averaged
     assert scores["macro_f1"] == pytest.approx((0.8 + 0.0) / 2)
     assert scores["accuracy"] == 0.5 and scores["loss"] == 0.5

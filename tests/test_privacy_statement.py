@@ -32,11 +32,11 @@ from fedllm.model import build_model
 from fedllm.train import train_local
 
 from .conftest import LABELS, TINY
-from .test_site_guarantee import COUNT_NOISE, _ask, _context, _ledger_path, _message
-from .test_site_guarantee import run_config as run_config_fixture
-from .test_site_guarantee import site as site_fixture
-
-site, run_config = site_fixture, run_config_fixture  # the same site and run as test_site_guarantee
+from .conftest import flower_context as _context
+from .sites import COUNT_NOISE
+from .sites import ask as _ask
+from .sites import ledger_path as _ledger_path
+from .sites import message as _message
 
 
 def _ledger(site: dict) -> PrivacyLedger:

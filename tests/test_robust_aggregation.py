@@ -90,26 +90,49 @@ def test_an_inflated_example_count_buys_at_most_the_weight_cap():
     assert distance(unbounded, bad) < 0.02 * distance(aggregate, bad)
 
 
+SIX_SITES = {n: 100 for n in range(1, 7)}  # 6 honest + 1: Bulyan with f=1 needs 7
+
+
 @pytest.mark.parametrize("aggregator", AGGREGATORS)
 def test_each_aggregator_is_not_moved_far_by_one_outlier(aggregator):
     g = global_adapter()
-    sites = {n: 100 for n in range(1, 7)}  # 6 honest + 1: Bulyan with f=1 needs 7
     settings = RobustSettings(aggregator=aggregator)
-    aggregate, record = _round(settings, g, _sign_flip(g, 1e3), honest_sites=sites)
+    aggregate, record = _round(settings, g, _sign_flip(g, 1e3), honest_sites=SIX_SITES)
     assert record["aggregator"] == aggregator and "global-unchanged" not in record
     assert all(np.isfinite(v).all() for v in aggregate.values())
-    honest_spread = max(distance(honest(g, n), g) for n in sites)
-    assert distance(aggregate, _honest_mean(g, sites)) <= honest_spread
+    honest_spread = max(distance(honest(g, n), g) for n in SIX_SITES)
+    assert distance(aggregate, _honest_mean(g, SIX_SITES)) <= honest_spread
+    if aggregator == "cosine":  # the site the bound had to cut is left out: the honest mean exactly
+        assert record["discounted"] == [BAD]
+        assert distance(aggregate, _honest_mean(g, SIX_SITES)) < 1e-5
     if aggregator in ("krum", "bulyan"):
         assert BAD not in record["selected"]
-    # the coordinate-wise and selecting rules hold without any clipping too; plain FedAvg does not,
-    # nor does cosine against an outlier with no direction (here random): it meets only the clip
-    unclipped, _ = _round(settings.without_bounds(), g, _sign_flip(g, 1e3), honest_sites=sites)
-    moved = distance(unclipped, _honest_mean(g, sites))
-    if aggregator == "fedavg":
-        assert moved > 10 * honest_spread
-    elif aggregator != "cosine":
-        assert moved <= honest_spread
+
+
+@pytest.mark.parametrize("aggregator", [a for a in AGGREGATORS if a not in ("fedavg", "cosine")])
+def test_the_robust_rules_ignore_the_outliers_size_without_any_clipping(aggregator):
+    """Median, trimmed mean, Krum and Bulyan hold on their own: x1e3 or x1e6 gives the same global."""
+    g = global_adapter()
+    settings = RobustSettings(aggregator=aggregator).without_bounds()
+    small, record = _round(settings, g, _sign_flip(g, 1e3), honest_sites=SIX_SITES)
+    large, _ = _round(settings, g, _sign_flip(g, 1e6), honest_sites=SIX_SITES)
+    assert not record.get("norm-bound") and not record["clipped"]
+    honest_spread = max(distance(honest(g, n), g) for n in SIX_SITES)
+    assert distance(small, large) < 1e-4 * honest_spread
+    assert distance(small, _honest_mean(g, SIX_SITES)) <= honest_spread
+
+
+def test_without_bounds_cosine_is_plain_fedavg_and_one_outlier_drags_it():
+    """The benches' `plain`: no clip, no weight cap, no direction check, whatever the aggregator."""
+    g = global_adapter()
+    honest_spread = max(distance(honest(g, n), g) for n in SIX_SITES)
+    plain = {}
+    for aggregator in ("cosine", "fedavg"):
+        settings = RobustSettings(aggregator=aggregator).without_bounds()
+        plain[aggregator], record = _round(settings, g, _sign_flip(g, 1e3), honest_sites=SIX_SITES)
+        assert record["aggregator"] == "fedavg" and not record.get("discounted")
+    assert distance(plain["cosine"], plain["fedavg"]) < 1e-6
+    assert distance(plain["cosine"], _honest_mean(g, SIX_SITES)) > 10 * honest_spread
 
 
 def test_bulyan_with_too_few_replies_keeps_the_global_adapter_and_says_why():

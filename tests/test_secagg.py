@@ -22,8 +22,12 @@ from fedllm.secagg import (
     encode,
     flatten,
     mask,
+    modulus_bits,
+    pack,
+    packed_size,
     quantisation_bound,
     site_weight,
+    unpack,
 )
 from server.robust import RobustSettings
 from server.secagg_fedavg import SecAggFedAvg
@@ -129,11 +133,12 @@ def test_a_recording_hook_sees_no_update_count_or_metric_of_a_single_site():
                 assert not ints - set(NODES), f"{stage}: an integer other than a node id in {key}"
         for record in content.array_records.values():
             assert not set(record) & names
-            vector = record["vector"].numpy()
-            assert vector.dtype == np.uint32
-            # masked: the site's own (unmasked) encoding is nowhere near it
+            packed = record["vector"].numpy()
             plain, _ = encode(flatten(updates[node], list(SHAPES)), metrics[node], CLIP, 1000.0)
-            assert np.mean(vector == plain) < 0.01
+            bits = modulus_bits(len(NODES))
+            assert packed.dtype == np.uint8 and packed.size == packed_size(plain.size, bits) < 4 * plain.size
+            # masked: the site's own (unmasked) encoding is nowhere near it
+            assert np.mean(unpack(packed, plain.size, bits) == plain) < 0.01
     assert {stage for _, stage, _ in grid.recorded} == {"setup", "share-keys", "collect", "unmask"}
     record = strategy.round_summary(1)
     assert "sites" not in record and record["train-replies"] == 5
@@ -221,6 +226,22 @@ def test_encoding_round_trips_and_checks_the_sum():
         decode(total, 4, 1.0)
     with pytest.raises(ValueError, match="above K·Q"):
         decode(total + np.uint32(2**31), 3, 1.0)
+
+
+def test_the_modulus_holds_every_honest_sum_and_packing_round_trips():
+    """2^b > K·Q (every slot of K honest sites sums below it) and no smaller b would; a vector
+    packed at b bits unpacks to itself; a stream of the wrong size is refused."""
+    for sites in (1, 3, 5, 8, 1023):
+        bits = modulus_bits(sites)
+        assert sites * QUANT_RANGE < 2**bits and sites * QUANT_RANGE >= 2 ** (bits - 1)
+    assert modulus_bits(5) == 25 and modulus_bits(1023) == 32
+    values = np.random.default_rng(0).integers(0, 2**25, size=1933, dtype=np.uint32)
+    packed = pack(values, 25)
+    assert packed.size == (1933 * 25 + 7) // 8 and np.array_equal(unpack(packed, 1933, 25), values)
+    with pytest.raises(ValueError, match="does not fit"):
+        pack(np.array([2**25], dtype=np.uint32), 25)
+    with pytest.raises(ValueError, match="uint8 bytes"):
+        unpack(packed[:-1], 1933, 25)
 
 
 def _unmask(node: int, active: list[int], dead: list[int]):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from flwr.app import Context, RecordDict
 
 from clients.policy import SitePolicy, SitePolicyError, failure_code
 from fedllm.accounting import epsilon_for, plan_privacy
@@ -11,23 +10,17 @@ from fedllm.config import Settings
 from fedllm.data import DataError
 
 
-def _context(node_config: dict, run_config: dict | None = None) -> Context:
-    return Context(
-        run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config=run_config or {}
-    )
-
-
-def test_a_real_site_reads_its_policy_from_its_node_config_only():
+def test_a_real_site_reads_its_policy_from_its_node_config_only(make_context):
     widen = {"sim-site-max-epsilon": 100.0, "sim-site-allow-no-dp": True, "max-epsilon": 100.0}
-    policy = SitePolicy.from_context(_context({"data-file": "x.csv", "max-epsilon": 3.0}, widen))
+    policy = SitePolicy.from_context(make_context({"data-file": "x.csv", "max-epsilon": 3.0}, widen))
     assert policy.max_epsilon == 3.0 and not policy.allow_no_dp
-    defaults = SitePolicy.from_context(_context({"data-file": "x.csv"}, widen))
+    defaults = SitePolicy.from_context(make_context({"data-file": "x.csv"}, widen))
     assert (defaults.max_epsilon, defaults.max_delta, defaults.allow_no_dp) == (8.0, 1e-5, False)
 
 
-def test_a_virtual_site_reads_the_runs_sim_site_keys():
+def test_a_virtual_site_reads_the_runs_sim_site_keys(make_context):
     run = {"sim-site-max-epsilon": 3.0, "sim-site-allow-no-dp": "true", "max-epsilon": 100.0}
-    policy = SitePolicy.from_context(_context({"partition-id": 0, "num-partitions": 3}, run))
+    policy = SitePolicy.from_context(make_context({"partition-id": 0, "num-partitions": 3}, run))
     assert policy.max_epsilon == 3.0 and policy.allow_no_dp
 
 

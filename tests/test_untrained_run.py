@@ -7,11 +7,9 @@ codes a site sends, clients/policy.py); server/outcome.py stops the run at that 
 from __future__ import annotations
 
 import json
-import tomllib
-from pathlib import Path
 
 import pytest
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Error, Message
 
 from server.app import main
 from server.outcome import RunFailed
@@ -20,24 +18,16 @@ from .replies import ScriptedGrid, as_dict, honest, reply, server_identity  # no
 
 pytestmark = pytest.mark.usefixtures("server_identity")
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _context(tiny_checkpoint, run_dir: Path, **extra) -> Context:
-    table = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    config = {**table, "model": str(tiny_checkpoint), "max-length": 32, "run-dir": str(run_dir), **extra}
-    return Context(run_id=5, node_id=0, node_config={}, state=RecordDict(), run_config=config)
-
 
 def _refusal(node: int, code: str) -> Message:
     return Message(error=Error(code=0, reason=code), metadata=reply(node, {}).metadata)
 
 
-def test_every_site_refusing_fails_the_run_in_one_line(tiny_checkpoint, tmp_path):
+def test_every_site_refusing_fails_the_run_in_one_line(server_context, tmp_path):
     codes = {2: "site-declined", 3: "site-declined", 4: "site-refused-lifetime-budget"}
     grid = ScriptedGrid(list(codes), lambda node, rnd, arrays: _refusal(node, codes[node]))
     with pytest.raises(RunFailed) as failed:
-        main(grid, _context(tiny_checkpoint, tmp_path / "runs", **{"run-name": "refused"}))
+        main(grid, server_context(tmp_path / "runs", **{"run-name": "refused"}))
     line = str(failed.value)
     assert "\n" not in line
     assert line.startswith("round 1 of 8: no site's update was aggregated (every site refused or failed")
@@ -54,12 +44,12 @@ def test_every_site_refusing_fails_the_run_in_one_line(tiny_checkpoint, tmp_path
     assert rows[1]["global-unchanged"] and len(rows[1]["train-failures"]) == 3
 
 
-def test_a_later_round_that_aggregates_nothing_stops_the_run_resumable(tiny_checkpoint, tmp_path):
+def test_a_later_round_that_aggregates_nothing_stops_the_run_resumable(server_context, tmp_path):
     def answer(node: int, rnd: int, arrays) -> Message:  # round 1 trains, round 2 every site refuses
         return reply(node, honest(as_dict(arrays), node)) if rnd == 1 else _refusal(node, "site-declined")
 
     grid = ScriptedGrid([2, 3, 4], answer)
-    context = _context(tiny_checkpoint, tmp_path / "runs", **{"run-name": "late", "trainable": "lora"})
+    context = server_context(tmp_path / "runs", **{"run-name": "late", "trainable": "lora"})
     with pytest.raises(RunFailed, match=r"^round 2 of 8: .*rounds up to 1 are kept"):
         main(grid, context)
     run_dir = tmp_path / "runs" / "late"
