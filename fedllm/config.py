@@ -1,14 +1,9 @@
-"""One typed configuration for model, LoRA, data, privacy and training.
+"""One typed configuration for model, LoRA, data, privacy and training (``Settings``).
 
-The same keys are used everywhere: Flower's run config (``[tool.flwr.app.config]`` in
-``pyproject.toml``, ``flwr run --run-config "lora-r=16"``), TOML files and command-line flags
-(``--lora-r 16``). Keys are written with hyphens on the outside and map to the underscored
-field names below.
-
-``Settings`` is the one source of every fine-tune default and of each key's meaning (its
-declared help, ``fedllm.settings_reader``). Flower refuses run config keys an app
-does not declare, so pyproject.toml declares them again: ``flower_defaults()`` is what that table
-must hold (tests/test_config.py checks it key by key).
+The same hyphenated keys everywhere: Flower's run config (``flwr run --run-config "lora-r=16"``),
+TOML files and command-line flags (``--lora-r 16``). ``Settings`` is the one source of each
+fine-tune key's default and meaning (its declared help, ``fedllm.settings_reader``);
+pyproject.toml declares the keys again for Flower, checked against ``flower_defaults()``.
 """
 
 from __future__ import annotations
@@ -182,8 +177,14 @@ class Settings:
         "with lora-layers = k, compute the frozen bottom layers once per data set "
         "and train the top k on their cached output (same logits)",
     )
-    seed: int = key(42, "seed for splits, init and sampling")
-    device: str = key("auto", "'auto', 'cpu', 'cuda', 'cuda:1'")
+    seed: int = key(
+        42,
+        "seed for splits, initialization and non-private sampling (DP noise and sampling draw "
+        "from OS entropy)",
+    )
+    device: str = key(
+        "auto", "'auto' (the first CUDA GPU when there is one, else the CPU), 'cpu', 'cuda', 'cuda:1'"
+    )
     # privacy
     target_epsilon: float = key(
         8.0,
@@ -202,7 +203,8 @@ class Settings:
     )
     count_noise: float = key(
         20.0,
-        "std (rows) of the DP count n̂ a private site sends instead of n",
+        "std (rows) of the DP count n̂ a private site sends instead of n, booked in its ledger "
+        "(docs/privacy.md)",
         low=0,
         low_open=True,
         fix="use a positive standard deviation in rows, e.g. 20",

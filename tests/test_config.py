@@ -20,6 +20,7 @@ from fedllm.config import (
     settings_from,
 )
 from fedllm.secagg import SecAggSettings
+from fedllm.settings_reader import help_of
 from fedllm.shards import ShardSettings
 from server.robust import RobustSettings
 from server.settings import ClientDPSettings, ServerSettings
@@ -205,3 +206,43 @@ def test_a_bad_server_or_shard_key_is_one_line_naming_it(reader, key, value, fix
     with pytest.raises(ValueError, match=f"^run config: key '{key}' = .*{fix}") as err:
         reader.from_run_config({key: value})
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("read", "key"),
+    [
+        (lambda rc: settings_from(rc, source="run config"), "class-weighting"),
+        (ServerSettings.from_run_config, "server-eval"),
+        (lambda rc: SitePolicy.from_config(rc), "allow-no-dp"),
+        (lambda rc: SitePolicy.from_config(rc, SIM_PREFIX), SIM_PREFIX + "release-evaluation"),
+    ],
+)
+def test_a_misspelt_boolean_is_refused_in_one_format_by_every_reader(read, key):
+    """'ture' was read as false by the site policy while server-eval refused it: one reader now."""
+    with pytest.raises(
+        ValueError, match=rf"^[a-z ]+: key '{key}' = 'ture' is not a boolean; use true or false$"
+    ):
+        read({key: "ture"})
+    assert getattr(read({key: "TRUE"}), key.removeprefix(SIM_PREFIX).replace("-", "_")) is True
+
+
+def test_every_declared_key_has_help_and_the_docs_tables_are_generated_from_it():
+    from simulations import config_doc
+
+    for _, cls, _, _ in config_doc.TABLES:
+        assert all(help_of(cls).values()), f"{cls.__name__}: a declared key without help"
+    text = config_doc.DOC.read_text()
+    assert config_doc.rewritten(text) == text, "docs/configuration.md: run python -m simulations.config_doc"
+    assert "| `server-eval` | true | score each round's global adapter" in text  # a row, as generated
+
+
+def test_the_pyproject_table_restates_no_key_meaning_and_the_cli_help_is_the_declared_help():
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    block = pyproject.read_text().split("[tool.flwr.app.config]")[1].split("\n[")[0]
+    commented = [line for line in block.splitlines() if "=" in line and "#" in line.split("=", 1)[1]]
+    assert not commented, f"meaning written beside a key (write it in its declared help): {commented}"
+    parser = argparse.ArgumentParser()
+    add_settings_arguments(parser)
+    helps = {a.dest: a.help for a in parser._actions if a.help}
+    for key, text in help_of(Settings).items():
+        assert helps[key.replace("-", "_")].startswith(text)
