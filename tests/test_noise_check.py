@@ -109,7 +109,7 @@ def test_what_a_dp_reply_must_declare_and_what_is_not_checked():
     for bad in ({"noise-multiplier": 0.0}, {"sample-rate": 0.0}, {"steps": 0}):
         expected, reason = too_clean(dp_metrics(300, **bad), 5.0, 100, model, 1, 0.8)
         assert reason.startswith("claims DP") and "\n" not in reason
-    adamw = NoiseModel.of(Settings(target_epsilon=8.0, optimizer="adamw"), ROUNDS)
+    adamw = NoiseModel.of(Settings(target_epsilon=8.0, optimizer="adamw").resolved(), ROUNDS)
     assert too_clean(dp_metrics(300), 0.0, 100, adamw, 1, 0.8) is None  # no additive noise to expect
 
 
