@@ -87,7 +87,10 @@ def main(argv: list[str] | None = None) -> None:
     add_settings_arguments(parser)
     args = vars(parser.parse_args(argv))
     out = args.pop("out")
-    settings = settings_from(args, source="command line")
+    try:
+        settings = settings_from(args, source="command line")
+    except ValueError as err:  # one line naming the key and the fix
+        parser.error(str(err))
     summary = run_centralized(settings, out)
     test = summary["test"]
     eps = summary["epsilon"] if summary["epsilon"] is not None else math.inf

@@ -202,7 +202,12 @@ def parse_args(argv: list[str] | None, description: str | None = None) -> dict:
 
 def sweep_settings(config: dict) -> Settings:
     """The fine-tune settings of a merged config (its sweep keys ignored), validated."""
-    return settings_from({k: v for k, v in config.items() if k not in SWEEP_KEYS and k != "out"})
+    try:
+        return settings_from(
+            {k: v for k, v in config.items() if k not in SWEEP_KEYS and k != "out"}, source="sweep"
+        )
+    except SettingsError as err:
+        raise SystemExit(str(err)) from None
 
 
 def check_config(config: dict, saved: Path) -> None:
@@ -210,7 +215,7 @@ def check_config(config: dict, saved: Path) -> None:
     unknown = sorted(set(config) - set(SETTING_TYPES) - SWEEP_KEYS - {"out"})
     if unknown:
         raise SystemExit(f"unknown sweep keys {unknown}: see python -m simulations.run --help")
-    if float(config.get("noise-multiplier", 0) or 0) > 0:
+    if sweep_settings(config).noise_multiplier > 0:
         raise SystemExit("a sweep sets the noise from each target epsilon: drop noise-multiplier")
     keep_or_refuse(config, saved, EXTENDABLE, "a sweep")
 
