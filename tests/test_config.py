@@ -208,24 +208,6 @@ def test_a_bad_server_or_shard_key_is_one_line_naming_it(reader, key, value, fix
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize(
-    ("read", "key"),
-    [
-        (lambda rc: settings_from(rc, source="run config"), "class-weighting"),
-        (ServerSettings.from_run_config, "server-eval"),
-        (lambda rc: SitePolicy.from_config(rc), "allow-no-dp"),
-        (lambda rc: SitePolicy.from_config(rc, SIM_PREFIX), SIM_PREFIX + "release-evaluation"),
-    ],
-)
-def test_a_misspelt_boolean_is_refused_in_one_format_by_every_reader(read, key):
-    """'ture' was read as false by the site policy while server-eval refused it: one reader now."""
-    with pytest.raises(
-        ValueError, match=rf"^[a-z ]+: key '{key}' = 'ture' is not a boolean; use true or false$"
-    ):
-        read({key: "ture"})
-    assert getattr(read({key: "TRUE"}), key.removeprefix(SIM_PREFIX).replace("-", "_")) is True
-
-
 def test_every_declared_key_has_help_and_the_docs_tables_are_generated_from_it():
     from simulations import config_doc
 
