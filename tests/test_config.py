@@ -216,6 +216,8 @@ def test_every_declared_key_has_help_and_the_docs_tables_are_generated_from_it()
     text = config_doc.DOC.read_text()
     assert config_doc.rewritten(text) == text, "docs/configuration.md: run python -m simulations.config_doc"
     assert "| `server-eval` | true | score each round's global adapter" in text  # a row, as generated
+    readme = config_doc.README.read_text()
+    assert config_doc.rewritten(readme, config_doc.readme_generated()) == readme, "README: run it too"
 
 
 def test_the_pyproject_table_restates_no_key_meaning_and_the_cli_help_is_the_declared_help():
