@@ -23,10 +23,10 @@ _CACHE_ENTRIES = 64
 
 
 def _base(model: nn.Module) -> Any:
-    """The transformers classifier inside a peft model (or the model itself); typed ``Any``: its
-    ``bert``, ``config`` and ``classifier`` are attributes ``nn.Module`` does not declare."""
-    get_base_model = getattr(model, "get_base_model", None)
-    return get_base_model() if get_base_model is not None else model
+    """The transformers classifier inside a peft model (or the model itself); typed Any, as
+    transformers' BERT attributes (``bert``, ``config``, ``classifier``) are to mypy."""
+    wrapped: Any = model
+    return wrapped.get_base_model() if hasattr(wrapped, "get_base_model") else wrapped
 
 
 def _key(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor) -> str:

@@ -60,7 +60,7 @@ def init_head(
     if settings.head_init != "label-names" or not informative(labels):
         return False
     prototypes = label_prototypes(model, tokenizer, labels, settings)
-    classifier = _base(model).classifier
+    classifier = _base(model).get_submodule("classifier")
     for layer in _head_layers(model, classifier):
         layer.weight.copy_(settings.head_init_scale * prototypes.to(layer.weight))
         layer.bias.zero_()

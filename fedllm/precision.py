@@ -16,6 +16,7 @@ import functools
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -89,7 +90,8 @@ def attention_in_fp32(model: nn.Module) -> Callable[[], None]:
     one DP step of MiniLM, bench/dp_overhead.py --profile), while the linear layers gain from
     bf16: only the projections stay in bf16. A model whose attention is not SDPA is left alone.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    wrapped: Any = model
+    base = wrapped.get_base_model() if hasattr(wrapped, "get_base_model") else wrapped
     config = getattr(base, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
         return lambda: None

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from typing import Any
 
 import torch
 from peft.tuners.lora import LoraLayer
@@ -30,8 +31,9 @@ _CACHE: OrderedDict[str, torch.Tensor] = OrderedDict()
 _CACHE_BYTES = 2 * 1024**3  # hidden states are large: keep at most this much
 
 
-def _base(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+def _base(model: nn.Module) -> Any:  # a transformers BERT classifier: attributes untyped
+    wrapped: Any = model
+    return wrapped.get_base_model() if hasattr(wrapped, "get_base_model") else wrapped
 
 
 def frozen_prefix(model: nn.Module) -> int:
@@ -59,7 +61,7 @@ def frozen_prefix(model: nn.Module) -> int:
     return count
 
 
-def _key(bert: nn.Module, layers: int, input_ids: torch.Tensor, mask: torch.Tensor, precision: str) -> str:
+def _key(bert: Any, layers: int, input_ids: torch.Tensor, mask: torch.Tensor, precision: str) -> str:
     digest = hashlib.sha256(f"{layers}:{precision}".encode())
     for _, value in bert.embeddings.named_parameters():
         digest.update(value.detach()[:4].float().cpu().numpy().tobytes())
@@ -79,7 +81,7 @@ def _store(key: str, value: torch.Tensor) -> None:
 
 @torch.no_grad()
 def _encode_prefix(
-    bert: nn.Module, layers: int, input_ids: torch.Tensor, mask: torch.Tensor, precision: str, batch_size: int
+    bert: Any, layers: int, input_ids: torch.Tensor, mask: torch.Tensor, precision: str, batch_size: int
 ) -> torch.Tensor:
     device = next(bert.parameters()).device
     was_training = bert.training
@@ -99,7 +101,7 @@ def _encode_prefix(
     return out
 
 
-def _extended_mask(bert: nn.Module, mask: torch.Tensor, hidden: torch.Tensor):
+def _extended_mask(bert: Any, mask: torch.Tensor, hidden: torch.Tensor) -> Any:
     """The attention mask each layer takes, made by the model itself (as ``BertModel.forward``)."""
     extended, _ = bert._create_attention_masks(
         attention_mask=mask,

@@ -21,6 +21,7 @@ from scipy.optimize import brentq
 from scipy.stats import norm
 
 import clients.app
+import fedllm.site_round
 from clients.policy import SitePolicy
 from clients.site import main as site_main
 from fedllm.accounting import PrivacyPlan, count_entry, epsilon_for, plan_privacy
@@ -159,7 +160,7 @@ def test_a_round_that_fails_after_booking_stays_booked(site, run_config, monkeyp
     def broken(*args, **kwargs):
         raise RuntimeError("the noisy step ran into something")
 
-    monkeypatch.setattr(clients.app, "train_local", broken)
+    monkeypatch.setattr(fedllm.site_round, "train_local", broken)  # the one site round (clients.app calls it)
     reply = _ask(site, run_config)
     assert reply.has_error() and reply.error.reason == "site-declined"
     run = _ledger(site).runs["1"]
