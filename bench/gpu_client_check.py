@@ -82,7 +82,7 @@ def _site(args: argparse.Namespace) -> tuple[Context, list[str], ArrayRecord]:
             "sim-site-release-evaluation": True,  # the check's virtual site scores its test split
         }
     )
-    settings = settings_from(run_config)
+    settings = settings_from(run_config).resolved()
     labels = load_splits(settings).labels
     context = Context(
         run_id=1,
