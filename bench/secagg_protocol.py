@@ -38,7 +38,7 @@ def one_round(sites: int, seed: int) -> tuple[float, dict, dict[str, int]]:
     grid = SecAggGrid(updates, metrics, RUN)
     strategy = SecAggFedAvg(
         SecAggSettings.from_run_config(RUN),
-        Settings(target_epsilon=8.0),
+        Settings(target_epsilon=8.0).resolved(),
         robust=RobustSettings(aggregator="fedavg"),
         min_available_nodes=sites,
         min_train_nodes=sites,

@@ -243,7 +243,7 @@ def _collect(
     names = list(glob)
     delta = flatten(trained, names) - flatten(glob, names)
     secagg = SecAggSettings.from_run_config(context.run_config)
-    clip = secagg.clip(settings_from(context.run_config))
+    clip = secagg.clip(settings_from(context.run_config).resolved())  # auto resolved here, at the edge
     metrics = dict(reply.content.metric_records["metrics"])
     vector, clipped = encode(delta, metrics, clip, secagg.secagg_max_weight)
     print(

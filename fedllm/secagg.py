@@ -26,7 +26,7 @@ import base64
 import hashlib
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
@@ -34,7 +34,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
 
-from fedllm.config import Settings
+from fedllm.config import ResolvedSettings, require_resolved
+from fedllm.settings_reader import key, read
 
 AGGREGATIONS = ("plain", "secagg+")
 QUANT_RANGE = 2**22  # Q: a quantised coordinate is an integer in [0, Q]
@@ -82,68 +83,79 @@ def get_list(record: Mapping[str, object], key: str, kind: type[T]) -> list[T]:
     return [v for v in value if isinstance(v, kind)]
 
 
+def _aggregation(value: Any) -> str:
+    """The aggregation mode as written, case and spaces ignored."""
+    return str(value).strip().lower()
+
+
 @dataclass(frozen=True)
 class SecAggSettings:
-    """The run-config keys of the aggregation mode (pyproject.toml declares them).
+    """The run-config keys of the aggregation mode (docs/secure-aggregation.md); pyproject.toml
+    declares them and docs/configuration.md's table is generated from the help below."""
 
-    - ``aggregation`` (``plain``): ``plain`` = each site's update reaches the server (validated,
-      robustly aggregated); ``secagg+`` = the server learns only the sum (this module);
-    - ``secagg-clip`` (0 = auto): the per-coordinate range ±c of Δ; auto = ``AUTO_CLIP_STEPS`` ×
-      lr × max-grad-norm under DP, ``AUTO_CLIP_NO_DP`` without;
-    - ``secagg-max-weight`` (10000): a site weighs min(n̂, this) / this; 0 = every site weighs 1;
-    - ``secagg-num-shares`` (0 = all the round's sites): neighbours of a site, itself included
-      (odd; fewer than all = SecAgg+'s sparse graph);
-    - ``secagg-threshold`` (0.5): shares needed to rebuild a secret, as a fraction of
-      ``secagg-num-shares``; always more than half;
-    - ``secagg-timeout`` (120 s): how long the server waits for the key stages (setup, share
-      keys, unmask); the masked-vector stage, which trains, waits as long as a plain round.
-    """
-
-    aggregation: str = "plain"
-    secagg_clip: float = 0.0
-    secagg_max_weight: float = 10000.0
-    secagg_num_shares: int = 0
-    secagg_threshold: float = 0.5
-    secagg_timeout: float = 120.0
+    aggregation: str = key(
+        "plain",
+        "'plain' = each site's update reaches the server (validated, robustly aggregated); "
+        "'secagg+' = the server sees only the sum of the sites' updates (docs/secure-aggregation.md); "
+        "refuses median, trimmed-mean, krum, bulyan and needs >= 3 sites a round",
+        choices=AGGREGATIONS,
+        parse=_aggregation,
+    )
+    secagg_clip: float = key(
+        0.0,
+        f"the range ±c each coordinate of an update is clipped to; 0 = {AUTO_CLIP_STEPS} × lr × "
+        f"max-grad-norm under DP, {AUTO_CLIP_NO_DP:g} without",
+        low=0,
+        finite=True,
+        fix="use a positive range (0 = auto)",
+    )
+    secagg_max_weight: float = key(
+        10000.0,
+        "a site weighs min(n̂, this) / this; 0 = every site weighs 1",
+        low=0,
+        high=QUANT_RANGE,
+        fix=f"use 0..{QUANT_RANGE}",
+    )
+    secagg_num_shares: int = key(
+        0,
+        "neighbours of a site, itself included (odd; fewer than all = SecAgg+'s sparse graph); "
+        "0 = all the round's sites",
+        low=3,
+        special=(0, 1),
+        fix="use 0 (all sites) or at least 3",
+    )
+    secagg_threshold: float = key(
+        0.5,
+        "shares needed to rebuild a secret, as a fraction of secagg-num-shares; always more than half",
+        low=0.5,
+        high=1,
+        fix="use a fraction in [0.5, 1]",
+    )
+    secagg_timeout: float = key(
+        120.0,
+        "seconds the server waits for each key stage (setup, share keys, unmask); the masked-vector "
+        "stage, which trains, waits as long as a plain round",
+        low=0,
+        low_open=True,
+        fix="use a positive number of seconds",
+    )
 
     @classmethod
-    def from_run_config(cls, rc: dict) -> SecAggSettings:
+    def from_run_config(cls, rc: Mapping[str, Any]) -> SecAggSettings:
         """Read and check the keys above; a bad value raises one line naming the key and the fix."""
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            key = f.name.replace("_", "-")
-            raw = rc.get(key, f.default)
-            try:
-                if isinstance(raw, bool):
-                    raise ValueError
-                values[f.name] = _typed(str(f.type), raw)
-            except ValueError:
-                raise ValueError(f"run config {key}={raw!r}: expected {f.type}") from None
-        settings = cls(**values)
-        checks = [
-            (settings.aggregation in AGGREGATIONS, "aggregation", "use plain or secagg+"),
-            (settings.secagg_clip >= 0, "secagg-clip", "use a positive range (0 = auto)"),
-            (0 <= settings.secagg_max_weight <= QUANT_RANGE, "secagg-max-weight", f"use 0..{QUANT_RANGE}"),
-            (settings.secagg_num_shares in (0, 1) or settings.secagg_num_shares >= 3, "secagg-num-shares",
-             "use 0 (all sites) or at least 3"),
-            (0.5 <= settings.secagg_threshold <= 1, "secagg-threshold", "use a fraction in [0.5, 1]"),
-            (settings.secagg_timeout > 0, "secagg-timeout", "use a positive number of seconds"),
-        ]  # fmt: skip
-        for ok, key, fix in checks:
-            if not ok:
-                raise ValueError(f"run config {key}={rc.get(key)!r}: {fix}")
-        return settings
+        return read(cls, rc, "run config")
 
     @property
     def enabled(self) -> bool:
         """Whether this run aggregates securely."""
         return self.aggregation == "secagg+"
 
-    def clip(self, settings: Settings) -> float:
-        """The range ±c every coordinate of Δ is clipped to before quantisation (public)."""
+    def clip(self, settings: ResolvedSettings) -> float:
+        """The range ±c every coordinate of Δ is clipped to before quantisation (public), from the
+        run's resolved settings."""
+        resolved = require_resolved(settings, "SecAggSettings.clip")
         if self.secagg_clip > 0:
             return self.secagg_clip
-        resolved = settings.resolved()
         if not resolved.private:
             return AUTO_CLIP_NO_DP
         return AUTO_CLIP_STEPS * resolved.lr * resolved.max_grad_norm
@@ -156,17 +168,6 @@ class SecAggSettings:
         if shares < num_sites and shares % 2 == 0:
             shares += 1  # a ring of offsets -h..h
         return shares, max(shares // 2 + 1, math.ceil(self.secagg_threshold * shares))
-
-
-def _typed(kind: str, raw: Any) -> str | int | float:
-    if kind == "str":
-        return str(raw).strip().lower()
-    number = float(raw)
-    if kind == "int":
-        if not number.is_integer():
-            raise ValueError
-        return int(number)
-    return number
 
 
 def mask(seed: bytes, length: int) -> np.ndarray:

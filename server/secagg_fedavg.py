@@ -26,7 +26,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
 
-from fedllm.config import Settings
+from fedllm.config import ResolvedSettings
 from fedllm.secagg import METRIC_SLOTS, SecAggError, SecAggSettings, decode, flatten, unflatten
 from server.robust import RobustSettings
 from server.secagg import SecAggRound
@@ -39,7 +39,7 @@ class SecAggFedAvg(AdapterFedAvg):
     """``AdapterFedAvg`` whose train round is a SecAgg+ round (module docstring)."""
 
     def __init__(
-        self, secagg: SecAggSettings, settings: Settings, robust: RobustSettings | None = None, **kw
+        self, secagg: SecAggSettings, settings: ResolvedSettings, robust: RobustSettings | None = None, **kw
     ) -> None:
         robust = robust or RobustSettings()
         if robust.aggregator in NEEDS_SINGLE_UPDATES:

@@ -19,6 +19,7 @@ from typing import Any
 
 from clients.policy import SIM_PREFIX, SitePolicy
 from fedllm.config import FEDERATED_DEFAULTS, Settings
+from fedllm.secagg import SecAggSettings
 from fedllm.settings_reader import declared, key_name
 from fedllm.shards import ShardSettings
 from server.robust import Bound, RobustSettings
@@ -43,6 +44,7 @@ TABLES = (
     ("Federation and server", ServerSettings, "", "server/settings.py"),
     ("Robust aggregation", RobustSettings, "", "server/robust.py"),
     ("Client-level DP", ClientDPSettings, "", "server/settings.py"),
+    ("Secure aggregation", SecAggSettings, "", "fedllm/secagg.py"),
     ("Simulation shards", ShardSettings, "", "fedllm/shards.py"),
     (
         "Simulated sites' policy (a real site: node config without the prefix)",

@@ -69,7 +69,7 @@ def _run(grid: SecAggGrid, glob: dict, run: dict = RUN) -> SecAggFedAvg:
     """One secure round through Flower's ``Strategy.start``."""
     strategy = SecAggFedAvg(
         SecAggSettings.from_run_config(run),
-        Settings(target_epsilon=math.inf),
+        Settings(target_epsilon=math.inf).resolved(),
         robust=RobustSettings.from_run_config({"aggregator": "fedavg"}),
         min_available_nodes=len(grid.updates),
         min_train_nodes=len(grid.updates),
@@ -253,7 +253,7 @@ def test_a_site_refuses_to_unmask_when_active_and_dropped_lists_overlap():
     """Both shares of one site (its b and its mask key) would unmask its own vector."""
     glob, updates, metrics = global_adapter(), _updates(4), _metrics(private=True)
     grid = SecAggGrid(updates, metrics, RUN)
-    strategy = SecAggFedAvg(SecAggSettings.from_run_config(RUN), Settings(), min_available_nodes=5)
+    strategy = SecAggFedAvg(SecAggSettings.from_run_config(RUN), Settings().resolved(), min_available_nodes=5)
     initial = ArrayRecord({k: Array(v) for k, v in glob.items()})
     grid.send_and_receive(strategy.configure_train(1, initial, ConfigRecord({"num-rounds": 1}), grid))
     node = NODES[0]
@@ -289,15 +289,25 @@ def test_a_site_refuses_a_plain_train_message_or_a_small_round_under_secagg():
 def test_settings_clip_range_and_share_plan():
     default = SecAggSettings()
     assert not default.enabled and SecAggSettings.from_run_config({}) == default
-    assert default.clip(Settings(target_epsilon=8.0)) == 4 * 10.0 * 1.0  # the DP head recipe: lr 10, C 1
-    assert default.clip(Settings(target_epsilon=math.inf)) == 1.0
-    assert SecAggSettings(secagg_clip=0.5).clip(Settings()) == 0.5
+    dp_head = Settings(target_epsilon=8.0).resolved()  # the DP head recipe: lr 10, C 1
+    assert default.clip(dp_head) == 4 * 10.0 * 1.0
+    assert default.clip(Settings(target_epsilon=math.inf).resolved()) == 1.0
+    assert SecAggSettings(secagg_clip=0.5).clip(dp_head) == 0.5
+    with pytest.raises(TypeError, match="resolved settings"):
+        default.clip(Settings(target_epsilon=8.0))
     assert default.shares_and_threshold(5) == (5, 3)
     assert SecAggSettings(secagg_num_shares=4).shares_and_threshold(10) == (5, 3)  # odd ring
     assert SecAggSettings(secagg_threshold=1.0).shares_and_threshold(4) == (4, 4)
-    with pytest.raises(ValueError, match=r"^run config aggregation='secagg': use plain or secagg\+"):
+    assert SecAggSettings.from_run_config({"aggregation": " SecAgg+ "}).enabled
+    with pytest.raises(
+        ValueError, match=r"^run config: key 'aggregation' = 'secagg' .*'plain' or 'secagg\+'$"
+    ):
         SecAggSettings.from_run_config({"aggregation": "secagg"})
-    with pytest.raises(ValueError, match="secagg-threshold"):
+    with pytest.raises(ValueError, match=r"^run config: key 'secagg-threshold' = 0.4 .*\[0.5, 1\]$"):
         SecAggSettings.from_run_config({"secagg-threshold": 0.4})
+    with pytest.raises(ValueError, match=r"^run config: key 'secagg-num-shares' = 2 .*at least 3$"):
+        SecAggSettings.from_run_config({"secagg-num-shares": 2})
     with pytest.raises(ValueError, match="aggregator='krum' needs each site's update"):
-        SecAggFedAvg(SecAggSettings(aggregation="secagg+"), Settings(), RobustSettings(aggregator="krum"))
+        SecAggFedAvg(
+            SecAggSettings(aggregation="secagg+"), Settings().resolved(), RobustSettings(aggregator="krum")
+        )
