@@ -36,10 +36,11 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
 from clients import state_commands
 from clients.pin import PIN_KEY, check_pin, digest_of
-from clients.policy import DEFAULT_MAX_DELTA, DEFAULT_MAX_EPSILON, SitePolicy
+from clients.policy import SitePolicy
 from clients.registration import key_registered
 from fedllm.data import DataError, clean, read_table
 from fedllm.ledger import LedgerError
+from fedllm.settings_reader import declared, key_name
 from fedllm.site_state import StateError, open_state, raise_high_water, remember_policy
 
 EXPLAIN = {
@@ -257,25 +258,7 @@ def _add_join_parser(sub: argparse._SubParsersAction) -> None:
     )
     j.add_argument("--high-water-dir", help="folder of its high-water mark (default: the one init recorded)")
     policy = j.add_argument_group("this site's privacy policy (no run config can widen it)")
-    policy.add_argument(
-        "--max-epsilon",
-        type=float,
-        default=DEFAULT_MAX_EPSILON,
-        help="cap on the site's lifetime epsilon, over every run (default %(default)s)",
-    )
-    policy.add_argument(
-        "--max-delta",
-        type=state_commands.parse_delta,
-        default=DEFAULT_MAX_DELTA,
-        help="largest delta a run may use (default %(default)s)",
-    )
-    policy.add_argument("--allow-no-dp", action="store_true", help="also train in runs without DP")
-    policy.add_argument(
-        "--release-train-metrics", action="store_true", help="send the exact training loss and time (not DP)"
-    )
-    policy.add_argument(
-        "--release-evaluation", action="store_true", help="send exact scores on the local test split (not DP)"
-    )
+    _policy_flags(policy)
     policy.add_argument(
         "--test-fraction", type=float, default=0.2, help="share of rows kept for local testing (default 0.2)"
     )
@@ -292,6 +275,19 @@ def _add_join_parser(sub: argparse._SubParsersAction) -> None:
         "--pin-app",
         help="train only for runs of this app: the digest `app-digest` prints for the FAB you reviewed",
     )
+
+
+def _policy_flags(group: argparse._ArgumentGroup) -> None:
+    """One flag per declared key of ``SitePolicy``, its help taken from the field (said once)."""
+    for f in declared(SitePolicy):
+        name, text = key_name(f.name), f.metadata.get("help", "")
+        if f.type == "bool":  # an opt-in: off unless the flag is given
+            group.add_argument(f"--{name}", action="store_true", help=text)
+        else:
+            kind = state_commands.parse_delta if name == "max-delta" else float
+            group.add_argument(
+                f"--{name}", type=kind, default=f.default, help=f"{text} (default %(default)s)"
+            )
 
 
 def app_digest(args: argparse.Namespace) -> int:
