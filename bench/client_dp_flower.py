@@ -27,6 +27,7 @@ from pathlib import Path
 
 import psutil
 
+from fedllm.contract import round_records
 from simulations.superlink import SimulationLink, virtual_site_policy
 
 
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     if not outcome.ok:
         raise SystemExit(f"the run failed: {outcome}; log {out / 'run.log'}")
     run_dir = out / "points" / config["run-name"]
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = round_records(run_dir)
     for r in rows:
         dp = r.get("client-dp", {})
         print(

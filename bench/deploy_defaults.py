@@ -13,12 +13,12 @@ it alone on the machine.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from fedllm.contract import EPSILON_MAX, round_records  # noqa: E402
 from fedllm.shards import write_shards  # noqa: E402
 from simulations.superlink import FlowerCLI, free_port, start_superlink  # noqa: E402
 from tests.processes import start_supernodes, stop_all  # noqa: E402
@@ -47,12 +47,11 @@ def main(argv: list[str] | None = None) -> None:
         outcome = cli.run(config, timeout=7200)
     finally:
         stop_all(procs)
-    rows = [json.loads(x) for x in (out / "runs" / "defaults" / "metrics.jsonl").read_text().splitlines()]
-    last = rows[-1]
+    last = round_records(out / "runs" / "defaults")[-1]
     print(
         f"{args.dataset}: {outcome.status} in {outcome.seconds:.0f} s; round {last['round']}: "
         f"accuracy {last['server']['accuracy']:.4f} macro-F1 {last['server']['macro-f1']:.4f} "
-        f"epsilon max {last.get('train', {}).get('epsilon-max')}"
+        f"epsilon max {last.get('train', {}).get(EPSILON_MAX)}"
     )
 
 

@@ -39,6 +39,7 @@ from transformers import BertConfig
 
 from fedllm.adapters import AdapterMismatchError, adapter_to_record, set_adapter_arrays
 from fedllm.config import Settings
+from fedllm.contract import RoundRecord
 from fedllm.model import build_model
 from server.robust import RobustSettings, update_norm
 from server.strategy import AdapterFedAvg
@@ -155,7 +156,7 @@ class Round:
         self.strategy = AdapterFedAvg(robust=robust or RobustSettings())
         self.strategy.remember_global(sent)
 
-    def run(self, bad: Message | None) -> tuple[dict | None, dict]:
+    def run(self, bad: Message | None) -> tuple[dict | None, RoundRecord]:
         """Aggregate the round; (the new global or None, the round record)."""
         replies = [train_reply(n, _content(_honest(self.g, n), _metrics(size))) for n, size in HONEST.items()]
         arrays, _ = self.strategy.aggregate_train(1, [*replies, *([bad] if bad else [])])
@@ -175,7 +176,7 @@ class Round:
         return "finite, loads into the model"
 
 
-def _reason(record: dict, node: int) -> str:
+def _reason(record: RoundRecord, node: int) -> str:
     return next(f["reason"] for f in record["train-failures"] if f["node"] == node)
 
 

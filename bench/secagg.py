@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 from pathlib import Path
 from statistics import mean
 
+from fedllm.contract import round_records
 from simulations.superlink import SimulationLink, virtual_site_policy
 
 
@@ -40,7 +40,7 @@ def run_config(aggregation: str, sites: int, rounds: int, run_dir: Path) -> dict
 
 def per_round(run_dir: Path) -> list[dict]:
     """Seconds, uploaded bytes and server accuracy of each round of one run."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = round_records(run_dir)
     return [
         {
             "round": r["round"],

@@ -11,7 +11,6 @@ simulation runtime, Ray workers), sampled every 0.5 s.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shutil
 import tempfile
@@ -24,6 +23,7 @@ import psutil
 import torch
 from transformers import BertConfig, BertModel
 
+from fedllm.contract import round_records
 from fedllm.data import read_bbc_news
 from fedllm.model import embedded_model_path
 from simulations.superlink import SimulationLink, virtual_site_policy
@@ -113,9 +113,7 @@ def main() -> None:
             outcome = link.simulate(config, num_supernodes=n, timeout=3600)
         if not outcome.ok:
             raise SystemExit(f"{n} sites: {outcome.status} {outcome.details}")
-        rows = [
-            json.loads(x) for x in (work / "runs" / f"sites-{n}" / "metrics.jsonl").read_text().splitlines()
-        ]
+        rows = round_records(work / "runs" / f"sites-{n}")
         per_round = (rows[-1]["wall-seconds"] - rows[0]["wall-seconds"]) / args.rounds
         results.append((n, per_round, rss.peak / 2**20, outcome.seconds))
         print(

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NotRequired, TypedDict, cast
 
 from flwr.app import ConfigRecord
@@ -178,6 +179,15 @@ RoundRecord = TypedDict(
     total=False,
 )
 ROUND_RECORD_KEYS: tuple[str, ...] = tuple(RoundRecord.__annotations__)
+RUN_LOG = "metrics.jsonl"  # the run log's rows in a run folder, one ``RoundRecord`` a line
+
+
+def round_records(run_dir: Path) -> list[RoundRecord]:
+    """The rows of ``run_dir``'s run log (``RUN_LOG``), in order, as round records."""
+    lines = (run_dir / RUN_LOG).read_text().splitlines()
+    return [cast(RoundRecord, json.loads(line)) for line in lines if line.strip()]
+
+
 ROW_KEYS = ("round", "wall-seconds", "server")  # every run-log row has these
 SCORE_KEYS = ("loss", "accuracy", "macro-f1")
 VALIDATION_PREFIX = "validation-"

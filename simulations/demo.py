@@ -12,15 +12,15 @@ round's scores as the round ends, and where the results are.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
+from fedllm.contract import EPSILON_MAX, RUN_LOG, RoundRecord, round_records
 from simulations.superlink import SimulationLink, virtual_site_policy
 
 
-def _round_line(row: dict) -> str:
-    eps = row.get("train", {}).get("epsilon-max")
+def _round_line(row: RoundRecord) -> str:
+    eps = row.get("train", {}).get(EPSILON_MAX)
     eps_text = f"  epsilon max over sites {eps:.2f}" if isinstance(eps, float) else ""
     return (
         f"round {row['round']}: server test accuracy {row['server']['accuracy']:.3f} "
@@ -63,9 +63,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def print_new_rounds() -> None:
         """Print each round's scores as soon as the server has logged it."""
-        for log in out.glob(f"{config['run-name']}*/metrics.jsonl"):
-            for line in log.read_text().splitlines():
-                row = json.loads(line)
+        for log in out.glob(f"{config['run-name']}*/{RUN_LOG}"):
+            for row in round_records(log.parent):
                 if row["round"] not in printed:
                     printed.add(row["round"])
                     print(_round_line(row), flush=True)

@@ -8,7 +8,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedllm.contract import VALIDATION_PREFIX, RoundRecord
+from fedllm.contract import VALIDATION_PREFIX, round_records
 
 RESULT_COLUMNS = [
     "point",
@@ -127,8 +127,7 @@ def read_point(point: Point, run_dir: Path) -> dict:
             validation_macro_f1=result.get("validation", {}).get("macro_f1", math.nan),
         )
         return row
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    rows: list[RoundRecord] = [json.loads(line) for line in lines]  # fedllm.contract's rows
+    rows = round_records(run_dir)
     site_eps: dict[str, float] = {}
     for r in rows:
         for node, site in r.get("sites", {}).items():
@@ -156,8 +155,7 @@ def read_point(point: Point, run_dir: Path) -> dict:
 
 def round_curve(run_dir: Path) -> list[float]:
     """Server test accuracy after each round (index 0 = the seeded start)."""
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["server"]["accuracy"] for line in lines]
+    return [row["server"]["accuracy"] for row in round_records(run_dir)]
 
 
 def _mean_std(values: list[float]) -> str:

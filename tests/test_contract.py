@@ -9,7 +9,6 @@ fails here.
 
 from __future__ import annotations
 
-import json
 import math
 import tomllib
 from pathlib import Path
@@ -32,6 +31,7 @@ from fedllm.contract import (
     TRAIN_REPLY_KEYS,
     VALIDATION_PREFIX,
     EvaluateMetrics,
+    round_records,
 )
 from server.app import main
 
@@ -92,8 +92,7 @@ def _run(tiny_checkpoint, tmp_path: Path, **extra) -> tuple[LoopbackGrid, list[d
     }
     grid = LoopbackGrid(config)
     main(grid, Context(run_id=RUN_ID, node_id=0, node_config={}, state=RecordDict(), run_config=config))
-    lines = (tmp_path / "runs" / "contract" / "metrics.jsonl").read_text().splitlines()
-    return grid, [json.loads(line) for line in lines]
+    return grid, round_records(tmp_path / "runs" / "contract")  # the run log, read as the benches read it
 
 
 def _check_messages(grid: LoopbackGrid, train_keys: tuple[str, ...], evaluate_keys: tuple[str, ...]) -> None:
