@@ -18,6 +18,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedllm.config import Settings
+from fedllm.contract import RoundRecord
 from fedllm.secagg import SecAggSettings
 from server.robust import RobustSettings
 from server.secagg import content_bytes
@@ -28,7 +29,7 @@ SHAPES = {"classifier.weight": (5, 384), "classifier.bias": (5,)}
 RUN = {"aggregation": "secagg+", "target-epsilon": 8.0}
 
 
-def one_round(sites: int, seed: int) -> tuple[float, dict, dict[str, int]]:
+def one_round(sites: int, seed: int) -> tuple[float, RoundRecord, dict[str, int]]:
     """Seconds, the round record and uploaded bytes per stage of one secure round."""
     rng = np.random.default_rng(seed)
     nodes = [11 * (i + 1) for i in range(sites)]
