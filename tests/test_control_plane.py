@@ -24,20 +24,11 @@ import yaml
 from fedllm.shards import write_shards
 from fedllm.site_state import init_state
 from server.credentials import make_ca_and_server, make_site_key
-from server.proxy import render
-from server.proxy import write as write_proxy
 from simulations.superlink import FlowerCLI, free_port, start_process, start_superlink, wait_for_port
 
 from .processes import join_args, join_sites, run_quick, stop_all
-from .system_tools import require_tool
-
-ROOT = Path(__file__).resolve().parent.parent
-TEMPLATE = ROOT / "deploy" / "fleet-proxy.conf.template"
-
-
-def render_template(values: dict[str, str]) -> str:
-    """The proxy template with its ``${NAME}`` variables filled in, as the nginx image does."""
-    return render(values, TEMPLATE)
+from .proxy import ROOT, TEMPLATE, nginx_config, render_template
+from .proxy import nginx as find_nginx
 
 
 def test_compose_publishes_only_the_fleet_proxy():
@@ -59,15 +50,6 @@ def test_compose_publishes_only_the_fleet_proxy():
         site = services[name]
         assert not link_networks & set(site["networks"]), f"{name} can reach the SuperLink's port"
         assert f"--superlink=fleet-proxy:{env['FLEET_PORT']}" in site["command"]
-
-
-def _nginx() -> str:
-    return require_tool("nginx")
-
-
-def _nginx_config(folder: Path, port: int, certs: Path, superlink_port: int) -> Path:
-    """``python -m server.proxy``'s nginx.conf in ``folder`` (pid, logs, temp files there)."""
-    return write_proxy(folder, f"127.0.0.1:{port}", f"127.0.0.1:{superlink_port}", certs)
 
 
 def _raw_request(port: int, ca: Path, method: str, target: str) -> tuple[int, bytes]:
@@ -137,7 +119,7 @@ def _outsider_is_refused(outsider: FlowerCLI, certs: Path, port: int, run_dir: P
 
 @pytest.mark.slow
 def test_outsider_with_ca_is_refused_while_sites_train_through_the_proxy(tiny_checkpoint, tmp_path):
-    nginx = _nginx()
+    nginx = find_nginx()
     certs = tmp_path / "certs"
     certs.mkdir()
     make_ca_and_server(certs, ["localhost"])
@@ -157,7 +139,7 @@ def test_outsider_with_ca_is_refused_while_sites_train_through_the_proxy(tiny_ch
         )
         procs.append(link)
         proxy_dir = tmp_path / "nginx"
-        config = _nginx_config(proxy_dir, public_port, certs, link_port)
+        config = nginx_config(proxy_dir, public_port, certs, link_port)
         proxy = start_process(
             [nginx, "-p", str(proxy_dir), "-c", str(config), "-e", str(proxy_dir / "error.log")],
             proxy_dir / "nginx.out",

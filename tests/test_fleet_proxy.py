@@ -34,8 +34,8 @@ from server.credentials import make_ca_and_server
 from simulations.superlink import free_port, start_process, wait_for_port
 
 from .processes import stop_all
-from .system_tools import require_tool
-from .test_control_plane import TEMPLATE, _nginx_config
+from .proxy import TEMPLATE, nginx_config
+from .proxy import nginx as find_nginx
 
 MiB = 1024 * 1024
 SELF_REGISTRATION = {"/v1/fleet/register-node", "/v1/fleet/unregister-node"}
@@ -159,13 +159,13 @@ class Proxy:
 
 @pytest.fixture
 def proxy(tmp_path):
-    nginx = require_tool("nginx")
+    nginx = find_nginx()
     certs = tmp_path / "certs"
     certs.mkdir()
     make_ca_and_server(certs, ["localhost"])
     port = free_port()
     folder = tmp_path / "nginx"
-    config = _nginx_config(folder, port, certs, free_port())  # nothing listens behind it
+    config = nginx_config(folder, port, certs, free_port())  # nothing listens behind it
     process = start_process(
         [nginx, "-p", str(folder), "-c", str(config), "-e", str(folder / "error.log")],
         folder / "nginx.out",
