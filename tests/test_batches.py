@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from fedllm import train as train_module
 from fedllm.accounting import local_steps, plan_privacy
@@ -43,12 +43,6 @@ class RecordingClassifier(nn.Module):
         mask = attention_mask.unsqueeze(-1).float()
         pooled = (self.embed(input_ids) * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         return SimpleNamespace(logits=self.head(pooled))
-
-
-def _dataset(n: int) -> TensorDataset:
-    generator = torch.Generator().manual_seed(n)
-    ids = torch.randint(1, 16, (n, 3), generator=generator)
-    return TensorDataset(ids, torch.ones_like(ids), torch.randint(0, 3, (n,), generator=generator))
 
 
 @pytest.fixture
@@ -111,11 +105,11 @@ def test_plan_books_the_configured_rate_and_an_epoch_is_one_expected_pass():
             logical_batch_size(dataclasses.replace(s, sample_rate=unresolved), 60)
 
 
-def test_realised_equals_booked_when_logical_and_physical_batches_differ(recorded):
+def test_realised_equals_booked_when_logical_and_physical_batches_differ(recorded, token_dataset):
     s = _private(sample_rate=0.5, physical_batch_size=8, max_steps=5)
     plan = plan_privacy(s.resolved(), 60)
     result = train_local(
-        RecordingClassifier(recorded.events), _dataset(60), s.resolved(), plan=plan, round_of=(1, 2)
+        RecordingClassifier(recorded.events), token_dataset(60), s.resolved(), plan=plan, round_of=(1, 2)
     )
     assert result.history == [[1.0, 0.5, 5]]
     assert result.steps == 5
@@ -129,11 +123,14 @@ def test_realised_equals_booked_when_logical_and_physical_batches_differ(recorde
     assert recorded.optimizers[0].param_groups[0]["lr"] == pytest.approx(s.lr / 2)
 
 
-def test_logical_batches_are_poisson_with_the_booked_rate(recorded):
+def test_logical_batches_are_poisson_with_the_booked_rate(recorded, token_dataset):
     n, q, steps = 60, 0.5, 200
     s = _private(sample_rate=q, physical_batch_size=16, max_steps=steps)
     result = train_local(
-        RecordingClassifier(recorded.events), _dataset(n), s.resolved(), plan=plan_privacy(s.resolved(), n)
+        RecordingClassifier(recorded.events),
+        token_dataset(n),
+        s.resolved(),
+        plan=plan_privacy(s.resolved(), n),
     )
     assert result.history == [[1.0, q, steps]]
     sizes = np.array([sum(batch) for batch in _logical_batches(recorded.events)])
@@ -144,19 +141,19 @@ def test_logical_batches_are_poisson_with_the_booked_rate(recorded):
     assert 7.5 < sizes.var(ddof=1) < 30
 
 
-def test_sample_rate_one_is_full_batch_dp_gd(recorded):
+def test_sample_rate_one_is_full_batch_dp_gd(recorded, token_dataset):
     n = 60
     s = _private(sample_rate=1.0, physical_batch_size=16, max_steps=3)
     plan = plan_privacy(s.resolved(), n)
     assert plan.sample_rate == 1.0
-    result = train_local(RecordingClassifier(recorded.events), _dataset(n), s.resolved(), plan=plan)
+    result = train_local(RecordingClassifier(recorded.events), token_dataset(n), s.resolved(), plan=plan)
     assert result.history == [[1.0, 1.0, 3]]
     assert _logical_batches(recorded.events) == [[15, 15, 15, 15]] * 3  # every example, every step
     assert result.examples_seen == 3 * n and result.empty_batches == 0
     assert local_steps(s.replace(max_steps=0, epochs=2), n) == 2
 
 
-def test_physical_batch_size_does_not_change_the_accounting():
+def test_physical_batch_size_does_not_change_the_accounting(token_dataset):
     s = Settings(
         sample_rate=0.3,
         max_steps=6,
@@ -167,7 +164,7 @@ def test_physical_batch_size_does_not_change_the_accounting():
         seed=0,
         trainable="lora",
     )
-    data = _dataset(60)  # 1 / 0.3 is no integer: no data loader length gives Opacus this q
+    data = token_dataset(60)  # 1 / 0.3 is no integer: no data loader length gives Opacus this q
     plan = plan_privacy(s.resolved(), len(data), planned_rounds=3)
     split = s.replace(physical_batch_size=8)
     assert plan_privacy(split.resolved(), len(data), planned_rounds=3) == plan
@@ -182,11 +179,11 @@ def test_physical_batch_size_does_not_change_the_accounting():
 
 
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
-def test_empty_poisson_batches_with_physical_batches(recorded, mode):
+def test_empty_poisson_batches_with_physical_batches(recorded, mode, token_dataset):
     s = _private(sample_rate=0.05, physical_batch_size=1, max_steps=30, grad_sample_mode=mode)
     model = RecordingClassifier(recorded.events)
     before = copy.deepcopy(model.state_dict())
-    result = train_local(model, _dataset(20), s.resolved(), plan=plan_privacy(s.resolved(), 20))
+    result = train_local(model, token_dataset(20), s.resolved(), plan=plan_privacy(s.resolved(), 20))
     assert result.steps == 30 and result.history == [[1.0, 0.05, 30]]
     logical = _logical_batches(recorded.events)
     # P(no empty batch in 30 steps at q = 0.05, n = 20) < 2e-6; P(none with 2+ examples) < 1e-4
@@ -195,9 +192,9 @@ def test_empty_poisson_batches_with_physical_batches(recorded, mode):
     assert all(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_non_private_physical_batches_accumulate_the_logical_mean(recorded):
+def test_non_private_physical_batches_accumulate_the_logical_mean(recorded, token_dataset):
     s = Settings(sample_rate=0.25, max_steps=4, optimizer="sgd", lr=0.5, target_epsilon=math.inf, seed=0)
-    data = _dataset(60)
+    data = token_dataset(60)
     whole_model, split_model = RecordingClassifier([]), RecordingClassifier(recorded.events)
     whole = train_local(whole_model, data, s.resolved())
     recorded.events.clear()
@@ -209,7 +206,7 @@ def test_non_private_physical_batches_accumulate_the_logical_mean(recorded):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_sgd_with_momentum_is_the_optimizer_used(recorded):
+def test_sgd_with_momentum_is_the_optimizer_used(recorded, token_dataset):
     n, lr, momentum = 60, 0.3, 0.9
     s = Settings(
         sample_rate=1.0,  # non-private: one full (shuffled) batch per step, deterministic
@@ -221,7 +218,7 @@ def test_sgd_with_momentum_is_the_optimizer_used(recorded):
         target_epsilon=math.inf,
         seed=0,
     )
-    data = _dataset(n)
+    data = token_dataset(n)
     model = RecordingClassifier([])
     reference = copy.deepcopy(model)
     train_local(model, data, s.resolved())
@@ -249,10 +246,10 @@ def test_sgd_with_momentum_is_the_optimizer_used(recorded):
             s.resolved().replace(**unresolved)
 
 
-def test_a_plan_for_another_configured_rate_is_refused():
+def test_a_plan_for_another_configured_rate_is_refused(token_dataset):
     s = _private(sample_rate=0.25)
     model = RecordingClassifier([])
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
-    loader = DataLoader(_dataset(60), batch_size=8)
+    loader = DataLoader(token_dataset(60), batch_size=8)
     with pytest.raises(RuntimeError, match="privacy plan assumes"):
         attach(model, optimizer, loader, s, plan_privacy(s.replace(sample_rate=0.5).resolved(), 60))

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import json
 import math
-import tomllib
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 from opacus.accountants import PRVAccountant
@@ -30,7 +28,6 @@ from server.settings import ClientDPSettings
 from .replies import ScriptedGrid, as_dict, error_reply, global_adapter, honest, reply, server_identity  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("server_identity")
-ROOT = Path(__file__).resolve().parent.parent
 NODES = [2, 3, 4, 5]
 
 
@@ -213,14 +210,8 @@ def test_a_bad_client_dp_key_is_one_line_naming_it(key, value, fix):
     assert "\n" not in str(err.value)
 
 
-def _context(tiny_checkpoint, run_dir: Path, **extra) -> Context:
-    table = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    config = {**table, "model": str(tiny_checkpoint), "max-length": 32, "run-dir": str(run_dir), **extra}
-    return Context(run_id=5, node_id=0, node_config={}, state=RecordDict(), run_config=config)
-
-
 def test_the_server_app_stops_at_the_budget_with_its_result_saved_and_a_resume_continues(
-    tiny_checkpoint, tmp_path
+    server_context, tmp_path
 ):
     keys = {"client-dp-epsilon": 3.0, "client-dp-sites": 4, "min-available-nodes": 4, "num-server-rounds": 3}
     answer = lambda node, rnd, arrays: reply(node, honest(as_dict(arrays), node))  # noqa: E731
@@ -235,10 +226,10 @@ def test_the_server_app_stops_at_the_budget_with_its_result_saved_and_a_resume_c
 
     runs = tmp_path / "runs"
     with pytest.raises(Crash):
-        main(ScriptedGrid(NODES, crashing), _context(tiny_checkpoint, runs, **keys, **{"run-name": "cdp"}))
+        main(ScriptedGrid(NODES, crashing), server_context(runs, **keys, **{"run-name": "cdp"}))
     main(
         ScriptedGrid(NODES, answer),
-        _context(tiny_checkpoint, runs, **keys, **{"run-name": "cdp", "resume": "cdp"}),
+        server_context(runs, **keys, **{"run-name": "cdp", "resume": "cdp"}),
     )
     result = json.loads((runs / "cdp" / "result.json").read_text())
     assert result["client-dp"]["releases"] == 3 and result["stopped"] is None
@@ -247,7 +238,7 @@ def test_the_server_app_stops_at_the_budget_with_its_result_saved_and_a_resume_c
     sigma = calibrate(3.0, 1, 1e-5)
     main(
         ScriptedGrid(NODES, answer),
-        _context(tiny_checkpoint, runs, **keys, **{"run-name": "stop", "client-dp-noise-multiplier": sigma}),
+        server_context(runs, **keys, **{"run-name": "stop", "client-dp-noise-multiplier": sigma}),
     )
     result = json.loads((runs / "stop" / "result.json").read_text())
     assert result["client-dp"]["releases"] == 1 and "budget reached" in result["stopped"]

@@ -7,24 +7,29 @@ import json
 import math
 import subprocess
 import sys
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
-import torch
-from flwr.app import Context, RecordDict
+from flwr.app import Context
 
 from fedllm.config import settings_from
-from fedllm.model import build_model
 from server.app import main, make_run_dir, open_run
 from server.resume import ResumeError, resume_dir, run_record, write_config
 from server.runlock import RunDirInUse, RunLock
 from server.settings import ServerSettings
 
 
-def _context(tmp_path, name: str, run_id: int = 7) -> Context:
-    config = {"run-dir": str(tmp_path / "runs"), "run-name": name}
-    return Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=config)
+@pytest.fixture
+def named_run(tmp_path, make_context) -> Callable[..., Context]:
+    """``named_run(name, run_id=7)``: the ServerApp's Context of a run named ``name`` in tmp_path/runs."""
+
+    def make(name: str, run_id: int = 7) -> Context:
+        config = {"run-dir": str(tmp_path / "runs"), "run-name": name}
+        return make_context(run_config=config, run_id=run_id, node_id=0)
+
+    return make
 
 
 def _everything(tmp_path) -> set[str]:
@@ -35,35 +40,35 @@ def _everything(tmp_path) -> set[str]:
     "name",
     ["../x", "a/../../x", "/abs", "..", ".", "a\\b", "sub/dir", "   ", "a\x00b", "line\nbreak", "tab\there"],
 )
-def test_a_name_that_is_not_one_plain_folder_is_refused_and_nothing_is_written(tmp_path, name):
+def test_a_name_that_is_not_one_plain_folder_is_refused_and_nothing_is_written(tmp_path, name, named_run):
     with pytest.raises(ValueError, match="^run config: key 'run-name' = ") as err:
-        make_run_dir(_context(tmp_path, name))
+        make_run_dir(named_run(name))
     message = str(err.value)
     assert "\n" not in message and "use e.g. run-name=" in message
     assert _everything(tmp_path) == set()
 
 
-def test_a_plain_name_is_a_folder_inside_run_dir_and_is_never_reused(tmp_path):
-    first = make_run_dir(_context(tmp_path, "bbc-robust"))
+def test_a_plain_name_is_a_folder_inside_run_dir_and_is_never_reused(tmp_path, named_run):
+    first = make_run_dir(named_run("bbc-robust"))
     assert first == (tmp_path / "runs" / "bbc-robust").resolve() and first.is_dir()
-    second = make_run_dir(_context(tmp_path, " bbc-robust ", run_id=8))
+    second = make_run_dir(named_run(" bbc-robust ", run_id=8))
     assert second.name == "bbc-robust-run8" and second.parent == first.parent
-    default = make_run_dir(_context(tmp_path, ""))  # no name: the start time
+    default = make_run_dir(named_run(""))  # no name: the start time
     assert default.parent == first.parent and default.name[:2] == "20"
 
 
-def test_a_symlink_in_run_dir_cannot_lead_outside(tmp_path):
+def test_a_symlink_in_run_dir_cannot_lead_outside(tmp_path, named_run):
     runs = tmp_path / "runs"
     runs.mkdir()
     (runs / "escape").symlink_to(tmp_path / "outside")  # dangling: resolves outside run-dir
     with pytest.raises(ValueError, match="outside run-dir"):
-        make_run_dir(_context(tmp_path, "escape"))
+        make_run_dir(named_run("escape"))
     assert not (tmp_path / "outside").exists()
 
 
-def test_a_300_character_run_name_is_refused_in_one_line(tmp_path):
+def test_a_300_character_run_name_is_refused_in_one_line(tmp_path, named_run):
     with pytest.raises(ValueError, match="^run config: key 'run-name' = ") as err:
-        make_run_dir(_context(tmp_path, "r" * 300))
+        make_run_dir(named_run("r" * 300))
     assert "\n" not in str(err.value) and "at most 200 bytes" in str(err.value) and len(str(err.value)) < 300
     assert _everything(tmp_path) == set()
     (tmp_path / "runs").mkdir()
@@ -79,10 +84,10 @@ def _busy_run(tmp_path, name: str = "busy") -> Path:
     return run_dir.resolve()
 
 
-def test_a_second_serverapp_on_a_run_folder_stops_in_one_line_before_it_changes_anything(tmp_path):
+def test_a_second_serverapp_on_a_run_folder_stops_in_one_line_before_it_changes_anything(tmp_path, named_run):
     run_dir = _busy_run(tmp_path)
     first = RunLock.acquire(run_dir, 7)  # the ServerApp running there (fresh or resumed)
-    second = _context(tmp_path, "", run_id=8)
+    second = named_run("", run_id=8)
     second.run_config.update({"resume": "busy", "run-name": "busy"})
     with pytest.raises(RunDirInUse) as err:
         main(None, second)  # refused at its first step: no data loaded, nothing pruned
@@ -93,10 +98,12 @@ def test_a_second_serverapp_on_a_run_folder_stops_in_one_line_before_it_changes_
     RunLock.acquire(run_dir, 8).release()  # once the first ends, the resume may go ahead
 
 
-def test_a_fresh_run_holds_its_folder_until_its_serverapp_ends(tmp_path, tiny_checkpoint):
+def test_a_fresh_run_holds_its_folder_until_its_serverapp_ends(
+    tmp_path, tiny_checkpoint, make_context, tiny_model
+):
     rc = {"model": str(tiny_checkpoint), "run-dir": str(tmp_path / "runs"), "run-name": "fresh"}
-    context = Context(run_id=7, node_id=0, node_config={}, state=RecordDict(), run_config=rc)
-    model = build_model(settings_from(rc).resolved(), ["a", "b"], torch.device("cpu"))
+    context = make_context(run_config=rc, run_id=7, node_id=0)
+    model = tiny_model(settings_from(rc), ["a", "b"])
     with ExitStack() as stack:
         run = open_run(context, ServerSettings.from_run_config(rc), {"labels": ["a", "b"]}, model, stack)
         assert run.run_dir.name == "fresh" and _strict(run.run_dir / "config.json")["run-key"] == "7"

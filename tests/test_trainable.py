@@ -87,8 +87,8 @@ def _one_dp_step(model, settings, tokenizer, frame) -> None:
 
 
 @pytest.mark.parametrize("mode", ["lora", "ffa-lora", "bias", "head"])
-def test_what_trains_is_what_travels(settings, tiny_config, mode):
-    model = build_model(settings.replace(trainable=mode).resolved(), LABELS, DEVICE, tiny_config)
+def test_what_trains_is_what_travels(settings, tiny_model, mode):
+    model = tiny_model(settings.replace(trainable=mode))
     trainable = _trainable(model)
     assert trainable == EXPECTED[mode]
     assert not any(".embeddings." in n for n in trainable)
@@ -101,24 +101,22 @@ def test_what_trains_is_what_travels(settings, tiny_config, mode):
         assert all(torch.equal(adapter_state(model)[k], v) for k, v in old.items())
 
 
-def test_bias_mode_trains_the_pooler_bias_only_when_cls_pools(settings, tiny_config):
-    cls = build_model(
-        settings.replace(trainable="bias", pooling="cls").resolved(), LABELS, DEVICE, tiny_config
-    )
+def test_bias_mode_trains_the_pooler_bias_only_when_cls_pools(settings, tiny_model):
+    cls = tiny_model(settings.replace(trainable="bias", pooling="cls"))
     pooler = "base_model.model.bert.pooler.dense.bias"
     assert _trainable(cls) == EXPECTED["bias"] | {pooler}
     assert _peft_name(pooler) in adapter_state(cls)
 
 
-def test_ffa_lora_a_is_shared_frozen_and_stays_home(settings, tiny_config, tokenizer, frame):
+def test_ffa_lora_a_is_shared_frozen_and_stays_home(settings, tiny_model, tokenizer, frame):
     s = settings.replace(trainable="ffa-lora")
-    site = build_model(s.resolved(), LABELS, DEVICE, tiny_config)
+    site = tiny_model(s)
     a = _lora_a(site)
     assert len(a) == 4
     # an independent build (here even with other labels, so the global RNG drew differently)
-    other = build_model(s.resolved(), ["x", "y"], DEVICE, tiny_config)
+    other = tiny_model(s, ["x", "y"])
     assert all(torch.equal(v, _lora_a(other)[n]) for n, v in a.items())
-    reseeded = _lora_a(build_model(s.replace(seed=1).resolved(), LABELS, DEVICE, tiny_config))
+    reseeded = _lora_a(tiny_model(s.replace(seed=1)))
     assert all(not torch.equal(v, reseeded[n]) for n, v in a.items())
     # B is on the wire, A is not; loading a global update leaves A as it was
     wire = list(adapter_state(site))
@@ -141,34 +139,34 @@ def _delta_weights(model) -> dict[str, torch.Tensor]:
     }
 
 
-def _fedavg_delta(settings, tiny_config, mode: str, seed: int) -> tuple[dict, dict]:
+def _fedavg_delta(settings, tiny_model, mode: str, seed: int) -> tuple[dict, dict]:
     """(ΔW of the FedAvg'd adapter, weighted mean of the three sites' ΔW) for random site updates."""
     s = settings.replace(trainable=mode)
     rng = np.random.default_rng(seed)
     sizes = [10, 20, 30]
     replies, site_deltas = [], []
     for node, n in enumerate(sizes, start=1):
-        site = build_model(s.resolved(), LABELS, DEVICE, tiny_config)
+        site = tiny_model(s)
         update = {k: rng.normal(size=v.shape) for k, v in adapter_state(site).items()}
         set_adapter_arrays(site, update)
         site_deltas.append(_delta_weights(site))
         records = {"arrays": adapter_to_record(site), "metrics": MetricRecord({"num-examples": n})}
         replies.append(reply(node, {}, records=records))
     arrays, _ = AdapterFedAvg().aggregate_train(1, replies)
-    server = build_model(s.resolved(), LABELS, DEVICE, tiny_config)
+    server = tiny_model(s)
     adapter_from_record(server, arrays)
     weights = [n / sum(sizes) for n in sizes]
     mean = {k: sum(w * d[k] for w, d in zip(weights, site_deltas, strict=True)) for k in site_deltas[0]}
     return _delta_weights(server), mean
 
 
-def test_fedavg_of_ffa_lora_b_averages_the_updates_exactly(settings, tiny_config):
-    aggregated, mean = _fedavg_delta(settings, tiny_config, "ffa-lora", seed=0)
+def test_fedavg_of_ffa_lora_b_averages_the_updates_exactly(settings, tiny_model):
+    aggregated, mean = _fedavg_delta(settings, tiny_model, "ffa-lora", seed=0)
     assert len(aggregated) == 4
     for name, delta in aggregated.items():
         assert torch.allclose(delta, mean[name], atol=1e-6), name
     # plain LoRA with different A per site: mean(B) @ mean(A) is not mean(B @ A)
-    aggregated, mean = _fedavg_delta(settings, tiny_config, "lora", seed=0)
+    aggregated, mean = _fedavg_delta(settings, tiny_model, "lora", seed=0)
     gaps = [float((delta - mean[name]).abs().max()) for name, delta in aggregated.items()]
     assert min(gaps) > 1e-2, gaps
 
@@ -199,14 +197,12 @@ def test_dp_step_moves_only_what_trains_and_the_saved_adapter_reproduces_it(
 
 
 @pytest.mark.parametrize("mode", ["lora", "ffa-lora"])
-def test_lora_layers_adapts_only_the_top_layers(settings, tiny_config, mode):
-    model = build_model(
-        settings.replace(trainable=mode, lora_layers=1).resolved(), LABELS, DEVICE, tiny_config
-    )
+def test_lora_layers_adapts_only_the_top_layers(settings, tiny_model, mode):
+    model = tiny_model(settings.replace(trainable=mode, lora_layers=1))
     adapted = {n for n, m in model.named_modules() if isinstance(m, LoraLayer)}
     assert adapted == {LAYER.format(i=1) + f"attention.self.{t}" for t in ("query", "value")}
     assert _trainable(model) == HEAD | _per_layer(
         LORA_B if mode == "ffa-lora" else LORA_A | LORA_B, layers=(1,)
     )
     with pytest.raises(ValueError, match="lora-layers=3"):
-        build_model(settings.replace(trainable=mode, lora_layers=3).resolved(), LABELS, DEVICE, tiny_config)
+        tiny_model(settings.replace(trainable=mode, lora_layers=3))
