@@ -44,6 +44,7 @@ from flwr.supercore.primitives.asymmetric import generate_key_pairs
 
 from clients.policy import SitePolicyError
 from fedllm.config import settings_from
+from fedllm.contract import SecAggKey as K
 from fedllm.secagg import (
     MAX_SITES,
     MIN_SITES,
@@ -65,9 +66,9 @@ from fedllm.secagg import (
     reduce,
 )
 
-RECORD = "secagg"
-STATE = "secagg-state"
-STAGES = ("setup", "share-keys", "collect", "unmask")
+RECORD = K.RECORD
+STATE = "secagg-state"  # the site's own record of the round between stages (never sent)
+STAGES = K.STAGES
 
 
 class SecAggRefusal(SitePolicyError):
@@ -112,7 +113,7 @@ def _stage(
     msg: Message, context: Context, config: ConfigRecord, call_next: ClientAppCallable
 ) -> tuple[RecordDict, ConfigRecord | None]:
     """Check the stage's order and round against the kept state; run its handler."""
-    stage = get_one(config, "stage", str)
+    stage = get_one(config, K.STAGE, str)
     state = context.state.config_records.get(STATE)
     expected = "setup" if state is None else STAGES[STAGES.index(get_one(state, "stage", str)) + 1]
     _require(stage == expected or stage == "setup", f"stage {stage!r} out of order (expected {expected!r})")
@@ -120,14 +121,14 @@ def _stage(
         return _setup(config)
     if state is None:  # unreachable: a stage after setup is expected only with a kept state
         raise SecAggRefusal(f"stage {stage!r} before setup")
-    _require(get_one(config, "round", int) == get_one(state, "round", int), "a stage of another round")
+    _require(get_one(config, K.ROUND, int) == get_one(state, "round", int), "a stage of another round")
     handlers: dict[str, Handler] = {"share-keys": _share_keys, "collect": _collect, "unmask": _unmask}
     return handlers[stage](msg, context, config, state, call_next)
 
 
 def _setup(config: ConfigRecord) -> tuple[RecordDict, ConfigRecord]:
     """Stage 1: check the round's shape; two fresh key pairs; answer the public keys."""
-    sites, shares, threshold = (get_one(config, k, int) for k in ("sites", "num-shares", "threshold"))
+    sites, shares, threshold = (get_one(config, k, int) for k in (K.SITES, K.NUM_SHARES, K.THRESHOLD))
     _require(MIN_SITES <= sites <= MAX_SITES, f"secure aggregation needs {MIN_SITES}..{MAX_SITES} sites")
     _require(shares <= sites and threshold <= shares, "more shares than sites, or threshold above shares")
     _require(2 * threshold > shares, "a threshold of half the shares or less")
@@ -136,7 +137,7 @@ def _setup(config: ConfigRecord) -> tuple[RecordDict, ConfigRecord]:
     new = ConfigRecord(
         {
             "stage": "setup",
-            "round": get_one(config, "round", int),
+            "round": get_one(config, K.ROUND, int),
             "threshold": threshold,
             "bits": modulus_bits(sites),
             "sk1": private_bytes(sk1),
@@ -145,7 +146,7 @@ def _setup(config: ConfigRecord) -> tuple[RecordDict, ConfigRecord]:
             "pk2": public_bytes(pk2),
         }
     )
-    return RecordDict({RECORD: ConfigRecord({"pk1": new["pk1"], "pk2": new["pk2"]})}), new
+    return RecordDict({RECORD: ConfigRecord({K.PK1: new["pk1"], K.PK2: new["pk2"]})}), new
 
 
 def _share_keys(
@@ -154,9 +155,9 @@ def _share_keys(
     """Stage 2: Shamir-share the mask seed b and the mask key; encrypt one pair per neighbour."""
     me = msg.metadata.dst_node_id
     nids, pk1s, pk2s = (
-        get_list(config, "nids", int),
-        get_list(config, "pk1s", bytes),
-        get_list(config, "pk2s", bytes),
+        get_list(config, K.NIDS, int),
+        get_list(config, K.PK1S, bytes),
+        get_list(config, K.PK2S, bytes),
     )
     _require(len(nids) == len(set(nids)) == len(pk1s) == len(pk2s), "malformed neighbour list")
     _require(len(set(pk1s + pk2s)) == 2 * len(nids), "two neighbours with the same public key")
@@ -190,13 +191,13 @@ def _share_keys(
             "sk-shares": [sk_shares[i]],
         }
     )
-    return RecordDict({RECORD: ConfigRecord({"dsts": dsts, "ctxts": ctxts})}), new
+    return RecordDict({RECORD: ConfigRecord({K.DSTS: dsts, K.CTXTS: ctxts})}), new
 
 
 def _receive_shares(me: int, config: ConfigRecord, state: ConfigRecord) -> ConfigRecord:
     """Decrypt the shares the neighbours sent this site; check who sent them to whom."""
     nids, pk2s = get_list(state, "nids", int), get_list(state, "pk2s", bytes)
-    srcs, ctxts = get_list(config, "srcs", int), get_list(config, "ctxts", bytes)
+    srcs, ctxts = get_list(config, K.SRCS, int), get_list(config, K.CTXTS, bytes)
     _require(len(srcs) == len(set(srcs)) == len(ctxts), "malformed share list")
     _require(len(srcs) + 1 >= get_one(state, "threshold", int), "fewer neighbours left than the threshold")
     sk2 = load_private(get_one(state, "sk2", bytes))
@@ -251,7 +252,7 @@ def _collect(
         f"update's coordinates clipped to ±{clip:g} (kept in this log only)"
     )
     packed = pack(masked_vector(vector, me, state), get_one(state, "bits", int))
-    return RecordDict({"masked": ArrayRecord({"vector": Array(packed)})}), ConfigRecord(
+    return RecordDict({K.MASKED: ArrayRecord({K.VECTOR: Array(packed)})}), ConfigRecord(
         {**state, "stage": "collect"}
     )
 
@@ -261,7 +262,7 @@ def _unmask(
 ) -> tuple[RecordDict, None]:
     """Stage 4: b-shares of the active, key shares of the dropped; once; never both of one site."""
     me = msg.metadata.dst_node_id
-    active, dead = get_list(config, "active", int), get_list(config, "dead", int)
+    active, dead = get_list(config, K.ACTIVE, int), get_list(config, K.DEAD, int)
     _require(not set(active) & set(dead), "a site listed both active and dropped")
     _require(me in active, "this site sent its vector, yet is not listed active")
     shared = get_list(state, "share-srcs", int)
@@ -270,4 +271,4 @@ def _unmask(
     b_shares, sk_shares = get_list(state, "b-shares", bytes), get_list(state, "sk-shares", bytes)
     nids = active + dead
     shares = [b_shares[shared.index(n)] for n in active] + [sk_shares[shared.index(n)] for n in dead]
-    return RecordDict({RECORD: ConfigRecord({"nids": nids, "shares": shares})}), None
+    return RecordDict({RECORD: ConfigRecord({K.NIDS: nids, K.SHARES: shares})}), None

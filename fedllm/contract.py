@@ -15,6 +15,10 @@ runs a real round and checks every key sent, received and logged against it):
   run log writes as one ``metrics.jsonl`` row with ``ROW_KEYS`` added, and which the resume, the
   sweeps and the benches read back.
 
+- the **secure-aggregation stages** (``SecAggKey``): with ``aggregation = "secagg+"`` a round is
+  four messages each way (server/secagg.py, clients/secagg.py), each stage one ConfigRecord named
+  ``SecAggKey.RECORD`` (and the masked vector an ArrayRecord).
+
 The array payloads are checked by ``fedllm.wire``; the failure codes a site may send are in
 ``fedllm.failure_codes``.
 """
@@ -191,3 +195,27 @@ def round_records(run_dir: Path) -> list[RoundRecord]:
 ROW_KEYS = ("round", "wall-seconds", "server")  # every run-log row has these
 SCORE_KEYS = ("loss", "accuracy", "macro-f1")
 VALIDATION_PREFIX = "validation-"
+
+
+# ---------------------------------------------------------------- secure aggregation (SecAgg+ stages)
+
+
+class SecAggKey:
+    """The records and keys of a SecAgg+ round's four stages (fedllm/secagg.py's protocol). Every
+    stage the server sends carries ``STAGE`` and ``ROUND`` in its ``RECORD``; a site answers in a
+    ``RECORD`` of its own, but in stage 3 (``collect``), where it answers ``MASKED[VECTOR]`` only."""
+
+    RECORD = "secagg"  # the ConfigRecord of a stage message and of a site's answer
+    STAGES = ("setup", "share-keys", "collect", "unmask")
+    STAGE, ROUND = "stage", "round"
+    # setup: the round's shape out; the site's two public keys back
+    SITES, NUM_SHARES, THRESHOLD = "sites", "num-shares", "threshold"
+    PK1, PK2 = "pk1", "pk2"
+    # share-keys: the alive neighbours and their keys out; encrypted share pairs back, by destination
+    NIDS, PK1S, PK2S = "nids", "pk1s", "pk2s"
+    DSTS, CTXTS = "dsts", "ctxts"
+    # collect: the shares forwarded to the site (sources and ciphertexts) with the train content
+    SRCS = "srcs"
+    MASKED, VECTOR = "masked", "vector"  # the answer: ArrayRecord MASKED holding one array VECTOR
+    # unmask: the neighbours that sent a vector and those that dropped; shares back, by owner (NIDS)
+    ACTIVE, DEAD, SHARES = "active", "dead", "shares"

@@ -35,6 +35,7 @@ from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
 from flwr.serverapp import Grid
 
+from fedllm.contract import SecAggKey as K
 from fedllm.secagg import (
     MIN_SITES,
     SecAggError,
@@ -48,7 +49,7 @@ from fedllm.secagg import (
     unpack,
 )
 
-RECORD = "secagg"
+RECORD = K.RECORD
 
 
 def ring(nodes: list[int], shares: int) -> dict[int, list[int]]:
@@ -128,15 +129,15 @@ class SecAggRound:
     def setup(self) -> None:
         """Stage 1: the round's shape out, the public keys back (S0)."""
         base: dict[str, ConfigRecordValues] = {
-            "stage": "setup",
-            "round": self.round,
-            "sites": len(self.neighbours),
+            K.STAGE: "setup",
+            K.ROUND: self.round,
+            K.SITES: len(self.neighbours),
         }
-        base |= {"num-shares": self.shares, "threshold": self.threshold}
+        base |= {K.NUM_SHARES: self.shares, K.THRESHOLD: self.threshold}
         answers = self._exchange("setup", {n: ConfigRecord(dict(base)) for n in self.neighbours})
         for node, answer in answers.items():
             try:
-                keys = (get_one(answer, "pk1", bytes), get_one(answer, "pk2", bytes))
+                keys = (get_one(answer, K.PK1, bytes), get_one(answer, K.PK2, bytes))
                 for key in keys:
                     load_public(key)  # a point on the curve, or the site is left out
             except SecAggError as err:
@@ -153,11 +154,11 @@ class SecAggRound:
             ring_alive = [n for n in self.neighbours[nid] if n in alive]
             payloads[nid] = ConfigRecord(
                 {
-                    "stage": "share-keys",
-                    "round": self.round,
-                    "nids": ring_alive,
-                    "pk1s": [self.keys[n][0] for n in ring_alive],
-                    "pk2s": [self.keys[n][1] for n in ring_alive],
+                    K.STAGE: "share-keys",
+                    K.ROUND: self.round,
+                    K.NIDS: ring_alive,
+                    K.PK1S: [self.keys[n][0] for n in ring_alive],
+                    K.PK2S: [self.keys[n][1] for n in ring_alive],
                 }
             )
         answers = self._exchange("share-keys", payloads)
@@ -166,7 +167,7 @@ class SecAggRound:
         for src, answer in answers.items():
             try:
                 pairs = list(
-                    zip(get_list(answer, "dsts", int), get_list(answer, "ctxts", bytes), strict=True)
+                    zip(get_list(answer, K.DSTS, int), get_list(answer, K.CTXTS, bytes), strict=True)
                 )
             except (SecAggError, ValueError) as err:
                 self._fail(src, "share-keys", str(err))
@@ -181,8 +182,8 @@ class SecAggRound:
         messages = []
         for nid in sorted(self.shared):
             srcs = [s for s, _ in self.forward[nid]]
-            record: dict[str, ConfigRecordValues] = {"stage": "collect", "round": self.round, "srcs": srcs}
-            record["ctxts"] = [c for _, c in self.forward[nid]]
+            record: dict[str, ConfigRecordValues] = {K.STAGE: "collect", K.ROUND: self.round, K.SRCS: srcs}
+            record[K.CTXTS] = [c for _, c in self.forward[nid]]
             body = RecordDict({**content, RECORD: ConfigRecord(record)})
             messages.append(Message(body, dst_node_id=nid, message_type=MessageType.TRAIN))
         self._started = time.perf_counter()
@@ -211,10 +212,10 @@ class SecAggRound:
         payloads = {
             nid: ConfigRecord(
                 {
-                    "stage": "unmask",
-                    "round": self.round,
-                    "active": [n for n in self.neighbours[nid] if n in self.masked],
-                    "dead": [n for n in self.neighbours[nid] if n in dropped],
+                    K.STAGE: "unmask",
+                    K.ROUND: self.round,
+                    K.ACTIVE: [n for n in self.neighbours[nid] if n in self.masked],
+                    K.DEAD: [n for n in self.neighbours[nid] if n in dropped],
                 }
             )
             for nid in self.masked
@@ -223,7 +224,7 @@ class SecAggRound:
         for node, answer in self._exchange("unmask", payloads).items():
             try:
                 pairs = list(
-                    zip(get_list(answer, "nids", int), get_list(answer, "shares", bytes), strict=True)
+                    zip(get_list(answer, K.NIDS, int), get_list(answer, K.SHARES, bytes), strict=True)
                 )
             except (SecAggError, ValueError) as err:
                 self._fail(node, "unmask", str(err))
@@ -274,12 +275,12 @@ class SecAggRound:
 def _vector(content: RecordDict, length: int, bits: int) -> np.ndarray | None:
     """The one masked vector of a stage-3 answer (packed at ``bits`` bits a value) as uint32, or
     None when it is anything else."""
-    if list(content.array_records) != ["masked"] or content.metric_records or content.config_records:
+    if list(content.array_records) != [K.MASKED] or content.metric_records or content.config_records:
         return None
-    record: ArrayRecord = content.array_records["masked"]
-    if list(record) != ["vector"]:
+    record: ArrayRecord = content.array_records[K.MASKED]
+    if list(record) != [K.VECTOR]:
         return None
     try:
-        return unpack(record["vector"].numpy(), length, bits)
+        return unpack(record[K.VECTOR].numpy(), length, bits)
     except (SecAggError, ValueError, TypeError):  # not a packed uint8 vector of the right size
         return None
