@@ -18,15 +18,13 @@ A search tool only: confirm with ``python -m simulations.run`` (Opacus, Flower).
 
 from __future__ import annotations
 
-import argparse
-import csv
 import functools
 import itertools
 import json
 import pickle
-from pathlib import Path
 
 import numpy as np
+from feature_search import cached_features, search_parser, write_rows
 from sklearn.metrics import accuracy_score, f1_score
 
 TEMPLATE = "This is a news article about {}."
@@ -185,26 +183,14 @@ BASE = {
 
 def main() -> None:
     """Every combination of ``--grid`` at every ε: one JSON line each, and the CSV."""
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--cache", type=Path, required=True, help="features pickle (made if missing)")
-    parser.add_argument("--csv", type=Path, required=True)
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--draws", type=int, default=4, help="noise draws per seed")
-    parser.add_argument("--epsilons", default="1,3,8")
-    parser.add_argument("--grid", default='{"basis": ["none", "random"], "rank": [16, 64]}')
-    args = parser.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",")]
-    if not args.cache.exists():
-        args.cache.parent.mkdir(parents=True, exist_ok=True)
-        args.cache.write_bytes(pickle.dumps(extract(seeds)))
-    data = pickle.loads(args.cache.read_bytes())
+    args = search_parser(__doc__, '{"basis": ["none", "random"], "rank": [16, 64]}').parse_args()
+    seeds = args.seeds
+    data = cached_features(args.cache, lambda: extract(seeds))
     if "vocab" not in data:
         data["vocab"] = vocabulary_features()
         args.cache.write_bytes(pickle.dumps(data))
     grid, rows = json.loads(args.grid), []
-    for epsilon in (float(e) for e in args.epsilons.split(",")):
+    for epsilon in args.epsilons:
         for values in itertools.product(*grid.values()):
             lever = {**BASE, **dict(zip(grid, values, strict=True))}
             runs = [
@@ -214,12 +200,7 @@ def main() -> None:
             row.update({key: round(float(np.mean([r[key] for r in runs])), 4) for key in runs[0]})
             rows.append(row)
             print(json.dumps(row), flush=True)
-    new = not args.csv.exists()
-    with args.csv.open("a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    write_rows(args.csv, rows, append=True)
 
 
 if __name__ == "__main__":
