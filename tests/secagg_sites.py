@@ -33,6 +33,7 @@ class SecAggGrid:
         self.fail: set[int] = set()  # nodes whose training raises (a site-declined failure)
         self.recorded: list[tuple[int, str, RecordDict]] = []
         self.sent: list[Message] = []
+        self.sent_keys: list[tuple[str, set[str]]] = []  # each stage message's keys, as sent
 
     def get_node_ids(self) -> list[int]:
         return list(self.updates)
@@ -57,6 +58,7 @@ class SecAggGrid:
             nid = msg.metadata.dst_node_id
             config = msg.content.config_records.get(RECORD)
             stage = str(config["stage"]) if config is not None else "plain"
+            self.sent_keys.append((stage, set(config) if config is not None else set()))
             if stage != "plain" and self._silent(nid, stage):
                 continue
 

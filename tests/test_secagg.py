@@ -15,6 +15,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 
 from fedllm.config import Settings
+from fedllm.contract import SecAggKey
 from fedllm.secagg import (
     QUANT_RANGE,
     SecAggSettings,
@@ -146,6 +147,28 @@ def test_a_recording_hook_sees_no_update_count_or_metric_of_a_single_site():
     assert train["num-examples"] == sum(counts) and train["sites"] == 5
     assert train["epsilon-mean"] == pytest.approx(np.mean([m["epsilon"] for m in metrics.values()]), abs=1e-3)
     assert "epsilon-max" not in train  # a maximum over sites would need each site's value
+
+
+def test_every_stage_message_and_answer_has_exactly_the_contracts_keys():
+    K = SecAggKey
+    sent = {
+        "setup": {K.SITES, K.NUM_SHARES, K.THRESHOLD},
+        "share-keys": {K.NIDS, K.PK1S, K.PK2S},
+        "collect": {K.SRCS, K.CTXTS},
+        "unmask": {K.ACTIVE, K.DEAD},
+    }
+    answered = {"setup": {K.PK1, K.PK2}, "share-keys": {K.DSTS, K.CTXTS}, "unmask": {K.NIDS, K.SHARES}}
+    grid = SecAggGrid(_updates(), _metrics(private=True), RUN)
+    _run(grid, global_adapter())
+    assert {stage for stage, _ in grid.sent_keys} == set(K.STAGES)
+    for stage, keys in grid.sent_keys:
+        assert keys == {K.STAGE, K.ROUND} | sent[stage], stage
+    for _, stage, content in grid.recorded:
+        if stage == "collect":
+            assert list(content.array_records) == [K.MASKED] and list(content[K.MASKED]) == [K.VECTOR]
+        else:
+            assert list(content.config_records) == [K.RECORD] and set(content[K.RECORD]) == answered[stage]
+    assert {stage for _, stage, _ in grid.recorded} == set(K.STAGES)
 
 
 @pytest.mark.parametrize("stage", ["collect", "unmask"])
