@@ -82,6 +82,7 @@ def _run(trainable: str, mode: str, args: argparse.Namespace, queue, variant: di
         device=args.device,
         precision="fp32",
     ).replace(**(variant or {}))
+    settings = settings.resolved()  # once, where this bench run starts
     splits = load_splits(settings)
     data = tokenize(splits.train.head(args.examples), load_tokenizer(""), splits.labels, args.max_length)
     model = build_model(settings, splits.labels, torch.device(args.device))

@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     logging.getLogger("flwr").setLevel(logging.ERROR)  # each drop is in the table, not the log
     torch.manual_seed(0)
-    settings = Settings(max_length=32, device="cpu", trainable="lora")
+    settings = Settings(max_length=32, device="cpu", trainable="lora").resolved()
     model = build_model(settings, LABELS, torch.device("cpu"), TINY)
     rows = (
         reply_probes(model)

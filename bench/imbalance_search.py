@@ -144,7 +144,7 @@ def noise_for(epsilon: float, rounds: int, steps: int) -> float:
 
     if not np.isfinite(epsilon):
         return 0.0
-    s = Settings(dataset="drug-reviews", target_epsilon=epsilon, max_steps=steps, epochs=1)
+    s = Settings(dataset="drug-reviews", target_epsilon=epsilon, max_steps=steps, epochs=1).resolved()
     return plan_privacy(s, 160, rounds, 384 * 3 + 3, count_noise=20.0).noise_multiplier
 
 

@@ -126,6 +126,7 @@ def plan(
     if not np.isfinite(epsilon):
         return 0.0, steps
     s = Settings(dataset="bbc-news", target_epsilon=epsilon, max_steps=steps, max_step_noise=step_noise)
+    s = s.resolved()  # once, here: plan_privacy takes resolved settings
     p = plan_privacy(s, n, rounds, dimension, count_noise=20.0)
     return p.noise_multiplier, p.local_steps
 

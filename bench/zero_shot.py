@@ -29,7 +29,7 @@ def zero_shot(dataset: str, template: str, seed: int, part: str) -> dict:
     """Scores of the zero-shot head of ``template`` on one seed's ``part`` of the held-out data."""
     settings = Settings(
         dataset=dataset, seed=seed, trainable="head", head_init="label-names", head_init_template=template
-    )
+    ).resolved()
     splits = load_splits(settings)
     model = build_model(settings, splits.labels, torch.device("cpu"))
     frame = splits.validation if part == "validation" else splits.test

@@ -41,7 +41,7 @@ from fedllm.accounting import (
     resolve_delta,
 )
 from fedllm.adapters import adapter_from_record, adapter_to_record
-from fedllm.config import Settings, settings_from
+from fedllm.config import ResolvedSettings, Settings, settings_from
 from fedllm.contract import EvaluateMetrics, RoundConfig, metric_values
 from fedllm.data import SiteData, load_site_file, loss_weights, partition_sites, tokenize
 from fedllm.files import fingerprint_file
@@ -102,7 +102,7 @@ def _site_data(context: Context, settings: Settings, labels: list[str]) -> SiteD
 
 
 def _setup(
-    msg: Message, context: Context, settings: Settings, labels: list[str]
+    msg: Message, context: Context, settings: ResolvedSettings, labels: list[str]
 ) -> tuple[SiteData, PeftModel]:
     """This site's data and the model with the global adapter loaded."""
     site = _site_data(context, settings, labels)
@@ -147,7 +147,7 @@ def _replay(msg: Message, context: Context, kept: KeptReply, books: SiteBooks, p
 
 def _book_round(
     context: Context,
-    settings: Settings,
+    settings: ResolvedSettings,
     policy: SitePolicy,
     books: SiteBooks,
     train_ds,
@@ -241,7 +241,7 @@ def _train_round(
     """``train``'s work, under the run key's lock: replay a kept reply, or check, book, train, reply."""
     config = RoundConfig.read(msg.content.config_records["config"])
     digest = arrays_digest(msg.content.array_records["arrays"])
-    settings = settings_from(context.run_config)
+    settings = settings_from(context.run_config, source="run config").resolved()  # once, here
     kept = store.load(books.key)
     if kept is not None and kept.answers(books.key, config.server_round, digest):
         return _replay(msg, context, kept, books, settings.private)
@@ -270,7 +270,7 @@ def _train_round(
 def _check_and_book(
     msg: Message,
     context: Context,
-    settings: Settings,
+    settings: ResolvedSettings,
     policy: SitePolicy,
     books: SiteBooks,
     config: RoundConfig,
@@ -317,14 +317,14 @@ def _print_round(context: Context, work: _SiteRound, result: TrainResult) -> Non
 @app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
     """Score the global adapter on this site's local test split, if the site releases that."""
-    settings = settings_from(context.run_config)
+    settings = settings_from(context.run_config, source="run config").resolved()  # once, here
     SitePolicy.from_context(context).check_evaluate(settings.private)
     labels = RoundConfig.read(msg.content.config_records["config"], train=False).labels
     site, model = _setup(msg, context, settings, labels)
     test_ds = tokenize(
         site.test, load_tokenizer(settings.model), labels, settings.max_length, settings.truncation
     )
-    head_only = settings.resolved().trainable == "head"
+    head_only = settings.trainable == "head"
     scores = evaluate(model, test_ds, labels, head_only=head_only)
     metrics: EvaluateMetrics = {
         "num-examples": int(scores["num_examples"]),

@@ -1,14 +1,7 @@
 """The site's own privacy policy: limits the server's run config can never widen.
 
-A real site sets its policy in its node config (``python -m clients.site join`` flags):
-
-- ``max-epsilon`` (default 8): the cap on the site's **lifetime** ε, composed over every DP-SGD
-  step of every run in its ledger plus the whole plan of the run asking to train;
-- ``max-delta`` (default 1e-5): the largest δ a run may use; the lifetime ε is stated at it;
-- ``allow-no-dp`` (default false): whether the site ever trains without DP;
-- ``release-train-metrics`` (default false): send the exact mean training loss and time;
-- ``release-evaluation`` (default false): score adapters on the site's local test split and
-  send the exact scores.
+A real site sets its policy in its node config (``python -m clients.site join`` flags); the keys,
+their defaults and meanings are ``SitePolicy``'s declared fields (``fedllm.settings_reader``).
 
 Under DP a reply carries only the adapter and ``DP_REPLY_KEYS``; the rest is a release outside
 DP that the site must opt into. A virtual site of a simulation (``partition-id`` in its node
@@ -20,8 +13,10 @@ from __future__ import annotations
 
 import os
 import traceback
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from flwr.app import Context, Error, Message
 from flwr.clientapp.typing import ClientAppCallable
@@ -32,6 +27,7 @@ from fedllm.accounting import BudgetExhaustedError, check_delta, epsilon_for, re
 from fedllm.config import Settings
 from fedllm.contract import DP_REPLY_KEYS, RELEASED_TRAIN_KEYS  # the reply keys (fedllm/contract.py)
 from fedllm.ledger import LedgerError
+from fedllm.settings_reader import key, read
 from fedllm.statement import DEFAULT_NOT_COVERED
 
 DEFAULT_MAX_EPSILON = 8.0
@@ -55,41 +51,39 @@ class SitePolicyError(BudgetExhaustedError):
         self.code = code
 
 
-def _flag(value: object) -> bool:
-    return str(value).strip().lower() in ("1", "true", "yes", "on")
-
-
 @dataclass(frozen=True)
 class SitePolicy:
     """A site's limits; ``from_context`` reads them from where the site (not the server) sets them."""
 
-    max_epsilon: float = DEFAULT_MAX_EPSILON
-    max_delta: float = DEFAULT_MAX_DELTA
-    allow_no_dp: bool = False
-    release_train_metrics: bool = False
-    release_evaluation: bool = False
-    accountant: str = "prv"
+    max_epsilon: float = key(
+        DEFAULT_MAX_EPSILON,
+        "the cap on the site's lifetime epsilon, over every run in its ledger plus the asking run's plan",
+        low=0,
+        low_open=True,
+        fix="use a lifetime budget > 0; fix the site's node config",
+    )
+    max_delta: float = key(
+        DEFAULT_MAX_DELTA,
+        "the largest delta a run may use; the lifetime epsilon is stated at it",
+        low=0,
+        low_open=True,
+        high=1,
+        high_open=True,
+        fix="use a delta in (0, 1); fix the site's node config",
+    )
+    allow_no_dp: bool = key(False, "whether the site ever trains without DP")
+    release_train_metrics: bool = key(False, "send the exact mean training loss and time")
+    release_evaluation: bool = key(
+        False, "score adapters on the site's local test split and send the exact scores"
+    )
+    accountant: str = key("prv", "the accountant that states the lifetime epsilon", read=False)
 
     @classmethod
-    def from_config(cls, config: dict, prefix: str = "") -> SitePolicy:
-        """The policy in ``config`` (keys ``<prefix>max-epsilon`` ...); missing keys keep the defaults."""
-
-        def get(key: str, default):
-            return config.get(prefix + key, default)
-
-        policy = cls(
-            max_epsilon=float(get("max-epsilon", DEFAULT_MAX_EPSILON)),
-            max_delta=float(get("max-delta", DEFAULT_MAX_DELTA)),
-            allow_no_dp=_flag(get("allow-no-dp", False)),
-            release_train_metrics=_flag(get("release-train-metrics", False)),
-            release_evaluation=_flag(get("release-evaluation", False)),
-        )
-        if not policy.max_epsilon > 0 or not 0 < policy.max_delta < 1:
-            raise ValueError(
-                f"site policy: {prefix}max-epsilon must be > 0 and {prefix}max-delta in (0, 1), got "
-                f"{policy.max_epsilon} and {policy.max_delta}; fix the site's node config"
-            )
-        return policy
+    def from_config(cls, config: Mapping[str, Any], prefix: str = "") -> SitePolicy:
+        """The policy in ``config`` (keys ``<prefix>max-epsilon`` ...); missing keys keep the
+        defaults; a bad value is one line naming the key and the fix (booleans strictly:
+        ``"ture"`` is an error, never a silent false)."""
+        return read(cls, config, "site policy", prefix=prefix)
 
     @classmethod
     def from_context(cls, context: Context) -> SitePolicy:

@@ -24,7 +24,7 @@ from opacus.accountants import IAccountant, create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from fedllm import known_warnings, opacus_logging  # noqa: F401  (drops Opacus' root log handler)
-from fedllm.config import Settings
+from fedllm.config import ResolvedSettings, Settings, require_resolved
 
 
 class BudgetExhaustedError(RuntimeError):
@@ -72,9 +72,9 @@ def private_count(n: int, count_noise: float) -> int:
 
 
 def _check_rate(rate: float) -> None:
-    """A rate outside [0, 1] (e.g. an unresolved 'auto' -1) must not silently become ``1 / ceil(n / B)``."""
+    """A rate outside [0, 1] must not silently become ``1 / ceil(n / B)``."""
     if not 0 <= rate <= 1:
-        raise ValueError(f"sample rate {rate} is not in [0, 1]: resolve 'auto' settings before planning")
+        raise ValueError(f"sample rate {rate} is not in [0, 1]: use a rate in (0, 1] or 0 (from batch-size)")
 
 
 def steps_per_epoch(num_examples: int, batch_size: int, rate: float = 0.0) -> int:
@@ -97,7 +97,7 @@ def sample_rate(num_examples: int, batch_size: int, rate: float = 0.0) -> float:
     return 1.0 / steps_per_epoch(num_examples, batch_size)
 
 
-def local_steps(settings: Settings, num_examples: int) -> int:
+def local_steps(settings: ResolvedSettings, num_examples: int) -> int:
     """Optimizer (logical) steps in one local training: ``max_steps`` when set, else ``epochs`` epochs."""
     if settings.max_steps > 0:
         return settings.max_steps
@@ -124,7 +124,7 @@ class PrivacyPlan:
 
 
 def plan_privacy(
-    settings: Settings,
+    settings: ResolvedSettings,
     num_examples: int,
     planned_rounds: int = 1,
     dimension: int = 0,
@@ -145,7 +145,7 @@ def plan_privacy(
     with the number of steps for a fixed budget. At small n * epsilon few, less noisy steps beat
     many noisy ones (docs/dp-recipe.md). At least one step per round is kept.
     """
-    settings = settings.resolved()
+    settings = require_resolved(settings, "plan_privacy")
     q = sample_rate(num_examples, settings.batch_size, settings.sample_rate)
     rounds = max(planned_rounds, 1)
     per_round = local_steps(settings, num_examples)
@@ -185,7 +185,7 @@ def plan_privacy(
 
 
 def counted_plan(
-    settings: Settings, num_examples: int, planned_rounds: int = 1, dimension: int = 0
+    settings: ResolvedSettings, num_examples: int, planned_rounds: int = 1, dimension: int = 0
 ) -> tuple[PrivacyPlan, list]:
     """A site's plan as the privacy statement has it: n̂ drawn, the plan made from n̂.
 

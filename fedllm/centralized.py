@@ -21,8 +21,13 @@ from fedllm.model import build_model, count_parameters, load_tokenizer, pick_dev
 from fedllm.train import evaluate, train_local
 
 
-def run_centralized(settings: Settings, out_dir: str | Path, progress: bool = True) -> dict:
-    """Fine-tune on the whole training split, score the validation and test splits, save adapter + JSON."""
+def run_centralized(configured: Settings, out_dir: str | Path, progress: bool = True) -> dict:
+    """Fine-tune on the whole training split, score the validation and test splits, save adapter + JSON.
+
+    The entry of one centralized run: 'auto' is resolved once here; the JSON records the settings
+    as ``configured``.
+    """
+    settings = configured.resolved()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings.seed)
@@ -49,15 +54,15 @@ def run_centralized(settings: Settings, out_dir: str | Path, progress: bool = Tr
     result = train_local(
         model, train_ds, settings, plan=plan, history=history, class_weight=weight, progress=progress
     )
-    head_only = settings.resolved().trainable == "head"
+    head_only = settings.trainable == "head"
     metrics = evaluate(model, test_ds, splits.labels, head_only=head_only)
     validation_ds = tokenize(
         splits.validation, tokenizer, splits.labels, settings.max_length, settings.truncation
     )
     validation = evaluate(model, validation_ds, splits.labels, head_only=head_only)
-    save_adapter(model, out_dir / "adapter", splits.labels, {"settings": settings.to_dict()})
+    save_adapter(model, out_dir / "adapter", splits.labels, {"settings": configured.to_dict()})
     summary = {
-        "settings": settings.to_dict(),
+        "settings": configured.to_dict(),
         "train_examples": len(train_ds),
         "test_examples": len(test_ds),
         "steps": result.steps,
@@ -82,7 +87,10 @@ def main(argv: list[str] | None = None) -> None:
     add_settings_arguments(parser)
     args = vars(parser.parse_args(argv))
     out = args.pop("out")
-    settings = settings_from(args)
+    try:
+        settings = settings_from(args, source="command line")
+    except ValueError as err:  # one line naming the key and the fix
+        parser.error(str(err))
     summary = run_centralized(settings, out)
     test = summary["test"]
     eps = summary["epsilon"] if summary["epsilon"] is not None else math.inf

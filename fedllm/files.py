@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -39,3 +40,16 @@ def write_durably(target: Path, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_or_check(target: Path, text: str, command: str, check: bool) -> int:
+    """Write a generated file, or with ``check`` only compare: 1 and a line naming ``command``
+    when ``target`` is stale, else 0 (the exit status of the docs generators)."""
+    if check:
+        if target.read_text() != text:
+            print(f"{target} is stale: run {command}", file=sys.stderr)
+            return 1
+        return 0
+    target.write_text(text)
+    print(f"wrote {target}")
+    return 0

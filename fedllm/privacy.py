@@ -9,8 +9,9 @@ accountant books exactly that ``q`` for every optimizer step.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from opacus import PrivacyEngine
@@ -115,6 +116,34 @@ def attach(
     realised batch, which would scale the released step by a private number.
     """
     criterion = criterion if criterion is not None else torch.nn.CrossEntropyLoss()
+    net, dp_optimizer, criterion, dp_loader = _make_private(
+        model, optimizer, loader, settings, plan, criterion
+    )
+    restored = compact(history or [])
+    accountant = restore_accountant(plan.accountant, restored)
+    _book_realised_rate(accountant, dp_optimizer, dp_loader, plan)
+    return PrivateTraining(
+        net,
+        dp_optimizer,
+        dp_loader,
+        criterion,
+        plan,
+        accountant,
+        settings.physical_batch_size,
+        sum(h[2] for h in restored),
+    )
+
+
+def _make_private(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    settings: Settings,
+    plan: PrivacyPlan,
+    criterion: torch.nn.Module,
+) -> tuple[torch.nn.Module, DPOptimizer, torch.nn.Module, DataLoader]:
+    """Opacus' ``make_private`` with the plan's noise and OS-entropy noise, and a Poisson loader
+    that draws with ``settings.sample_rate`` when it is set (Opacus derives q = 1 / len(loader))."""
     with known_warnings():  # "Secure RNG turned off": the noise comes from entropy_generator instead
         private = PrivacyEngine(accountant=plan.accountant).make_private(
             module=model,
@@ -131,26 +160,14 @@ def attach(
         net, dp_optimizer, criterion, dp_loader = private
     else:
         net, dp_optimizer, dp_loader = private
-    if settings.sample_rate > 0:  # Opacus derives q = 1 / len(loader); draw with the configured q
+    if settings.sample_rate > 0:
         dp_loader = DPDataLoader(
             loader.dataset,
             sample_rate=settings.sample_rate,
             collate_fn=loader.collate_fn,
             generator=dp_loader.generator,
         )
-    restored = compact(history or [])
-    accountant = restore_accountant(plan.accountant, restored)
-    _book_realised_rate(accountant, dp_optimizer, dp_loader, plan)
-    return PrivateTraining(
-        net,
-        dp_optimizer,
-        dp_loader,
-        criterion,
-        plan,
-        accountant,
-        settings.physical_batch_size,
-        sum(h[2] for h in restored),
-    )
+    return net, dp_optimizer, criterion, dp_loader
 
 
 def zero_sum_gradients(params: Iterable[torch.nn.Parameter]) -> None:
@@ -163,7 +180,8 @@ def zero_sum_gradients(params: Iterable[torch.nn.Parameter]) -> None:
     """
     for p in params:
         p.grad = torch.zeros_like(p)
-        p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+        # an attribute Opacus adds to parameters at run time (torch does not declare it)
+        setattr(p, "grad_sample", torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype))  # noqa: B010
 
 
 def _book_realised_rate(
@@ -185,4 +203,4 @@ def _book_realised_rate(
         )
     # replaces the hook make_private attached (the engine's own accountant, booking 1 / len(loader))
     optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate))
-    optimizer.expected_batch_size = (plan.public_n or len(loader.dataset)) * plan.sample_rate
+    optimizer.expected_batch_size = (plan.public_n or len(cast(Sized, loader.dataset))) * plan.sample_rate

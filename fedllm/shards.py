@@ -10,52 +10,62 @@ columns) from the cleaned training split, and prints each site's size and label 
 from __future__ import annotations
 
 import argparse
-import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fedllm.config import settings_from
-from fedllm.data import load_splits, partition
+from fedllm.data import load_splits
+from fedllm.partition import partition
+from fedllm.settings_reader import help_of, key, read
 
 SCHEMES = ("iid", "dirichlet", "natural")
 
 
 @dataclass(frozen=True)
 class ShardSettings:
-    """How a training split is divided over sites: ``iid``; ``dirichlet`` over the labels
-    (concentration ``dirichlet-alpha``); ``natural`` by ``partition-column`` (each value at one site).
+    """How a training split is divided over sites.
 
-    The one source of these keys' defaults: this CLI's flags, and a simulation's run config
-    (clients/app.py splits the training split over the virtual sites with them; pyproject.toml's
-    table declares them again, checked by tests/test_config.py).
+    The one source of these keys' defaults and meanings: this CLI's flags, and a simulation's run
+    config (clients/app.py splits the training split over the virtual sites with them;
+    pyproject.toml's table declares them again, checked by tests/test_config.py).
     """
 
-    partitioning: str = "natural"
-    dirichlet_alpha: float = 1.0
-    partition_column: str = "condition"
+    partitioning: str = key(
+        "natural",
+        "how the training split is divided over sites: iid | dirichlet (over the labels) | "
+        "natural (by partition-column, each value at one site)",
+        choices=SCHEMES,
+        parse=lambda value: str(value).strip().lower(),
+    )
+    dirichlet_alpha: float = key(
+        1.0,
+        "the Dirichlet concentration of partitioning = dirichlet",
+        low=0,
+        low_open=True,
+        finite=True,
+        fix="use a positive number (default 1.0)",
+    )
+    partition_column: str = key(
+        "condition", "the column naming each site's share under partitioning = natural"
+    )
+
+    def cross_checks(self) -> list[tuple[bool, str, str]]:
+        """The natural split needs a column."""
+        fix = (
+            "the natural split needs the column that names each site's share; set "
+            "partition-column (e.g. condition) or another partitioning"
+        )
+        return [
+            (self.partitioning != "natural" or bool(self.partition_column.strip()), "partition-column", fix)
+        ]
 
     @classmethod
-    def from_run_config(cls, rc: dict) -> ShardSettings:
+    def from_run_config(cls, rc: Mapping[str, Any]) -> ShardSettings:
         """The three keys of a run config (missing ones keep the defaults); a bad value raises one
         line naming the key and the fix."""
-        default = cls()
-        scheme = str(rc.get("partitioning", default.partitioning)).strip().lower()
-        if scheme not in SCHEMES:
-            raise ValueError(f"run config partitioning={scheme!r}: use {' | '.join(SCHEMES)}")
-        raw = rc.get("dirichlet-alpha", default.dirichlet_alpha)
-        try:
-            alpha = math.nan if isinstance(raw, bool) else float(raw)
-        except ValueError:
-            alpha = math.nan
-        if not (math.isfinite(alpha) and alpha > 0):
-            raise ValueError(f"run config dirichlet-alpha={raw!r}: use a positive number (default 1.0)")
-        column = str(rc.get("partition-column", default.partition_column))
-        if scheme == "natural" and not column.strip():
-            raise ValueError(
-                f"run config partition-column={column!r}: the natural split needs the column that names each "
-                "site's share; set partition-column (e.g. condition) or another partitioning"
-            )
-        return cls(scheme, alpha, column)
+        return read(cls, rc, "run config")
 
 
 def write_shards(
@@ -83,9 +93,16 @@ def main(argv: list[str] | None = None) -> None:
     default = ShardSettings()
     parser.add_argument("--dataset", default="drug-reviews")
     parser.add_argument("--sites", type=int, default=3)
-    parser.add_argument("--partitioning", default=default.partitioning, choices=SCHEMES)
-    parser.add_argument("--partition-column", default=default.partition_column)
-    parser.add_argument("--dirichlet-alpha", type=float, default=default.dirichlet_alpha)
+    helps = help_of(ShardSettings)
+    parser.add_argument(
+        "--partitioning", default=default.partitioning, choices=SCHEMES, help=helps["partitioning"]
+    )
+    parser.add_argument(
+        "--partition-column", default=default.partition_column, help=helps["partition-column"]
+    )
+    parser.add_argument(
+        "--dirichlet-alpha", type=float, default=default.dirichlet_alpha, help=helps["dirichlet-alpha"]
+    )
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out", type=Path, default=Path("shards"))
     args = parser.parse_args(argv)

@@ -17,16 +17,17 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from fedllm.accounting import PrivacyPlan
-from fedllm.config import Settings
+from fedllm.config import ResolvedSettings
 from fedllm.contract import TrainMetrics
 from fedllm.imbalance import logit_offset, prior_weights
-from fedllm.train import TrainResult, train_local
+from fedllm.loop import TrainResult
+from fedllm.train import train_local
 
 
 def train_site_round(
     model: nn.Module,
     dataset: TensorDataset,
-    settings: Settings,
+    settings: ResolvedSettings,
     rounds: tuple[int, int],
     *,
     plan: PrivacyPlan | None,
@@ -52,7 +53,6 @@ def train_site_round(
         history=history,
         class_weight=weights if weights is not None else class_weight,
         logit_offset=logit_offset(settings, histogram, num_classes),
-        seed_offset=rounds[0],
         round_of=rounds,
         before_noise=before_noise,
     )

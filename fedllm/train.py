@@ -12,9 +12,8 @@ learning-rate schedule, the accountant and ``max_steps`` all count logical steps
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from functools import partial
 
 import numpy as np
@@ -27,38 +26,23 @@ from tqdm.auto import tqdm
 
 from fedllm import known_warnings
 from fedllm.accounting import PrivacyPlan, check_budget, local_steps, sample_rate
-from fedllm.config import Settings
+from fedllm.config import ResolvedSettings, Settings, require_resolved
 from fedllm.features import HeadOnFeatures, pooled_features
-from fedllm.precision import attention_in_fp32, autocast, keep_trainable_fp32, resolve_precision
+from fedllm.loop import (
+    ExampleLoss,
+    LoopState,
+    StepWatch,
+    TrainResult,
+    call_before_noise,
+    chunks,
+    finish,
+    forward_batch,
+    private_batches,
+    run_steps,
+)
+from fedllm.precision import attention_in_fp32, keep_trainable_fp32, resolve_precision
 from fedllm.prefix import prefix_view
-from fedllm.privacy import attach, entropy_generator, zero_sum_gradients
-
-
-class FrozenTrainingError(RuntimeError):
-    """A training step left every trainable weight unchanged (a silent LoRA/Opacus failure)."""
-
-
-@dataclass
-class TrainResult:
-    """What one local training did."""
-
-    steps: int
-    examples_seen: int
-    mean_loss: float
-    seconds: float
-    history: list = field(default_factory=list)  # accountant history after training (DP only)
-    epsilon: float = 0.0  # cumulative epsilon after training (DP only)
-    noise_multiplier: float = 0.0
-    empty_batches: int = 0  # Poisson batches that sampled no example (noise-only steps)
-    physical_batches: int = 0  # forward/backward passes (> steps when logical batches are split)
-
-
-def _trim(input_ids: torch.Tensor, mask: torch.Tensor):
-    """Cut padding columns that no text in the batch uses."""
-    if mask.numel() == 0:
-        return input_ids, mask
-    length = max(1, int(mask.sum(1).max()))
-    return input_ids[:, :length], mask[:, :length]
+from fedllm.privacy import attach, entropy_generator
 
 
 def _fast_path(
@@ -83,7 +67,12 @@ def _bf16_setup(net: nn.Module, model: nn.Module, device: torch.device) -> Calla
     undo = [keep_trainable_fp32(net)]
     if device.type == "cpu":
         undo.append(attention_in_fp32(model))
-    return lambda: [step() for step in undo]
+
+    def undo_all() -> None:
+        for step in undo:
+            step()
+
+    return undo_all
 
 
 def _trainable(model: nn.Module) -> list[torch.nn.Parameter]:
@@ -107,10 +96,8 @@ def lr_schedule(settings: Settings, steps_per_round: int, round_index: int = 1, 
 def build_optimizer(params: list[torch.nn.Parameter], settings: Settings) -> torch.optim.Optimizer:
     """``settings.optimizer``: AdamW, or SGD with ``settings.momentum`` (both with weight decay).
 
-    Raises ``ValueError`` for any other name or a learning rate <= 0 (e.g. unresolved 'auto').
+    Raises ``ValueError`` for any other name (resolved settings hold a learning rate > 0).
     """
-    if settings.lr <= 0:
-        raise ValueError(f"learning rate {settings.lr} is not positive: resolve 'auto' settings first")
     if settings.optimizer == "sgd":
         return torch.optim.SGD(
             params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
@@ -132,222 +119,142 @@ def logical_batch_size(settings: Settings, num_examples: int) -> int:
     return settings.batch_size
 
 
-def _forward(
-    net: nn.Module, batch: list[torch.Tensor], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels of one physical batch: ``(input_ids, attention_mask, labels)``, or cached
-    float inputs and labels: ``(features, labels)`` for the head (``fedllm.features``),
-    ``(hidden states, attention_mask, labels)`` for the top layers (``fedllm.prefix``)."""
-    if batch[0].is_floating_point():
-        return net(*(t.to(device) for t in batch[:-1])), batch[-1].to(device)
-    input_ids, mask, labels = batch
-    input_ids, mask = _trim(input_ids.to(device), mask.to(device))
-    return net(input_ids=input_ids, attention_mask=mask).logits, labels.to(device)
-
-
-def _chunks(loader: DataLoader, size: int) -> Iterator[tuple[list[torch.Tensor], int, bool]]:
-    """One pass over the shuffled (non-private) batches, each split in chunks of at most ``size``
-    (0 = unsplit): ``(chunk, logical batch size, last chunk of its batch)``."""
-    for batch in loader:
-        count = len(batch[-1])
-        chunks = list(zip(*(t.split(size) for t in batch), strict=True)) if 0 < size < count else [batch]
-        for i, chunk in enumerate(chunks):
-            yield list(chunk), count, i == len(chunks) - 1
-
-
-def _private_batches(
-    batches: Callable[[], Iterable[list[torch.Tensor]]],
-) -> Iterator[tuple[list[torch.Tensor], int, bool]]:
-    """Private physical batches as ``_chunks`` yields them: divisor 1 (the loss is already their
-    mean), each one "last" (the DP optimizer itself skips the step until a Poisson batch's end)."""
-    for batch in batches():
-        yield batch, 1, True
-
-
-class _ExampleLoss(nn.CrossEntropyLoss):
-    """Class-weighted cross-entropy per example, reduced by the *number* of examples.
-
-    ``reduction``: ``"none"`` (the example losses), ``"sum"``, or ``"mean"`` (their sum over the
-    count, not over the summed class weights as ``nn.CrossEntropyLoss`` does). Opacus' ghost
-    clipping sets ``reduction = "none"`` on it to get the example losses, then takes their mean.
-    ``offset`` (a public per-class vector, e.g. ``imbalance.logit_offset``) is added to the logits
-    first: the logit-adjusted loss. The model itself is unchanged, so inference uses raw logits.
-    """
-
-    def __init__(self, weight: torch.Tensor | None = None, offset: torch.Tensor | None = None) -> None:
-        super().__init__(weight=weight)
-        self.offset = offset
-
-    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The example losses of ``logits`` against ``labels``, reduced by ``self.reduction``."""
-        if self.offset is not None:
-            logits = logits + self.offset.to(logits)
-        losses = F.cross_entropy(logits, labels, weight=self.weight, reduction="none")
-        if self.reduction == "none":
-            return losses
-        return losses.sum() if self.reduction == "sum" else losses.mean()
-
-
-class _StepWatch:
-    """Counts the steps an optimizer really takes (a DP optimizer skips them between chunks)."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
-        self.count = 0
-        self._handle = optimizer.register_step_post_hook(self._taken)
-
-    def _taken(self, *_: object) -> None:
-        self.count += 1
-
-    def remove(self) -> None:
-        self._handle.remove()
-
-
-def _call_before_noise(optimizer: torch.optim.Optimizer, hook: Callable[[list], None]) -> None:
-    """Make the DP optimizer call ``hook(params)`` on the clipped sums right before its noise."""
-    add_noise = optimizer.add_noise
-
-    def wrapped() -> None:
-        hook(list(optimizer.params))
-        add_noise()
-
-    optimizer.add_noise = wrapped
-
-
 def train_local(
     model: nn.Module,
     dataset: TensorDataset,
-    settings: Settings,
+    settings: ResolvedSettings,
     *,
     plan: PrivacyPlan | None = None,
     history: list | None = None,
+    round_of: tuple[int, int] | None = None,
     class_weight: torch.Tensor | None = None,
-    progress: bool = False,
-    seed_offset: int = 0,
-    round_of: tuple[int, int] = (1, 1),
-    before_noise: Callable[[list[torch.nn.Parameter]], None] | None = None,
     logit_offset: torch.Tensor | None = None,
+    before_noise: Callable[[list[torch.nn.Parameter]], None] | None = None,
+    progress: bool = False,
 ) -> TrainResult:
     """Train ``model`` on ``dataset`` for ``settings.epochs`` (or ``max_steps``) logical steps.
 
-    With a ``plan``, DP-SGD is attached (Poisson sampling with ``plan.sample_rate``, clipping,
-    noise) and the site's accountant ``history`` is restored first, so the returned ``epsilon``
-    is cumulative. Raises ``BudgetExhaustedError`` before training when the budget would be
-    exceeded. ``settings.physical_batch_size`` bounds the examples in memory at once, private or
-    not (see the module docstring); one optimizer step, one accounted step and one scheduler step
-    happen per logical batch. ``settings.optimizer`` picks AdamW or SGD (``build_optimizer``).
-    Non-private shuffling is seeded by ``settings.seed + seed_offset`` (pass the round); private
-    sampling and noise use OS entropy. ``round_of`` = (this round, planned rounds) places this
-    training in the federated learning-rate schedule (``lr_schedule``). 'auto' settings are
-    resolved first (``Settings.resolved``); with ``trainable = "head"`` the head trains on the
-    frozen encoder's cached pooled features (``fedllm.features``), the same model in seconds.
-    ``before_noise`` (under a plan; audits only): called at every step with the DP optimizer's
-    parameters when each ``p.summed_grad`` holds the step's clipped gradient sum, before the
-    noise is added (``fedllm.gradient_canaries`` adds its canaries there). ``logit_offset``:
-    added to the logits in the training loss only (``imbalance.logit_offset``; public or DP).
-    ``class_weight`` under DP only when public (``class-weights``) or from the DP label histogram
-    (``imbalance = balanced``, ``imbalance.prior_weights``).
+    ``settings`` are resolved once where the run starts (``Settings.resolved()``). With a
+    ``plan``, DP-SGD is attached (Poisson sampling with ``plan.sample_rate``, clipping, noise)
+    over the site's accountant ``history``, so the returned ``epsilon`` is cumulative;
+    ``BudgetExhaustedError`` before training when the budget would be exceeded. One optimizer,
+    accounted and scheduler step per logical batch (the module docstring). ``round_of`` = (this
+    round, planned rounds) of a federation places the training in the federated learning-rate
+    schedule (``lr_schedule``) and seeds non-private shuffling with ``seed + round``; ``None``
+    (one standalone fine-tune) = ``seed`` and one round. Private sampling and noise use OS
+    entropy. ``trainable = "head"`` trains the head on cached pooled features
+    (``fedllm.features``). ``class_weight`` under DP only when public (``class-weights``) or from
+    the DP label histogram; ``logit_offset`` is added to the logits in the training loss only
+    (``imbalance``). ``before_noise`` (under a plan; audits only) is called at every step with the
+    DP optimizer's parameters when each ``p.summed_grad`` holds the clipped sum, before the noise
+    (``fedllm.gradient_canaries``).
     """
-    settings = settings.resolved()
+    settings = require_resolved(settings, "train_local")
     device = next(model.parameters()).device
     precision = resolve_precision(settings.precision, device)
     original = model
     model, dataset = _fast_path(model, dataset, settings, precision)
+    steps_goal = _steps_goal(dataset, settings, plan, class_weight)
+    history = [tuple(h) for h in (history or [])]
+    seed_offset, schedule = (round_of[0], round_of) if round_of is not None else (0, (1, 1))
+    loader = _loader(dataset, settings, plan, history, steps_goal, seed_offset)
+    weight = class_weight.to(device) if class_weight is not None else None
+    loss = ExampleLoss(weight=weight, offset=logit_offset)
+    loop = _loop(model, loader, settings, plan, history, loss, before_noise)
+    loop.weight, loop.device, loop.precision = weight, device, precision
+    loop.steps_goal, loop.n = steps_goal, len(dataset)
+    loop.scheduler = torch.optim.lr_scheduler.LambdaLR(
+        loop.optimizer, lr_schedule(settings, steps_goal, *schedule)
+    )
+    loop.net.train()
+    result, start = TrainResult(0, 0, 0.0, 0.0), time.perf_counter()
+    # a frozen first step is a silent LoRA / device failure worth one clear error, but only without
+    # DP: under DP "did the noisy step move the weights" is a question about the noise and the data
+    # that the server could pose for free (a post-noise branch); a site answers none (privacy.md)
+    loop.before = [p.detach().clone() for p in loop.params] if plan is None else None
+    _run(loop, result, (model, original), progress)
+    return finish(loop, result, start)
+
+
+def _run(loop: LoopState, result: TrainResult, models: tuple[nn.Module, nn.Module], progress: bool) -> None:
+    """``run_steps`` inside the progress bar, Opacus' known warnings quieted (its hooks warn at
+    every backward pass that the frozen embeddings need no grad) and, under bf16, the trainable
+    modules of ``models`` = (the net, the original model) kept in fp32."""
+    bar = tqdm(total=loop.steps_goal, desc="train", unit="step", disable=not progress, leave=False)
+    quiet = known_warnings() if loop.private is not None else nullcontext()
+    net, original = models
+    fp32_back = _bf16_setup(net, original, loop.device) if loop.precision == "bf16" else (lambda: None)
+    with quiet:
+        run_steps(loop, result, bar)
+    bar.close()
+    loop.watch.remove()
+    fp32_back()
+
+
+def _steps_goal(
+    dataset: TensorDataset,
+    settings: ResolvedSettings,
+    plan: PrivacyPlan | None,
+    class_weight: torch.Tensor | None,
+) -> int:
+    """The logical steps to take (the plan's, else ``local_steps``); refuses an empty split and
+    class weights computed from private labels."""
     n = len(dataset)
     if n == 0:
         raise ValueError("no training examples: this site's training split is empty")
     dp_weights = settings.class_weights or settings.imbalance == "balanced"
     if plan is not None and class_weight is not None and not dp_weights:
         raise ValueError("class weights from the private labels would leak them; see loss_weights()")
-    steps_goal = plan.local_steps if plan is not None and plan.local_steps > 0 else local_steps(settings, n)
-    history = [tuple(h) for h in (history or [])]
+    return plan.local_steps if plan is not None and plan.local_steps > 0 else local_steps(settings, n)
+
+
+def _loader(
+    dataset: TensorDataset,
+    settings: ResolvedSettings,
+    plan: PrivacyPlan | None,
+    history: list,
+    steps_goal: int,
+    seed_offset: int,
+) -> DataLoader:
+    """The logical-batch loader: under a plan (budget checked first) shuffled from OS entropy
+    (``attach`` replaces it with Poisson sampling), else seeded by ``seed + seed_offset``."""
     if plan is not None:
         check_budget(plan, history, steps_goal)
         generator = entropy_generator()
     else:
         generator = torch.Generator().manual_seed(settings.seed + seed_offset)
-    loader = DataLoader(
-        dataset, batch_size=logical_batch_size(settings, n), shuffle=True, generator=generator
+    return DataLoader(
+        dataset, batch_size=logical_batch_size(settings, len(dataset)), shuffle=True, generator=generator
     )
+
+
+def _loop(
+    model: nn.Module,
+    loader: DataLoader,
+    settings: ResolvedSettings,
+    plan: PrivacyPlan | None,
+    history: list,
+    loss: ExampleLoss,
+    before_noise: Callable[[list[torch.nn.Parameter]], None] | None,
+) -> LoopState:
+    """The optimizer and the physical batches: plain, or wrapped by DP-SGD under a plan.
+
+    A physical batch back-propagates criterion(logits, labels) / divisor: non-private, the sum of
+    a chunk's example losses over its logical batch's size (the chunks add up to the logical
+    batch's mean); private, Opacus' convention, the mean over the physical batch (divisor 1).
+    """
     params = _trainable(model)
     optimizer = build_optimizer(params, settings)
-    watch = _StepWatch(optimizer)  # the optimizer itself: its DP wrapper may skip steps
-    weight = class_weight.to(device) if class_weight is not None else None
-    # a physical batch back-propagates criterion(logits, labels) / divisor: non-private, the sum
-    # of a chunk's example losses over its logical batch's size (the chunks add up to the logical
-    # batch's mean); private, Opacus' convention, the mean over the physical batch (divisor 1)
-    private = None
+    watch = StepWatch(optimizer)  # the optimizer itself: its DP wrapper may skip steps
     if plan is None:
-        net, criterion = model, _ExampleLoss(weight=weight, offset=logit_offset)
-        criterion.reduction = "sum"
-        batches = partial(_chunks, loader, settings.physical_batch_size)
-    else:
-        loss = _ExampleLoss(weight=weight, offset=logit_offset)
-        private = attach(model, optimizer, loader, settings, plan, history, loss)
-        net, optimizer, criterion = private.model, private.optimizer, private.criterion
-        if before_noise is not None:
-            _call_before_noise(optimizer, before_noise)
-        batches = partial(_private_batches, private.batches)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(settings, steps_goal, *round_of))
-    net.train()
-    result = TrainResult(0, 0, 0.0, 0.0)
-    loss_sum, start = 0.0, time.perf_counter()
-    # a frozen first step is a silent LoRA / device failure worth one clear error, but only without
-    # DP: under DP "did the noisy step move the weights" is a question about the noise and the data
-    # that the server could pose for free (a post-noise branch); a site answers none (privacy.md)
-    before: list[torch.Tensor] | None = [p.detach().clone() for p in params] if plan is None else None
-    pending = 0  # physical batches since the last step
-    bar = tqdm(total=steps_goal, desc="train", unit="step", disable=not progress, leave=False)
-    # Opacus' hooks warn at every backward pass that the inputs need no grad: frozen embeddings
-    quiet = known_warnings() if private is not None else nullcontext()
-    fp32_back = _bf16_setup(model, original, device) if precision == "bf16" else (lambda: None)
-    with quiet:
-        while result.steps < steps_goal:
-            for batch, divisor, last in batches():
-                if len(batch[-1]) == 0:  # an empty Poisson batch: still a noisy step, still accounted
-                    zero_sum_gradients(params)
-                    result.empty_batches += 1
-                else:
-                    with autocast(precision, device):
-                        logits, labels = _forward(net, batch, device)
-                    (criterion(logits, labels) / divisor).backward()
-                    loss_sum += float(
-                        F.cross_entropy(logits.detach(), labels, weight=weight, reduction="none").sum()
-                    )
-                    result.examples_seen += len(labels)
-                result.physical_batches += 1
-                pending += 1
-                if not last:  # a non-private chunk: accumulate, step after the batch's last one
-                    continue
-                taken = watch.count
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)  # a DP optimizer keeps its summed clipped gradients
-                if watch.count == taken:  # the DP optimizer clipped and summed a chunk, skipped the step
-                    if pending > n:  # a Poisson batch has at most n examples
-                        raise RuntimeError(f"{pending} physical batches without an optimizer step")
-                    continue
-                pending = 0
-                scheduler.step()
-                if before is not None:
-                    if all(torch.equal(b, p.detach()) for b, p in zip(before, params, strict=True)):
-                        raise FrozenTrainingError(
-                            "the first training step left all trainable weights unchanged: check that the "
-                            "model was on its device before get_peft_model and that lr > 0"
-                        )
-                    before = None
-                result.steps += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum / max(result.examples_seen, 1):.3f}")
-                if result.steps >= steps_goal:
-                    break
-    bar.close()
-    watch.remove()
-    fp32_back()
-    result.mean_loss = loss_sum / max(result.examples_seen, 1)
-    result.seconds = time.perf_counter() - start
-    if private is not None:  # back to the plain model: evaluation needs no per-sample gradients
-        result.history, result.epsilon = private.finish(result.steps)
-        result.noise_multiplier = plan.noise_multiplier
-    return result
+        loss.reduction = "sum"
+        batches = partial(chunks, loader, settings.physical_batch_size)
+        return LoopState(model, optimizer, loss, batches, params, watch)
+    private = attach(model, optimizer, loader, settings, plan, history, loss)
+    if before_noise is not None:
+        call_before_noise(private.optimizer, before_noise)
+    batches = partial(private_batches, private.batches)
+    return LoopState(private.model, private.optimizer, private.criterion, batches, params, watch, private)
 
 
 @torch.no_grad()
@@ -378,7 +285,7 @@ def evaluate(
         net, dataset = view
     loss_sum, y_true, y_pred = 0.0, [], []
     for batch in DataLoader(dataset, batch_size=batch_size):
-        logits, target = _forward(net, list(batch), device)
+        logits, target = forward_batch(net, list(batch), device)
         if logit_offset is not None:
             logits = logits + logit_offset.to(logits)
         loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))

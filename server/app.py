@@ -188,16 +188,17 @@ def main(grid: Grid, context: Context) -> None:
 def _run(grid: Grid, context: Context, server: ServerSettings, stack: ExitStack) -> None:
     """``main``'s body: set up (data, model, run folder), the rounds, the final adapter."""
     rc = context.run_config
-    settings = settings_from(rc)
+    configured = settings_from(rc, source="run config")
+    settings = configured.resolved()  # 'auto' made concrete once, here: the library takes these
     robust = RobustSettings.from_run_config(rc)
     labels, splits = _labels(settings, server)
     model = build_model(settings, labels, pick_device(settings.device))
-    run = open_run(context, server, run_record(dict(rc), settings.to_dict(), labels), model, stack)
+    run = open_run(context, server, run_record(dict(rc), configured.to_dict(), labels), model, stack)
     log = _open_log(run, model)
     eval_sets = (
         _server_eval_sets(settings, splits, labels) if splits is not None and server.server_eval else None
     )
-    head_only = settings.resolved().trainable == "head"  # the encoder never changes
+    head_only = settings.trainable == "head"  # the encoder never changes
     strategy = make_strategy(rc, settings, server, robust)
     end = RoundEnd(model, labels, run, log, strategy, server.num_server_rounds, eval_sets, head_only)
     if run.rows:
@@ -211,7 +212,7 @@ def _run(grid: Grid, context: Context, server: ServerSettings, stack: ExitStack)
         evaluate_fn=end,
         first_round=run.first_round,
     )
-    _finish(strategy, model, run, log, labels, settings)
+    _finish(strategy, model, run, log, labels, configured)  # recorded as configured
 
 
 def _labels(settings: Settings, server: ServerSettings) -> tuple[list[str], Splits | None]:

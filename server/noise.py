@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedllm.config import Settings
+from fedllm.config import ResolvedSettings, require_resolved
 from fedllm.train import lr_schedule
 
 MIN_NOISE_RATIO = 0.8
@@ -58,13 +58,13 @@ _Z = 3.1  # a Gaussian vector's norm falls below √(1 − 3.1 √(2/d)) of its 
 class NoiseModel:
     """What shapes a DP update's noise that the server itself sent: the run's settings and rounds."""
 
-    settings: Settings
+    settings: ResolvedSettings
     num_rounds: int
 
     @classmethod
-    def of(cls, settings: Settings, num_rounds: int) -> NoiseModel:
-        """The model for a run of ``num_rounds`` rounds with these (resolved) fine-tune settings."""
-        return cls(settings.resolved(), max(int(num_rounds), 1))
+    def of(cls, settings: ResolvedSettings, num_rounds: int) -> NoiseModel:
+        """The model for a run of ``num_rounds`` rounds with the run's resolved fine-tune settings."""
+        return cls(require_resolved(settings, "NoiseModel.of"), max(int(num_rounds), 1))
 
     def gain(self, steps: int, server_round: int) -> float | None:
         """√(Σ_j a_j²): the update's noise per value is this × σ C / (q n̂); None under AdamW.

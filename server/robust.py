@@ -41,7 +41,9 @@ set a fixed bound there.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
@@ -50,6 +52,7 @@ from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from flwr.serverapp.strategy.multikrum import select_multikrum
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
+from fedllm.settings_reader import key, read
 from server.direction import DIRECTION_THRESHOLD
 from server.noise import MIN_NOISE_RATIO, NOISE_BOUND_SLACK
 from server.validation import DEFAULT_MAX_NUM_EXAMPLES, ValidReply
@@ -76,8 +79,11 @@ class Bound:
         return None
 
 
-def parse_bound(key: str, value: object, auto_multiple: float) -> Bound:
-    """``auto``, ``<k>x`` (k × the round's median), a positive number, or 0 (off)."""
+def parse_bound(value: object, auto_multiple: float) -> Bound:
+    """``auto``, ``<k>x`` (k × the round's median), a positive number, or 0 (off);
+    ``ValueError(problem; fix)`` otherwise (``fedllm.settings_reader`` names the key)."""
+    if isinstance(value, Bound):
+        return value
     text = str(value).strip().lower()
     if text == "auto":
         return Bound(multiple=auto_multiple)
@@ -92,74 +98,85 @@ def parse_bound(key: str, value: object, auto_multiple: float) -> Bound:
     if not text.endswith("x") and math.isfinite(number) and number > 0:
         return Bound(absolute=number)
     raise ValueError(
-        f"run config {key}={value!r}: expected 'auto', a multiple of the round's median such as "
-        "'3x', a positive number, or 0 to disable"
+        "is not a bound; use 'auto', a multiple of the round's median such as '3x', a positive "
+        "number, or 0 to disable"
     )
 
 
 @dataclass(frozen=True)
 class RobustSettings:
-    """How the server bounds and combines the valid replies of a round."""
+    """How the server bounds and combines the valid replies of a round (the keys above)."""
 
-    aggregator: str = "cosine"
-    max_update_norm: Bound = field(default_factory=lambda: Bound(multiple=AUTO_NORM_MULTIPLE))
-    max_site_weight: Bound = field(default_factory=lambda: Bound(multiple=AUTO_WEIGHT_MULTIPLE))
-    max_num_examples: float = DEFAULT_MAX_NUM_EXAMPLES
-    num_malicious_sites: int = 1
-    trim_fraction: float = 0.2
-    direction_threshold: float = DIRECTION_THRESHOLD
-    min_noise_ratio: float = MIN_NOISE_RATIO
-    noise_bound_slack: float = NOISE_BOUND_SLACK
+    aggregator: str = key(
+        "cosine",
+        "cosine | fedavg | median | trimmed-mean | krum | bulyan, over the (clipped) adapters",
+        choices=AGGREGATORS,
+        parse=lambda value: str(value).strip().lower(),
+    )
+    max_update_norm: Bound = key(
+        help="clip each site's update (reply - global, L2): auto = 2x the round's median update "
+        "norm; '<k>x' = k x median; a number = fixed bound; 0 = off",
+        default_factory=lambda: Bound(multiple=AUTO_NORM_MULTIPLE),
+        parse=lambda value: parse_bound(value, AUTO_NORM_MULTIPLE),
+    )
+    max_site_weight: Bound = key(
+        help="cap a site's weight (its self-reported num-examples): auto = 2x the round's median "
+        "count; '<k>x'; a number of examples; 0 = off",
+        default_factory=lambda: Bound(multiple=AUTO_WEIGHT_MULTIPLE),
+        parse=lambda value: parse_bound(value, AUTO_WEIGHT_MULTIPLE),
+    )
+    max_num_examples: float = key(
+        DEFAULT_MAX_NUM_EXAMPLES,
+        "a reply claiming more examples is dropped",
+        low=1,
+        finite=True,
+        fix="use a number >= 1",
+    )
+    num_malicious_sites: int = key(
+        1,
+        "the f that cosine may discount (needs 2f+1 valid replies) and that krum and bulyan assume "
+        "(bulyan needs 4f+3)",
+        low=0,
+        fix="use a whole number >= 0",
+    )
+    trim_fraction: float = key(
+        0.2,
+        "trimmed-mean: fraction cut from each tail per coordinate",
+        low=0,
+        high=0.5,
+        high_open=True,
+        fix="use 0 <= trim-fraction < 0.5",
+    )
+    direction_threshold: float = key(
+        DIRECTION_THRESHOLD,
+        "cosine: how far below 0 a site's accumulated direction evidence must fall before it is discounted",
+        low=0,
+        low_open=True,
+        finite=True,
+        fix="use a positive number (default 3)",
+    )
+    min_noise_ratio: float = key(
+        MIN_NOISE_RATIO,
+        "a reply that claims DP with an update below this fraction of the noise its declared "
+        "plan adds is left out as too clean; 0 = off",
+        low=0,
+        high=1,
+        high_open=True,
+        fix=f"use 0 <= min-noise-ratio < 1 (default {MIN_NOISE_RATIO}; 0 = no noise check)",
+    )
+    noise_bound_slack: float = key(
+        NOISE_BOUND_SLACK,
+        "with the noise check on, a DP reply's update is also clipped to the noise norm its plan "
+        "adds times (1 + this), with the round's signal; 0 = off",
+        low=0,
+        finite=True,
+        fix=f"use a number >= 0 (default {NOISE_BOUND_SLACK}; 0 = no bound from the noise model)",
+    )
 
     @classmethod
-    def from_run_config(cls, rc: dict) -> RobustSettings:
+    def from_run_config(cls, rc: Mapping[str, Any]) -> RobustSettings:
         """Read and check the keys above; a bad value raises one line naming the key and the fix."""
-        aggregator = str(rc.get("aggregator", "cosine")).strip().lower()
-        if aggregator not in AGGREGATORS:
-            raise ValueError(
-                f"run config aggregator={aggregator!r}: expected one of {', '.join(AGGREGATORS)}"
-            )
-        cap = float(rc.get("max-num-examples", DEFAULT_MAX_NUM_EXAMPLES))
-        if not (math.isfinite(cap) and cap >= 1):
-            raise ValueError(f"run config max-num-examples={cap!r}: expected a number ≥ 1")
-        f = rc.get("num-malicious-sites", 1)
-        if isinstance(f, bool) or not isinstance(f, int) or f < 0:
-            raise ValueError(f"run config num-malicious-sites={f!r}: expected a whole number ≥ 0")
-        beta = float(rc.get("trim-fraction", 0.2))
-        if not 0.0 <= beta < 0.5:
-            raise ValueError(f"run config trim-fraction={beta!r}: expected 0 ≤ trim-fraction < 0.5")
-        threshold = float(rc.get("direction-threshold", DIRECTION_THRESHOLD))
-        if not (math.isfinite(threshold) and threshold > 0):
-            raise ValueError(
-                f"run config direction-threshold={threshold!r}: expected a positive number (default 3)"
-            )
-        ratio = float(rc.get("min-noise-ratio", MIN_NOISE_RATIO))
-        if not 0.0 <= ratio < 1.0:
-            raise ValueError(
-                f"run config min-noise-ratio={ratio!r}: expected 0 ≤ min-noise-ratio < 1 (default "
-                f"{MIN_NOISE_RATIO}; 0 = no noise check)"
-            )
-        slack = float(rc.get("noise-bound-slack", NOISE_BOUND_SLACK))
-        if not (math.isfinite(slack) and slack >= 0):
-            raise ValueError(
-                f"run config noise-bound-slack={slack!r}: expected a number ≥ 0 (default "
-                f"{NOISE_BOUND_SLACK}; 0 = no bound from the noise model)"
-            )
-        return cls(
-            aggregator=aggregator,
-            max_update_norm=parse_bound(
-                "max-update-norm", rc.get("max-update-norm", "auto"), AUTO_NORM_MULTIPLE
-            ),
-            max_site_weight=parse_bound(
-                "max-site-weight", rc.get("max-site-weight", "auto"), AUTO_WEIGHT_MULTIPLE
-            ),
-            max_num_examples=cap,
-            num_malicious_sites=f,
-            trim_fraction=beta,
-            direction_threshold=threshold,
-            min_noise_ratio=ratio,
-            noise_bound_slack=slack,
-        )
+        return read(cls, rc, "run config")
 
     def describe(self) -> str:
         """One line for the server's log."""

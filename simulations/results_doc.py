@@ -21,10 +21,10 @@ import argparse
 import csv
 import math
 import statistics
-import sys
 import tomllib
 from pathlib import Path
 
+from fedllm.files import write_or_check
 from simulations.sweep import summary_table
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -200,16 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 if docs/results.md is stale")
     parser.add_argument("--docs", type=Path, default=DOCS, help="the docs folder (default: the repo's)")
     args = parser.parse_args(argv)
-    text = render(args.docs)
-    target = args.docs / OUTPUT
-    if args.check:
-        if target.read_text() != text:
-            print(f"{target} is stale: run python -m simulations.results_doc", file=sys.stderr)
-            return 1
-        return 0
-    target.write_text(text)
-    print(f"wrote {target}")
-    return 0
+    return write_or_check(
+        args.docs / OUTPUT, render(args.docs), "python -m simulations.results_doc", args.check
+    )
 
 
 if __name__ == "__main__":

@@ -12,11 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import tomllib
-from dataclasses import MISSING, dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from fedllm.config import SETTING_TYPES, Settings, settings_from, true_or_false
+from fedllm.config import SETTING_TYPES, Settings, settings_from
+from fedllm.settings_reader import SettingsError, key, parse_bool, read, rule_of
 
 PRESET_DIR = Path(__file__).with_name("presets")
 # fine-tune settings that each point sets itself (its budget and seed); a fixed noise is refused
@@ -37,90 +39,77 @@ def _key(name: str) -> str:
     return name.replace("_", "-")
 
 
+def _flag(value: str) -> bool:
+    """argparse's reader of a boolean flag value (strict: true or false)."""
+    try:
+        return parse_bool(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a boolean; use true or false") from None
+
+
 def numbers(value: Any, kind: type = float) -> list:
     """``"1,3,inf"`` or a TOML list -> numbers."""
     items = value if isinstance(value, list) else str(value).split(",")
     return [kind(x) for x in items if str(x).strip()]
 
 
-def _typed(name: str, kind: str, value: Any) -> Any:
-    """A sweep key's value as its field's type; epsilons and seeds stay as written, parsed once."""
-    if name in ("epsilons", "seeds"):
-        numbers(value, int if name == "seeds" else float)
+def _number_list(kind: type) -> Callable[[Any], Any]:
+    """A parser that checks ``"1,3,inf"`` or a TOML list and keeps it as written."""
+
+    def parse(value: Any) -> Any:
+        try:
+            numbers(value, kind)
+        except (TypeError, ValueError):
+            raise ValueError(
+                "is not a list of numbers; write them comma-separated or as a TOML list"
+            ) from None
         return value
-    return {"int": int, "float": float, "bool": true_or_false}.get(kind, str)(value)
+
+    return parse
 
 
 @dataclass(frozen=True)
 class SweepOptions:
     """The sweep's own keys (hyphenated outside); a key not given keeps the default here."""
 
-    sites: int = field(metadata={"help": "number of virtual sites"})
-    rounds: int = field(metadata={"help": "federated rounds"})
-    epsilons: str | list[float] = field(
-        metadata={"help": "comma-separated target epsilons per site, 'inf' = no DP"}
+    sites: int = key(help="number of virtual sites", low=1, fix="use 1 or more")
+    rounds: int = key(help="federated rounds", low=1, fix="use 1 or more")
+    epsilons: str | list[float] = key(
+        help="comma-separated target epsilons per site, 'inf' = no DP", parse=_number_list(float)
     )
-    seeds: str | list[int] = field(
-        metadata={"help": "comma-separated seeds (each setting is repeated per seed)"}
+    seeds: str | list[int] = key(
+        help="comma-separated seeds (each setting is repeated per seed)", parse=_number_list(int)
     )
-    sites_per_round: int = field(
-        default=0,
-        metadata={
-            "help": "sites sampled each round (0 = every site), capped at --sites: --sites 4 on a "
-            "preset that samples 5 samples all 4"
-        },
+    sites_per_round: int = key(
+        0,
+        "sites sampled each round (0 = every site), capped at --sites: --sites 4 on a "
+        "preset that samples 5 samples all 4",
+        low=0,
+        fix="use 0 (every site) or more",
     )
-    central_epochs: int = field(default=1, metadata={"help": "epochs of the centralized baseline"})
-    partitioning: str = field(
-        default="iid", metadata={"help": "how the sites' shards are drawn", "choices": _PARTITIONINGS}
+    central_epochs: int = key(1, "epochs of the centralized baseline")
+    partitioning: str = key("iid", "how the sites' shards are drawn", choices=_PARTITIONINGS)
+    dirichlet_alpha: float = key(1.0, "Dirichlet concentration")
+    partition_column: str = key("", "the column naming each natural shard")
+    no_centralized: bool = key(False, "skip the centralized baseline")
+    site_eval: bool = key(
+        False,
+        "also score the global adapter on every sampled site's local test split each "
+        "round (off: the results use the server's held-out test split only, and rounds are "
+        "~15%% faster)",
     )
-    dirichlet_alpha: float = field(default=1.0, metadata={"help": "Dirichlet concentration"})
-    partition_column: str = field(default="", metadata={"help": "the column naming each natural shard"})
-    no_centralized: bool = field(default=False, metadata={"help": "skip the centralized baseline"})
-    site_eval: bool = field(
-        default=False,
-        metadata={
-            "help": "also score the global adapter on every sampled site's local test split each "
-            "round (off: the results use the server's held-out test split only, and rounds are "
-            "~15%% faster)"
-        },
+    cpus_per_site: int = key(
+        2, "CPUs reserved for each site's ClientApp: Ray trains cores / this many sites at once"
     )
-    cpus_per_site: int = field(
-        default=2,
-        metadata={
-            "help": "CPUs reserved for each site's ClientApp: Ray trains cores / this many sites at once"
-        },
-    )
-    gpus_per_site: float = field(
-        default=0.0, metadata={"help": "GPU share per site (0.25 puts four sites on a GPU)"}
-    )
+    gpus_per_site: float = key(0.0, "GPU share per site (0.25 puts four sites on a GPU)")
 
     @classmethod
     def from_config(cls, config: dict) -> SweepOptions:
         """The sweep's keys in a merged config, typed and checked; one line naming a bad key."""
-        values = {}
-        for f in fields(cls):
-            key = _key(f.name)
-            if key not in config:
-                if f.default is MISSING:
-                    raise SystemExit(f"sweep key {key} is not set: give --{key} or write it in --config")
-                continue
-            try:
-                values[f.name] = _typed(f.name, str(f.type), config[key])
-            except (TypeError, ValueError):
-                expected = "numbers, comma-separated or a TOML list" if "list" in str(f.type) else f.type
-                raise SystemExit(f"sweep key {key}={config[key]!r}: expected {expected}") from None
-        options = cls(**values)
-        checks = [
-            (options.sites >= 1, "sites", "use 1 or more"),
-            (options.rounds >= 1, "rounds", "use 1 or more"),
-            (options.sites_per_round >= 0, "sites-per-round", "use 0 (every site) or more"),
-            (options.partitioning in _PARTITIONINGS, "partitioning", f"use {' | '.join(_PARTITIONINGS)}"),
-        ]
-        for ok, key, fix in checks:
-            if not ok:
-                raise SystemExit(f"sweep key {key}={config[key]!r}: {fix}")
-        return options
+        try:
+            return read(cls, config, "sweep", missing="give it as a flag (--KEY) or write it in --config")
+        except SettingsError as err:
+            raise SystemExit(str(err)) from None
 
     @property
     def per_round(self) -> int:
@@ -177,8 +166,8 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
         sweep.add_argument(
             flag,
             type={"int": int, "float": float}.get(kind),
-            choices=f.metadata.get("choices"),
-            metavar=None if "choices" in f.metadata else _METAVARS.get(kind, "LIST"),
+            choices=rule_of(f).choices or None,
+            metavar=None if rule_of(f).choices else _METAVARS.get(kind, "LIST"),
             help=f.metadata["help"] + default,
         )
     tune = parser.add_argument_group("fine-tune settings (default: the preset's value, else fedllm.config's)")
@@ -189,7 +178,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
         tune.add_argument(
             *(["--local-steps", "--max-steps"] if key == "max-steps" else ["--" + key]),
             dest=f.name,
-            type=true_or_false if kind is bool else kind,
+            type=_flag if kind is bool else kind,
             metavar=_METAVARS[kind.__name__],
             help=f"{_SETTING_HELP.get(key, f.metadata['help'])} (default {f.default!r})",
         )
@@ -213,7 +202,12 @@ def parse_args(argv: list[str] | None, description: str | None = None) -> dict:
 
 def sweep_settings(config: dict) -> Settings:
     """The fine-tune settings of a merged config (its sweep keys ignored), validated."""
-    return settings_from({k: v for k, v in config.items() if k not in SWEEP_KEYS and k != "out"})
+    try:
+        return settings_from(
+            {k: v for k, v in config.items() if k not in SWEEP_KEYS and k != "out"}, source="sweep"
+        )
+    except SettingsError as err:
+        raise SystemExit(str(err)) from None
 
 
 def check_config(config: dict, saved: Path) -> None:
@@ -221,7 +215,7 @@ def check_config(config: dict, saved: Path) -> None:
     unknown = sorted(set(config) - set(SETTING_TYPES) - SWEEP_KEYS - {"out"})
     if unknown:
         raise SystemExit(f"unknown sweep keys {unknown}: see python -m simulations.run --help")
-    if float(config.get("noise-multiplier", 0) or 0) > 0:
+    if sweep_settings(config).noise_multiplier > 0:
         raise SystemExit("a sweep sets the noise from each target epsilon: drop noise-multiplier")
     keep_or_refuse(config, saved, EXTENDABLE, "a sweep")
 

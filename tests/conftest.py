@@ -118,7 +118,7 @@ def tiny_model(settings, tiny_config) -> Callable[..., torch.nn.Module]:
     adapters and head, on DEVICE (``settings`` defaults to the ``settings`` fixture)."""
 
     def make(s: Settings | None = None, labels: list[str] | None = None) -> torch.nn.Module:
-        return build_model(s or settings, list(labels or LABELS), DEVICE, tiny_config)
+        return build_model((s or settings).resolved(), list(labels or LABELS), DEVICE, tiny_config)
 
     return make
 

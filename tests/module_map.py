@@ -14,6 +14,8 @@ import re
 import sys
 from pathlib import Path
 
+from fedllm.files import write_or_check
+
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("fedllm", "server", "clients", "simulations")
 OUTPUT = ROOT / "tests" / "README.md"
@@ -102,15 +104,7 @@ def render(root: Path = ROOT) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Write tests/README.md; ``--check``: exit 1 if it is stale."""
     args = sys.argv[1:] if argv is None else argv
-    text = render()
-    if "--check" in args:
-        if OUTPUT.read_text() != text:
-            print(f"{OUTPUT} is stale: run python -m tests.module_map", file=sys.stderr)
-            return 1
-        return 0
-    OUTPUT.write_text(text)
-    print(f"wrote {OUTPUT}")
-    return 0
+    return write_or_check(OUTPUT, render(), "python -m tests.module_map", "--check" in args)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ __all__ = ["COUNT_NOISE", "ask", "ledger_path", "message"]
 
 def message(run_config: dict, kind: str = "train", server_round: int = 1) -> Message:
     """What the server sends: its starting adapter and the round's config, as delivered."""
-    model = build_model(settings_from(run_config), LABELS, torch.device("cpu"))
+    model = build_model(settings_from(run_config).resolved(), LABELS, torch.device("cpu"))
     arrays = adapter_to_record(model)
     config = ConfigRecord({"labels": json.dumps(LABELS), "num-rounds": 1, "server-round": server_round})
     return delivered(RecordDict({"arrays": arrays, "config": config}), kind)

@@ -136,7 +136,7 @@ def test_saved_adapter_loads_with_plain_peft(settings, tiny_config, model, tmp_p
 
 def test_load_trained_rebuilds_the_scored_model(settings, tiny_checkpoint, tmp_path, labels):
     s = settings.replace(model=str(tiny_checkpoint))
-    model = build_model(s, labels, DEVICE)
+    model = build_model(s.resolved(), labels, DEVICE)
     _randomize(model, 2)
     save_adapter(model, tmp_path / "adapter", labels)
     loaded, loaded_labels = load_trained(tmp_path / "adapter", s)

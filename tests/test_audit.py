@@ -212,7 +212,7 @@ def test_training_sites_trains_only_the_first_sites_as_partitioned(tiny_run, tin
 
 def test_alignment_scores_a_record_trained_on_by_its_gradient(settings, tiny_config, tokenizer, frame):
     s = settings.replace(trainable="head", optimizer="sgd", lr=0.5, target_epsilon=math.inf)
-    model = build_model(s, LABELS, torch.device("cpu"), tiny_config)
+    model = build_model(s.resolved(), LABELS, torch.device("cpu"), tiny_config)
     data = tokenize(frame.head(4), tokenizer, LABELS, s.max_length)
     start = {k: v.detach().clone() for k, v in adapter_state(model).items()}
     grad = per_example_gradients(model, data, head_only=True)[0]

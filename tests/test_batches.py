@@ -95,17 +95,17 @@ def _private(**changes) -> Settings:
 
 def test_plan_books_the_configured_rate_and_an_epoch_is_one_expected_pass():
     s = _private(sample_rate=0.3, epochs=2)
-    plan = plan_privacy(s, 60)
+    plan = plan_privacy(s.resolved(), 60)
     assert plan.sample_rate == 0.3 and plan.planned_steps == 2 * 4  # ceil(1 / 0.3) = 4
     assert local_steps(s.replace(sample_rate=1 / 49, epochs=1), 60) == 49  # 1 / (1 / 49) > 49
     assert local_steps(s.replace(max_steps=5), 60) == 5
-    assert plan_privacy(s.replace(sample_rate=0.0), 60).sample_rate == 1 / 8  # ceil(60 / 8)
+    assert plan_privacy(s.replace(sample_rate=0.0).resolved(), 60).sample_rate == 1 / 8  # ceil(60 / 8)
     assert logical_batch_size(s, 60) == 18 and logical_batch_size(s.replace(sample_rate=0.001), 60) == 1
     assert logical_batch_size(s.replace(sample_rate=0.0), 60) == 8
-    with pytest.raises(ValueError, match="sample rate"):
-        plan_privacy(dataclasses.replace(s, sample_rate=1.5), 60)
-    # 'auto' (-1) is resolved by the plan (the DP recipe's q), never a silent 1/ceil(n/B)
-    assert plan_privacy(dataclasses.replace(s, sample_rate=-1.0), 60).sample_rate == DP_SAMPLE_RATE
+    with pytest.raises(ValueError, match="key 'sample-rate' = 1.5 is out of range"):
+        dataclasses.replace(s, sample_rate=1.5).resolved()  # refused before anything plans with it
+    # 'auto' (-1) is resolved where the run starts (the DP recipe's q), never a silent 1/ceil(n/B)
+    assert plan_privacy(dataclasses.replace(s, sample_rate=-1.0).resolved(), 60).sample_rate == DP_SAMPLE_RATE
     for unresolved in (-1.0, 1.5):  # below the plan nothing resolves: refused, never a default
         with pytest.raises(ValueError, match="sample rate"):
             logical_batch_size(dataclasses.replace(s, sample_rate=unresolved), 60)
@@ -113,8 +113,10 @@ def test_plan_books_the_configured_rate_and_an_epoch_is_one_expected_pass():
 
 def test_realised_equals_booked_when_logical_and_physical_batches_differ(recorded):
     s = _private(sample_rate=0.5, physical_batch_size=8, max_steps=5)
-    plan = plan_privacy(s, 60)
-    result = train_local(RecordingClassifier(recorded.events), _dataset(60), s, plan=plan, round_of=(1, 2))
+    plan = plan_privacy(s.resolved(), 60)
+    result = train_local(
+        RecordingClassifier(recorded.events), _dataset(60), s.resolved(), plan=plan, round_of=(1, 2)
+    )
     assert result.history == [[1.0, 0.5, 5]]
     assert result.steps == 5
     logical = _logical_batches(recorded.events)
@@ -130,7 +132,9 @@ def test_realised_equals_booked_when_logical_and_physical_batches_differ(recorde
 def test_logical_batches_are_poisson_with_the_booked_rate(recorded):
     n, q, steps = 60, 0.5, 200
     s = _private(sample_rate=q, physical_batch_size=16, max_steps=steps)
-    result = train_local(RecordingClassifier(recorded.events), _dataset(n), s, plan=plan_privacy(s, n))
+    result = train_local(
+        RecordingClassifier(recorded.events), _dataset(n), s.resolved(), plan=plan_privacy(s.resolved(), n)
+    )
     assert result.history == [[1.0, q, steps]]
     sizes = np.array([sum(batch) for batch in _logical_batches(recorded.events)])
     assert len(sizes) == steps and sizes.sum() == result.examples_seen
@@ -143,9 +147,9 @@ def test_logical_batches_are_poisson_with_the_booked_rate(recorded):
 def test_sample_rate_one_is_full_batch_dp_gd(recorded):
     n = 60
     s = _private(sample_rate=1.0, physical_batch_size=16, max_steps=3)
-    plan = plan_privacy(s, n)
+    plan = plan_privacy(s.resolved(), n)
     assert plan.sample_rate == 1.0
-    result = train_local(RecordingClassifier(recorded.events), _dataset(n), s, plan=plan)
+    result = train_local(RecordingClassifier(recorded.events), _dataset(n), s.resolved(), plan=plan)
     assert result.history == [[1.0, 1.0, 3]]
     assert _logical_batches(recorded.events) == [[15, 15, 15, 15]] * 3  # every example, every step
     assert result.examples_seen == 3 * n and result.empty_batches == 0
@@ -164,16 +168,16 @@ def test_physical_batch_size_does_not_change_the_accounting():
         trainable="lora",
     )
     data = _dataset(60)  # 1 / 0.3 is no integer: no data loader length gives Opacus this q
-    plan = plan_privacy(s, len(data), planned_rounds=3)
+    plan = plan_privacy(s.resolved(), len(data), planned_rounds=3)
     split = s.replace(physical_batch_size=8)
-    assert plan_privacy(split, len(data), planned_rounds=3) == plan
-    whole = train_local(RecordingClassifier([]), data, s, plan=plan)
-    chunked = train_local(RecordingClassifier([]), data, split, plan=plan)
+    assert plan_privacy(split.resolved(), len(data), planned_rounds=3) == plan
+    whole = train_local(RecordingClassifier([]), data, s.resolved(), plan=plan)
+    chunked = train_local(RecordingClassifier([]), data, split.resolved(), plan=plan)
     assert chunked.physical_batches > chunked.steps == whole.steps == whole.physical_batches == 6
     assert whole.history == chunked.history == [[plan.noise_multiplier, 0.3, 6]]
     assert 0 < whole.epsilon == chunked.epsilon
     # a continued training books on top of the restored history, still one entry per (sigma, q)
-    again = train_local(RecordingClassifier([]), data, split, plan=plan, history=chunked.history)
+    again = train_local(RecordingClassifier([]), data, split.resolved(), plan=plan, history=chunked.history)
     assert again.history == [[plan.noise_multiplier, 0.3, 12]] and again.epsilon > chunked.epsilon
 
 
@@ -182,7 +186,7 @@ def test_empty_poisson_batches_with_physical_batches(recorded, mode):
     s = _private(sample_rate=0.05, physical_batch_size=1, max_steps=30, grad_sample_mode=mode)
     model = RecordingClassifier(recorded.events)
     before = copy.deepcopy(model.state_dict())
-    result = train_local(model, _dataset(20), s, plan=plan_privacy(s, 20))
+    result = train_local(model, _dataset(20), s.resolved(), plan=plan_privacy(s.resolved(), 20))
     assert result.steps == 30 and result.history == [[1.0, 0.05, 30]]
     logical = _logical_batches(recorded.events)
     # P(no empty batch in 30 steps at q = 0.05, n = 20) < 2e-6; P(none with 2+ examples) < 1e-4
@@ -195,9 +199,9 @@ def test_non_private_physical_batches_accumulate_the_logical_mean(recorded):
     s = Settings(sample_rate=0.25, max_steps=4, optimizer="sgd", lr=0.5, target_epsilon=math.inf, seed=0)
     data = _dataset(60)
     whole_model, split_model = RecordingClassifier([]), RecordingClassifier(recorded.events)
-    whole = train_local(whole_model, data, s)
+    whole = train_local(whole_model, data, s.resolved())
     recorded.events.clear()
-    split = train_local(split_model, data, s.replace(physical_batch_size=4))
+    split = train_local(split_model, data, s.replace(physical_batch_size=4).resolved())
     assert _logical_batches(recorded.events) == [[4, 4, 4, 3]] * 4  # round(0.25 * 60) = 15
     assert whole.steps == split.steps == 4 and split.physical_batches == 16
     assert split.mean_loss == pytest.approx(whole.mean_loss, rel=1e-5)
@@ -220,7 +224,7 @@ def test_sgd_with_momentum_is_the_optimizer_used(recorded):
     data = _dataset(n)
     model = RecordingClassifier([])
     reference = copy.deepcopy(model)
-    train_local(model, data, s)
+    train_local(model, data, s.resolved())
     assert [type(o) for o in recorded.optimizers] == [torch.optim.SGD]
     assert recorded.optimizers[0].param_groups[0]["momentum"] == momentum
     # two steps of heavy-ball SGD by hand: v1 = g1, v2 = momentum v1 + g2, p -= lr v
@@ -240,9 +244,9 @@ def test_sgd_with_momentum_is_the_optimizer_used(recorded):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     params = list(nn.Linear(2, 2).parameters())
     assert type(build_optimizer(params, s.replace(optimizer="adamw"))) is torch.optim.AdamW
-    for unresolved in ({"optimizer": "auto"}, {"lr": 0.0}):
-        with pytest.raises(ValueError):
-            build_optimizer(params, dataclasses.replace(s, **unresolved))
+    for unresolved in ({"optimizer": "auto"}, {"lr": 0.0}):  # resolved settings never hold these
+        with pytest.raises(ValueError, match="resolved settings hold no 'auto'"):
+            s.resolved().replace(**unresolved)
 
 
 def test_a_plan_for_another_configured_rate_is_refused():
@@ -251,4 +255,4 @@ def test_a_plan_for_another_configured_rate_is_refused():
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
     loader = DataLoader(_dataset(60), batch_size=8)
     with pytest.raises(RuntimeError, match="privacy plan assumes"):
-        attach(model, optimizer, loader, s, plan_privacy(s.replace(sample_rate=0.5), 60))
+        attach(model, optimizer, loader, s, plan_privacy(s.replace(sample_rate=0.5).resolved(), 60))

@@ -208,7 +208,7 @@ def test_flowers_rdp_stays_available_and_a_state_of_the_other_accountant_is_refu
     ],
 )
 def test_a_bad_client_dp_key_is_one_line_naming_it(key, value, fix):
-    with pytest.raises(ValueError, match=rf"^run config {key}=.*{fix}") as err:
+    with pytest.raises(ValueError, match=rf"^run config: key '{key}' = .*{fix}") as err:
         ClientDPSettings.from_run_config({key: value})
     assert "\n" not in str(err.value)
 

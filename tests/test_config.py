@@ -20,6 +20,7 @@ from fedllm.config import (
     settings_from,
 )
 from fedllm.secagg import SecAggSettings
+from fedllm.settings_reader import help_of
 from fedllm.shards import ShardSettings
 from server.robust import RobustSettings
 from server.settings import ClientDPSettings, ServerSettings
@@ -43,10 +44,12 @@ def test_hyphenated_keys_and_string_values_are_coerced():
 
 
 def test_invalid_values_name_the_key_and_the_fix():
-    with pytest.raises(ValueError, match=r"pooling='max'.*'mean' or 'cls'"):
+    with pytest.raises(ValueError, match=r"^settings: key 'pooling' = 'max' .*'mean' or 'cls'$"):
         settings_from({"pooling": "max"})
-    with pytest.raises(ValueError, match="setting lora-r: expected int"):
-        settings_from({"lora-r": "eight"})
+    with pytest.raises(ValueError, match="^run config: key 'lora-r' = 'eight' is not a whole number"):
+        settings_from({"lora-r": "eight"}, source="run config")
+    with pytest.raises(ValueError, match="key 'lora-r' = 3.5 is not a whole number"):
+        settings_from({"lora-r": 3.5})
     with pytest.raises(ValueError, match="target-epsilon"):
         settings_from({"target-epsilon": 0})
 
@@ -191,15 +194,39 @@ def test_server_keys_given_as_text_are_read_as_their_types():
         (ServerSettings, "num-server-rounds", 2.5, "a whole number"),
         (ServerSettings, "min-train-nodes", True, "a whole number"),
         (ServerSettings, "fraction-train", 1.5, r"\(0, 1\]"),
-        (ServerSettings, "fraction-evaluate", "half", "expected a number"),
+        (ServerSettings, "fraction-evaluate", "half", "is not a number"),
         (ServerSettings, "server-eval", "maybe", "true or false"),
         (ServerSettings, "run-name", "../x", "one folder name"),
-        (ShardSettings, "partitioning", "random", "iid | dirichlet | natural"),
+        (ShardSettings, "partitioning", "random", "'iid', 'dirichlet' or 'natural'"),
         (ShardSettings, "dirichlet-alpha", 0, "positive number"),
         (ShardSettings, "partition-column", " ", "natural split needs the column"),
     ],
 )
 def test_a_bad_server_or_shard_key_is_one_line_naming_it(reader, key, value, fix):
-    with pytest.raises(ValueError, match=f"^run config {key}=.*{fix}") as err:
+    with pytest.raises(ValueError, match=f"^run config: key '{key}' = .*{fix}") as err:
         reader.from_run_config({key: value})
     assert "\n" not in str(err.value)
+
+
+def test_every_declared_key_has_help_and_the_docs_tables_are_generated_from_it():
+    from simulations import config_doc
+
+    for _, cls, _, _ in config_doc.TABLES:
+        assert all(help_of(cls).values()), f"{cls.__name__}: a declared key without help"
+    text = config_doc.DOC.read_text()
+    assert config_doc.rewritten(text) == text, "docs/configuration.md: run python -m simulations.config_doc"
+    assert "| `server-eval` | true | score each round's global adapter" in text  # a row, as generated
+    readme = config_doc.README.read_text()
+    assert config_doc.rewritten(readme, config_doc.readme_generated()) == readme, "README: run it too"
+
+
+def test_the_pyproject_table_restates_no_key_meaning_and_the_cli_help_is_the_declared_help():
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    block = pyproject.read_text().split("[tool.flwr.app.config]")[1].split("\n[")[0]
+    commented = [line for line in block.splitlines() if "=" in line and "#" in line.split("=", 1)[1]]
+    assert not commented, f"meaning written beside a key (write it in its declared help): {commented}"
+    parser = argparse.ArgumentParser()
+    add_settings_arguments(parser)
+    helps = {a.dest: a.help for a in parser._actions if a.help}
+    for key, text in help_of(Settings).items():
+        assert helps[key.replace("-", "_")].startswith(text)

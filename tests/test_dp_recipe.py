@@ -9,6 +9,8 @@ import pytest
 import torch
 from scipy.optimize import brentq
 from scipy.stats import norm
+from torch import nn
+from torch.utils.data import TensorDataset
 
 from fedllm.accounting import plan_privacy
 from fedllm.adapters import adapter_state
@@ -42,8 +44,10 @@ def test_auto_resolves_to_the_documented_recipe_under_dp_and_to_lora_without():
         max_step_noise=3.0,
         head_init_scale=4.0,
     )
-    assert chosen.resolved() == chosen  # what a user sets is kept
-    assert private.resolved() == private and public.resolved() == public  # resolving twice changes nothing
+    assert chosen.resolved().to_dict() == chosen.to_dict()  # what a user sets is kept
+    assert private.resolved() is private and public.resolved() is public  # resolving twice changes nothing
+    with pytest.raises(TypeError, match="train_local takes resolved settings"):
+        train_local(nn.Linear(2, 2), TensorDataset(torch.zeros(1, 2), torch.zeros(1)), chosen)
 
 
 def gaussian_epsilon(mu: float, delta: float) -> float:
@@ -64,7 +68,7 @@ def test_the_head_on_cached_features_is_the_head_inside_bert(settings, tokenizer
     model = tiny_model(s)
     data = tokenize(frame, tokenizer, labels, s.max_length)
     before = {k: v.clone() for k, v in adapter_state(model).items()}
-    train_local(model, data, s)
+    train_local(model, data, s.resolved())
     after = adapter_state(model)
     assert set(after) == {k for k in after if "classifier" in k}
     assert all(not torch.equal(before[k], after[k]) for k in after), "the model's own head must move"
@@ -87,10 +91,10 @@ def test_the_dp_head_spends_its_whole_budget_over_its_plan_and_moves_only_the_he
     model = tiny_model(s)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if "classifier" not in n}
     data = tokenize(frame, tokenizer, labels, s.max_length)
-    plan = plan_privacy(s, len(data), planned_rounds=2)
-    first = train_local(model, data, s, plan=plan)
+    plan = plan_privacy(s.resolved(), len(data), planned_rounds=2)
+    first = train_local(model, data, s.resolved(), plan=plan)
     assert first.examples_seen == 4 * len(data), "q = 1: every step sees the whole shard"
-    second = train_local(model, data, s, plan=plan, history=first.history)
+    second = train_local(model, data, s.resolved(), plan=plan, history=first.history)
     assert second.history == [[plan.noise_multiplier, 1.0, 8]]
     # the plan's 8 steps compose to one Gaussian: its closed-form ε is the target, and the books say so
     exact = gaussian_epsilon(math.sqrt(8) / plan.noise_multiplier, plan.delta)
@@ -105,21 +109,21 @@ def test_a_small_budget_takes_fewer_less_noisy_steps():
     s = Settings(target_epsilon=1.0, max_steps=3, sample_rate=1.0).resolved()
     assert s.max_step_noise > 0, "the DP recipe caps the noise of a step by default"
     n, d, rounds = 270, 1925, 8
-    small = plan_privacy(s, n, rounds, dimension=d)
-    large = plan_privacy(s.replace(target_epsilon=8.0), n, rounds, dimension=d)
+    small = plan_privacy(s.resolved(), n, rounds, dimension=d)
+    large = plan_privacy(s.replace(target_epsilon=8.0).resolved(), n, rounds, dimension=d)
     assert (small.local_steps, large.local_steps) == (1, 3)
     assert small.planned_steps == small.local_steps * rounds
     assert large.noise_multiplier * math.sqrt(d) / n <= s.max_step_noise
-    unbounded = plan_privacy(s.replace(max_step_noise=0.0), n, rounds, dimension=d)
+    unbounded = plan_privacy(s.replace(max_step_noise=0.0).resolved(), n, rounds, dimension=d)
     assert unbounded.local_steps == 3 and unbounded.noise_multiplier > small.noise_multiplier
-    assert plan_privacy(s, n, rounds).local_steps == 3, "without the dimension nothing is capped"
+    assert plan_privacy(s.resolved(), n, rounds).local_steps == 3, "without the dimension nothing is capped"
 
 
 def test_training_takes_the_steps_the_plan_chose(settings, tokenizer, frame, tiny_model, labels):
     s = settings.replace(trainable="head", optimizer="sgd", lr=1.0, max_steps=4, target_epsilon=8.0)
     model = tiny_model(s)
     data = tokenize(frame, tokenizer, labels, s.max_length)
-    plan = plan_privacy(s, len(data), planned_rounds=2)
+    plan = plan_privacy(s.resolved(), len(data), planned_rounds=2)
     plan = dataclasses.replace(plan, local_steps=2, planned_steps=4)
-    result = train_local(model, data, s, plan=plan)
+    result = train_local(model, data, s.resolved(), plan=plan)
     assert result.steps == 2 and result.history == [[plan.noise_multiplier, plan.sample_rate, 2]]

@@ -43,7 +43,10 @@ def test_label_names_head_is_the_zero_shot_classifier_and_the_same_everywhere(to
     """Server and site build the same head from public facts alone; unit rows times the scale;
     it already classifies plain sentences before any training."""
     s = Settings(trainable="head", target_epsilon=1.0, head_init="label-names", head_init_scale=7.0, seed=0)
-    server, site = build_model(s, NEWS, DEVICE), build_model(s.replace(seed=5), NEWS, DEVICE)
+    server, site = (
+        build_model(s.resolved(), NEWS, DEVICE),
+        build_model(s.replace(seed=5).resolved(), NEWS, DEVICE),
+    )
     head = _head(server)
     assert torch.equal(head, _head(site))  # independent of the seed: nothing random in it
     assert torch.allclose(head.norm(dim=1), torch.full((3,), 7.0), atol=1e-4)
@@ -60,8 +63,8 @@ def test_label_names_head_is_the_zero_shot_classifier_and_the_same_everywhere(to
 
 def test_uninformative_names_keep_the_random_head():
     s = Settings(trainable="head", target_epsilon=1.0, seed=3)
-    random_head = _head(build_model(s, ["0", "1", "2"], DEVICE))
-    fallback = _head(build_model(s.replace(head_init="label-names"), ["0", "1", "2"], DEVICE))
+    random_head = _head(build_model(s.resolved(), ["0", "1", "2"], DEVICE))
+    fallback = _head(build_model(s.replace(head_init="label-names").resolved(), ["0", "1", "2"], DEVICE))
     assert torch.equal(random_head, fallback)
 
 
@@ -69,7 +72,7 @@ def test_normalize_features_is_the_same_in_the_model_and_in_the_cached_features(
     """normalize-features: the head sees unit vectors, in the model's forward (encoder trainables,
     evaluation) and in the cached features of the head's fast path alike."""
     s = Settings(trainable="head", target_epsilon=1.0, normalize_features=True, max_length=32, seed=0)
-    model = build_model(s, NEWS, DEVICE).eval()
+    model = build_model(s.resolved(), NEWS, DEVICE).eval()
     data = tokenize(frame.head(6).assign(label="tech"), tokenizer, NEWS, 32)
     features = pooled_features(model, data).tensors[0]
     assert torch.allclose(features.norm(dim=1), torch.ones(6), atol=1e-5)
@@ -77,7 +80,9 @@ def test_normalize_features_is_the_same_in_the_model_and_in_the_cached_features(
     with torch.no_grad():
         logits = model(input_ids=ids.to(DEVICE), attention_mask=mask.to(DEVICE)).logits.cpu()
     assert torch.allclose(logits, _base(model).classifier(features.to(DEVICE)).cpu(), atol=1e-5)
-    raw = pooled_features(build_model(s.replace(normalize_features=False), NEWS, DEVICE), data).tensors[0]
+    raw = pooled_features(
+        build_model(s.replace(normalize_features=False).resolved(), NEWS, DEVICE), data
+    ).tensors[0]
     assert raw.norm(dim=1).min() > 1.5  # the cache told the two apart
     with pytest.raises(ValueError, match="normalize-features"):
         s.replace(pooling="cls")

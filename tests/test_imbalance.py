@@ -122,7 +122,9 @@ def test_logit_adjustment_raises_the_rare_class_where_the_data_says_nothing():
     def trained(offset):
         head = torch.nn.Linear(4, 2)
         torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)
-        train_local(_FeatureModel(head), data, settings.replace(trainable="lora"), logit_offset=offset)
+        train_local(
+            _FeatureModel(head), data, settings.replace(trainable="lora").resolved(), logit_offset=offset
+        )
         return head
 
     plain, adjusted = trained(None), trained(logit_offset(settings, histogram, 2))

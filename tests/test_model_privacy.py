@@ -10,7 +10,8 @@ import torch
 
 from fedllm.accounting import BudgetExhaustedError, epsilon_for, plan_privacy
 from fedllm.data import tokenize
-from fedllm.train import FrozenTrainingError, classification_metrics, evaluate, lr_schedule, train_local
+from fedllm.loop import FrozenTrainingError
+from fedllm.train import classification_metrics, evaluate, lr_schedule, train_local
 
 pytestmark = pytest.mark.gpu  # they train and load on DEVICE (FEDLLM_TEST_DEVICE=cuda: the GPU)
 
@@ -32,8 +33,8 @@ def test_private_step_changes_lora_not_frozen_weights(settings, tokenizer, frame
     data = tokenize(frame, tokenizer, labels, settings.max_length)
     before = _snapshot(model)
     s = settings.replace(max_steps=1, target_epsilon=8.0)
-    plan = plan_privacy(s, len(data))
-    result = train_local(model, data, s, plan=plan)
+    plan = plan_privacy(s.resolved(), len(data))
+    result = train_local(model, data, s.resolved(), plan=plan)
     assert result.steps == 1
     after = _snapshot(model)
     changed = {n for n in before if not torch.equal(before[n], after[n])}
@@ -47,31 +48,31 @@ def test_the_books_compose_every_step_of_every_training(settings, tokenizer, fra
     """Three trainings of 3 steps, each restoring the last one's history, spend what one of 9 does."""
     data = tokenize(frame, tokenizer, labels, settings.max_length)
     s = settings.replace(noise_multiplier=1.1, max_steps=3, accountant="rdp")
-    plan = plan_privacy(s, len(data), planned_rounds=3)
+    plan = plan_privacy(s.resolved(), len(data), planned_rounds=3)
     model = tiny_model(s)
     history, epsilons = [], []
     for _ in range(3):
-        result = train_local(model, data, s, plan=plan, history=history)
+        result = train_local(model, data, s.resolved(), plan=plan, history=history)
         history = result.history
         epsilons.append(result.epsilon)
     assert epsilons[0] < epsilons[1] < epsilons[2]
     q = 1 / math.ceil(len(data) / s.batch_size)
     assert history == [[1.1, q, 9]]  # one entry per (sigma, q): the history stays short
     nine = s.replace(max_steps=9)
-    at_once = train_local(tiny_model(s), data, nine, plan=plan_privacy(nine, len(data)))
+    at_once = train_local(tiny_model(s), data, nine.resolved(), plan=plan_privacy(nine.resolved(), len(data)))
     assert at_once.history == history and epsilons[-1] == at_once.epsilon
 
 
 def test_target_epsilon_is_calibrated_over_all_planned_rounds(settings, frame):
     s = settings.replace(target_epsilon=3.0, epochs=2, accountant="prv")
     n = len(frame)
-    plan = plan_privacy(s, n, planned_rounds=4)
+    plan = plan_privacy(s.resolved(), n, planned_rounds=4)
     one_round = (plan.noise_multiplier, plan.sample_rate, plan.planned_steps // 4)
     spent = epsilon_for([one_round] * 4, plan.delta, "prv")
     assert spent <= 3.0 + 1e-6
     assert spent > 2.5, "calibration should use most of the budget, not a per-round budget"
     # a per-round calibration would have spent about 4x the budget
-    per_round = plan_privacy(s, n, planned_rounds=1)
+    per_round = plan_privacy(s.resolved(), n, planned_rounds=1)
     assert (
         epsilon_for([(per_round.noise_multiplier, per_round.sample_rate, one_round[2])] * 4, plan.delta) > 5
     )
@@ -80,20 +81,20 @@ def test_target_epsilon_is_calibrated_over_all_planned_rounds(settings, frame):
 def test_budget_exhausted_before_overspending(settings, tokenizer, frame, tiny_model, labels):
     data = tokenize(frame, tokenizer, labels, settings.max_length)
     s = settings.replace(target_epsilon=2.0, max_steps=2)
-    plan = plan_privacy(s, len(data), planned_rounds=1)
+    plan = plan_privacy(s.resolved(), len(data), planned_rounds=1)
     model = tiny_model(s)
-    first = train_local(model, data, s, plan=plan)
+    first = train_local(model, data, s.resolved(), plan=plan)
     assert first.epsilon <= 2.0 + 1e-6
     with pytest.raises(BudgetExhaustedError, match="target 2.0"):
-        train_local(model, data, s, plan=plan, history=first.history)
+        train_local(model, data, s.resolved(), plan=plan, history=first.history)
 
 
 def test_empty_poisson_batches_are_noisy_accounted_steps(settings, tokenizer, frame, tiny_model, labels):
     data = tokenize(frame.head(20), tokenizer, labels, settings.max_length)
     s = settings.replace(batch_size=1, max_steps=30, noise_multiplier=1.0)
-    plan = plan_privacy(s, len(data))
+    plan = plan_privacy(s.resolved(), len(data))
     model = tiny_model(s)
-    result = train_local(model, data, s, plan=plan)
+    result = train_local(model, data, s.resolved(), plan=plan)
     assert result.steps == 30
     assert result.empty_batches > 0  # P(no empty batch in 30 steps at q=0.05) < 1e-4
     assert sum(h[2] for h in result.history) == 30
@@ -107,7 +108,7 @@ def test_guard_fails_loudly_when_weights_do_not_move(
     model = tiny_model(s)
     monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, closure=None: None)
     with pytest.raises(FrozenTrainingError):
-        train_local(model, data, s)
+        train_local(model, data, s.resolved())
 
 
 def test_non_private_training_learns_separable_data(settings, tokenizer, frame, tiny_model, labels):
@@ -115,7 +116,7 @@ def test_non_private_training_learns_separable_data(settings, tokenizer, frame, 
     s = settings.replace(epochs=8, lr=2e-2, target_epsilon=math.inf)
     model = tiny_model(s)
     before = evaluate(model, data, labels)
-    train_local(model, data, s)
+    train_local(model, data, s.resolved())
     after = evaluate(model, data, labels)
     assert after["loss"] < before["loss"]
     assert after["accuracy"] > 0.9
@@ -127,11 +128,11 @@ def test_dp_noise_is_not_derived_from_the_seed(settings, tokenizer, frame, tiny_
 
     def adapter_after(s, plan):
         model = tiny_model(s)
-        train_local(model, data, s, plan=plan)
+        train_local(model, data, s.resolved(), plan=plan)
         return torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])
 
     private = settings.replace(max_steps=2, noise_multiplier=1.0)
-    plan = plan_privacy(private, len(data))
+    plan = plan_privacy(private.resolved(), len(data))
     assert not torch.equal(adapter_after(private, plan), adapter_after(private, plan))
     public = settings.replace(max_steps=2, target_epsilon=math.inf, lora_dropout=0.0)
     public_model_a, public_model_b = adapter_after(public, None), adapter_after(public, None)
@@ -143,7 +144,7 @@ def test_ghost_clipping_trains_and_accounts(settings, tokenizer, frame, tiny_mod
     s = settings.replace(max_steps=2, noise_multiplier=1.0, grad_sample_mode="ghost")
     model = tiny_model(s)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
-    result = train_local(model, data, s, plan=plan_privacy(s, len(data)))
+    result = train_local(model, data, s.resolved(), plan=plan_privacy(s.resolved(), len(data)))
     assert result.steps == 2 and sum(h[2] for h in result.history) == 2
     assert all(not torch.equal(v, dict(model.named_parameters())[n]) for n, v in before.items())
 
@@ -166,8 +167,8 @@ def test_private_training_refuses_data_dependent_class_weights(
         train_local(
             model,
             data,
-            private,
-            plan=plan_privacy(private, len(data)),
+            private.resolved(),
+            plan=plan_privacy(private.resolved(), len(data)),
             class_weight=class_weights(frame, labels),
         )
 
@@ -176,7 +177,7 @@ def test_empty_splits_fail_clearly_or_score_zero(settings, tokenizer, frame, tin
     empty = tokenize(frame.head(0), tokenizer, labels, settings.max_length)
     model = tiny_model(settings)
     with pytest.raises(ValueError, match="empty"):
-        train_local(model, empty, settings.replace(target_epsilon=math.inf))
+        train_local(model, empty, settings.replace(target_epsilon=math.inf).resolved())
     scores = evaluate(model, empty, labels)
     assert scores["num_examples"] == 0 and scores["accuracy"] == 0.0
 

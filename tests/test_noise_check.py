@@ -35,14 +35,14 @@ def _pure_noise_update(settings: Settings, server_round: int, rounds: int) -> tu
     nn.init.zeros_(model.weight), nn.init.zeros_(model.bias)  # weight decay then shrinks noise only
     n = 64
     data = TensorDataset(torch.randn(n, 64), torch.randint(0, 8, (n,)))
-    plan = plan_privacy(settings, n, planned_rounds=rounds)
+    plan = plan_privacy(settings.resolved(), n, planned_rounds=rounds)
 
     def zeroed(params: list) -> None:
         for p in params:
             p.summed_grad.zero_()
 
     result = train_local(
-        model, data, settings, plan=plan, round_of=(server_round, rounds), before_noise=zeroed
+        model, data, settings.resolved(), plan=plan, round_of=(server_round, rounds), before_noise=zeroed
     )
     update = torch.cat([p.detach().ravel() for p in model.parameters()])
     return float(update.norm()), result.steps, plan
@@ -109,7 +109,7 @@ def test_what_a_dp_reply_must_declare_and_what_is_not_checked():
     for bad in ({"noise-multiplier": 0.0}, {"sample-rate": 0.0}, {"steps": 0}):
         expected, reason = too_clean(dp_metrics(300, **bad), 5.0, 100, model, 1, 0.8)
         assert reason.startswith("claims DP") and "\n" not in reason
-    adamw = NoiseModel.of(Settings(target_epsilon=8.0, optimizer="adamw"), ROUNDS)
+    adamw = NoiseModel.of(Settings(target_epsilon=8.0, optimizer="adamw").resolved(), ROUNDS)
     assert too_clean(dp_metrics(300), 0.0, 100, adamw, 1, 0.8) is None  # no additive noise to expect
 
 

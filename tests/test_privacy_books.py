@@ -56,9 +56,9 @@ def _miscounted(n: np.ndarray, batch_size: int) -> np.ndarray:
 def test_planned_round_books_the_sampled_rate_and_stays_within_target(token_dataset):
     n, batch_size = 2960, 32  # k = 93, and int(1 / (1 / 93)) == 92
     s = Settings(batch_size=batch_size, epochs=1, target_epsilon=8.0, lr=1e-2, seed=0, **_FROM_BATCH_SIZE)
-    plan = plan_privacy(s, n, planned_rounds=1)
+    plan = plan_privacy(s.resolved(), n, planned_rounds=1)
     assert plan.sample_rate == 1 / 93 and plan.planned_steps == 93
-    result = train_local(TinyClassifier(), token_dataset(n), s, plan=plan)
+    result = train_local(TinyClassifier(), token_dataset(n), s.resolved(), plan=plan)
     assert result.steps == 93
     assert result.history == [[plan.noise_multiplier, 1 / 93, 93]]  # Opacus alone books 1/92
     assert 7.9 < result.epsilon <= 8.0 + 1e-6  # the plan spent; with 1/92 booked it reports 8.04
@@ -72,7 +72,7 @@ def test_every_miscounted_size_books_the_realised_rate_and_every_step(batch_size
     s = Settings(batch_size=batch_size, noise_multiplier=1.0, accountant="rdp", seed=0, **_FROM_BATCH_SIZE)
     for n in bad.tolist():
         k = steps_per_epoch(n, batch_size)
-        plan = plan_privacy(s, n)
+        plan = plan_privacy(s.resolved(), n)
         model = TinyClassifier()
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
         loader = DataLoader(token_dataset(n), batch_size=batch_size)
@@ -101,7 +101,7 @@ def test_the_booked_rate_is_the_rate_the_sampler_draws_each_example_with(token_d
     """Counted, not read from an attribute: 18,400 Poisson batches of n = 2960 at the booked q."""
     n, batch_size = 2960, 32  # k = 93: Opacus' loader runs 92 batches an epoch
     s = Settings(batch_size=batch_size, noise_multiplier=1.0, accountant="rdp", seed=0, **_FROM_BATCH_SIZE)
-    plan = plan_privacy(s, n)
+    plan = plan_privacy(s.resolved(), n)
     model = TinyClassifier()
     loader = DataLoader(token_dataset(n), batch_size=batch_size)
     private = attach(model, torch.optim.SGD(model.parameters(), lr=1e-2), loader, s, plan)
@@ -121,14 +121,14 @@ def test_a_plan_for_another_sampling_rate_is_refused(token_dataset):
     loader = DataLoader(token_dataset(2960), batch_size=32)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
     with pytest.raises(RuntimeError, match="privacy plan assumes"):
-        attach(model, optimizer, loader, s, plan_privacy(s, 100))
+        attach(model, optimizer, loader, s, plan_privacy(s.resolved(), 100))
 
 
 def _one_private_step(model: nn.Module, settings: Settings, history: list, data) -> tuple[list, float]:
     """Attach, take one noisy step on a (possibly empty) Poisson batch of ``data``, finish."""
     loader = DataLoader(data, batch_size=8)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
-    private = attach(model, optimizer, loader, settings, plan_privacy(settings, 40), history)
+    private = attach(model, optimizer, loader, settings, plan_privacy(settings.resolved(), 40), history)
     input_ids, mask, labels = next(iter(private.batches()))
     if len(labels):
         private.criterion(private.model(input_ids=input_ids, attention_mask=mask).logits, labels).backward()
@@ -159,16 +159,18 @@ def test_attaching_a_model_that_was_not_finished_is_refused(token_dataset):
     s = Settings(batch_size=8, noise_multiplier=1.0, accountant="rdp", **_FROM_BATCH_SIZE)
     model = TinyClassifier()
     loader = DataLoader(token_dataset(40), batch_size=8)
-    attach(model, torch.optim.SGD(model.parameters(), lr=1e-2), loader, s, plan_privacy(s, 40))
+    attach(model, torch.optim.SGD(model.parameters(), lr=1e-2), loader, s, plan_privacy(s.resolved(), 40))
     with pytest.raises(ValueError, match="hooks twice"):
-        attach(model, torch.optim.SGD(model.parameters(), lr=1e-2), loader, s, plan_privacy(s, 40))
+        attach(model, torch.optim.SGD(model.parameters(), lr=1e-2), loader, s, plan_privacy(s.resolved(), 40))
 
 
 def test_finish_refuses_steps_the_accountant_did_not_book(token_dataset):
     s = Settings(batch_size=8, noise_multiplier=1.0, accountant="rdp", **_FROM_BATCH_SIZE)
     model = TinyClassifier()
     loader = DataLoader(token_dataset(40), batch_size=8)
-    private = attach(model, torch.optim.SGD(model.parameters(), lr=1e-2), loader, s, plan_privacy(s, 40))
+    private = attach(
+        model, torch.optim.SGD(model.parameters(), lr=1e-2), loader, s, plan_privacy(s.resolved(), 40)
+    )
     with pytest.raises(RuntimeError, match="1 logical steps, 0 accounted"):
         private.finish(1)  # no optimizer step was taken
 
@@ -184,7 +186,7 @@ def test_ghost_clipping_takes_empty_poisson_batches_as_noisy_accounted_steps(
     s = settings.replace(batch_size=1, max_steps=30, noise_multiplier=1.0, grad_sample_mode="ghost")
     model = tiny_model(s)
     before = _lora_b(model)
-    result = train_local(model, data, s, plan=plan_privacy(s, len(data)))
+    result = train_local(model, data, s.resolved(), plan=plan_privacy(s.resolved(), len(data)))
     assert result.steps == 30
     assert result.empty_batches > 0  # P(no empty batch in 30 steps at q = 1/20) < 1e-5
     assert result.history == [[1.0, 1 / 20, 30]]
@@ -202,7 +204,7 @@ def test_ghost_clipping_step_on_an_empty_batch_is_noise_only(
     model = tiny_model(s)
     before = _lora_b(model)
     assert all(not v.any() for v in before.values())
-    result = train_local(model, data, s, plan=plan_privacy(s, len(data)))
+    result = train_local(model, data, s.resolved(), plan=plan_privacy(s.resolved(), len(data)))
     assert (result.steps, result.empty_batches, result.examples_seen) == (3, 3, 0)
-    assert result.history == [[1.0, plan_privacy(s, len(data)).sample_rate, 3]]
+    assert result.history == [[1.0, plan_privacy(s.resolved(), len(data)).sample_rate, 3]]
     assert all(v.any() for v in _lora_b(model).values()), "an empty batch must still add noise"

@@ -93,7 +93,7 @@ def test_a_started_run_reserves_its_whole_plan(site, run_config):
     late = _ask(site, six, run_id=2)
     assert late.has_error() and late.error.reason == "site-refused-lifetime-budget"
     # what run 1 has spent so far would have let the second run in
-    alone = plan_privacy(settings_from(six), run["public-n"], 1, count_noise=COUNT_NOISE)
+    alone = plan_privacy(settings_from(six).resolved(), run["public-n"], 1, count_noise=COUNT_NOISE)
     second = [count_entry(COUNT_NOISE), (alone.noise_multiplier, alone.sample_rate, alone.planned_steps)]
     assert epsilon_for([*run["history"], *second], 1e-5) < 8.0
 
@@ -114,7 +114,7 @@ def test_a_label_list_missing_a_class_of_the_site_is_trained_not_answered_with_a
     only_two = LABELS[:2]
     msg = _message(run_config)
     msg.content["config"]["labels"] = json.dumps(only_two)
-    msg.content["arrays"] = adapter_to_record(build_model(settings_from(run_config), only_two))
+    msg.content["arrays"] = adapter_to_record(build_model(settings_from(run_config).resolved(), only_two))
     reply = clients.app.app(msg, _context(site, run_config))
     assert not reply.has_error(), reply.error
 
@@ -186,12 +186,15 @@ def _clipped_sum(private: bool, frame: pd.DataFrame, tokenizer) -> torch.Tensor:
         device="cpu",
     )
     torch.manual_seed(0)
-    model = build_model(settings, LABELS, torch.device("cpu"), TINY)
+    model = build_model(settings.resolved(), LABELS, torch.device("cpu"), TINY)
     before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
     plan = PrivacyPlan(0.0, 1.0, 1e-5, 1, math.inf, "rdp", 1, public_n=100)
     torch.manual_seed(1234)
     train_local(
-        model, tokenize(frame, tokenizer, LABELS, 32), settings.replace(target_epsilon=8.0), plan=plan
+        model,
+        tokenize(frame, tokenizer, LABELS, 32),
+        settings.replace(target_epsilon=8.0).resolved(),
+        plan=plan,
     )
     after = [p.detach() for p in model.parameters() if p.requires_grad]
     return torch.cat([(b - a).flatten() for b, a in zip(before, after, strict=True)]) * 100

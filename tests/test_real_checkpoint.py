@@ -49,7 +49,7 @@ def test_embedded_minilm_is_pretrained_and_trains_privately():
         sample_rate=0.0,
     )  # the DP-LoRA path on the real checkpoint
     splits = load_splits(settings)
-    model = build_model(settings, splits.labels, torch.device("cpu"))
+    model = build_model(settings.resolved(), splits.labels, torch.device("cpu"))
     with safe_open(str(embedded_model_path() / "model.safetensors"), "pt") as ckpt:
         pretrained = ckpt.get_tensor("encoder.layer.0.attention.self.query.weight")
     loaded = model.get_base_model().bert.encoder.layer[0].attention.self.query.base_layer.weight
@@ -57,7 +57,7 @@ def test_embedded_minilm_is_pretrained_and_trains_privately():
 
     data = tokenize(splits.train.head(64), load_tokenizer(""), splits.labels, 64)
     lora_b = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
-    result = train_local(model, data, settings, plan=plan_privacy(settings, len(data)))
+    result = train_local(model, data, settings.resolved(), plan=plan_privacy(settings.resolved(), len(data)))
     assert result.steps == 1 and 0 < result.epsilon <= 8.0
     after = dict(model.named_parameters())
     assert all(not torch.equal(before, after[n]) for n, before in lora_b.items())

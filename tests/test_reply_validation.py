@@ -242,7 +242,7 @@ def test_evaluation_replies_with_bad_metrics_are_dropped():
 
 def test_the_server_loop_survives_a_hostile_site_and_every_global_loads_into_the_model(settings, tiny_config):
     """Strategy.start with a real adapter: each round's global is what evaluate_fn loads."""
-    model = build_model(settings, LABELS, DEVICE, tiny_config)
+    model = build_model(settings.resolved(), LABELS, DEVICE, tiny_config)
     initial = adapter_to_record(model)
     attacks = {
         1: lambda g: _with(g, next(iter(g)), np.full_like(next(iter(g.values())), np.nan)),

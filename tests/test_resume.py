@@ -60,7 +60,7 @@ def run_config(tiny_checkpoint):
 
 
 def _global(run_config: dict) -> ArrayRecord:
-    model = build_model(settings_from(run_config), LABELS, torch.device("cpu"))
+    model = build_model(settings_from(run_config).resolved(), LABELS, torch.device("cpu"))
     return adapter_to_record(model)
 
 
@@ -153,14 +153,14 @@ def test_kept_replies_round_trip_in_a_state_dir_and_in_context_state(tmp_path):
 
 def test_a_checkpoint_loads_bit_for_bit_so_the_sites_see_the_same_global(tmp_path, run_config):
     settings = settings_from(run_config)
-    trained = build_model(settings, LABELS, torch.device("cpu"))
+    trained = build_model(settings.resolved(), LABELS, torch.device("cpu"))
     with torch.no_grad():
         for param in adapter_state(trained).values():
             param.add_(torch.randn_like(param))
     sent = adapter_to_record(trained)
     _save(trained, tmp_path / "round-001", LABELS)
     assert not list(tmp_path.glob(".*partial"))
-    fresh = build_model(settings.replace(seed=7), LABELS, torch.device("cpu"))
+    fresh = build_model(settings.replace(seed=7).resolved(), LABELS, torch.device("cpu"))
     loaded = load_checkpoint(fresh, tmp_path / "round-001")
     assert list(loaded.keys()) == list(sent.keys())
     assert arrays_digest(loaded) == arrays_digest(sent)
@@ -177,7 +177,7 @@ def test_a_truncated_checkpoint_falls_back_to_the_round_before_it_with_one_warni
     log = RunLog(run_dir, {})
     sent = []
     for r in range(3):
-        model = build_model(settings.replace(seed=r), LABELS, torch.device("cpu"))
+        model = build_model(settings.replace(seed=r).resolved(), LABELS, torch.device("cpu"))
         _save(model, run_dir / f"round-{r:03d}", LABELS)
         sent.append(adapter_to_record(model))
         log.round(r, {}, {})
@@ -185,7 +185,7 @@ def test_a_truncated_checkpoint_falls_back_to_the_round_before_it_with_one_warni
     cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])  # non-empty: passes find's check
     point = find("cut", run_dir.parent.resolve(), record, num_rounds=3)
     assert point.last_round == 2
-    model = build_model(settings.replace(seed=9), LABELS, torch.device("cpu"))
+    model = build_model(settings.replace(seed=9).resolved(), LABELS, torch.device("cpu"))
     with caplog.at_level("WARNING"):
         point, loaded = load_last_good(model, point)
     assert point.last_round == 1 and [r["round"] for r in point.rows] == [0, 1]

@@ -36,7 +36,7 @@ def _everything(tmp_path) -> set[str]:
     ["../x", "a/../../x", "/abs", "..", ".", "a\\b", "sub/dir", "   ", "a\x00b", "line\nbreak", "tab\there"],
 )
 def test_a_name_that_is_not_one_plain_folder_is_refused_and_nothing_is_written(tmp_path, name):
-    with pytest.raises(ValueError, match="run config run-name=") as err:
+    with pytest.raises(ValueError, match="^run config: key 'run-name' = ") as err:
         make_run_dir(_context(tmp_path, name))
     message = str(err.value)
     assert "\n" not in message and "use e.g. run-name=" in message
@@ -62,7 +62,7 @@ def test_a_symlink_in_run_dir_cannot_lead_outside(tmp_path):
 
 
 def test_a_300_character_run_name_is_refused_in_one_line(tmp_path):
-    with pytest.raises(ValueError, match="run config run-name=") as err:
+    with pytest.raises(ValueError, match="^run config: key 'run-name' = ") as err:
         make_run_dir(_context(tmp_path, "r" * 300))
     assert "\n" not in str(err.value) and "at most 200 bytes" in str(err.value) and len(str(err.value)) < 300
     assert _everything(tmp_path) == set()
@@ -96,7 +96,7 @@ def test_a_second_serverapp_on_a_run_folder_stops_in_one_line_before_it_changes_
 def test_a_fresh_run_holds_its_folder_until_its_serverapp_ends(tmp_path, tiny_checkpoint):
     rc = {"model": str(tiny_checkpoint), "run-dir": str(tmp_path / "runs"), "run-name": "fresh"}
     context = Context(run_id=7, node_id=0, node_config={}, state=RecordDict(), run_config=rc)
-    model = build_model(settings_from(rc), ["a", "b"], torch.device("cpu"))
+    model = build_model(settings_from(rc).resolved(), ["a", "b"], torch.device("cpu"))
     with ExitStack() as stack:
         run = open_run(context, ServerSettings.from_run_config(rc), {"labels": ["a", "b"]}, model, stack)
         assert run.run_dir.name == "fresh" and _strict(run.run_dir / "config.json")["run-key"] == "7"

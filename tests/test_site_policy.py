@@ -26,7 +26,7 @@ def test_a_virtual_site_reads_the_runs_sim_site_keys(make_context):
 
 def test_the_lifetime_check_composes_everything_committed():
     policy = SitePolicy(max_epsilon=8.0)
-    plan = plan_privacy(Settings(target_epsilon=6.0, max_steps=5), 500, planned_rounds=3)
+    plan = plan_privacy(Settings(target_epsilon=6.0, max_steps=5).resolved(), 500, planned_rounds=3)
     whole = [(plan.noise_multiplier, plan.sample_rate, plan.planned_steps)]
     assert policy.check_lifetime(whole) == pytest.approx(epsilon_for(whole, 1e-5), rel=1e-6)
     with pytest.raises(SitePolicyError, match="lifetime epsilon") as refused:

@@ -66,7 +66,7 @@ def _settings(**changes) -> Settings:
 
 
 def _model(settings: Settings):
-    model = build_model(settings, LABELS, torch.device("cpu"), CONFIG)
+    model = build_model(settings.resolved(), LABELS, torch.device("cpu"), CONFIG)
     with torch.no_grad():  # B away from 0, so the top layers' adapters matter from the first step
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -95,7 +95,7 @@ def test_cached_prefix_trains_the_same_model_as_the_full_pass(normalize):
         prefix_module._CACHE.clear()
         settings = _settings(prefix_cache=cached, normalize_features=normalize)
         model = _model(settings)
-        train_local(model, data, settings, plan=plan)
+        train_local(model, data, settings.resolved(), plan=plan)
         trained[cached] = model
         assert len(prefix_module._CACHE) == int(cached)  # the cached run trained on the cache
     before = _logits(_model(_settings(normalize_features=normalize)), data)
@@ -162,7 +162,7 @@ def test_bf16_dp_training_stays_close_to_fp32():
     for precision in ("fp32", "bf16"):
         settings = _settings(precision=precision)
         model = _model(settings)
-        train_local(model, data, copy.deepcopy(settings), plan=plan)
+        train_local(model, data, copy.deepcopy(settings).resolved(), plan=plan)
         logits[precision] = _logits(model, data)
         assert all(p.dtype == torch.float32 for p in model.parameters())
     assert torch.allclose(logits["bf16"], logits["fp32"], atol=0.1)

@@ -144,9 +144,9 @@ def test_config_files_and_sweep_keys_are_checked_with_one_line(tmp_path):
         parse_args(["--config", str(config)])
     with pytest.raises(SystemExit, match=r"^--config .*missing.toml: cannot read it"):
         parse_args(["--config", str(tmp_path / "missing.toml")])
-    with pytest.raises(SystemExit, match=r"^sweep key sites='many': expected int$"):
+    with pytest.raises(SystemExit, match=r"^sweep: key 'sites' = 'many' is not a whole number; use one"):
         SweepOptions.from_config(parse_args([]) | {"sites": "many"})
-    with pytest.raises(SystemExit, match=r"^sweep key epsilons='8,lots': expected"):
+    with pytest.raises(SystemExit, match=r"^sweep: key 'epsilons' = '8,lots' is not a list of numbers"):
         SweepOptions.from_config(parse_args(["--epsilons", "8,lots"]))
 
 

@@ -83,12 +83,12 @@ def _lora_a(model) -> dict[str, torch.Tensor]:
 def _one_dp_step(model, settings, tokenizer, frame) -> None:
     data = tokenize(frame, tokenizer, LABELS, settings.max_length)
     s = settings.replace(max_steps=1, target_epsilon=8.0)
-    assert train_local(model, data, s, plan=plan_privacy(s, len(data))).steps == 1
+    assert train_local(model, data, s.resolved(), plan=plan_privacy(s.resolved(), len(data))).steps == 1
 
 
 @pytest.mark.parametrize("mode", ["lora", "ffa-lora", "bias", "head"])
 def test_what_trains_is_what_travels(settings, tiny_config, mode):
-    model = build_model(settings.replace(trainable=mode), LABELS, DEVICE, tiny_config)
+    model = build_model(settings.replace(trainable=mode).resolved(), LABELS, DEVICE, tiny_config)
     trainable = _trainable(model)
     assert trainable == EXPECTED[mode]
     assert not any(".embeddings." in n for n in trainable)
@@ -102,7 +102,9 @@ def test_what_trains_is_what_travels(settings, tiny_config, mode):
 
 
 def test_bias_mode_trains_the_pooler_bias_only_when_cls_pools(settings, tiny_config):
-    cls = build_model(settings.replace(trainable="bias", pooling="cls"), LABELS, DEVICE, tiny_config)
+    cls = build_model(
+        settings.replace(trainable="bias", pooling="cls").resolved(), LABELS, DEVICE, tiny_config
+    )
     pooler = "base_model.model.bert.pooler.dense.bias"
     assert _trainable(cls) == EXPECTED["bias"] | {pooler}
     assert _peft_name(pooler) in adapter_state(cls)
@@ -110,13 +112,13 @@ def test_bias_mode_trains_the_pooler_bias_only_when_cls_pools(settings, tiny_con
 
 def test_ffa_lora_a_is_shared_frozen_and_stays_home(settings, tiny_config, tokenizer, frame):
     s = settings.replace(trainable="ffa-lora")
-    site = build_model(s, LABELS, DEVICE, tiny_config)
+    site = build_model(s.resolved(), LABELS, DEVICE, tiny_config)
     a = _lora_a(site)
     assert len(a) == 4
     # an independent build (here even with other labels, so the global RNG drew differently)
-    other = build_model(s, ["x", "y"], DEVICE, tiny_config)
+    other = build_model(s.resolved(), ["x", "y"], DEVICE, tiny_config)
     assert all(torch.equal(v, _lora_a(other)[n]) for n, v in a.items())
-    reseeded = _lora_a(build_model(s.replace(seed=1), LABELS, DEVICE, tiny_config))
+    reseeded = _lora_a(build_model(s.replace(seed=1).resolved(), LABELS, DEVICE, tiny_config))
     assert all(not torch.equal(v, reseeded[n]) for n, v in a.items())
     # B is on the wire, A is not; loading a global update leaves A as it was
     wire = list(adapter_state(site))
@@ -146,14 +148,14 @@ def _fedavg_delta(settings, tiny_config, mode: str, seed: int) -> tuple[dict, di
     sizes = [10, 20, 30]
     replies, site_deltas = [], []
     for node, n in enumerate(sizes, start=1):
-        site = build_model(s, LABELS, DEVICE, tiny_config)
+        site = build_model(s.resolved(), LABELS, DEVICE, tiny_config)
         update = {k: rng.normal(size=v.shape) for k, v in adapter_state(site).items()}
         set_adapter_arrays(site, update)
         site_deltas.append(_delta_weights(site))
         records = {"arrays": adapter_to_record(site), "metrics": MetricRecord({"num-examples": n})}
         replies.append(reply(node, {}, records=records))
     arrays, _ = AdapterFedAvg().aggregate_train(1, replies)
-    server = build_model(s, LABELS, DEVICE, tiny_config)
+    server = build_model(s.resolved(), LABELS, DEVICE, tiny_config)
     adapter_from_record(server, arrays)
     weights = [n / sum(sizes) for n in sizes]
     mean = {k: sum(w * d[k] for w, d in zip(weights, site_deltas, strict=True)) for k in site_deltas[0]}
@@ -176,7 +178,7 @@ def test_dp_step_moves_only_what_trains_and_the_saved_adapter_reproduces_it(
     settings, tiny_checkpoint, tokenizer, frame, tmp_path, mode
 ):
     s = settings.replace(trainable=mode, model=str(tiny_checkpoint))
-    model = build_model(s, LABELS, DEVICE)
+    model = build_model(s.resolved(), LABELS, DEVICE)
     before = _snapshot(model)
     _one_dp_step(model, s, tokenizer, frame)
     changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
@@ -184,7 +186,7 @@ def test_dp_step_moves_only_what_trains_and_the_saved_adapter_reproduces_it(
     save_adapter(model, tmp_path / "adapter", LABELS)
     loaded, labels = load_trained(tmp_path / "adapter", s)
     assert labels == LABELS
-    fresh = build_model(s, LABELS, DEVICE).eval()
+    fresh = build_model(s.resolved(), LABELS, DEVICE).eval()
     ids = torch.randint(0, 1000, (4, 12), device=DEVICE)
     mask = torch.ones_like(ids)
     model.eval()
@@ -198,11 +200,13 @@ def test_dp_step_moves_only_what_trains_and_the_saved_adapter_reproduces_it(
 
 @pytest.mark.parametrize("mode", ["lora", "ffa-lora"])
 def test_lora_layers_adapts_only_the_top_layers(settings, tiny_config, mode):
-    model = build_model(settings.replace(trainable=mode, lora_layers=1), LABELS, DEVICE, tiny_config)
+    model = build_model(
+        settings.replace(trainable=mode, lora_layers=1).resolved(), LABELS, DEVICE, tiny_config
+    )
     adapted = {n for n, m in model.named_modules() if isinstance(m, LoraLayer)}
     assert adapted == {LAYER.format(i=1) + f"attention.self.{t}" for t in ("query", "value")}
     assert _trainable(model) == HEAD | _per_layer(
         LORA_B if mode == "ffa-lora" else LORA_A | LORA_B, layers=(1,)
     )
     with pytest.raises(ValueError, match="lora-layers=3"):
-        build_model(settings.replace(trainable=mode, lora_layers=3), LABELS, DEVICE, tiny_config)
+        build_model(settings.replace(trainable=mode, lora_layers=3).resolved(), LABELS, DEVICE, tiny_config)

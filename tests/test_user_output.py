@@ -74,7 +74,7 @@ def test_importing_fedllm_leaves_the_warning_filters_alone():
 def test_known_warnings_are_ignored_inside_fedllm_calls_only(settings, tiny_config):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        build_model(settings, LABELS, DEVICE, tiny_config)  # peft reads a deprecated property
+        build_model(settings.resolved(), LABELS, DEVICE, tiny_config)  # peft reads a deprecated property
         with known_warnings():
             warnings.warn("Secure RNG turned off. (inside)", stacklevel=1)
         warnings.warn("Secure RNG turned off. (outside)", stacklevel=1)

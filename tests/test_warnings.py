@@ -46,8 +46,10 @@ def _private_trainings(settings, tiny_config, tokenizer, frame) -> list[str]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for s, plan in ((full_batch, None), (settings.replace(max_steps=1), noise_free)):
-            plan = plan or plan_privacy(s, n)
-            result = train_local(build_model(s, LABELS, DEVICE, tiny_config), data, s, plan=plan)
+            plan = plan or plan_privacy(s.resolved(), n)
+            result = train_local(
+                build_model(s.resolved(), LABELS, DEVICE, tiny_config), data, s.resolved(), plan=plan
+            )
             assert result.steps == 1 and result.history
         warnings.warn("the caller's own warning", UserWarning, stacklevel=1)
     return [str(w.message) for w in caught]
