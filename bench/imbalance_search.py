@@ -29,9 +29,10 @@ from sklearn.metrics import accuracy_score, f1_score
 BUDGETS = (1.0, 3.0, 8.0)
 
 
-def extract(seeds: list[int]) -> dict:
-    """Pooled features of every site's train / local test split, the held-out split's, the head's
-    random init per seed, the label-names prototypes and the validation / test indices."""
+def extract(seeds: list[int], max_length: int = 128) -> dict:
+    """Pooled features (texts truncated to ``max_length`` tokens) of every site's train / local
+    test split, the held-out split's, the head's random init per seed, the label-names prototypes
+    and the validation / test indices."""
     import torch
 
     from fedllm.config import Settings
@@ -42,7 +43,13 @@ def extract(seeds: list[int]) -> dict:
 
     out: dict = {"seeds": {}}
     for seed in seeds:
-        s = Settings(dataset="drug-reviews", seed=seed, trainable="head", validation_fraction=0.0).resolved()
+        s = Settings(
+            dataset="drug-reviews",
+            seed=seed,
+            trainable="head",
+            validation_fraction=0.0,
+            max_length=max_length,
+        ).resolved()
         splits, tokenizer = load_splits(s), load_tokenizer(s.model)
         model = build_model(s, splits.labels, torch.device("cpu"))
 
@@ -148,6 +155,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, required=True, help="features pickle (made if missing)")
     parser.add_argument("--csv", type=Path, required=True)
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--max-length", type=int, default=128, help="tokens per review when making the cache")
     parser.add_argument("--draws", type=int, default=4, help="noise draws per seed")
     parser.add_argument("--epsilons", default="1,3,8")
     parser.add_argument("--grid", default='{"imbalance": ["none", "logit-adjust", "balanced"]}')
@@ -155,7 +163,7 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     if not args.cache.exists():
         args.cache.parent.mkdir(parents=True, exist_ok=True)
-        args.cache.write_bytes(pickle.dumps(extract(seeds)))
+        args.cache.write_bytes(pickle.dumps(extract(seeds, args.max_length)))
     data = pickle.loads(args.cache.read_bytes())
     base = {
         "imbalance": "none",
