@@ -16,14 +16,11 @@ setting): confirm a choice with ``python -m simulations.run`` (Opacus, Flower).
 
 from __future__ import annotations
 
-import argparse
-import csv
 import itertools
 import json
-import pickle
-from pathlib import Path
 
 import numpy as np
+from feature_search import cached_features, search_parser, write_rows
 from sklearn.metrics import accuracy_score, f1_score
 
 BUDGETS = (1.0, 3.0, 8.0)
@@ -149,22 +146,11 @@ def noise_for(epsilon: float, rounds: int, steps: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--cache", type=Path, required=True, help="features pickle (made if missing)")
-    parser.add_argument("--csv", type=Path, required=True)
-    parser.add_argument("--seeds", default="0,1,2")
+    parser = search_parser(__doc__, '{"imbalance": ["none", "logit-adjust", "balanced"]}')
     parser.add_argument("--max-length", type=int, default=128, help="tokens per review when making the cache")
-    parser.add_argument("--draws", type=int, default=4, help="noise draws per seed")
-    parser.add_argument("--epsilons", default="1,3,8")
-    parser.add_argument("--grid", default='{"imbalance": ["none", "logit-adjust", "balanced"]}')
     args = parser.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",")]
-    if not args.cache.exists():
-        args.cache.parent.mkdir(parents=True, exist_ok=True)
-        args.cache.write_bytes(pickle.dumps(extract(seeds, args.max_length)))
-    data = pickle.loads(args.cache.read_bytes())
+    seeds = args.seeds
+    data = cached_features(args.cache, lambda: extract(seeds, args.max_length))
     base = {
         "imbalance": "none",
         "tau": 1.0,
@@ -176,7 +162,7 @@ def main() -> None:
     }
     grid = json.loads(args.grid)
     rows = []
-    for epsilon in (float(e) for e in args.epsilons.split(",")):
+    for epsilon in args.epsilons:
         for values in itertools.product(*grid.values()):
             lever = {**base, **dict(zip(grid, values, strict=True))}
             noise = noise_for(epsilon, lever["rounds"], lever["steps"])
@@ -189,10 +175,7 @@ def main() -> None:
             row.update({key: round(float(np.mean([r[key] for r in runs])), 4) for key in runs[0]})
             rows.append(row)
             print(json.dumps(row), flush=True)
-    with args.csv.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_rows(args.csv, rows)
 
 
 if __name__ == "__main__":
