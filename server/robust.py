@@ -260,10 +260,13 @@ def cap_weights(replies: list[ValidReply], bound: Bound) -> tuple[list[float], f
 
 
 def _records(adapters: list[dict[str, np.ndarray]], weights: list[float]) -> list[RecordDict]:
+    """Flower records of the adapters in float64: FedAvg sums them in the canonical (node id)
+    order, and node ids are new in every run, so a float32 sum rounded differently from run to
+    run; in float64 the order's effect is ~1e-16 and vanishes when the result is cast to float32."""
     return [
         RecordDict(
             {
-                "arrays": ArrayRecord({k: Array(v) for k, v in a.items()}),
+                "arrays": ArrayRecord({k: Array(np.asarray(v, dtype=np.float64)) for k, v in a.items()}),
                 "metrics": MetricRecord({_WEIGHT: float(w)}),
             }
         )

@@ -135,12 +135,13 @@ def mean_table(entry: dict, rows: list[dict[str, str]]) -> str:
 
 
 def rows_table(entry: dict, rows: list[dict[str, str]]) -> str:
-    """The listed columns of every row."""
+    """The listed columns of every row (those in ``exact`` as written, every digit)."""
     columns = list(entry["columns"])
+    exact = set(entry.get("exact", []))
     _require(entry, rows, columns)
     lines = ["| " + " | ".join(_label(entry, c) for c in columns) + " |", "|---" * len(columns) + "|"]
     for row in rows:
-        lines.append("| " + " | ".join(_cell(row[c]) for c in columns) + " |")
+        lines.append("| " + " | ".join(row[c] if c in exact else _cell(row[c]) for c in columns) + " |")
     return "\n".join(lines)
 
 
