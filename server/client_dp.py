@@ -30,9 +30,9 @@ round's record, so ``metrics.jsonl`` carries it beside the checkpoint and a resu
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from logging import INFO, WARNING
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 from flwr.app import (
@@ -169,26 +169,13 @@ class ClientDPFedAvg(ResumableStart, DifferentialPrivacyClientSideFixedClipping)
         if states:
             self.books.load_state_dict(states[-1])
 
-    def start(  # Flower's signature, plus ResumableStart's first_round
-        self,
-        grid: Grid,
-        initial_arrays: ArrayRecord,
-        num_rounds: int = 3,
-        timeout: float = 3600,
-        train_config: ConfigRecord | None = None,
-        evaluate_config: ConfigRecord | None = None,
-        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
-        *,
-        first_round: int = 1,
-    ) -> Result:
-        """Flower's rounds until ``num_rounds`` or until the next release would pass the budget
-        (then a ``Result`` holding the last released adapter, and ``stopped`` says why)."""
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, *args: Any, **kwargs: Any) -> Result:
+        """``ResumableStart.start`` (the same arguments) until ``num_rounds`` or until the next
+        release would pass the budget (then a ``Result`` holding the last released adapter, and
+        ``stopped`` says why)."""
         self._global = initial_arrays
         try:
-            return super().start(
-                grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate_fn,
-                first_round=first_round,
-            )  # fmt: skip
+            return super().start(grid, initial_arrays, *args, **kwargs)
         except PrivacyBudgetExhausted as err:
             self.stopped = f"client-level DP budget reached: {err}"
             log(WARNING, "%s; the run ends with the last released adapter", self.stopped)
