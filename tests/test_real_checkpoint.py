@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 OFFLINE_LOAD = """
 from fedllm.config import Settings
 from fedllm.model import build_model, count_parameters, load_tokenizer
-model = build_model(Settings(device="cpu"), ["a", "b", "c"])
+model = build_model(Settings(device="cpu").resolved(), ["a", "b", "c"])
 print(count_parameters(model)[1], load_tokenizer("")("hello world")["input_ids"])
 """
 
