@@ -45,6 +45,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from fedllm.adapters import adapter_to_record
+from fedllm.contract import RUN_LOG
 from fedllm.files import write_durably
 from server.runlog import dumps, plain
 
@@ -161,7 +162,7 @@ def find(raw: str, root: Path, record: dict, num_rounds: int) -> ResumePoint:
             f"{', '.join(differ[:8])}{' ...' if len(differ) > 8 else ''}; resubmit with the run's "
             "original settings"
         )
-    rows = _rows(run_dir / "metrics.jsonl")
+    rows = _rows(run_dir / RUN_LOG)
     last = -1
     while last + 1 in rows and _complete(run_dir / f"round-{last + 1:03d}"):
         last += 1

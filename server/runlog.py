@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from fedllm.contract import RUN_LOG
 from fedllm.files import write_durably
 
 
@@ -68,7 +69,7 @@ class RunLog:
         self.start = time.perf_counter() - done
         if rows is not None:  # a resumed log: exactly the kept rows, nothing after them
             text = "".join(dumps(r) + "\n" for r in self.rows)
-            write_durably(self.run_dir / "metrics.jsonl", text.encode())
+            write_durably(self.run_dir / RUN_LOG, text.encode())
             self._write_csv()
 
     def _write_csv(self) -> None:
@@ -89,7 +90,7 @@ class RunLog:
         }
         row = plain(row)
         self.rows.append(row)
-        with (self.run_dir / "metrics.jsonl").open("a") as fh:
+        with (self.run_dir / RUN_LOG).open("a") as fh:
             fh.write(dumps(row) + "\n")
         self._write_csv()
 

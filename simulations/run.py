@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from fedllm.centralized import run_centralized
 from fedllm.config import Settings
+from fedllm.contract import RUN_LOG
 from simulations.plots import plot_budget, plot_rounds
 from simulations.superlink import SimulationLink, virtual_site_policy
 from simulations.sweep import (
@@ -183,7 +184,7 @@ def run_sweep(config: dict) -> Path:
 def _simulate(link: SimulationLink, run_config: dict, options: SweepOptions, out: Path) -> None:
     """One federated point through the Simulation Engine, a progress bar over its rounds."""
     name, rounds = run_config["run-name"], options.rounds
-    log = Path(run_config["run-dir"]) / name / "metrics.jsonl"
+    log = Path(run_config["run-dir"]) / name / RUN_LOG
     with tqdm(total=rounds, desc=f"  {name}", unit="round", leave=False) as rounds_bar:
 
         def progress() -> None:
