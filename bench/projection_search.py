@@ -30,9 +30,9 @@ from sklearn.metrics import accuracy_score, f1_score
 TEMPLATE = "This is a news article about {}."
 
 
-def extract(seeds: list[int]) -> dict:
-    """Every BBC text's pooled features (encoded once), and per seed the sites' training rows,
-    the validation / test rows, the random head; the label prototypes."""
+def extract(seeds: list[int], max_length: int = 128) -> dict:
+    """Every BBC text's pooled features (encoded once, the first ``max_length`` tokens), and per
+    seed the sites' training rows, the validation / test rows, the random head; the label prototypes."""
     import pandas as pd
     import torch
 
@@ -43,7 +43,9 @@ def extract(seeds: list[int]) -> dict:
     from fedllm.model import build_model, load_tokenizer
 
     out: dict = {"seeds": {}}
-    s0 = Settings(dataset="bbc-news", seed=0, trainable="head", head_init_template=TEMPLATE).resolved()
+    s0 = Settings(
+        dataset="bbc-news", seed=0, trainable="head", head_init_template=TEMPLATE, max_length=max_length
+    ).resolved()
     splits, tokenizer = load_splits(s0), load_tokenizer(s0.model)
     model = build_model(s0, splits.labels, torch.device("cpu"))
     every = pd.concat([splits.train, splits.validation, splits.test], ignore_index=True)
@@ -183,9 +185,11 @@ BASE = {
 
 def main() -> None:
     """Every combination of ``--grid`` at every ε: one JSON line each, and the CSV."""
-    args = search_parser(__doc__, '{"basis": ["none", "random"], "rank": [16, 64]}').parse_args()
+    parser = search_parser(__doc__, '{"basis": ["none", "random"], "rank": [16, 64]}')
+    parser.add_argument("--max-length", type=int, default=128, help="tokens encoded per text (the cache's)")
+    args = parser.parse_args()
     seeds = args.seeds
-    data = cached_features(args.cache, lambda: extract(seeds))
+    data = cached_features(args.cache, lambda: extract(seeds, args.max_length))
     if "vocab" not in data:
         data["vocab"] = vocabulary_features()
         args.cache.write_bytes(pickle.dumps(data))
@@ -196,7 +200,7 @@ def main() -> None:
             runs = [
                 federate(data, seed, lever, epsilon, draw) for seed in seeds for draw in range(args.draws)
             ]
-            row = {"epsilon": epsilon, **lever, "runs": len(runs)}
+            row = {"epsilon": epsilon, "max_length": args.max_length, **lever, "runs": len(runs)}
             row.update({key: round(float(np.mean([r[key] for r in runs])), 4) for key in runs[0]})
             rows.append(row)
             print(json.dumps(row), flush=True)
