@@ -50,7 +50,7 @@ TINY = BertConfig(
     num_hidden_layers=2,
     num_attention_heads=2,
     intermediate_size=64,
-    max_position_embeddings=64,
+    max_position_embeddings=512,
 )
 LABELS = ["0", "1", "2"]
 HONEST = {1: 100, 2: 140, 3: 80, 4: 120}  # node -> num-examples

@@ -31,7 +31,7 @@ from fedllm.model import load_tokenizer
 from server.app import make_run_dir
 from server.credentials import main as credentials_main
 
-MAX_LENGTH = 128  # the run config's default max-length
+MAX_LENGTH = 128  # an encoder trainable's auto max-length (the head's is 512)
 
 
 # ---------------------------------------------------------------- run names

@@ -23,13 +23,13 @@ DP_SAMPLE_RATE = 1.0  # Poisson q of the DP recipe: full-batch steps, the least 
 DP_MAX_STEP_NOISE = 2.0  # noise norm of one averaged DP step, in clipping norms: see plan_privacy
 # the zero-shot head's row norm at epsilon = 1; auto scales it by 1/sqrt(epsilon) (docs/dp-recipe.md)
 HEAD_INIT_SCALE_AT_EPSILON_1 = 10.0
-# trainable = auto under DP (``auto_trainable``): ffa-lora where it beats the head (ε >= 3) and
-# its cost fits the sites' declared devices (cuda), the head otherwise
-AUTO_ENCODER_MIN_EPSILON = 3.0
+AUTO_ENCODER_MIN_EPSILON = 3.0  # trainable = auto under DP: ffa-lora from here on cuda (auto_trainable)
+# max-length = auto: the head reads BERT's 512 positions (its features are computed once; chosen
+# on validation, docs/dp-recipe.md), an encoder trainable pays for each token at every step: 128
+AUTO_MAX_LENGTH = {"head": 512, "encoder": 128}
 SITE_DEVICES = ("any", "cpu", "cuda")
-# A federated run's defaults where they differ from one local fine-tune's: a site takes 3 local
-# steps per round (``max-steps`` replaces epochs), the DP recipe's 8 rounds x 3 steps (docs/dp-recipe.md);
-# python -m fedllm.centralized trains Settings.epochs whole epochs in one go.
+# A federated run's defaults where they differ from one local fine-tune's (Settings.epochs whole
+# epochs): 3 local steps per round, the DP recipe's 8 rounds x 3 steps (docs/dp-recipe.md)
 FEDERATED_DEFAULTS: dict[str, Any] = {"epochs": 1, "max-steps": 3}
 
 
@@ -48,7 +48,14 @@ class Settings:
     normalize_features: bool = key(
         False, "unit-normalise the mean-pooled features before the head (pooling = mean)"
     )
-    max_length: int = key(128, "tokens per text (truncated)", low=8, fix="use at least 8")
+    max_length: int = key(
+        0,
+        "tokens per text (truncated); 0 = auto: 512 for the head (its features are computed once), "
+        "128 for an encoder trainable (each step pays for every token)",
+        low=8,
+        special=(0,),
+        fix="use 0 (auto) or at least 8",
+    )
     truncation: str = key(
         "right", "which end of a long text to cut: 'right' or 'left'", choices=("right", "left")
     )
@@ -261,21 +268,20 @@ class Settings:
         the head alone on the frozen encoder (cached features), SGD at lr 10 (5 when an encoder
         trainable is chosen), full-batch steps (Poisson q = 1), and no more local steps than keep
         each step's noise under ``max-step-noise`` = 2 clipping norms (``plan_privacy``). Without
-        DP: LoRA, AdamW at 5e-3, batches of ``batch-size``, no step cap. Idempotent.
+        DP: LoRA, AdamW at 5e-3, batches of ``batch-size``, no step cap. ``max-length``: 512 tokens
+        for the head, 128 for an encoder trainable (``AUTO_MAX_LENGTH``). Idempotent.
         """
-        private = self.private
-        trainable, lora_layers = (self.trainable, self.lora_layers)
+        private, trainable, lora_layers = self.private, self.trainable, self.lora_layers
         if trainable == "auto":
             trainable, lora_layers = auto_trainable(self)
         optimizer = self.optimizer if self.optimizer != "auto" else ("sgd" if private else "adamw")
         sgd_lr = DP_HEAD_LR if trainable == "head" else DP_ENCODER_LR
         lr = self.lr or (5e-3 if optimizer == "adamw" else sgd_lr)
         sample_rate = self.sample_rate if self.sample_rate >= 0 else (DP_SAMPLE_RATE if private else 0.0)
-        step_noise = (
-            self.max_step_noise if self.max_step_noise >= 0 else (DP_MAX_STEP_NOISE if private else 0.0)
-        )
+        step_noise = self.max_step_noise if self.max_step_noise >= 0 else (DP_MAX_STEP_NOISE * private)
         values = dataclasses.asdict(self) | {
             "head_init_scale": self.head_init_scale or self._auto_head_init_scale(),
+            "max_length": self.max_length or AUTO_MAX_LENGTH["head" if trainable == "head" else "encoder"],
             "trainable": trainable,
             "lora_layers": lora_layers,
             "optimizer": optimizer,
@@ -321,6 +327,7 @@ class ResolvedSettings(Settings):
             (self.sample_rate >= 0, "sample-rate", concrete),
             (self.max_step_noise >= 0, "max-step-noise", concrete),
             (self.head_init_scale > 0, "head-init-scale", concrete),
+            (self.max_length > 0, "max-length", concrete),
         ]
 
     def validate(self) -> Self:
@@ -346,16 +353,10 @@ def require_resolved(settings: Settings, who: str) -> ResolvedSettings:
 def auto_trainable(settings: Settings) -> tuple[str, int]:
     """``(trainable, lora_layers)`` for ``trainable = auto``, from public facts of the run config only.
 
-    Without DP: ``lora``. Under DP, the encoder trainable where it wins and its cost fits, the
-    head otherwise (docs/encoder-speed.md, "auto"): ``ffa-lora`` (``lora-layers`` as set, 0 =
-    every layer) when ε ≥ ``AUTO_ENCODER_MIN_EPSILON`` (at ε = 1 the head's 1,925 noisy
-    coordinates beat the encoder's 38,789) and the run declares ``site-devices = "cuda"``. On a
-    CPU the encoder trainable whose cost fits (``ffa-lora`` on the top 2 layers, cached prefix,
-    bf16: 5-7 minutes a federation) did not beat the head on validation at ε = 8 (0.954 against
-    0.956, 3 seeds), and every layer costs 13-28 minutes: the head. ``any`` (nothing declared)
-    and a fixed noise multiplier (ε unknown here): the head. Every input is in the run config,
-    which the server and every site read alike, so every site trains the same parameters;
-    nothing depends on a site's own hardware or data.
+    Without DP: ``lora``. Under DP: ``ffa-lora`` (``lora-layers`` as set) when ε ≥
+    ``AUTO_ENCODER_MIN_EPSILON`` and the run declares ``site-devices = "cuda"``; the head
+    otherwise (docs/encoder-speed.md, "auto", gives the measurements). Every input is in the run
+    config, which the server and every site read alike: every site trains the same parameters.
     """
     if not settings.private:
         return "lora", settings.lora_layers

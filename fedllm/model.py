@@ -249,6 +249,12 @@ def build_model(
     settings = require_resolved(settings, "build_model")
     device = device or pick_device(settings.device)
     base = build_base_model(settings, labels, bert_config)
+    positions = base.config.max_position_embeddings
+    if settings.max_length > positions:
+        raise ValueError(
+            f"max-length = {settings.max_length} is more tokens than the model has positions "
+            f"({positions}); set max-length to at most {positions}"
+        )
     _move(base, device)
     with known_warnings():
         model = get_peft_model(base, lora_config(settings, base.config.num_hidden_layers))

@@ -56,7 +56,8 @@ from simulations.sweep_config import keep_or_refuse
 
 _PRESET = PRESETS["default"]
 DEFAULTS: dict = {
-    **{k: _PRESET[k] for k in ("dataset", "sites", "rounds", "epochs", "max-steps", "max-length")},
+    **{k: _PRESET[k] for k in ("dataset", "sites", "rounds", "epochs", "max-steps")},
+    "max-length": _PRESET.get("max-length", 0),  # 0 = auto, as in the preset
     "partitioning": _PRESET["partitioning"],
     "dirichlet-alpha": _PRESET["dirichlet-alpha"],
     "partition-column": "",

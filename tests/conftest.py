@@ -27,7 +27,7 @@ TINY = BertConfig(
     num_hidden_layers=2,
     num_attention_heads=2,
     intermediate_size=64,
-    max_position_embeddings=64,
+    max_position_embeddings=512,
 )
 LABELS = ["negative", "neutral", "positive"]
 # The library tests run on the CPU; FEDLLM_TEST_DEVICE=cuda runs the ones marked `gpu` on a GPU

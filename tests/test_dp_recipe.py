@@ -35,6 +35,9 @@ def test_auto_resolves_to_the_documented_recipe_under_dp_and_to_lora_without():
     assert (encoder.optimizer, encoder.lr, encoder.sample_rate) == DOCUMENTED_DP_ENCODER
     public = Settings(target_epsilon=math.inf).resolved()
     assert (public.trainable, public.optimizer, public.lr, public.sample_rate) == DOCUMENTED_NON_PRIVATE
+    # max-length auto: the head reads 512 tokens (features computed once), an encoder trainable 128
+    assert (private.max_length, encoder.max_length, public.max_length) == (512, 128, 128)
+    assert Settings(target_epsilon=math.inf, trainable="head").resolved().max_length == 512
     chosen = Settings(
         target_epsilon=8.0,
         trainable="ffa-lora",
@@ -43,6 +46,7 @@ def test_auto_resolves_to_the_documented_recipe_under_dp_and_to_lora_without():
         sample_rate=0.2,
         max_step_noise=3.0,
         head_init_scale=4.0,
+        max_length=256,
     )
     assert chosen.resolved().to_dict() == chosen.to_dict()  # what a user sets is kept
     assert private.resolved() is private and public.resolved() is public  # resolving twice changes nothing

@@ -7,10 +7,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from transformers import BertConfig
 
 from fedllm.accounting import BudgetExhaustedError, epsilon_for, plan_privacy
 from fedllm.data import tokenize
 from fedllm.loop import FrozenTrainingError
+from fedllm.model import build_model
 from fedllm.train import classification_metrics, evaluate, lr_schedule, train_local
 
 pytestmark = pytest.mark.gpu  # they train and load on DEVICE (FEDLLM_TEST_DEVICE=cuda: the GPU)
@@ -199,3 +201,10 @@ def test_linear_schedule_decays_over_all_planned_rounds(settings):
     assert lr_schedule(settings, 3, round_index=3, num_rounds=3)(3) == 0.0  # ends at 0
     assert lr_schedule(settings, 10)(5) == pytest.approx(0.5)  # one (centralized) training
     assert lr_schedule(settings.replace(schedule="constant"), 3, 2, 3)(2) == 1.0
+
+
+def test_a_max_length_beyond_the_models_positions_is_refused_with_the_fix(settings, tiny_config, labels):
+    short = tiny_config.to_dict() | {"max_position_embeddings": 64}
+    with pytest.raises(ValueError, match=r"max-length = 65 .* \(64\); set max-length to at most 64"):
+        build_model(settings.replace(max_length=65).resolved(), labels, bert_config=BertConfig(**short))
+    assert build_model(settings.replace(max_length=64).resolved(), labels, bert_config=BertConfig(**short))

@@ -36,7 +36,7 @@ CONFIG = BertConfig(
     num_hidden_layers=4,
     num_attention_heads=4,
     intermediate_size=64,
-    max_position_embeddings=64,
+    max_position_embeddings=512,
 )
 LABELS = ["a", "b", "c"]
 
