@@ -4,7 +4,8 @@
         --csv docs/linear-probe-ceiling.csv
 
 Embeds every training text (all sites' data pooled, as one centralized site would hold it) and
-the server's held-out split with the embedded MiniLM (mask-aware mean pooling, no training),
+the server's held-out split with the embedded MiniLM (``fedllm.features.pooled_features``, the
+DP head's own mean-pooled features, no training),
 fits a multinomial logistic regression for each regularisation ``C`` and class weighting
 (``None`` or ``balanced``), chooses per seed the pair with the best **validation** macro-F1 and
 reports it on the **test** split, next to the majority class. No DP and no federation: what the
@@ -22,35 +23,23 @@ import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score
-from transformers import AutoModel
 
 from fedllm.config import Settings
 from fedllm.data import load_splits, tokenize
-from fedllm.model import embedded_model_path, load_tokenizer
+from fedllm.features import pooled_features
+from fedllm.model import build_model, load_tokenizer
 
 GRID = {"class_weight": [None, "balanced"], "C": [0.01, 0.1, 1.0, 10.0]}
 
 
-@torch.no_grad()
-def embed(model, data, batch_size: int = 64) -> np.ndarray:
-    """Mask-aware mean of the last hidden states, one row per text."""
-    out = []
-    for start in range(0, len(data), batch_size):
-        ids, mask, _ = data[start : start + batch_size]
-        length = max(1, int(mask.sum(1).max()))
-        ids, mask = ids[:, :length], mask[:, :length]
-        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
-        m = mask.unsqueeze(-1).float()
-        out.append(((hidden * m).sum(1) / m.sum(1)).numpy())
-    return np.concatenate(out)
-
-
-def seed_rows(dataset: str, max_length: int, seed: int, model, tokenizer) -> list[dict]:
+def seed_rows(dataset: str, max_length: int, seed: int, tokenizer) -> list[dict]:
     """Every grid point of one seed, scored on validation and test; the chosen one marked."""
-    splits = load_splits(Settings(dataset=dataset, max_length=max_length, seed=seed).resolved())
+    settings = Settings(dataset=dataset, max_length=max_length, seed=seed, trainable="head").resolved()
+    splits = load_splits(settings)
+    model = build_model(settings, splits.labels, torch.device("cpu"))  # the library's mean pool
     parts = {name: tokenize(getattr(splits, name), tokenizer, splits.labels, max_length)
              for name in ("train", "validation", "test")}  # fmt: skip
-    x = {name: embed(model, data) for name, data in parts.items()}
+    x = {name: pooled_features(model, data).tensors[0].numpy() for name, data in parts.items()}
     y = {name: data.tensors[2].numpy() for name, data in parts.items()}
     rows = []
     for weight, c in itertools.product(GRID["class_weight"], GRID["C"]):
@@ -90,11 +79,10 @@ def main() -> None:
     parser.add_argument("--csv", type=Path, default=None, help="write every grid point here")
     args = parser.parse_args()
     tokenizer = load_tokenizer("")
-    model = AutoModel.from_pretrained(str(embedded_model_path())).eval()
     rows = [
         row
         for seed in (int(s) for s in args.seeds.split(","))
-        for row in seed_rows(args.dataset, args.max_length, seed, model, tokenizer)
+        for row in seed_rows(args.dataset, args.max_length, seed, tokenizer)
     ]
     chosen = [r for r in rows if r["chosen"]]
     print(
