@@ -15,18 +15,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Self
 
+from fedllm.auto import auto_values
 from fedllm.settings_reader import check, defaults, key, key_name, read
 
-DP_HEAD_LR = 10.0  # SGD on the head over the frozen encoder's pooled features, under DP
-DP_ENCODER_LR = 5.0  # SGD on lora / ffa-lora / bias under DP (docs/dp-recipe.md: 0.5 lost 12-25 points)
-DP_SAMPLE_RATE = 1.0  # Poisson q of the DP recipe: full-batch steps, the least noise per signal
-DP_MAX_STEP_NOISE = 2.0  # noise norm of one averaged DP step, in clipping norms: see plan_privacy
-# the zero-shot head's row norm at epsilon = 1; auto scales it by 1/sqrt(epsilon) (docs/dp-recipe.md)
-HEAD_INIT_SCALE_AT_EPSILON_1 = 10.0
-AUTO_ENCODER_MIN_EPSILON = 3.0  # trainable = auto under DP: ffa-lora from here on cuda (auto_trainable)
-# max-length = auto: the head reads BERT's 512 positions (its features are computed once; chosen
-# on validation, docs/dp-recipe.md), an encoder trainable pays for each token at every step: 128
-AUTO_MAX_LENGTH = {"head": 512, "encoder": 128}
 SITE_DEVICES = ("any", "cpu", "cuda")
 # A federated run's defaults where they differ from one local fine-tune's (Settings.epochs whole
 # epochs): 3 local steps per round, the DP recipe's 8 rounds x 3 steps (docs/dp-recipe.md)
@@ -261,42 +252,10 @@ class Settings:
         return check(self, "settings")
 
     def resolved(self) -> ResolvedSettings:
-        """A copy with every 'auto' setting made concrete: the DP recipe when private, else ours.
-
-        Called once where a run starts (an app or a command line); the library takes the result.
-        Under DP the default is the DP linear probe, which won the recipe study (docs/dp-recipe.md):
-        the head alone on the frozen encoder (cached features), SGD at lr 10 (5 when an encoder
-        trainable is chosen), full-batch steps (Poisson q = 1), and no more local steps than keep
-        each step's noise under ``max-step-noise`` = 2 clipping norms (``plan_privacy``). Without
-        DP: LoRA, AdamW at 5e-3, batches of ``batch-size``, no step cap. ``max-length``: 512 tokens
-        for the head, 128 for an encoder trainable (``AUTO_MAX_LENGTH``). Idempotent.
-        """
-        private, trainable, lora_layers = self.private, self.trainable, self.lora_layers
-        if trainable == "auto":
-            trainable, lora_layers = auto_trainable(self)
-        optimizer = self.optimizer if self.optimizer != "auto" else ("sgd" if private else "adamw")
-        sgd_lr = DP_HEAD_LR if trainable == "head" else DP_ENCODER_LR
-        lr = self.lr or (5e-3 if optimizer == "adamw" else sgd_lr)
-        sample_rate = self.sample_rate if self.sample_rate >= 0 else (DP_SAMPLE_RATE if private else 0.0)
-        step_noise = self.max_step_noise if self.max_step_noise >= 0 else (DP_MAX_STEP_NOISE * private)
-        values = dataclasses.asdict(self) | {
-            "head_init_scale": self.head_init_scale or self._auto_head_init_scale(),
-            "max_length": self.max_length or AUTO_MAX_LENGTH["head" if trainable == "head" else "encoder"],
-            "trainable": trainable,
-            "lora_layers": lora_layers,
-            "optimizer": optimizer,
-            "lr": lr,
-            "sample_rate": sample_rate,
-            "max_step_noise": step_noise,
-        }
-        return ResolvedSettings(**values).validate()
-
-    def _auto_head_init_scale(self) -> float:
-        """10/sqrt(epsilon) under a target epsilon (the zero-shot prior weighs more where the noise
-        is larger: chosen on validation, docs/dp-recipe.md); 1 without DP or with a fixed noise."""
-        if self.noise_multiplier > 0 or not math.isfinite(self.target_epsilon):
-            return 1.0
-        return HEAD_INIT_SCALE_AT_EPSILON_1 / math.sqrt(self.target_epsilon)
+        """A copy with every 'auto' setting made concrete (``fedllm.auto.auto_values``: the DP
+        recipe when private, ours without). Called once where a run starts (an app or a command
+        line); the library takes the result. Idempotent."""
+        return ResolvedSettings(**(dataclasses.asdict(self) | auto_values(self))).validate()
 
     def to_dict(self) -> dict[str, Any]:
         """Hyphenated keys, as written in run configs and on the command line."""
@@ -348,22 +307,6 @@ def require_resolved(settings: Settings, who: str) -> ResolvedSettings:
             "(the app or the command line) and pass its result"
         )
     return settings
-
-
-def auto_trainable(settings: Settings) -> tuple[str, int]:
-    """``(trainable, lora_layers)`` for ``trainable = auto``, from public facts of the run config only.
-
-    Without DP: ``lora``. Under DP: ``ffa-lora`` (``lora-layers`` as set) when ε ≥
-    ``AUTO_ENCODER_MIN_EPSILON`` and the run declares ``site-devices = "cuda"``; the head
-    otherwise (docs/encoder-speed.md, "auto", gives the measurements). Every input is in the run
-    config, which the server and every site read alike: every site trains the same parameters.
-    """
-    if not settings.private:
-        return "lora", settings.lora_layers
-    wins = settings.noise_multiplier == 0 and settings.target_epsilon >= AUTO_ENCODER_MIN_EPSILON
-    if wins and settings.site_devices == "cuda":
-        return "ffa-lora", settings.lora_layers
-    return "head", settings.lora_layers
 
 
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool}

@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader
 
 from fedllm import train as train_module
 from fedllm.accounting import local_steps, plan_privacy
-from fedllm.config import DP_SAMPLE_RATE, Settings
+from fedllm.auto import DP_SAMPLE_RATE
+from fedllm.config import Settings
 from fedllm.privacy import attach
 from fedllm.train import build_optimizer, logical_batch_size, train_local
 
