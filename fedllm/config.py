@@ -39,6 +39,13 @@ class Settings:
     normalize_features: bool = key(
         False, "unit-normalise the mean-pooled features before the head (pooling = mean)"
     )
+    pool_layers: int = key(
+        1,
+        "mean-pool the outputs of the top k encoder layers and concatenate them (pooling = mean): "
+        "the head reads k x hidden features",
+        low=1,
+        fix="use a count of layers >= 1",
+    )
     max_length: int = key(
         0,
         "tokens per text (truncated); 0 = auto: 512 for the head (its features are computed once), "
@@ -241,6 +248,7 @@ class Settings:
                 "normalize-features",
                 "use it with pooling = mean (or set it to false)",
             ),
+            (self.pooling == "mean" or self.pool_layers == 1, "pool-layers", "use it with pooling = mean"),
             (bool(self.lora_target_list), "lora-targets", "name at least one module"),
             ("{}" in self.head_init_template, "head-init-template", "put '{}' where the label name goes"),
             (self.epochs >= 1 or self.max_steps > 0, "epochs", "train >= 1 epoch or set max-steps"),

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedllm.model import mean_pool
+
 _CACHE: OrderedDict[str, torch.Tensor] = OrderedDict()
 _CACHE_ENTRIES = 64
 
@@ -35,6 +37,7 @@ def _key(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor) -> str:
     digest.update(str(getattr(base.config, "_name_or_path", "")).encode())
     digest.update(type(base).__name__.encode())
     digest.update(str(getattr(base.config, "normalize_pooled", False)).encode())
+    digest.update(str(getattr(base.config, "pool_layers", 1)).encode())
     for name, value in base.bert.named_parameters():  # the encoder's weights identify it
         if name.endswith("embeddings.word_embeddings.weight"):
             digest.update(value.detach()[:4].cpu().numpy().tobytes())
@@ -71,17 +74,16 @@ def _encode(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, batch
     for ids, attention in loader:
         length = max(1, int(attention.sum(1).max()))
         ids, attention = ids[:, :length].to(device), attention[:, :length].to(device)
-        hidden = base.bert(input_ids=ids, attention_mask=attention)
-        if type(base).__name__ == "BertMeanPoolForSequenceClassification":
-            weights = attention.unsqueeze(-1).to(hidden.last_hidden_state.dtype)
-            pooled = (hidden.last_hidden_state * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-            if getattr(base.config, "normalize_pooled", False):  # as the model's own forward
-                pooled = nn.functional.normalize(pooled, dim=-1)
+        layers = getattr(base.config, "pool_layers", 1)
+        hidden = base.bert(input_ids=ids, attention_mask=attention, output_hidden_states=layers > 1)
+        if type(base).__name__ == "BertMeanPoolForSequenceClassification":  # as its own forward
+            states = hidden.hidden_states[-layers:] if layers > 1 else (hidden.last_hidden_state,)
+            pooled = mean_pool(states, attention, getattr(base.config, "normalize_pooled", False))
         else:
             pooled = hidden.pooler_output
         out.append(pooled.float().cpu())
     base.train(was_training)
-    width = base.config.hidden_size
+    width = base.config.hidden_size * getattr(base.config, "pool_layers", 1)
     return torch.cat(out) if out else torch.zeros((0, width))
 
 

@@ -31,6 +31,7 @@ import importlib.util
 import json
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -87,18 +88,33 @@ class BertMeanPoolForSequenceClassification(BertForSequenceClassification):
 
     Sentence-transformer checkpoints such as all-MiniLM-L6-v2 were trained for mean pooling;
     their [CLS] pooler was never trained for that objective. Same weights and head as
-    ``BertForSequenceClassification``; only the pooling differs. With ``config.normalize_pooled``
-    (``normalize-features``) the pooled vector is unit-normalised before the head.
+    ``BertForSequenceClassification``; only the pooling differs (``mean_pool``): with
+    ``config.pool_layers = k`` (``pool-layers``) the means of the top k layers' outputs are
+    concatenated, and with ``config.normalize_pooled`` (``normalize-features``) unit-normalised.
     """
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):  # noqa: D102
-        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        if getattr(self.config, "normalize_pooled", False):  # normalize-features
-            pooled = nn.functional.normalize(pooled, dim=-1)
+        layers = getattr(self.config, "pool_layers", 1)
+        out = self.bert(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=layers > 1)
+        states = out.hidden_states[-layers:] if layers > 1 else (out.last_hidden_state,)
+        pooled = mean_pool(states, attention_mask, getattr(self.config, "normalize_pooled", False))
         logits = self.classifier(self.dropout(pooled))
         return SequenceClassifierOutput(logits=logits)
+
+
+def mean_pool(states: Sequence[torch.Tensor], mask: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """The mask-aware mean over the real tokens of each hidden state in ``states``, concatenated.
+
+    ``states`` are the outputs of the top k encoder layers (k = ``pool-layers``; the last layer's
+    alone when k = 1). With ``normalize`` each layer's mean is unit-normalised and the
+    concatenation scaled by 1/sqrt(k): the features have norm 1 and every layer weighs alike.
+    """
+    weights = mask.unsqueeze(-1).to(states[-1].dtype)
+    count = weights.sum(1).clamp(min=1.0)
+    means = [(hidden * weights).sum(1) / count for hidden in states]
+    if normalize:
+        means = [nn.functional.normalize(m, dim=-1) / math.sqrt(len(means)) for m in means]
+    return torch.cat(means, dim=-1) if len(means) > 1 else means[0]
 
 
 def _base_class(pooling: str) -> type[BertForSequenceClassification]:
@@ -172,6 +188,12 @@ def build_base_model(
         )
     model.bert.embeddings.requires_grad_(False)
     model.config.normalize_pooled = settings.normalize_features
+    model.config.pool_layers = settings.pool_layers
+    if settings.pool_layers > 1:  # the head reads k layers' means side by side
+        width = model.config.hidden_size * settings.pool_layers
+        model.classifier = nn.Linear(width, len(labels))
+        model.classifier.weight.data.normal_(0.0, model.config.initializer_range)
+        model.classifier.bias.data.zero_()
     return model
 
 
@@ -249,7 +271,12 @@ def build_model(
     settings = require_resolved(settings, "build_model")
     device = device or pick_device(settings.device)
     base = build_base_model(settings, labels, bert_config)
-    positions = base.config.max_position_embeddings
+    positions, layers = base.config.max_position_embeddings, base.config.num_hidden_layers
+    if settings.pool_layers > layers:
+        raise ValueError(
+            f"pool-layers = {settings.pool_layers} but the model has {layers} encoder layers: "
+            f"set pool-layers to at most {layers}"
+        )
     if settings.max_length > positions:
         raise ValueError(
             f"max-length = {settings.max_length} is more tokens than the model has positions "

@@ -25,6 +25,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from fedllm.model import mean_pool
 from fedllm.precision import autocast
 
 _CACHE: OrderedDict[str, torch.Tensor] = OrderedDict()
@@ -41,14 +42,14 @@ def frozen_prefix(model: nn.Module) -> int:
 
     A layer counts while it holds no LoRA module and no trainable parameter; the embeddings must
     be frozen, and every dropout in them and in the counted layers must be off when the model is
-    in training mode (cached states are taken without dropout). The top layer never counts: at
-    least one layer runs on the cached states.
+    in training mode (cached states are taken without dropout). The top ``pool-layers`` layers
+    never count (at least the top one): their outputs are pooled, so they run on the cached states.
     """
     bert = getattr(_base(model), "bert", None)
     if bert is None or any(p.requires_grad for p in bert.embeddings.parameters()):
         return 0
-    count = 0
-    for layer in bert.encoder.layer[:-1]:
+    count, pooled = 0, max(1, getattr(_base(model).config, "pool_layers", 1))
+    for layer in bert.encoder.layer[:-pooled]:
         if any(isinstance(m, LoraLayer) for m in layer.modules()):
             break
         if any(p.requires_grad for p in layer.parameters()):
@@ -146,19 +147,19 @@ class TopLayers(nn.Module):
         self.classifier = base.classifier
         self.mean_pool = type(base).__name__ == "BertMeanPoolForSequenceClassification"
         self.normalize = self.mean_pool and getattr(base.config, "normalize_pooled", False)
+        self.pool_layers = getattr(base.config, "pool_layers", 1)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Logits of cached hidden states ``hidden`` (batch, length, width) under ``mask``."""
         length = max(1, int(mask.sum(1).max())) if mask.numel() else 1
         hidden, mask = hidden[:, :length], mask[:, :length]
         extended = _extended_mask(self._bert[0], mask, hidden)
+        states = []
         for layer in self.layers:
             hidden = layer(hidden, extended)
-        if self.mean_pool:
-            weights = mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-            if self.normalize:  # as the model's own forward
-                pooled = nn.functional.normalize(pooled, dim=-1)
+            states.append(hidden)
+        if self.mean_pool:  # as the model's own forward
+            pooled = mean_pool(states[-self.pool_layers :], mask, self.normalize)
         else:
             pooled = self.pooler(hidden)
         return self.classifier(self.dropout(pooled))

@@ -126,7 +126,7 @@ def _stack(datasets: list[TensorDataset]) -> TensorDataset:
 def gradient_canaries_for(config: dict, settings: Settings, seed: int):
     """The point's gradient canaries (``--gradient-canaries``; -1: every clean direction, one
     per site and feature of the head) and their inserter; (None, None) when there are none."""
-    width = AutoConfig.from_pretrained(resolve_model_path(settings.model)).hidden_size
+    width = AutoConfig.from_pretrained(resolve_model_path(settings.model)).hidden_size * settings.pool_layers
     sites, wanted = int(config["sites"]), int(config["gradient-canaries"])
     m = sites * width if wanted < 0 else wanted
     if m == 0:

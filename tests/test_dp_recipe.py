@@ -67,8 +67,12 @@ def gaussian_epsilon(mu: float, delta: float) -> float:
     return brentq(lambda eps: delta_at(eps) - delta, 0.0, 100.0)
 
 
-def test_the_head_on_cached_features_is_the_head_inside_bert(settings, tokenizer, frame, tiny_model, labels):
+@pytest.mark.parametrize("pool_layers", [1, 2])
+def test_the_head_on_cached_features_is_the_head_inside_bert(
+    settings, tokenizer, frame, tiny_model, labels, pool_layers
+):
     s = settings.replace(trainable="head", optimizer="sgd", lr=0.5, max_steps=3, target_epsilon=math.inf)
+    s = s.replace(pool_layers=pool_layers, normalize_features=pool_layers > 1)
     model = tiny_model(s)
     data = tokenize(frame, tokenizer, labels, s.max_length)
     before = {k: v.clone() for k, v in adapter_state(model).items()}
@@ -78,6 +82,7 @@ def test_the_head_on_cached_features_is_the_head_inside_bert(settings, tokenizer
     assert all(not torch.equal(before[k], after[k]) for k in after), "the model's own head must move"
     model.eval()
     features = pooled_features(model, data).tensors[0]
+    assert features.shape[1] == pool_layers * model.config.hidden_size  # k layers side by side
     with torch.no_grad():
         inside = model(input_ids=data.tensors[0], attention_mask=data.tensors[1]).logits
         cached = HeadOnFeatures(model)(features.to(DEVICE))

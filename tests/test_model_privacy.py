@@ -12,7 +12,8 @@ from transformers import BertConfig
 from fedllm.accounting import BudgetExhaustedError, epsilon_for, plan_privacy
 from fedllm.data import tokenize
 from fedllm.loop import FrozenTrainingError
-from fedllm.model import build_model
+from fedllm.model import build_model, mean_pool
+from fedllm.settings_reader import SettingsError
 from fedllm.train import classification_metrics, evaluate, lr_schedule, train_local
 
 pytestmark = pytest.mark.gpu  # they train and load on DEVICE (FEDLLM_TEST_DEVICE=cuda: the GPU)
@@ -208,3 +209,23 @@ def test_a_max_length_beyond_the_models_positions_is_refused_with_the_fix(settin
     with pytest.raises(ValueError, match=r"max-length = 65 .* \(64\); set max-length to at most 64"):
         build_model(settings.replace(max_length=65).resolved(), labels, bert_config=BertConfig(**short))
     assert build_model(settings.replace(max_length=64).resolved(), labels, bert_config=BertConfig(**short))
+
+
+def test_pool_layers_beyond_the_model_or_without_mean_pooling_is_refused(settings, tiny_config, labels):
+    layers = tiny_config.num_hidden_layers
+    fix = rf"pool-layers = {layers + 1} .* set pool-layers to at most {layers}"
+    with pytest.raises(ValueError, match=fix):
+        build_model(settings.replace(pool_layers=layers + 1).resolved(), labels, bert_config=tiny_config)
+    with pytest.raises(SettingsError, match="pool-layers"):
+        settings.replace(pooling="cls", pool_layers=2)
+
+
+def test_mean_pool_concatenates_the_layers_means_each_weighing_alike():
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    low, top = torch.arange(24.0).reshape(2, 3, 4), 10 * torch.randn(2, 3, 4)
+    raw = mean_pool([low, top], mask, normalize=False)
+    assert torch.allclose(raw[0, :4], low[0, :2].mean(0)) and torch.allclose(raw[1, 4:], top[1, 0])
+    unit = mean_pool([low, top], mask, normalize=True)
+    assert torch.allclose(unit.norm(dim=1), torch.ones(2))  # unit features, as with one layer
+    assert torch.allclose(unit[:, :4].norm(dim=1), torch.full((2,), 0.5**0.5))  # both halves alike
+    assert torch.equal(mean_pool([top], mask, normalize=False), raw[:, 4:])  # k = 1: the last layer

@@ -84,21 +84,22 @@ def test_prefix_counts_only_frozen_adapter_free_layers():
     assert frozen_prefix(_model(_settings())) == 2
     assert frozen_prefix(_model(_settings(lora_layers=0))) == 0
     assert frozen_prefix(_model(_settings(trainable="bias"))) == 0  # biases train below the top
+    assert frozen_prefix(_model(_settings(pool_layers=3))) == 1  # the pooled layers run on the cache
 
 
-@pytest.mark.parametrize("normalize", [False, True])
-def test_cached_prefix_trains_the_same_model_as_the_full_pass(normalize):
+@pytest.mark.parametrize(("normalize", "pool_layers"), [(False, 1), (True, 1), (True, 3)])
+def test_cached_prefix_trains_the_same_model_as_the_full_pass(normalize, pool_layers):
     """Noise off, full batches: training on the cached prefix gives the uncached logits (1e-5)."""
     data, plan = _data(), PrivacyPlan(0.0, 1.0, 1e-5, 3, float("inf"), "rdp")
     trained = {}
     for cached in (False, True):
         prefix_module._CACHE.clear()
-        settings = _settings(prefix_cache=cached, normalize_features=normalize)
+        settings = _settings(prefix_cache=cached, normalize_features=normalize, pool_layers=pool_layers)
         model = _model(settings)
         train_local(model, data, settings.resolved(), plan=plan)
         trained[cached] = model
         assert len(prefix_module._CACHE) == int(cached)  # the cached run trained on the cache
-    before = _logits(_model(_settings(normalize_features=normalize)), data)
+    before = _logits(_model(_settings(normalize_features=normalize, pool_layers=pool_layers)), data)
     after = _logits(trained[True], data)
     assert (after - before).abs().max() > 1e-3  # the training moved the logits
     assert torch.allclose(after, _logits(trained[False], data), atol=1e-5, rtol=0)
