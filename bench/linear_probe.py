@@ -1,11 +1,11 @@
 """The ceiling of a linear head on the frozen encoder: logistic regression, no noise, all data pooled.
 
     python bench/linear_probe.py --dataset drug-reviews --max-length 256 --seeds 0,1,2 \\
-        --csv docs/linear-probe-ceiling.csv
+        --pool-layers 1,3 --csv docs/linear-probe-ceiling.csv
 
 Embeds every training text (all sites' data pooled, as one centralized site would hold it) and
 the server's held-out split with the embedded MiniLM (``fedllm.features.pooled_features``, the
-DP head's own mean-pooled features, no training),
+DP head's own mean-pooled features of the top ``--pool-layers`` layers, no training),
 fits a multinomial logistic regression for each regularisation ``C`` and class weighting
 (``None`` or ``balanced``), chooses per seed the pair with the best **validation** macro-F1 and
 reports it on the **test** split, next to the majority class. No DP and no federation: what the
@@ -32,9 +32,11 @@ from fedllm.model import build_model, load_tokenizer
 GRID = {"class_weight": [None, "balanced"], "C": [0.01, 0.1, 1.0, 10.0]}
 
 
-def seed_rows(dataset: str, max_length: int, seed: int, tokenizer) -> list[dict]:
+def seed_rows(dataset: str, max_length: int, seed: int, tokenizer, pool_layers: int = 1) -> list[dict]:
     """Every grid point of one seed, scored on validation and test; the chosen one marked."""
-    settings = Settings(dataset=dataset, max_length=max_length, seed=seed, trainable="head").resolved()
+    settings = Settings(
+        dataset=dataset, max_length=max_length, seed=seed, trainable="head", pool_layers=pool_layers
+    ).resolved()
     splits = load_splits(settings)
     model = build_model(settings, splits.labels, torch.device("cpu"))  # the library's mean pool
     parts = {name: tokenize(getattr(splits, name), tokenizer, splits.labels, max_length)
@@ -49,7 +51,7 @@ def seed_rows(dataset: str, max_length: int, seed: int, tokenizer) -> list[dict]
             for part in ("validation", "test")
             for metric, fn in (("accuracy", accuracy_score), ("macro_f1", _macro_f1))
         }
-        rows.append({"dataset": dataset, "max_length": max_length, "seed": seed,
+        rows.append({"dataset": dataset, "max_length": max_length, "pool_layers": pool_layers, "seed": seed,
                      "class_weight": weight or "none", "C": c, **scores, "chosen": False})  # fmt: skip
     best = max(rows, key=lambda r: r["validation_macro_f1"])
     best["chosen"] = True
@@ -75,21 +77,25 @@ def main() -> None:
     )
     parser.add_argument("--dataset", default="bbc-news")
     parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--pool-layers", default="1", help="the features' pool-layers, one or more: 1,3")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--csv", type=Path, default=None, help="write every grid point here")
     args = parser.parse_args()
     tokenizer = load_tokenizer("")
-    rows = [
-        row
-        for seed in (int(s) for s in args.seeds.split(","))
-        for row in seed_rows(args.dataset, args.max_length, seed, tokenizer)
-    ]
-    chosen = [r for r in rows if r["chosen"]]
-    print(
-        f"{args.dataset}, max length {args.max_length}, mean of {len(chosen)} seeds: test accuracy "
-        f"{np.mean([r['test_accuracy'] for r in chosen]):.3f}, macro-F1 "
-        f"{np.mean([r['test_macro_f1'] for r in chosen]):.3f}"
-    )
+    rows = []
+    for layers in (int(k) for k in args.pool_layers.split(",")):
+        found = [
+            row
+            for seed in (int(s) for s in args.seeds.split(","))
+            for row in seed_rows(args.dataset, args.max_length, seed, tokenizer, layers)
+        ]
+        chosen = [r for r in found if r["chosen"]]
+        print(
+            f"{args.dataset}, max length {args.max_length}, pool-layers {layers}, mean of "
+            f"{len(chosen)} seeds: test accuracy {np.mean([r['test_accuracy'] for r in chosen]):.3f}, "
+            f"macro-F1 {np.mean([r['test_macro_f1'] for r in chosen]):.3f}"
+        )
+        rows += found
     if args.csv:
         with args.csv.open("w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
