@@ -165,5 +165,5 @@ def test_the_drugs_preset_adjusts_logits_on_three_layers_and_the_bbc_presets_do_
 
     for name in PRESETS:
         settings = sweep_settings(parse_args(["--preset", name]))
-        expected = ("logit-adjust", 1.5, 3) if name == "drugs" else ("none", 1.0, 1)
+        expected = ("logit-adjust", 1.0, 3) if name == "drugs" else ("none", 1.0, 1)
         assert (settings.imbalance, settings.imbalance_tau, settings.pool_layers) == expected, name
