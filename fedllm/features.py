@@ -71,10 +71,10 @@ def _encode(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, batch
     base.eval()
     out = []
     loader = DataLoader(TensorDataset(input_ids, mask), batch_size=batch_size)
+    layers = getattr(base.config, "pool_layers", 1)
     for ids, attention in loader:
         length = max(1, int(attention.sum(1).max()))
         ids, attention = ids[:, :length].to(device), attention[:, :length].to(device)
-        layers = getattr(base.config, "pool_layers", 1)
         hidden = base.bert(input_ids=ids, attention_mask=attention, output_hidden_states=layers > 1)
         if type(base).__name__ == "BertMeanPoolForSequenceClassification":  # as its own forward
             states = hidden.hidden_states[-layers:] if layers > 1 else (hidden.last_hidden_state,)
@@ -83,7 +83,7 @@ def _encode(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, batch
             pooled = hidden.pooler_output
         out.append(pooled.float().cpu())
     base.train(was_training)
-    width = base.config.hidden_size * getattr(base.config, "pool_layers", 1)
+    width = base.config.hidden_size * layers
     return torch.cat(out) if out else torch.zeros((0, width))
 
 

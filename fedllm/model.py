@@ -189,6 +189,11 @@ def build_base_model(
     model.bert.embeddings.requires_grad_(False)
     model.config.normalize_pooled = settings.normalize_features
     model.config.pool_layers = settings.pool_layers
+    if settings.pool_layers > (layers := model.config.num_hidden_layers):
+        raise ValueError(
+            f"pool-layers = {settings.pool_layers} but the model has {layers} encoder layers: "
+            f"set pool-layers to at most {layers}"
+        )
     if settings.pool_layers > 1:  # the head reads k layers' means side by side
         width = model.config.hidden_size * settings.pool_layers
         model.classifier = nn.Linear(width, len(labels))
@@ -271,12 +276,7 @@ def build_model(
     settings = require_resolved(settings, "build_model")
     device = device or pick_device(settings.device)
     base = build_base_model(settings, labels, bert_config)
-    positions, layers = base.config.max_position_embeddings, base.config.num_hidden_layers
-    if settings.pool_layers > layers:
-        raise ValueError(
-            f"pool-layers = {settings.pool_layers} but the model has {layers} encoder layers: "
-            f"set pool-layers to at most {layers}"
-        )
+    positions = base.config.max_position_embeddings
     if settings.max_length > positions:
         raise ValueError(
             f"max-length = {settings.max_length} is more tokens than the model has positions "

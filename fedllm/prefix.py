@@ -48,7 +48,7 @@ def frozen_prefix(model: nn.Module) -> int:
     bert = getattr(_base(model), "bert", None)
     if bert is None or any(p.requires_grad for p in bert.embeddings.parameters()):
         return 0
-    count, pooled = 0, max(1, getattr(_base(model).config, "pool_layers", 1))
+    count, pooled = 0, getattr(_base(model).config, "pool_layers", 1)
     for layer in bert.encoder.layer[:-pooled]:
         if any(isinstance(m, LoraLayer) for m in layer.modules()):
             break
