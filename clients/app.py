@@ -53,7 +53,7 @@ from fedllm.imbalance import (
     private_histogram,
 )
 from fedllm.ledger import PrivacyLedger
-from fedllm.model import build_model, load_tokenizer, pick_device
+from fedllm.model import build_model, load_tokenizer, pick_device, set_feature_center
 from fedllm.shards import ShardSettings
 from fedllm.site_round import train_metrics, train_site_round
 from fedllm.site_state import LEDGER
@@ -104,9 +104,12 @@ def _site_data(context: Context, settings: Settings, labels: list[str]) -> SiteD
 def _setup(
     msg: Message, context: Context, settings: ResolvedSettings, labels: list[str]
 ) -> tuple[SiteData, PeftModel]:
-    """This site's data and the model with the global adapter loaded."""
+    """This site's data and the model with the global adapter loaded, its head's input centred
+    where the run config asks for it (``center-features``: the centre the server sent)."""
+    center = RoundConfig.read(msg.content.config_records["config"], train=False).center_for(settings)
     site = _site_data(context, settings, labels)
     model = build_model(settings, labels, pick_device(settings.device))
+    set_feature_center(model, center)  # checked against the model: one line if it does not fit
     adapter_from_record(model, msg.content.array_records["arrays"])
     return site, model
 

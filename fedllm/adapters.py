@@ -24,6 +24,7 @@ from flwr.app import ArrayRecord
 from peft import PeftModel, get_peft_model_state_dict
 from torch import nn
 
+from fedllm.model import FEATURE_CENTER_KEY, feature_center
 from fedllm.wire import declared_problem
 
 
@@ -139,11 +140,14 @@ def save_adapter(
     """Save in peft's own format (``save_pretrained``) plus ``labels.json`` with the label map.
 
     peft saves its whole adapter, not just what travels: frozen LoRA A (ffa-lora), the trained
-    biases (``bias``, via peft's ``bias="all"``) and the head, so ``load_trained`` rebuilds it.
+    biases (``bias``, via peft's ``bias="all"``) and the head, so ``load_trained`` rebuilds it;
+    ``labels.json`` also keeps the feature centre (``center-features``) where the model has one.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(directory))
     meta = {"labels": labels, "id2label": dict(enumerate(labels)), **(extra or {})}
+    if (center := feature_center(model)) is not None:  # center-features: not in peft's state dict
+        meta[FEATURE_CENTER_KEY] = center.cpu().tolist()
     (directory / "labels.json").write_text(json.dumps(meta, indent=2))
     return directory

@@ -17,7 +17,8 @@ from fedllm.accounting import counted_plan
 from fedllm.adapters import save_adapter
 from fedllm.config import Settings, add_settings_arguments, settings_from
 from fedllm.data import load_splits, loss_weights, tokenize
-from fedllm.model import build_model, count_parameters, load_tokenizer, pick_device
+from fedllm.features import mean_features
+from fedllm.model import build_model, count_parameters, load_tokenizer, pick_device, start_centred
 from fedllm.train import evaluate, train_local
 
 
@@ -40,6 +41,11 @@ def run_centralized(configured: Settings, out_dir: str | Path, progress: bool = 
     test_ds = tokenize(splits.test, tokenizer, splits.labels, settings.max_length, settings.truncation)
     device = pick_device(settings.device)
     model = build_model(settings, splits.labels, device)
+    validation_ds = tokenize(
+        splits.validation, tokenizer, splits.labels, settings.max_length, settings.truncation
+    )
+    if settings.center_features == "validation":  # as the server does (server/app.py)
+        start_centred(model, mean_features(model, validation_ds), settings, splits.labels)
     trainable, total = count_parameters(model)
     print(f"model: {trainable:,} trainable of {total:,} parameters on {device}")
     plan, history = (
@@ -56,9 +62,6 @@ def run_centralized(configured: Settings, out_dir: str | Path, progress: bool = 
     )
     head_only = settings.trainable == "head"
     metrics = evaluate(model, test_ds, splits.labels, head_only=head_only)
-    validation_ds = tokenize(
-        splits.validation, tokenizer, splits.labels, settings.max_length, settings.truncation
-    )
     validation = evaluate(model, validation_ds, splits.labels, head_only=head_only)
     save_adapter(model, out_dir / "adapter", splits.labels, {"settings": configured.to_dict()})
     summary = {

@@ -46,6 +46,13 @@ class Settings:
         low=1,
         fix="use a count of layers >= 1",
     )
+    center_features: str = key(
+        "none",
+        "subtract a fixed vector from the pooled features before the head (pooling = mean): "
+        "'validation' = the mean of the server's validation split's features (the server's own "
+        "data, sent with every round), 'none' = raw features",
+        choices=("none", "validation"),
+    )
     max_length: int = key(
         0,
         "tokens per text (truncated); 0 = auto: 512 for the head (its features are computed once), "
@@ -249,6 +256,11 @@ class Settings:
                 "use it with pooling = mean (or set it to false)",
             ),
             (self.pooling == "mean" or self.pool_layers == 1, "pool-layers", "use it with pooling = mean"),
+            (
+                self.pooling == "mean" or self.center_features == "none",
+                "center-features",
+                "use it with pooling = mean (or set it to 'none')",
+            ),
             (bool(self.lora_target_list), "lora-targets", "name at least one module"),
             ("{}" in self.head_init_template, "head-init-template", "put '{}' where the label name goes"),
             (self.epochs >= 1 or self.max_steps > 0, "epochs", "train >= 1 epoch or set max-steps"),

@@ -41,18 +41,30 @@ LABELS = "labels"  # JSON list of the label names, in the model's class order
 NUM_ROUNDS = "num-rounds"  # train only: the run's rounds, over which a site plans its privacy
 RUN_KEY = "run-key"  # the run's ledger key: the first run id, kept when a crashed run is resumed
 SERVER_ROUND = "server-round"  # the run's real round number; Flower's strategy adds it
+# with center-features = "validation" only: the head's feature centre (list of floats), the mean
+# of the server's validation features; public (the server's own data), never the sites'
+FEATURE_CENTER = "feature-center"
 TRAIN_CONFIG_KEYS = (LABELS, NUM_ROUNDS, RUN_KEY, SERVER_ROUND)
 EVALUATE_CONFIG_KEYS = (LABELS, RUN_KEY, SERVER_ROUND)
+OPTIONAL_CONFIG_KEYS = (FEATURE_CENTER,)  # sent only where the run config asks for it
 
 
-def train_config(labels: list[str], num_rounds: int, run_key: str) -> ConfigRecord:
+def _centre(center: list[float] | None) -> dict:
+    return {} if center is None else {FEATURE_CENTER: [float(v) for v in center]}
+
+
+def train_config(
+    labels: list[str], num_rounds: int, run_key: str, center: list[float] | None = None
+) -> ConfigRecord:
     """What the server sends with every train message (before Flower adds ``server-round``)."""
-    return ConfigRecord({LABELS: json.dumps(labels), NUM_ROUNDS: num_rounds, RUN_KEY: run_key})
+    return ConfigRecord(
+        {LABELS: json.dumps(labels), NUM_ROUNDS: num_rounds, RUN_KEY: run_key, **_centre(center)}
+    )
 
 
-def evaluate_config(labels: list[str], run_key: str) -> ConfigRecord:
+def evaluate_config(labels: list[str], run_key: str, center: list[float] | None = None) -> ConfigRecord:
     """What the server sends with every evaluate message (before Flower adds ``server-round``)."""
-    return ConfigRecord({LABELS: json.dumps(labels), RUN_KEY: run_key})
+    return ConfigRecord({LABELS: json.dumps(labels), RUN_KEY: run_key, **_centre(center)})
 
 
 @dataclass(frozen=True)
@@ -62,15 +74,31 @@ class RoundConfig:
     labels: list[str]
     server_round: int
     num_rounds: int
+    feature_center: list[float] | None = None
 
     @classmethod
     def read(cls, config: ConfigRecord, train: bool = True) -> RoundConfig:
         """Parse ``config``; a train message must carry ``num-rounds`` and ``server-round``
-        (``KeyError`` otherwise); of an evaluate message only ``labels`` is read (0 for the others)."""
+        (``KeyError`` otherwise); of an evaluate message only ``labels`` (and the feature centre)
+        is read (0 for the others)."""
         labels = json.loads(str(config[LABELS]))
+        raw = config.get(FEATURE_CENTER)
+        center = [float(v) for v in cast(list, raw)] if isinstance(raw, list) else None
         if train:
-            return cls(labels, _whole(config[SERVER_ROUND]), _whole(config[NUM_ROUNDS]))
-        return cls(labels, 0, 0)
+            return cls(labels, _whole(config[SERVER_ROUND]), _whole(config[NUM_ROUNDS]), center)
+        return cls(labels, 0, 0, center)
+
+    def center_for(self, settings: Any) -> list[float] | None:
+        """The feature centre this site applies: the one sent where ``center-features`` asks for
+        it (``ValueError`` if none came), else None."""
+        if settings.center_features == "none":
+            return None
+        if self.feature_center is None:
+            raise ValueError(
+                f"run config center-features = {settings.center_features!r} but the round config "
+                f"carries no {FEATURE_CENTER}; run a server of this fedllm version"
+            )
+        return self.feature_center
 
 
 def _whole(value: object) -> int:

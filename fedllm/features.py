@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedllm.model import mean_pool
+from fedllm.model import feature_center, mean_pool
 
 _CACHE: OrderedDict[str, torch.Tensor] = OrderedDict()
 _CACHE_ENTRIES = 64
@@ -88,11 +88,24 @@ def _encode(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, batch
 
 
 class HeadOnFeatures(nn.Module):
-    """The model's own classification head, applied to cached features (shares its weights)."""
+    """The model's own classification head, applied to cached features (shares its weights),
+    which are centred on the model's feature centre first, as its own forward does."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.classifier = _base(model).classifier
+        self.center = feature_center(model)  # a plain attribute: not a parameter, not a buffer
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return self.classifier(features)
+        return self.classifier(features if self.center is None else features - self.center.to(features))
+
+
+def mean_features(model: nn.Module, dataset: TensorDataset) -> torch.Tensor:
+    """The mean of ``dataset``'s pooled features under ``model``'s frozen encoder (not centred):
+    the feature centre of ``center-features = "validation"``, from the server's validation split."""
+    if len(dataset) == 0:
+        raise ValueError(
+            "center-features = 'validation' needs the server's validation split, which is empty: "
+            "set validation-fraction > 0 or center-features = 'none'"
+        )
+    return pooled_features(model, dataset).tensors[0].mean(0)

@@ -25,6 +25,7 @@ from transformers import PreTrainedTokenizerBase
 from fedllm.config import Settings
 from fedllm.data import tokenize
 from fedllm.features import _base, pooled_features
+from fedllm.model import centred
 
 HEAD_INITS = ("random", "label-names")
 
@@ -44,10 +45,11 @@ def label_text(name: str, template: str) -> str:
 def label_prototypes(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, labels: list[str], settings: Settings
 ) -> torch.Tensor:
-    """(classes, hidden) unit-normalised pooled embeddings of each label's templated name."""
+    """(classes, hidden) unit-normalised pooled embeddings of each label's templated name, centred
+    on the model's feature centre first when it has one (``center-features``), as the head sees them."""
     texts = [label_text(name, settings.head_init_template) for name in labels]
     data = tokenize(pd.DataFrame({"text": texts, "label": labels}), tokenizer, labels, settings.max_length)
-    features = pooled_features(model, data).tensors[0]
+    features = centred(model, pooled_features(model, data).tensors[0])
     return features / features.norm(dim=1, keepdim=True).clamp(min=1e-12)
 
 

@@ -98,7 +98,7 @@ class BertMeanPoolForSequenceClassification(BertForSequenceClassification):
         out = self.bert(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=layers > 1)
         states = out.hidden_states[-layers:] if layers > 1 else (out.last_hidden_state,)
         pooled = mean_pool(states, attention_mask, getattr(self.config, "normalize_pooled", False))
-        logits = self.classifier(self.dropout(pooled))
+        logits = self.classifier(self.dropout(centred(self, pooled)))
         return SequenceClassifierOutput(logits=logits)
 
 
@@ -115,6 +115,62 @@ def mean_pool(states: Sequence[torch.Tensor], mask: torch.Tensor, normalize: boo
     if normalize:
         means = [nn.functional.normalize(m, dim=-1) / math.sqrt(len(means)) for m in means]
     return torch.cat(means, dim=-1) if len(means) > 1 else means[0]
+
+
+FEATURE_CENTER = "feature_center"  # the base model's (non-persistent) buffer: ``center-features``
+FEATURE_CENTER_KEY = "feature-center"  # where labels.json keeps it (``save_adapter``)
+
+
+def _unwrapped(model: nn.Module) -> Any:
+    """The transformers classifier inside a peft model (or the model itself)."""
+    wrapped: Any = model
+    return wrapped.get_base_model() if hasattr(wrapped, "get_base_model") else wrapped
+
+
+def feature_center(model: nn.Module) -> torch.Tensor | None:
+    """The fixed vector the head's input is centred on (``center-features``), or None (raw)."""
+    return getattr(_unwrapped(model), FEATURE_CENTER, None)
+
+
+def centred(model: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
+    """``pooled`` minus ``model``'s feature centre (unchanged without one): the head's input."""
+    center = feature_center(model)
+    return pooled if center is None else pooled - center.to(pooled)
+
+
+def set_feature_center(model: nn.Module, center: Sequence[float] | torch.Tensor | None) -> None:
+    """Centre the head's input on ``center`` from now on (None: the raw pooled features).
+
+    A buffer that is not in the state dict: it never travels as an array and is never
+    aggregated; the server sends it with every round's config and ``save_adapter`` writes it
+    into ``labels.json``. Raises ``ValueError`` (one line) unless it is ``hidden size x
+    pool-layers`` finite numbers.
+    """
+    base = _unwrapped(model)
+    if center is None:
+        base.register_buffer(FEATURE_CENTER, None, persistent=False)
+        return
+    values = torch.as_tensor(center, dtype=torch.float32).detach().cpu()
+    width = base.config.hidden_size * getattr(base.config, "pool_layers", 1)
+    if tuple(values.shape) != (width,) or not bool(torch.isfinite(values).all()):
+        raise ValueError(
+            f"feature-center: expected {width} finite numbers (hidden size x pool-layers), got "
+            f"shape {tuple(values.shape)}; the server and the site must run the same model and pool-layers"
+        )
+    base.register_buffer(FEATURE_CENTER, values.to(next(base.parameters()).device), persistent=False)
+
+
+def start_centred(
+    model: PeftModel, center: torch.Tensor, settings: ResolvedSettings, labels: list[str]
+) -> None:
+    """``set_feature_center``, then the zero-shot head again (``head-init = label-names``), now
+    from the centred label embeddings: the start of the server's (and the in-process) federation.
+    A site only sets the centre: its head comes from the server's global arrays."""
+    set_feature_center(model, center)
+    if settings.head_init == "label-names":
+        from fedllm.head_init import init_head  # imported here: see build_model
+
+        init_head(model, load_tokenizer(settings.model), labels, settings)
 
 
 def _base_class(pooling: str) -> type[BertForSequenceClassification]:
@@ -320,11 +376,13 @@ def load_trained(adapter_dir: str | Path, settings: Settings) -> tuple[PeftModel
 
     ``settings`` must name the same base model and pooling as the training did.
     """
-    labels = json.loads((Path(adapter_dir) / "labels.json").read_text())["labels"]
+    meta = json.loads((Path(adapter_dir) / "labels.json").read_text())
+    labels = meta["labels"]
     base = build_base_model(settings, labels)
     _move(base, pick_device(settings.device))
     with known_warnings():
         model = PeftModel.from_pretrained(base, str(adapter_dir))
+    set_feature_center(model, meta.get(FEATURE_CENTER_KEY))  # center-features: kept by save_adapter
     return model.eval(), labels
 
 

@@ -25,7 +25,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from fedllm.model import mean_pool
+from fedllm.model import feature_center, mean_pool
 from fedllm.precision import autocast
 
 _CACHE: OrderedDict[str, torch.Tensor] = OrderedDict()
@@ -148,6 +148,7 @@ class TopLayers(nn.Module):
         self.mean_pool = type(base).__name__ == "BertMeanPoolForSequenceClassification"
         self.normalize = self.mean_pool and getattr(base.config, "normalize_pooled", False)
         self.pool_layers = getattr(base.config, "pool_layers", 1)
+        self.center = feature_center(model)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Logits of cached hidden states ``hidden`` (batch, length, width) under ``mask``."""
@@ -160,6 +161,8 @@ class TopLayers(nn.Module):
             states.append(hidden)
         if self.mean_pool:  # as the model's own forward
             pooled = mean_pool(states[-self.pool_layers :], mask, self.normalize)
+            if self.center is not None:
+                pooled = pooled - self.center.to(pooled)
         else:
             pooled = self.pooler(hidden)
         return self.classifier(self.dropout(pooled))

@@ -24,10 +24,11 @@ from flwr.serverapp import Grid, ServerApp
 from peft import PeftModel
 
 from fedllm.adapters import adapter_from_record, adapter_to_record, full_model_nbytes, save_adapter
-from fedllm.config import Settings, settings_from
+from fedllm.config import ResolvedSettings, Settings, settings_from
 from fedllm.contract import SCORE_KEYS, VALIDATION_PREFIX, evaluate_config, train_config
 from fedllm.data import Splits, load_splits, tokenize
-from fedllm.model import build_model, load_tokenizer, pick_device
+from fedllm.features import mean_features
+from fedllm.model import build_model, load_tokenizer, pick_device, start_centred
 from fedllm.secagg import SecAggSettings
 from fedllm.train import evaluate
 from server.client_dp import ClientDPFedAvg, describe
@@ -193,6 +194,7 @@ def _run(grid: Grid, context: Context, server: ServerSettings, stack: ExitStack)
     robust = RobustSettings.from_run_config(rc)
     labels, splits = _labels(settings, server)
     model = build_model(settings, labels, pick_device(settings.device))
+    center = _feature_center(settings, splits, labels, model)
     run = open_run(context, server, run_record(dict(rc), configured.to_dict(), labels), model, stack)
     log = _open_log(run, model)
     eval_sets = (
@@ -207,8 +209,8 @@ def _run(grid: Grid, context: Context, server: ServerSettings, stack: ExitStack)
         grid=grid,
         initial_arrays=run.initial,
         num_rounds=server.num_server_rounds,
-        train_config=train_config(labels, server.num_server_rounds, run.run_key),
-        evaluate_config=evaluate_config(labels, run.run_key),
+        train_config=train_config(labels, server.num_server_rounds, run.run_key, center),
+        evaluate_config=evaluate_config(labels, run.run_key, center),
         evaluate_fn=end,
         first_round=run.first_round,
     )
@@ -219,10 +221,26 @@ def _labels(settings: Settings, server: ServerSettings) -> tuple[list[str], Spli
     """The run's labels (``labels`` in the run config, else the data set's) and the data set's
     splits where they are needed (server evaluation, or labels to read)."""
     explicit = server.label_list
-    if not server.server_eval and explicit:
+    if not server.server_eval and explicit and settings.center_features == "none":
         return explicit, None
     splits = load_splits(settings, explicit or None)
     return explicit or splits.labels, splits
+
+
+def _feature_center(
+    settings: ResolvedSettings, splits: Splits | None, labels: list[str], model: PeftModel
+) -> list[float] | None:
+    """With ``center-features = "validation"``: the mean of the server's validation features, set
+    as ``model``'s feature centre (the zero-shot head redone from it) and sent with every round."""
+    if settings.center_features == "none" or splits is None:
+        return None
+    validation = tokenize(
+        splits.validation, load_tokenizer(settings.model), labels, settings.max_length, settings.truncation
+    )
+    center = mean_features(model, validation)
+    start_centred(model, center, settings, labels)
+    print(f"fedllm: the head's input is centred on the mean features of {len(validation)} validation texts")
+    return center.tolist()
 
 
 def _open_log(run: OpenedRun, model: PeftModel) -> RunLog:

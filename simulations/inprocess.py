@@ -26,8 +26,9 @@ from fedllm.accounting import PrivacyPlan, counted_plan, local_steps, resolve_de
 from fedllm.adapters import adapter_state, set_adapter_arrays
 from fedllm.config import Settings
 from fedllm.data import SiteData, load_splits, partition_sites, tokenize
+from fedllm.features import mean_features
 from fedllm.imbalance import exact_histogram, histogram_plan, label_ids, personalized_offset
-from fedllm.model import build_model, count_parameters, load_tokenizer
+from fedllm.model import build_model, count_parameters, load_tokenizer, start_centred
 from fedllm.site_round import reported_count, train_site_round
 from fedllm.train import evaluate
 
@@ -144,6 +145,9 @@ def federate(
     sites, frames = _site_tables(settings, labels, num_sites, scheme, training_sites, extra_rows)
     data = [tokenize(f, tokenizer, labels, settings.max_length, settings.truncation) for f in frames]
     model = build_model(settings, labels, torch.device("cpu"), bert_config)
+    validation = tokenize(splits.validation, tokenizer, labels, settings.max_length, settings.truncation)
+    if settings.center_features == "validation":  # as the server does (server/app.py)
+        start_centred(model, mean_features(model, validation), settings, labels)
     global_state = _copy(adapter_state(model))
     plans, histories, label_counts = _site_plans(settings, data, frames, labels, rounds, model, noise_free)
     sites_state = _Sites(data, plans, histories, label_counts, [0.0] * len(data), len(labels))
@@ -161,7 +165,6 @@ def federate(
     head_only = settings.trainable == "head"
     run = Federation(settings, labels, sites, model, tokenizer, test, {})
     run.scores = evaluate(model, test, labels, head_only=head_only)
-    validation = tokenize(splits.validation, tokenizer, labels, settings.max_length, settings.truncation)
     run.validation_scores = evaluate(model, validation, labels, head_only=head_only)
     run.epsilons = list(sites_state.epsilons)
     run.deltas = [p.delta if p is not None else 0.0 for p in plans]

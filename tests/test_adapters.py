@@ -16,7 +16,7 @@ from fedllm.adapters import (
     save_adapter,
     set_adapter_arrays,
 )
-from fedllm.model import build_base_model, build_model, count_parameters, load_trained
+from fedllm.model import build_base_model, build_model, count_parameters, load_trained, set_feature_center
 
 from .conftest import DEVICE
 
@@ -134,10 +134,15 @@ def test_saved_adapter_loads_with_plain_peft(settings, tiny_config, model, tmp_p
         )
 
 
-def test_load_trained_rebuilds_the_scored_model(settings, tiny_checkpoint, tmp_path, labels):
+@pytest.mark.parametrize("centred", [False, True])
+def test_load_trained_rebuilds_the_scored_model(settings, tiny_checkpoint, tmp_path, labels, centred):
     s = settings.replace(model=str(tiny_checkpoint))
     model = build_model(s.resolved(), labels, DEVICE)
     _randomize(model, 2)
+    if centred:  # center-features: the centre is not in peft's state dict, labels.json keeps it
+        set_feature_center(
+            model, torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+        )
     save_adapter(model, tmp_path / "adapter", labels)
     loaded, loaded_labels = load_trained(tmp_path / "adapter", s)
     assert loaded_labels == labels

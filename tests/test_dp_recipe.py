@@ -16,7 +16,8 @@ from fedllm.accounting import plan_privacy
 from fedllm.adapters import adapter_state
 from fedllm.config import Settings
 from fedllm.data import tokenize
-from fedllm.features import HeadOnFeatures, pooled_features
+from fedllm.features import HeadOnFeatures, _base, mean_features, pooled_features
+from fedllm.model import set_feature_center
 from fedllm.train import evaluate, train_local
 
 from .conftest import DEVICE
@@ -67,14 +68,16 @@ def gaussian_epsilon(mu: float, delta: float) -> float:
     return brentq(lambda eps: delta_at(eps) - delta, 0.0, 100.0)
 
 
-@pytest.mark.parametrize("pool_layers", [1, 2])
+@pytest.mark.parametrize(("pool_layers", "centred"), [(1, False), (2, False), (2, True)])
 def test_the_head_on_cached_features_is_the_head_inside_bert(
-    settings, tokenizer, frame, tiny_model, labels, pool_layers
+    settings, tokenizer, frame, tiny_model, labels, pool_layers, centred
 ):
     s = settings.replace(trainable="head", optimizer="sgd", lr=0.5, max_steps=3, target_epsilon=math.inf)
     s = s.replace(pool_layers=pool_layers, normalize_features=pool_layers > 1)
     model = tiny_model(s)
     data = tokenize(frame, tokenizer, labels, s.max_length)
+    if centred:  # center-features: both paths subtract the same centre before the head
+        set_feature_center(model, mean_features(model, data) + 0.5)
     before = {k: v.clone() for k, v in adapter_state(model).items()}
     train_local(model, data, s.resolved())
     after = adapter_state(model)
@@ -86,7 +89,9 @@ def test_the_head_on_cached_features_is_the_head_inside_bert(
     with torch.no_grad():
         inside = model(input_ids=data.tensors[0], attention_mask=data.tensors[1]).logits
         cached = HeadOnFeatures(model)(features.to(DEVICE))
+        raw = _base(model).classifier(features.to(DEVICE))
     assert torch.allclose(inside, cached, atol=1e-5)
+    assert torch.allclose(inside, raw, atol=1e-5) != centred  # the centre reaches the head
     assert pooled_features(model, data).tensors[0] is features  # computed once, then cached
     full, fast = evaluate(model, data, labels), evaluate(model, data, labels, head_only=True)
     assert fast["per_class"] == full["per_class"] and abs(fast["loss"] - full["loss"]) < 1e-5

@@ -10,7 +10,7 @@ from fedllm.config import Settings
 from fedllm.data import tokenize
 from fedllm.features import _base, pooled_features
 from fedllm.head_init import informative, label_text
-from fedllm.model import build_model
+from fedllm.model import build_model, start_centred
 from fedllm.train import evaluate
 
 from .conftest import DEVICE
@@ -95,3 +95,18 @@ def test_the_zero_shot_prior_weighs_less_as_the_budget_grows():
     assert Settings(target_epsilon=float("inf")).resolved().head_init_scale == 1.0
     assert Settings(noise_multiplier=1.0).resolved().head_init_scale == 1.0
     assert Settings(target_epsilon=4.0, head_init_scale=7.0).resolved().head_init_scale == 7.0
+
+
+def test_a_centred_model_starts_from_the_centred_label_embeddings(tokenizer):
+    """center-features: the zero-shot head is redone from the label embeddings minus the centre
+    (as the head sees every text), still unit rows times the scale."""
+    s = Settings(trainable="head", target_epsilon=1.0, head_init="label-names", head_init_scale=7.0, seed=0)
+    model = build_model(s.resolved(), NEWS, DEVICE)
+    texts = pd.DataFrame({"text": [label_text(n, s.head_init_template) for n in NEWS], "label": NEWS})
+    names = pooled_features(model, tokenize(texts, tokenizer, NEWS, s.resolved().max_length)).tensors[0]
+    center = names.mean(0)
+    start_centred(model, center, s.resolved(), NEWS)
+    rows = names - center
+    expected = 7.0 * rows / rows.norm(dim=1, keepdim=True)
+    assert torch.allclose(_head(model).cpu(), expected, atol=1e-4)
+    assert not torch.allclose(_head(model).cpu(), 7.0 * names / names.norm(dim=1, keepdim=True), atol=1e-2)

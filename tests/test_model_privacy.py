@@ -10,9 +10,10 @@ import torch
 from transformers import BertConfig
 
 from fedllm.accounting import BudgetExhaustedError, epsilon_for, plan_privacy
+from fedllm.contract import RoundConfig, evaluate_config, train_config
 from fedllm.data import tokenize
 from fedllm.loop import FrozenTrainingError
-from fedllm.model import build_model, mean_pool
+from fedllm.model import build_model, feature_center, mean_pool, set_feature_center
 from fedllm.settings_reader import SettingsError
 from fedllm.train import classification_metrics, evaluate, lr_schedule, train_local
 
@@ -218,6 +219,23 @@ def test_pool_layers_beyond_the_model_or_without_mean_pooling_is_refused(setting
         build_model(settings.replace(pool_layers=layers + 1).resolved(), labels, bert_config=tiny_config)
     with pytest.raises(SettingsError, match="pool-layers"):
         settings.replace(pooling="cls", pool_layers=2)
+
+
+def test_a_feature_centre_that_does_not_fit_or_was_not_sent_is_refused(settings, tiny_config, labels):
+    model = build_model(settings.replace(pool_layers=2).resolved(), labels, bert_config=tiny_config)
+    width = 2 * tiny_config.hidden_size
+    for bad in ([0.0] * (width - 1), [float("nan")] * width):
+        with pytest.raises(ValueError, match=rf"feature-center: expected {width} finite numbers"):
+            set_feature_center(model, bad)
+    assert feature_center(model) is None  # nothing half-set
+    center = [0.25] * width
+    sent = RoundConfig.read(train_config(labels, 3, "run", center), train=False)  # the wire, both ways
+    centred = settings.replace(center_features="validation")
+    assert sent.center_for(centred) == center and sent.center_for(settings) is None
+    with pytest.raises(ValueError, match="center-features = 'validation' but the round config carries no"):
+        RoundConfig.read(evaluate_config(labels, "run"), train=False).center_for(centred)
+    with pytest.raises(SettingsError, match="center-features"):
+        settings.replace(pooling="cls", center_features="validation")
 
 
 def test_mean_pool_concatenates_the_layers_means_each_weighing_alike():

@@ -19,7 +19,7 @@ from fedllm import precision as precision_module
 from fedllm import prefix as prefix_module
 from fedllm.accounting import PrivacyPlan
 from fedllm.config import Settings
-from fedllm.model import build_model
+from fedllm.model import build_model, set_feature_center
 from fedllm.precision import (
     FP32_ATTENTION,
     attention_in_fp32,
@@ -87,19 +87,31 @@ def test_prefix_counts_only_frozen_adapter_free_layers():
     assert frozen_prefix(_model(_settings(pool_layers=3))) == 1  # the pooled layers run on the cache
 
 
-@pytest.mark.parametrize(("normalize", "pool_layers"), [(False, 1), (True, 1), (True, 3)])
-def test_cached_prefix_trains_the_same_model_as_the_full_pass(normalize, pool_layers):
-    """Noise off, full batches: training on the cached prefix gives the uncached logits (1e-5)."""
+@pytest.mark.parametrize(
+    ("normalize", "pool_layers", "centred"),
+    [(False, 1, False), (True, 1, False), (True, 3, False), (False, 3, True)],
+)
+def test_cached_prefix_trains_the_same_model_as_the_full_pass(normalize, pool_layers, centred):
+    """Noise off, full batches: training on the cached prefix gives the uncached logits (1e-5),
+    the head's input centred (``center-features``) or not."""
     data, plan = _data(), PrivacyPlan(0.0, 1.0, 1e-5, 3, float("inf"), "rdp")
+
+    def model_of(settings):
+        model = _model(settings)
+        if centred:
+            width = model.config.hidden_size * pool_layers
+            set_feature_center(model, torch.linspace(-0.5, 0.5, width))
+        return model
+
     trained = {}
     for cached in (False, True):
         prefix_module._CACHE.clear()
         settings = _settings(prefix_cache=cached, normalize_features=normalize, pool_layers=pool_layers)
-        model = _model(settings)
+        model = model_of(settings)
         train_local(model, data, settings.resolved(), plan=plan)
         trained[cached] = model
         assert len(prefix_module._CACHE) == int(cached)  # the cached run trained on the cache
-    before = _logits(_model(_settings(normalize_features=normalize, pool_layers=pool_layers)), data)
+    before = _logits(model_of(_settings(normalize_features=normalize, pool_layers=pool_layers)), data)
     after = _logits(trained[True], data)
     assert (after - before).abs().max() > 1e-3  # the training moved the logits
     assert torch.allclose(after, _logits(trained[False], data), atol=1e-5, rtol=0)
