@@ -105,12 +105,14 @@ def _setup(
     msg: Message, context: Context, settings: ResolvedSettings, labels: list[str]
 ) -> tuple[SiteData, PeftModel]:
     """This site's data and the model with the global adapter loaded, its head's input centred
-    where the run config asks for it (``center-features``: the centre the server sent)."""
+    where the run config asks for it (``center-features``: the centre the server sent). The model
+    and what the server sent are checked before the data is read: a refusal there depends on the
+    message and the model only, in what it says and in when it comes."""
     center = RoundConfig.read(msg.content.config_records["config"], train=False).center_for(settings)
-    site = _site_data(context, settings, labels)
     model = build_model(settings, labels, pick_device(settings.device))
-    set_feature_center(model, center)  # checked against the model: one line if it does not fit
+    set_feature_center(model, center)  # checked against the model, before the data is read
     adapter_from_record(model, msg.content.array_records["arrays"])
+    site = _site_data(context, settings, labels)
     return site, model
 
 

@@ -15,6 +15,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from clients.app import app
 from fedllm.adapters import adapter_to_record
 from fedllm.config import settings_from
+from fedllm.contract import FEATURE_CENTER
 from fedllm.model import build_model
 
 from .conftest import COUNT_NOISE, LABELS, flower_context
@@ -23,11 +24,16 @@ from .replies import delivered
 __all__ = ["COUNT_NOISE", "ask", "ledger_path", "message"]
 
 
-def message(run_config: dict, kind: str = "train", server_round: int = 1) -> Message:
-    """What the server sends: its starting adapter and the round's config, as delivered."""
+def message(
+    run_config: dict, kind: str = "train", server_round: int = 1, center: list[float] | None = None
+) -> Message:
+    """What the server sends: its starting adapter and the round's config (with ``center``, the
+    feature centre of ``center-features``), as delivered."""
     model = build_model(settings_from(run_config).resolved(), LABELS, torch.device("cpu"))
     arrays = adapter_to_record(model)
     config = ConfigRecord({"labels": json.dumps(LABELS), "num-rounds": 1, "server-round": server_round})
+    if center is not None:
+        config[FEATURE_CENTER] = center
     return delivered(RecordDict({"arrays": arrays, "config": config}), kind)
 
 
