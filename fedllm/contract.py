@@ -46,7 +46,6 @@ SERVER_ROUND = "server-round"  # the run's real round number; Flower's strategy 
 FEATURE_CENTER = "feature-center"
 TRAIN_CONFIG_KEYS = (LABELS, NUM_ROUNDS, RUN_KEY, SERVER_ROUND)
 EVALUATE_CONFIG_KEYS = (LABELS, RUN_KEY, SERVER_ROUND)
-OPTIONAL_CONFIG_KEYS = (FEATURE_CENTER,)  # sent only where the run config asks for it
 
 
 def _centre(center: list[float] | None) -> dict:

@@ -158,12 +158,13 @@ def test_a_site_that_releases_evaluation_scores_its_personalized_prediction_too(
     assert 0 <= metrics["personal-macro-f1"] <= 1 and 0 <= metrics["personal-accuracy"] <= 1
 
 
-def test_the_drugs_preset_adjusts_logits_on_three_layers_and_the_bbc_presets_do_not():
+def test_the_drugs_preset_adjusts_logits_on_three_centred_layers_and_the_bbc_presets_do_not():
     """Chosen on validation for the skewed drug reviews only (docs/imbalance.md): a preset that
     lost a key would train the drugs sweep without it, and BBC (near balanced, topics) stays as it was."""
     from simulations.sweep_config import PRESETS, parse_args, sweep_settings
 
     for name in PRESETS:
         settings = sweep_settings(parse_args(["--preset", name]))
-        expected = ("logit-adjust", 1.0, 3) if name == "drugs" else ("none", 1.0, 1)
-        assert (settings.imbalance, settings.imbalance_tau, settings.pool_layers) == expected, name
+        expected = ("logit-adjust", 1.0, 3, "validation") if name == "drugs" else ("none", 1.0, 1, "none")
+        got = (settings.imbalance, settings.imbalance_tau, settings.pool_layers, settings.center_features)
+        assert got == expected, name
