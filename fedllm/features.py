@@ -12,27 +12,19 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedllm.model import feature_center, mean_pool
+from fedllm.model import base_of, feature_center, mean_pool
 
 _CACHE: OrderedDict[str, torch.Tensor] = OrderedDict()
 _CACHE_ENTRIES = 64
 
 
-def _base(model: nn.Module) -> Any:
-    """The transformers classifier inside a peft model (or the model itself); typed Any, as
-    transformers' BERT attributes (``bert``, ``config``, ``classifier``) are to mypy."""
-    wrapped: Any = model
-    return wrapped.get_base_model() if hasattr(wrapped, "get_base_model") else wrapped
-
-
 def _key(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor) -> str:
-    base = _base(model)
+    base = base_of(model)
     digest = hashlib.sha256()
     digest.update(str(getattr(base.config, "_name_or_path", "")).encode())
     digest.update(type(base).__name__.encode())
@@ -65,7 +57,7 @@ def pooled_features(model: nn.Module, dataset: TensorDataset, batch_size: int = 
 
 
 def _encode(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, batch_size: int) -> torch.Tensor:
-    base = _base(model)
+    base = base_of(model)
     device = next(base.parameters()).device
     was_training = base.training
     base.eval()
@@ -93,7 +85,7 @@ class HeadOnFeatures(nn.Module):
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        self.classifier = _base(model).classifier
+        self.classifier = base_of(model).classifier
         self.center = feature_center(model)  # a plain attribute: not a parameter, not a buffer
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:  # noqa: D102

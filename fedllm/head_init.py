@@ -24,8 +24,8 @@ from transformers import PreTrainedTokenizerBase
 
 from fedllm.config import Settings
 from fedllm.data import tokenize
-from fedllm.features import _base, pooled_features
-from fedllm.model import centred
+from fedllm.features import pooled_features
+from fedllm.model import base_of, centred
 
 HEAD_INITS = ("random", "label-names")
 
@@ -62,7 +62,7 @@ def init_head(
     if settings.head_init != "label-names" or not informative(labels):
         return False
     prototypes = label_prototypes(model, tokenizer, labels, settings)
-    classifier = _base(model).get_submodule("classifier")
+    classifier = base_of(model).get_submodule("classifier")
     for layer in _head_layers(model, classifier):
         layer.weight.copy_(settings.head_init_scale * prototypes.to(layer.weight))
         layer.bias.zero_()

@@ -121,15 +121,16 @@ FEATURE_CENTER = "feature_center"  # the base model's (non-persistent) buffer: `
 FEATURE_CENTER_KEY = "feature-center"  # where labels.json keeps it (``save_adapter``)
 
 
-def _unwrapped(model: nn.Module) -> Any:
-    """The transformers classifier inside a peft model (or the model itself)."""
+def base_of(model: nn.Module) -> Any:
+    """The transformers classifier inside a peft model (or the model itself); typed Any, as
+    transformers' BERT attributes (``bert``, ``config``, ``classifier``) are to mypy."""
     wrapped: Any = model
     return wrapped.get_base_model() if hasattr(wrapped, "get_base_model") else wrapped
 
 
 def feature_center(model: nn.Module) -> torch.Tensor | None:
     """The fixed vector the head's input is centred on (``center-features``), or None (raw)."""
-    return getattr(_unwrapped(model), FEATURE_CENTER, None)
+    return getattr(base_of(model), FEATURE_CENTER, None)
 
 
 def centred(model: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
@@ -146,7 +147,7 @@ def set_feature_center(model: nn.Module, center: Sequence[float] | torch.Tensor 
     into ``labels.json``. Raises ``ValueError`` (one line) unless it is ``hidden size x
     pool-layers`` finite numbers.
     """
-    base = _unwrapped(model)
+    base = base_of(model)
     if center is None:
         base.register_buffer(FEATURE_CENTER, None, persistent=False)
         return

@@ -25,16 +25,11 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from fedllm.model import feature_center, mean_pool
+from fedllm.model import base_of, feature_center, mean_pool
 from fedllm.precision import autocast
 
 _CACHE: OrderedDict[str, torch.Tensor] = OrderedDict()
 _CACHE_BYTES = 2 * 1024**3  # hidden states are large: keep at most this much
-
-
-def _base(model: nn.Module) -> Any:  # a transformers BERT classifier: attributes untyped
-    wrapped: Any = model
-    return wrapped.get_base_model() if hasattr(wrapped, "get_base_model") else wrapped
 
 
 def frozen_prefix(model: nn.Module) -> int:
@@ -45,10 +40,10 @@ def frozen_prefix(model: nn.Module) -> int:
     in training mode (cached states are taken without dropout). The top ``pool-layers`` layers
     never count (at least the top one): their outputs are pooled, so they run on the cached states.
     """
-    bert = getattr(_base(model), "bert", None)
+    bert = getattr(base_of(model), "bert", None)
     if bert is None or any(p.requires_grad for p in bert.embeddings.parameters()):
         return 0
-    count, pooled = 0, getattr(_base(model).config, "pool_layers", 1)
+    count, pooled = 0, getattr(base_of(model).config, "pool_layers", 1)
     for layer in bert.encoder.layer[:-pooled]:
         if any(isinstance(m, LoraLayer) for m in layer.modules()):
             break
@@ -125,7 +120,7 @@ def prefix_view(
     layers = frozen_prefix(model)
     if layers == 0:
         return None
-    bert = _base(model).bert
+    bert = base_of(model).bert
     input_ids, mask, labels = dataset.tensors
     key = _key(bert, layers, input_ids, mask, precision)
     if key not in _CACHE:
@@ -139,7 +134,7 @@ class TopLayers(nn.Module):
 
     def __init__(self, model: nn.Module, start: int):
         super().__init__()
-        base = _base(model)
+        base = base_of(model)
         self._bert = [base.bert]  # in a list: not a submodule (only the top's weights belong here)
         self.layers = base.bert.encoder.layer[start:]
         self.pooler = base.bert.pooler

@@ -16,8 +16,8 @@ from fedllm.accounting import plan_privacy
 from fedllm.adapters import adapter_state
 from fedllm.config import Settings
 from fedllm.data import tokenize
-from fedllm.features import HeadOnFeatures, _base, mean_features, pooled_features
-from fedllm.model import set_feature_center
+from fedllm.features import HeadOnFeatures, mean_features, pooled_features
+from fedllm.model import base_of, set_feature_center
 from fedllm.train import evaluate, train_local
 
 from .conftest import DEVICE
@@ -89,7 +89,7 @@ def test_the_head_on_cached_features_is_the_head_inside_bert(
     with torch.no_grad():
         inside = model(input_ids=data.tensors[0], attention_mask=data.tensors[1]).logits
         cached = HeadOnFeatures(model)(features.to(DEVICE))
-        raw = _base(model).classifier(features.to(DEVICE))
+        raw = base_of(model).classifier(features.to(DEVICE))
     assert torch.allclose(inside, cached, atol=1e-5)
     assert torch.allclose(inside, raw, atol=1e-5) != centred  # the centre reaches the head
     assert pooled_features(model, data).tensors[0] is features  # computed once, then cached

@@ -8,9 +8,9 @@ import torch
 
 from fedllm.config import Settings
 from fedllm.data import tokenize
-from fedllm.features import _base, pooled_features
+from fedllm.features import pooled_features
 from fedllm.head_init import informative, label_text
-from fedllm.model import build_model, start_centred
+from fedllm.model import base_of, build_model, start_centred
 from fedllm.train import evaluate
 
 from .conftest import DEVICE
@@ -19,7 +19,7 @@ NEWS = ["business", "sport", "tech"]
 
 
 def _head(model) -> torch.Tensor:
-    return _base(model).classifier.modules_to_save["default"].weight.detach().clone()
+    return base_of(model).classifier.modules_to_save["default"].weight.detach().clone()
 
 
 def test_informative_names_only():
@@ -50,7 +50,7 @@ def test_label_names_head_is_the_zero_shot_classifier_and_the_same_everywhere(to
     head = _head(server)
     assert torch.equal(head, _head(site))  # independent of the seed: nothing random in it
     assert torch.allclose(head.norm(dim=1), torch.full((3,), 7.0), atol=1e-4)
-    assert torch.count_nonzero(_base(server).classifier.modules_to_save["default"].bias) == 0
+    assert torch.count_nonzero(base_of(server).classifier.modules_to_save["default"].bias) == 0
     texts = {
         "business": "Shares in the bank fell after its quarterly profits missed forecasts.",
         "sport": "The striker scored twice as the club won the league final.",
@@ -79,7 +79,7 @@ def test_normalize_features_is_the_same_in_the_model_and_in_the_cached_features(
     ids, mask, _ = data.tensors
     with torch.no_grad():
         logits = model(input_ids=ids.to(DEVICE), attention_mask=mask.to(DEVICE)).logits.cpu()
-    assert torch.allclose(logits, _base(model).classifier(features.to(DEVICE)).cpu(), atol=1e-5)
+    assert torch.allclose(logits, base_of(model).classifier(features.to(DEVICE)).cpu(), atol=1e-5)
     raw = pooled_features(
         build_model(s.replace(normalize_features=False).resolved(), NEWS, DEVICE), data
     ).tensors[0]
