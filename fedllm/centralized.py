@@ -17,8 +17,8 @@ from fedllm.accounting import counted_plan
 from fedllm.adapters import save_adapter
 from fedllm.config import Settings, add_settings_arguments, settings_from
 from fedllm.data import load_splits, loss_weights, tokenize
-from fedllm.features import mean_features
-from fedllm.model import build_model, count_parameters, load_tokenizer, pick_device, start_centred
+from fedllm.head_init import centre_on_validation
+from fedllm.model import build_model, count_parameters, load_tokenizer, pick_device
 from fedllm.train import evaluate, train_local
 
 
@@ -44,8 +44,7 @@ def run_centralized(configured: Settings, out_dir: str | Path, progress: bool = 
     validation_ds = tokenize(
         splits.validation, tokenizer, splits.labels, settings.max_length, settings.truncation
     )
-    if settings.center_features == "validation":  # as the server does (server/app.py)
-        start_centred(model, mean_features(model, validation_ds), settings, splits.labels)
+    centre_on_validation(model, validation_ds, settings, splits.labels)  # as the server does
     trainable, total = count_parameters(model)
     print(f"model: {trainable:,} trainable of {total:,} parameters on {device}")
     plan, history = (

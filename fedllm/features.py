@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedllm.model import base_of, feature_center, mean_pool
+from fedllm.model import base_of, centred, feature_center, mean_pool
 
 _CACHE: OrderedDict[str, torch.Tensor] = OrderedDict()
 _CACHE_ENTRIES = 64
@@ -89,7 +89,7 @@ class HeadOnFeatures(nn.Module):
         self.center = feature_center(model)  # a plain attribute: not a parameter, not a buffer
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return self.classifier(features if self.center is None else features - self.center.to(features))
+        return self.classifier(centred(features, self.center))
 
 
 def mean_features(model: nn.Module, dataset: TensorDataset) -> torch.Tensor:

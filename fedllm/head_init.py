@@ -20,12 +20,13 @@ import re
 import pandas as pd
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 from transformers import PreTrainedTokenizerBase
 
 from fedllm.config import Settings
 from fedllm.data import tokenize
-from fedllm.features import pooled_features
-from fedllm.model import base_of, centred
+from fedllm.features import mean_features, pooled_features
+from fedllm.model import base_of, centred, feature_center, load_tokenizer, set_feature_center
 
 HEAD_INITS = ("random", "label-names")
 
@@ -49,7 +50,7 @@ def label_prototypes(
     on the model's feature centre first when it has one (``center-features``), as the head sees them."""
     texts = [label_text(name, settings.head_init_template) for name in labels]
     data = tokenize(pd.DataFrame({"text": texts, "label": labels}), tokenizer, labels, settings.max_length)
-    features = centred(model, pooled_features(model, data).tensors[0])
+    features = centred(pooled_features(model, data).tensors[0], feature_center(model))
     return features / features.norm(dim=1, keepdim=True).clamp(min=1e-12)
 
 
@@ -76,3 +77,25 @@ def _head_layers(model: nn.Module, classifier: nn.Module) -> list[nn.Linear]:
     ]
     original = getattr(classifier, "original_module", classifier)
     return layers + ([original] if isinstance(original, nn.Linear) else [])
+
+
+def start_centred(model: nn.Module, center: torch.Tensor, settings: Settings, labels: list[str]) -> None:
+    """``set_feature_center``, then the zero-shot head again (``head-init = label-names``), now
+    from the centred label embeddings. A site only sets the centre: its head comes from the
+    server's global arrays."""
+    set_feature_center(model, center)
+    if settings.head_init == "label-names":
+        init_head(model, load_tokenizer(settings.model), labels, settings)
+
+
+def centre_on_validation(
+    model: nn.Module, validation: TensorDataset, settings: Settings, labels: list[str]
+) -> torch.Tensor | None:
+    """With ``center-features = "validation"``: ``start_centred`` on the mean of ``validation``'s
+    features (the server's validation split) and return that centre; else None, nothing changed.
+    The start of the server's, the in-process and the centralized run alike."""
+    if settings.center_features == "none":
+        return None
+    center = mean_features(model, validation)
+    start_centred(model, center, settings, labels)
+    return center

@@ -98,7 +98,7 @@ class BertMeanPoolForSequenceClassification(BertForSequenceClassification):
         out = self.bert(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=layers > 1)
         states = out.hidden_states[-layers:] if layers > 1 else (out.last_hidden_state,)
         pooled = mean_pool(states, attention_mask, getattr(self.config, "normalize_pooled", False))
-        logits = self.classifier(self.dropout(centred(self, pooled)))
+        logits = self.classifier(self.dropout(centred(pooled, feature_center(self))))
         return SequenceClassifierOutput(logits=logits)
 
 
@@ -133,9 +133,9 @@ def feature_center(model: nn.Module) -> torch.Tensor | None:
     return getattr(base_of(model), FEATURE_CENTER, None)
 
 
-def centred(model: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
-    """``pooled`` minus ``model``'s feature centre (unchanged without one): the head's input."""
-    center = feature_center(model)
+def centred(pooled: torch.Tensor, center: torch.Tensor | None) -> torch.Tensor:
+    """``pooled`` minus a model's feature centre (unchanged without one): the head's input, in
+    the model's forward, the cached features and the cached prefix alike."""
     return pooled if center is None else pooled - center.to(pooled)
 
 
@@ -159,19 +159,6 @@ def set_feature_center(model: nn.Module, center: Sequence[float] | torch.Tensor 
             f"shape {tuple(values.shape)}; the server and the site must run the same model and pool-layers"
         )
     base.register_buffer(FEATURE_CENTER, values.to(next(base.parameters()).device), persistent=False)
-
-
-def start_centred(
-    model: PeftModel, center: torch.Tensor, settings: ResolvedSettings, labels: list[str]
-) -> None:
-    """``set_feature_center``, then the zero-shot head again (``head-init = label-names``), now
-    from the centred label embeddings: the start of the server's (and the in-process) federation.
-    A site only sets the centre: its head comes from the server's global arrays."""
-    set_feature_center(model, center)
-    if settings.head_init == "label-names":
-        from fedllm.head_init import init_head  # imported here: see build_model
-
-        init_head(model, load_tokenizer(settings.model), labels, settings)
 
 
 def _base_class(pooling: str) -> type[BertForSequenceClassification]:

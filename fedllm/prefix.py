@@ -25,7 +25,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from fedllm.model import base_of, feature_center, mean_pool
+from fedllm.model import base_of, centred, feature_center, mean_pool
 from fedllm.precision import autocast
 
 _CACHE: OrderedDict[str, torch.Tensor] = OrderedDict()
@@ -155,9 +155,7 @@ class TopLayers(nn.Module):
             hidden = layer(hidden, extended)
             states.append(hidden)
         if self.mean_pool:  # as the model's own forward
-            pooled = mean_pool(states[-self.pool_layers :], mask, self.normalize)
-            if self.center is not None:
-                pooled = pooled - self.center.to(pooled)
+            pooled = centred(mean_pool(states[-self.pool_layers :], mask, self.normalize), self.center)
         else:
             pooled = self.pooler(hidden)
         return self.classifier(self.dropout(pooled))

@@ -27,8 +27,8 @@ from fedllm.adapters import adapter_from_record, adapter_to_record, full_model_n
 from fedllm.config import ResolvedSettings, Settings, settings_from
 from fedllm.contract import SCORE_KEYS, VALIDATION_PREFIX, evaluate_config, train_config
 from fedllm.data import Splits, load_splits, tokenize
-from fedllm.features import mean_features
-from fedllm.model import build_model, load_tokenizer, pick_device, start_centred
+from fedllm.head_init import centre_on_validation
+from fedllm.model import build_model, load_tokenizer, pick_device
 from fedllm.secagg import SecAggSettings
 from fedllm.train import evaluate
 from server.client_dp import ClientDPFedAvg, describe
@@ -237,8 +237,8 @@ def _feature_center(
     validation = tokenize(
         splits.validation, load_tokenizer(settings.model), labels, settings.max_length, settings.truncation
     )
-    center = mean_features(model, validation)
-    start_centred(model, center, settings, labels)
+    if (center := centre_on_validation(model, validation, settings, labels)) is None:
+        return None
     print(f"fedllm: the head's input is centred on the mean features of {len(validation)} validation texts")
     return center.tolist()
 

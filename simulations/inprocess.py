@@ -26,9 +26,9 @@ from fedllm.accounting import PrivacyPlan, counted_plan, local_steps, resolve_de
 from fedllm.adapters import adapter_state, set_adapter_arrays
 from fedllm.config import Settings
 from fedllm.data import SiteData, load_splits, partition_sites, tokenize
-from fedllm.features import mean_features
+from fedllm.head_init import centre_on_validation
 from fedllm.imbalance import exact_histogram, histogram_plan, label_ids, personalized_offset
-from fedllm.model import build_model, count_parameters, load_tokenizer, start_centred
+from fedllm.model import build_model, count_parameters, load_tokenizer
 from fedllm.site_round import reported_count, train_site_round
 from fedllm.train import evaluate
 
@@ -146,8 +146,7 @@ def federate(
     data = [tokenize(f, tokenizer, labels, settings.max_length, settings.truncation) for f in frames]
     model = build_model(settings, labels, torch.device("cpu"), bert_config)
     validation = tokenize(splits.validation, tokenizer, labels, settings.max_length, settings.truncation)
-    if settings.center_features == "validation":  # as the server does (server/app.py)
-        start_centred(model, mean_features(model, validation), settings, labels)
+    centre_on_validation(model, validation, settings, labels)  # as the server does (server/app.py)
     global_state = _copy(adapter_state(model))
     plans, histories, label_counts = _site_plans(settings, data, frames, labels, rounds, model, noise_free)
     sites_state = _Sites(data, plans, histories, label_counts, [0.0] * len(data), len(labels))

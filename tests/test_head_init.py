@@ -9,8 +9,8 @@ import torch
 from fedllm.config import Settings
 from fedllm.data import tokenize
 from fedllm.features import pooled_features
-from fedllm.head_init import informative, label_text
-from fedllm.model import base_of, build_model, start_centred
+from fedllm.head_init import informative, label_text, start_centred
+from fedllm.model import base_of, build_model
 from fedllm.train import evaluate
 
 from .conftest import DEVICE
