@@ -2,7 +2,7 @@
 
 A deployed site keeps them in its ledger (``fedllm.ledger``) under the site-wide budget lock; a
 virtual site of a simulation in ``context.state`` (one run, no other runs to compose with). The
-order a round follows (``clients.app``) is what makes every answer before the noise public:
+order a round follows (``clients.handlers``) is what makes every answer before the noise public:
 
 1. the run config against the site's policy (public);
 2. under the budget lock: the lifetime check of the count (public: the ledger and ``count-noise``),

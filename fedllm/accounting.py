@@ -19,12 +19,13 @@ import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache, partial
+from typing import TYPE_CHECKING
 
-from opacus.accountants import IAccountant, create_accountant
-from opacus.accountants.utils import get_noise_multiplier
-
-from fedllm import known_warnings, opacus_logging  # noqa: F401  (drops Opacus' root log handler)
+from fedllm import known_warnings
 from fedllm.config import ResolvedSettings, Settings, require_resolved
+
+if TYPE_CHECKING:
+    from opacus.accountants import IAccountant
 
 
 class BudgetExhaustedError(RuntimeError):
@@ -136,7 +137,7 @@ def plan_privacy(
     ``num_examples`` must be public: at a site, its DP count n̂ (docs/privacy.md), never the exact
     n. ``count_noise`` > 0: that count (``count_entry``) is part of the run's release, so the
     steps' noise is calibrated for the count and every planned step together to meet the target;
-    ``count_draws`` such counts when a failed draw was booked and drawn again (``clients.app``).
+    ``count_draws`` such counts when a failed draw was booked and drawn again (``clients.handlers``).
 
     ``dimension``: the number of noisy coordinates (trainable parameters). With it and
     ``max-step-noise`` > 0 the plan takes fewer local steps per round when the configured number
@@ -191,7 +192,7 @@ def counted_plan(
 
     Returns the plan and the site's history so far (the DP count's entry, to pass to the first
     ``train_local``). For drivers that hold the data themselves (centralized, in-process, bench);
-    the ClientApp books the count before it draws it (``clients.app``).
+    the ClientApp books the count before it draws it (``clients.handlers``).
     """
     public_n = private_count(num_examples, settings.count_noise)
     plan = plan_privacy(settings, public_n, planned_rounds, dimension, count_noise=settings.count_noise)
@@ -211,7 +212,7 @@ def _calibrate(
     with known_warnings():  # the RDP order search at its edge; the PRV accountant's log(1 - q) at q = 1
         if not prior:
             return float(
-                get_noise_multiplier(
+                _opacus().utils.get_noise_multiplier(
                     target_epsilon=epsilon,
                     target_delta=delta,
                     sample_rate=q,
@@ -257,9 +258,20 @@ def restore_accountant(mechanism: str, history: Iterable[Sequence]) -> IAccounta
 
     The one way fedllm restores a history: for ε, and before a site trains again.
     """
-    accountant = create_accountant(mechanism)
+    accountant = _opacus().create_accountant(mechanism)
     accountant.load_state_dict({"history": [tuple(h) for h in history], "mechanism": mechanism})
     return accountant
+
+
+def _opacus():
+    """Opacus' accountants, imported on first use: Opacus imports torch, seconds a process, and a
+    ClientApp process that answers a SecAgg+ stage never composes a history.
+    Importing Opacus installs a root log handler; ``fedllm.opacus_logging`` drops it."""
+    import opacus.accountants.utils
+
+    from fedllm import opacus_logging  # noqa: F401  (drops Opacus' root log handler)
+
+    return opacus.accountants
 
 
 def compact(history: Iterable[Sequence]) -> list[list]:

@@ -92,7 +92,7 @@ def histogram_plan(
 
     For drivers that hold the data themselves (in-process, bench). Returns the plan made from
     n̂ = ``histogram_count``, the history holding the histogram's entry (the count's), and the
-    histogram. The ClientApp books the entry before it draws (``clients.app``).
+    histogram. The ClientApp books the entry before it draws (``clients.handlers``).
     """
     history = [count_entry(settings.count_noise)]
     histogram = private_histogram(ids, num_classes, settings.count_noise)

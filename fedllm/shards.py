@@ -28,7 +28,7 @@ class ShardSettings:
     """How a training split is divided over sites.
 
     The one source of these keys' defaults and meanings: this CLI's flags, and a simulation's run
-    config (clients/app.py splits the training split over the virtual sites with them;
+    config (clients/handlers.py splits the training split over the virtual sites with them;
     pyproject.toml's table declares them again, checked by tests/test_config.py).
     """
 

@@ -1,6 +1,6 @@
 """One site's round of local training, shared by the ClientApp and the in-process driver.
 
-``clients/app.py`` (a Flower site) and ``simulations/inprocess.py`` (a federation in one process)
+``clients/handlers.py`` (a Flower site) and ``simulations/inprocess.py`` (a federation in one process)
 differ in where a site's data, books and plan come from — a site's own file, ledger and DP count
 booked before it is drawn, against partitions held in memory with their plans made up front — but
 a round itself, once the plan is made, is the same: the class weights and logit offset from the

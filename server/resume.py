@@ -2,7 +2,7 @@
 
 The run dir's ``config.json`` holds the run key (``run-key``: the Flower run id of the run's
 first start) that the ServerApp sends to the sites in every train and evaluate config; the sites
-key their ledger entry and kept replies by it (clients/app.py, clients/replay.py), so a resumed
+key their ledger entry and kept replies by it (clients/handlers.py, clients/replay.py), so a resumed
 run continues the same ledger entry and a round a site already trained on the same global
 adapter is answered from its kept reply, with no new ε.
 

@@ -161,7 +161,7 @@ def check_metrics(
     """The known metrics as floats, each checked; raises ``ReplyError`` on the first bad one.
 
     ``num-examples`` must be a whole number in ``(0, max_num_examples]``; ``epsilon`` > 0, and
-    ``inf`` only for a reply without DP (as clients/app.py reports one); every other known metric
+    ``inf`` only for a reply without DP (as clients/handlers.py reports one); every other known metric
     finite and in ``RANGES`` (0 ≤ delta < 1 and 0 < sample-rate ≤ 1 besides).
     """
     if "num-examples" not in metrics:

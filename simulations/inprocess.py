@@ -260,7 +260,7 @@ def _site_plans(
     exact = settings.imbalance != "none"
     counts = [exact_histogram(label_ids(f, labels), len(labels)) if exact else None for f in frames]
     if settings.private:
-        dimension = count_parameters(model)[0]  # as a site plans it (clients/app.py)
+        dimension = count_parameters(model)[0]  # as a site plans it (clients/handlers.py)
         if settings.imbalance != "none":
             made = [
                 histogram_plan(settings, label_ids(f, labels), len(labels), rounds, dimension) for f in frames

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-import clients.app
+import clients.handlers
 from clients.policy import DP_REPLY_KEYS
 from fedllm.accounting import count_entry, epsilon_for
 from fedllm.config import Settings
@@ -55,7 +55,7 @@ def test_the_histogram_is_booked_before_its_noise_is_drawn(site, run_config, mon
     def broken(*args, **kwargs):
         raise RuntimeError("the entropy source failed")
 
-    monkeypatch.setattr(clients.app, "private_histogram", broken)
+    monkeypatch.setattr(clients.handlers, "private_histogram", broken)
     reply = _ask(site, {**run_config, "imbalance": "logit-adjust"})
     assert reply.has_error() and reply.error.reason == "site-declined"
     run = PrivacyLedger(_ledger_path(site)).runs["1"]
@@ -65,10 +65,10 @@ def test_the_histogram_is_booked_before_its_noise_is_drawn(site, run_config, mon
 
 def test_a_retried_draw_books_a_second_histogram_and_the_epsilon_includes_both(site, run_config, monkeypatch):
     config = {**run_config, "imbalance": "logit-adjust"}
-    original = clients.app.private_histogram
-    monkeypatch.setattr(clients.app, "private_histogram", lambda *a: (_ for _ in ()).throw(OSError("x")))
+    original = clients.handlers.private_histogram
+    monkeypatch.setattr(clients.handlers, "private_histogram", lambda *a: (_ for _ in ()).throw(OSError("x")))
     _ask(site, config)
-    monkeypatch.setattr(clients.app, "private_histogram", original)
+    monkeypatch.setattr(clients.handlers, "private_histogram", original)
     reply = _ask(site, config)
     assert not reply.has_error(), reply.error
     run = PrivacyLedger(_ledger_path(site)).runs["1"]
@@ -85,9 +85,8 @@ def test_the_histogram_replaces_the_count_at_the_same_epsilon(site, run_config, 
     monkeypatch.setattr(random.SystemRandom, "gauss", lambda self, mu, sigma: 3.0)
     reply = _ask(site, {**run_config, "imbalance": "logit-adjust"})
     run = PrivacyLedger(_ledger_path(site)).runs["1"]
-    n = len(
-        clients.app._site_data(_context(site, run_config), Settings(model=run_config["model"]), LABELS).train
-    )
+    settings = Settings(model=run_config["model"])
+    n = len(clients.handlers._site_data(_context(site, run_config), settings, LABELS).train)
     assert run["history"][0] == count_entry(COUNT_NOISE)
     assert run["public-n"] == n + 3 * (len(LABELS) + 1) == reply.content["metrics"]["num-examples"]
     assert set(reply.content["metrics"]) == set(DP_REPLY_KEYS)

@@ -21,6 +21,7 @@ from scipy.optimize import brentq
 from scipy.stats import norm
 
 import clients.app
+import clients.handlers
 import fedllm.site_round
 from clients.policy import SitePolicy
 from clients.site import main as site_main
@@ -240,9 +241,8 @@ def test_the_site_sends_its_dp_count_never_its_n(site, run_config, frame, monkey
     monkeypatch.setattr(random.SystemRandom, "gauss", lambda self, mu, sigma: 7.4)
     reply = _ask(site, run_config)
     run = _ledger(site).runs["1"]
-    n = len(
-        clients.app._site_data(_context(site, run_config), Settings(model=run_config["model"]), LABELS).train
-    )
+    settings = Settings(model=run_config["model"])
+    n = len(clients.handlers._site_data(_context(site, run_config), settings, LABELS).train)
     assert reply.content["metrics"]["num-examples"] == run["public-n"] == n + 7
     assert reply.content["metrics"]["delta"] == 1e-5  # a public constant, not 1/(10 n)
     assert run["history"][0] == count_entry(COUNT_NOISE)

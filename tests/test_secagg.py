@@ -8,6 +8,9 @@ whose sites are the real site mod (clients/secagg.py) over a scripted train hand
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -334,3 +337,14 @@ def test_settings_clip_range_and_share_plan():
         SecAggFedAvg(
             SecAggSettings(aggregation="secagg+"), Settings().resolved(), RobustSettings(aggregator="krum")
         )
+
+
+def test_the_clientapp_and_its_mods_import_no_torch():
+    """Flower starts a ClientApp process for every message: the app and its mods (the SecAgg+
+    stages setup, share-keys and unmask are answered there) import no torch, transformers, peft or
+    Opacus, seconds each on a small CPU; a message that trains imports them (clients.handlers)."""
+    heavy = ("torch", "transformers", "peft", "opacus")
+    code = f"import sys, clients.app; print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
