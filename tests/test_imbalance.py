@@ -11,9 +11,10 @@ import torch
 from torch.utils.data import TensorDataset
 
 import clients.handlers
+from clients.app import app
 from clients.policy import DP_REPLY_KEYS
 from fedllm.accounting import count_entry, epsilon_for
-from fedllm.config import Settings
+from fedllm.config import Settings, settings_from
 from fedllm.imbalance import (
     histogram_count,
     label_ids,
@@ -24,10 +25,11 @@ from fedllm.imbalance import (
 )
 from fedllm.ledger import PrivacyLedger, total_steps
 from fedllm.train import evaluate, train_local
+from server.noise import MIN_NOISE_RATIO, NoiseModel, too_clean
 
 from .conftest import LABELS
 from .conftest import flower_context as _context
-from .sites import COUNT_NOISE
+from .sites import COUNT_NOISE, message
 from .sites import ask as _ask
 from .sites import ledger_path as _ledger_path
 
@@ -77,6 +79,29 @@ def test_a_retried_draw_books_a_second_histogram_and_the_epsilon_includes_both(s
     sigma = run["plan"]["noise_multiplier"]
     history = [count_entry(COUNT_NOISE), count_entry(COUNT_NOISE), [sigma, run["plan"]["sample_rate"], 2]]
     assert reply.content["metrics"]["epsilon"] == pytest.approx(epsilon_for(history, 1e-5))
+
+
+def test_a_site_that_drew_twice_passes_the_servers_noise_check(site, run_config, monkeypatch):
+    """A second booked draw calibrates a larger σ; the reply declares it, and the server's noise
+    check (``server.noise.too_clean``, σ, q, steps and n̂ as declared) expects what the site added:
+    the real reply passes, the same update at half its size is too clean."""
+    config = {**run_config, "imbalance": "logit-adjust"}
+    first = clients.handlers.private_histogram
+    monkeypatch.setattr(clients.handlers, "private_histogram", lambda *a: (_ for _ in ()).throw(OSError("x")))
+    _ask(site, config)
+    monkeypatch.setattr(clients.handlers, "private_histogram", first)
+    sent = message(config)
+    reply = app(sent, _context(site, config))
+    run = PrivacyLedger(_ledger_path(site)).runs["1"]
+    assert run["count-draws"] == 2
+    before = sent.content.array_records["arrays"]
+    after = reply.content.array_records["arrays"]
+    delta = np.concatenate([(after[k].numpy() - before[k].numpy()).ravel() for k in before])
+    metrics, model = dict(reply.content["metrics"]), NoiseModel.of(settings_from(config).resolved(), 1)
+    assert metrics["noise-multiplier"] == run["plan"]["noise_multiplier"]  # the two-draw plan's σ
+    norm = float(np.linalg.norm(delta))
+    assert too_clean(metrics, norm, delta.size, model, 1, MIN_NOISE_RATIO) is None
+    assert too_clean(metrics, float(np.linalg.norm(delta / 2)), delta.size, model, 1, MIN_NOISE_RATIO)
 
 
 def test_the_histogram_replaces_the_count_at_the_same_epsilon(site, run_config, monkeypatch):
