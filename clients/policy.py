@@ -96,7 +96,9 @@ class SitePolicy:
         """Refuse a run config this site's policy does not allow, before anything reads the data.
 
         Depends only on the run config and the policy: DP required unless ``allow-no-dp``; the
-        run's δ (``resolve_delta``: never a function of n) at most ``max-delta``.
+        run's δ (``resolve_delta``: never a function of n) at most ``max-delta``; no ghost
+        clipping under DP (``fedllm.privacy.finite_examples_only``: only per-example modes can
+        keep an example whose gradient overflows on the server's weights to that example).
         """
         if not settings.private:
             if not self.allow_no_dp:
@@ -110,6 +112,13 @@ class SitePolicy:
             raise SitePolicyError(
                 codes.REFUSED_DELTA,
                 f"the run's delta={delta:g} is above this site's max-delta={self.max_delta:g}",
+            )
+        if settings.grad_sample_mode == "ghost":
+            raise SitePolicyError(
+                codes.REFUSED_SETTING,
+                "grad-sample-mode = ghost under DP: an example whose gradient overflows on the "
+                "server's weights would make the whole update NaN; this site trains with hooks "
+                "or functorch, which count such an example as a zero gradient",
             )
 
     def check_lifetime(self, committed: list, what: str = "this run's plan") -> float:

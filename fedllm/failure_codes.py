@@ -17,6 +17,7 @@ REFUSED_LIFETIME_BUDGET = "site-refused-lifetime-budget"
 REFUSED_EVALUATION = "site-refused-evaluation"
 REFUSED_APP = "site-refused-app"  # a site pinned to another app (clients/pin.py)
 REFUSED_RUN = "site-refused-run"  # a run key or round count the pinned run did not set
+REFUSED_SETTING = "site-refused-setting"  # a setting a site cannot keep its guarantee under
 
 SITE_FAILURE_CODES = frozenset(
     {
@@ -29,6 +30,7 @@ SITE_FAILURE_CODES = frozenset(
         REFUSED_EVALUATION,
         REFUSED_APP,
         REFUSED_RUN,
+        REFUSED_SETTING,
     }
 )
 # what the server records for any other reason (a site that is not fedllm's, or forged text)

@@ -119,6 +119,8 @@ def attach(
     net, dp_optimizer, criterion, dp_loader = _make_private(
         model, optimizer, loader, settings, plan, criterion
     )
+    if settings.grad_sample_mode != "ghost":  # ghost clipping has no per-example gradients to zero
+        finite_examples_only(dp_optimizer)
     restored = compact(history or [])
     accountant = restore_accountant(plan.accountant, restored)
     _book_realised_rate(accountant, dp_optimizer, dp_loader, plan)
@@ -168,6 +170,37 @@ def _make_private(
             generator=dp_loader.generator,
         )
     return net, dp_optimizer, criterion, dp_loader
+
+
+def finite_examples_only(optimizer: DPOptimizer) -> None:
+    """Count an example whose gradient is not finite as a zero gradient, before Opacus clips it.
+
+    The server chooses the weights a site trains from, and weights can overflow for some inputs
+    only (a huge weight on a feature few texts have): that example's gradient is then inf or NaN,
+    Opacus' clipping keeps it so (C / NaN is NaN, 0 · inf is NaN), and the whole update becomes
+    NaN, which tells the server such an example is there. Zeroing it is a map of each example's
+    own gradient, so every example still moves the clipped sum by at most C: the step's
+    sensitivity, and so the guarantee, are unchanged. (A finite gradient whose norm overflows is
+    clipped to zero by Opacus itself.) Per-example modes only: ghost clipping back-propagates the
+    batch's weighted loss, where 0 · inf is NaN again; a site refuses it under DP
+    (``clients.policy``).
+    """
+    clip = optimizer.clip_and_accumulate
+
+    def clip_finite() -> None:
+        samples = optimizer.grad_samples  # each parameter's per-example gradients, one row each
+        if samples and len(samples[0]):
+            bad = torch.zeros(len(samples[0]), dtype=torch.bool, device=samples[0].device)
+            for grads in samples:
+                bad |= ~torch.isfinite(grads.reshape(len(grads), -1)).all(dim=1).to(bad.device)
+            if bad.any():
+                for p, grads in zip(optimizer.params, samples, strict=True):
+                    # an attribute Opacus adds to parameters at run time (torch does not declare it)
+                    rows = bad.view(-1, *[1] * (grads.dim() - 1))
+                    setattr(p, "grad_sample", grads.masked_fill(rows, 0.0))  # noqa: B010
+        clip()
+
+    optimizer.clip_and_accumulate = clip_finite  # type: ignore[method-assign]
 
 
 def zero_sum_gradients(params: Iterable[torch.nn.Parameter]) -> None:

@@ -34,7 +34,7 @@ def test_the_lifetime_check_composes_everything_committed():
     assert refused.value.code == "site-refused-lifetime-budget"
 
 
-def test_no_dp_and_a_wide_delta_are_refused_from_the_run_config_alone():
+def test_no_dp_a_wide_delta_and_ghost_clipping_are_refused_from_the_run_config_alone():
     policy = SitePolicy()
     with pytest.raises(SitePolicyError) as no_dp:
         policy.check_run(Settings(target_epsilon=float("inf")))
@@ -42,8 +42,13 @@ def test_no_dp_and_a_wide_delta_are_refused_from_the_run_config_alone():
     with pytest.raises(SitePolicyError) as delta:
         policy.check_run(Settings(target_epsilon=8.0, delta=4.5e-3))
     assert delta.value.code == "site-refused-delta"
+    with pytest.raises(SitePolicyError) as ghost:
+        policy.check_run(Settings(target_epsilon=8.0, grad_sample_mode="ghost"))
+    assert ghost.value.code == "site-refused-setting"
     SitePolicy(allow_no_dp=True).check_run(Settings(target_epsilon=float("inf")))
+    SitePolicy(allow_no_dp=True).check_run(Settings(target_epsilon=float("inf"), grad_sample_mode="ghost"))
     policy.check_run(Settings(target_epsilon=8.0))  # delta 0: 1e-5, whatever the site's n
+    policy.check_run(Settings(target_epsilon=8.0, grad_sample_mode="functorch"))
 
 
 def test_a_delta_not_below_one_over_the_dp_count_is_refused():
