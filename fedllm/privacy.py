@@ -200,7 +200,7 @@ def finite_examples_only(optimizer: DPOptimizer) -> None:
                     setattr(p, "grad_sample", grads.masked_fill(rows, 0.0))  # noqa: B010
         clip()
 
-    optimizer.clip_and_accumulate = clip_finite  # type: ignore[method-assign]
+    optimizer.clip_and_accumulate = clip_finite
 
 
 def zero_sum_gradients(params: Iterable[torch.nn.Parameter]) -> None:

@@ -11,7 +11,6 @@ import json
 import stat
 from pathlib import Path
 
-import datasets
 import numpy as np
 import pandas as pd
 
@@ -110,6 +109,8 @@ def read_table(path: str | Path, text_column: str, label_column: str) -> pd.Data
     suffix = path.suffix.lower()
     try:
         if path.is_dir():
+            import datasets  # Hugging Face datasets: ~0.8 s an import, only for a saved folder
+
             loaded = datasets.load_from_disk(str(path))
             if isinstance(loaded, datasets.DatasetDict):
                 split = "train" if "train" in loaded else next(iter(loaded))
