@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from fedllm.centralized import run_centralized
 from fedllm.config import Settings
 from fedllm.contract import RUN_LOG
+from fedllm.features import FEATURE_CACHE_ENV
 from simulations.plots import plot_budget, plot_rounds
 from simulations.superlink import SimulationLink, virtual_site_policy
 from simulations.sweep import (
@@ -163,7 +164,7 @@ def run_sweep(config: dict) -> Path:
                     run_centralized(central, run_dir, progress=False)
                 else:
                     if link is None:
-                        link = stack.enter_context(SimulationLink(out / ".flwr"))
+                        link = stack.enter_context(SimulationLink(out / ".flwr", env=_feature_cache(out)))
                     _simulate(link, point_run_config(point, settings, options, points_dir), options, out)
                 row = read_point(point, run_dir)
                 bar.update(1)
@@ -179,6 +180,13 @@ def run_sweep(config: dict) -> Path:
     # a rerun that trained nothing keeps no wall time of its own: the summary's point times stand
     report(out, points, options, settings, wall=time.perf_counter() - start if todo else None)
     return out
+
+
+def _feature_cache(out: Path) -> dict[str, str]:
+    """The folder every point's processes keep the encoder's features in (``fedllm.features``):
+    ``FEDLLM_FEATURE_CACHE`` if set, else ``out/features``. The points of one seed share the
+    splits, so all but the first read the features instead of running the encoder again."""
+    return {FEATURE_CACHE_ENV: os.environ.get(FEATURE_CACHE_ENV) or str(out / "features")}
 
 
 def _simulate(link: SimulationLink, run_config: dict, options: SweepOptions, out: Path) -> None:

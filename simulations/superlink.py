@@ -310,13 +310,15 @@ def start_superlink(
 
 
 class SimulationLink(FlowerCLI):
-    """A simulation SuperLink of our own (started, used, stopped), under ``home``.
+    """A simulation SuperLink of our own (started, used, stopped), under ``home``, its processes
+    (the ServerApp's, the virtual sites') with ``env`` added to this process's environment.
 
     Use as a context manager; ``simulate`` submits one run with N virtual sites and waits.
     """
 
-    def __init__(self, home: str | Path, app_dir: str | Path = PROJECT):
+    def __init__(self, home: str | Path, app_dir: str | Path = PROJECT, env: dict | None = None):
         super().__init__(home, "sim", app_dir)
+        self.env.update(env or {})  # for the SuperLink and every process it starts
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
 
