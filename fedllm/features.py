@@ -12,7 +12,7 @@ safetensors file per data set, keyed by every encoder weight, the pooling and th
 another process (the next point of a sweep, the next round's ClientApp process) reads them
 instead of running the encoder again. The files hold what the encoder makes of the texts: keep
 the folder where the texts themselves may be (``simulations.run`` keeps it in its output
-folder; a site that sets it, in its state folder).
+folder; a site that sets it, beside its data: docs/deployment.md).
 """
 
 from __future__ import annotations
