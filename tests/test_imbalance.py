@@ -65,12 +65,17 @@ def test_the_histogram_is_booked_before_its_noise_is_drawn(site, run_config, mon
     assert run["epsilon"] == pytest.approx(epsilon_for([count_entry(COUNT_NOISE)], 1e-5))
 
 
-def test_a_retried_draw_books_a_second_histogram_and_the_epsilon_includes_both(site, run_config, monkeypatch):
-    config = {**run_config, "imbalance": "logit-adjust"}
+def _fail_one_draw(site: dict, config: dict, monkeypatch) -> None:
+    """One round whose histogram draw fails (booked, not drawn); the next round draws again."""
     original = clients.handlers.private_histogram
     monkeypatch.setattr(clients.handlers, "private_histogram", lambda *a: (_ for _ in ()).throw(OSError("x")))
     _ask(site, config)
     monkeypatch.setattr(clients.handlers, "private_histogram", original)
+
+
+def test_a_retried_draw_books_a_second_histogram_and_the_epsilon_includes_both(site, run_config, monkeypatch):
+    config = {**run_config, "imbalance": "logit-adjust"}
+    _fail_one_draw(site, config, monkeypatch)
     reply = _ask(site, config)
     assert not reply.has_error(), reply.error
     run = PrivacyLedger(_ledger_path(site)).runs["1"]
@@ -86,10 +91,7 @@ def test_a_site_that_drew_twice_passes_the_servers_noise_check(site, run_config,
     check (``server.noise.too_clean``, σ, q, steps and n̂ as declared) expects what the site added:
     the real reply passes, the same update at half its size is too clean."""
     config = {**run_config, "imbalance": "logit-adjust"}
-    first = clients.handlers.private_histogram
-    monkeypatch.setattr(clients.handlers, "private_histogram", lambda *a: (_ for _ in ()).throw(OSError("x")))
-    _ask(site, config)
-    monkeypatch.setattr(clients.handlers, "private_histogram", first)
+    _fail_one_draw(site, config, monkeypatch)
     sent = message(config)
     reply = app(sent, _context(site, config))
     run = PrivacyLedger(_ledger_path(site)).runs["1"]
