@@ -56,8 +56,9 @@ def test_an_example_whose_gradient_is_not_finite_adds_nothing_to_the_step(mode):
 
 
 def test_a_site_answers_weights_that_overflow_with_a_finite_update(site, run_config):
-    """The real ClientApp, sent a head whose weights overflow on the features: a finite reply
-    (every example's gradient zeroed, the update is the noise), trained and booked as any."""
+    """The real ClientApp, sent a head whose weights overflow on the features: no failure, and a
+    trained reply (the head moved) whose every value is finite (every example's gradient zeroed:
+    the update is the noise)."""
     sent = message(run_config)
     arrays = sent.content.array_records["arrays"]
     crafted = {}
